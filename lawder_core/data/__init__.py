@@ -1,0 +1,1 @@
+"""Data layer: the HDF5 schema, the Dataset, and the `prepare` converters."""

@@ -1,0 +1,235 @@
+"""The lawder HDF5 schema: one file holds a whole prepared data set.
+
+Datasets (N = number of 2D samples):
+  images   (N, H, W, C) uint8   one image per chunk, lzf-compressed
+  masks    (N, H, W)    uint8   integer labels (0 = background)
+  case_id  (N,)         str     patient / case; splits never cut a case
+  split    (N,)         str     "train" | "val" | "test"
+File attributes: schema_version, source, label_names (JSON list), preprocessing (JSON), created_by,
+and any extra provenance (JSON values).
+
+Writing goes to `<out>.partial` and is renamed on success, so a killed run never leaves a file that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lawder_core.errors import DataError
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class H5Info:
+    """What a reader needs to know about a file without loading pixels."""
+
+    path: Path
+    n: int
+    height: int
+    width: int
+    channels: int
+    label_names: tuple[str, ...]
+    source: str
+    preprocessing: dict[str, Any]
+    attrs: dict[str, Any]
+
+
+def refuse_overwrite(path: Path, force: bool) -> None:
+    """Never overwrite a user's file silently."""
+    if path.exists() and not force:
+        raise DataError(
+            f"{path} already exists.",
+            "Choose another output path, or pass --force to replace it.",
+        )
+
+
+class H5Writer:
+    """Append samples one at a time; the file appears only when `close()` succeeds."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        height: int,
+        width: int,
+        channels: int,
+        label_names: list[str] | tuple[str, ...],
+        source: str,
+        preprocessing: Mapping[str, Any] | None = None,
+        extra_attrs: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        refuse_overwrite(self.path, force)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = self.path.with_name(self.path.name + ".partial")
+        self.shape = (height, width, channels)
+        self.n = 0
+        self._file = h5py.File(self.tmp_path, "w")
+        f = self._file
+        f.create_dataset(
+            "images", shape=(0, height, width, channels), maxshape=(None, height, width, channels),
+            dtype=np.uint8, chunks=(1, height, width, channels), compression="lzf",
+        )
+        f.create_dataset(
+            "masks", shape=(0, height, width), maxshape=(None, height, width),
+            dtype=np.uint8, chunks=(1, height, width), compression="lzf",
+        )
+        f.create_dataset("case_id", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        f.create_dataset("split", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["source"] = source
+        f.attrs["label_names"] = json.dumps(list(label_names))
+        f.attrs["preprocessing"] = json.dumps(dict(preprocessing or {}))
+        f.attrs["created_by"] = "lawder"
+        for key, value in (extra_attrs or {}).items():
+            f.attrs[key] = json.dumps(value)
+
+    def add(self, image: np.ndarray, mask: np.ndarray, case_id: str, split: str) -> None:
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.shape != self.shape or image.dtype != np.uint8:
+            raise DataError(f"image for case {case_id!r} has shape {image.shape} {image.dtype}, "
+                            f"expected {self.shape} uint8")
+        if mask.shape != self.shape[:2]:
+            raise DataError(f"mask for case {case_id!r} has shape {mask.shape}, expected {self.shape[:2]}")
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+        self.add_batch(image[None], mask[None].astype(np.uint8), [case_id], [split])
+
+    def add_batch(self, images: np.ndarray, masks: np.ndarray, case_ids: list[str], splits: list[str]) -> None:
+        k = len(images)
+        f = self._file
+        for name in ("images", "masks", "case_id", "split"):
+            f[name].resize(self.n + k, axis=0)
+        f["images"][self.n:self.n + k] = images
+        f["masks"][self.n:self.n + k] = masks
+        f["case_id"][self.n:self.n + k] = case_ids
+        f["split"][self.n:self.n + k] = splits
+        self.n += k
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self._file.attrs[key] = json.dumps(value)
+
+    def close(self) -> Path:
+        """Finish the file and move it into place atomically."""
+        if self.n == 0:
+            self.abort()
+            raise DataError("no samples were written: the data set is empty.",
+                            "Check the input folder and the filters (e.g. --empty-share for KiTS).")
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> H5Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@contextmanager
+def open_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Open a lawder HDF5 file read-only, turning every failure into a clear DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist.", "Create it with `lawder prepare ... -o FILE.h5`.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(
+            f"{path} is not a readable HDF5 file ({err}).",
+            "It may be truncated or corrupt: prepare it again with `lawder prepare ... --force`.",
+        ) from err
+    try:
+        missing = [k for k in ("images", "masks", "case_id", "split") if k not in f]
+        if missing:
+            raise DataError(f"{path} is not a lawder data file: missing datasets {missing}.",
+                            "Create it with `lawder prepare`.")
+        version = int(f.attrs.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise DataError(f"{path} has schema version {version}; this lawder reads version {SCHEMA_VERSION}.",
+                            "Prepare it again with this version of lawder.")
+        yield f
+    finally:
+        f.close()
+
+
+def _json_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_info(path: str | os.PathLike) -> H5Info:
+    with open_h5(path) as f:
+        n, h, w, c = f["images"].shape
+        attrs = {k: _json_attr(v) for k, v in f.attrs.items()}
+        return H5Info(
+            path=Path(path), n=n, height=h, width=w, channels=c,
+            label_names=tuple(attrs.get("label_names") or ("background", "lesion")),
+            source=str(attrs.get("source", "")),
+            preprocessing=attrs.get("preprocessing") or {},
+            attrs=attrs,
+        )
+
+
+def read_strings(f: h5py.File, name: str) -> np.ndarray:
+    return np.array([s.decode() if isinstance(s, bytes) else s for s in f[name][:]], dtype=object)
+
+
+def split_indices(path: str | os.PathLike, split: str | None) -> np.ndarray:
+    """Indices of the samples in `split` (all samples when split is None or 'all')."""
+    with open_h5(path) as f:
+        splits = read_strings(f, "split")
+    if split in (None, "all"):
+        return np.arange(len(splits))
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS} or 'all'")
+    return np.flatnonzero(splits == split)
+
+
+def load_arrays(
+    path: str | os.PathLike, split: str | None = None, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N,H,W,C), masks (N,H,W) and case ids of one split, in memory: for evaluation and sampling."""
+    idx = split_indices(path, split)
+    if limit is not None:
+        idx = idx[:limit]
+    with open_h5(path) as f:
+        if len(idx) == 0:
+            return (np.zeros((0, *f["images"].shape[1:]), np.uint8),
+                    np.zeros((0, *f["masks"].shape[1:]), np.uint8), np.array([], dtype=object))
+        images = np.stack([f["images"][i] for i in idx])
+        masks = np.stack([f["masks"][i] for i in idx])
+        cases = read_strings(f, "case_id")[idx]
+    return images, masks, cases
