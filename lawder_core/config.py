@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tomllib
 import yaml
 
 from lawder_core.errors import UsageError
