@@ -1,0 +1,121 @@
+"""What a per-worker training function needs to know about where it runs, without importing Ray.
+
+The same plain-PyTorch loop runs in three places: called directly (tests, one process), inside a Ray
+Train worker (DDP over gloo or NCCL, set up by Ray before the loop starts), or inside a Ray Tune trial.
+The loop asks this module for its rank and device, wraps its model with `wrap_model`, and reports metrics
+through the `Reporter` it was given; it never touches Ray itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
+
+from lawder_core.errors import TrainingError
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def no_report(metrics: dict[str, Any]) -> None:
+    """Default reporter: metrics already go to the run folder's metrics.jsonl."""
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def worker_context() -> WorkerContext:
+    """Rank, world size and device of this process (rank 0 of 1 on the CPU when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available() and os.environ.get("LAWDER_FORCE_CPU") != "1":
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return WorkerContext(rank=rank, world_size=world, device=device)
+
+
+def wrap_model(model: nn.Module, ctx: WorkerContext) -> nn.Module:
+    """Move to the worker's device and wrap in DDP when more than one worker trains."""
+    model = model.to(ctx.device)
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_sampler(dataset: Dataset, ctx: WorkerContext, seed: int) -> Sampler:
+    """Each worker sees its own shard; call `set_epoch` on it every epoch."""
+    if ctx.distributed:
+        return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+    return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+
+
+def set_sampler_epoch(sampler: Sampler, epoch: int) -> None:
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
+        sampler.generator.manual_seed(epoch * 7919 + 1)
+
+
+def mean_across_workers(value: float, ctx: WorkerContext) -> float:
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return float(t.item()) / ctx.world_size
+
+
+def barrier(ctx: WorkerContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop a diverged run with a message instead of training on NaNs."""
+    if not math.isfinite(float(loss.detach())):
+        raise TrainingError(
+            f"the loss became {float(loss.detach())} at step {step}.",
+            "Lower --lr, check the data with `lawder inspect`, or resume from the last good checkpoint.",
+        )
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def atomic_save(save: Callable[[Path], None], path: Path) -> None:
+    """Write via a temporary name and rename, so a killed run never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".partial")
+    save(tmp)
+    os.replace(tmp, path)
