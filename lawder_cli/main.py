@@ -1,0 +1,34 @@
+"""The `lawder` command: a thin Typer layer over lawder_core. Each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from lawder_cli import env_cmd, inspect_cmd, prepare
+from lawder_core.environment import package_version
+
+app = typer.Typer(
+    name="lawder",
+    help="Adaptive spatial weighting for medical images: LAW-weighted diffusion and ORDER segmenters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lawder {package_version('lawder')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """lawder: prepare → train-law → sample → train-order → evaluate → tune (or `pipeline` for all)."""
+
+
+app.command("prepare")(prepare.prepare)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("env")(env_cmd.env)

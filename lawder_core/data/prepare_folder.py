@@ -1,0 +1,142 @@
+"""2D image/mask folders: Kvasir-SEG, CVC-ClinicDB, and any `--images/--masks` pair matched by file stem."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, resize_pair, write_dataset
+from lawder_core.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+LABEL_NAMES = ("background", "lesion")
+MASK_THRESHOLD = 128
+
+# Folder names the public releases use, matched case-insensitively.
+LAYOUTS = {
+    "kvasir": (("images",), ("masks",)),
+    "cvc": (("original",), ("ground truth", "groundtruth", "ground_truth", "masks")),
+}
+
+
+def find_subfolder(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The first child (or grandchild, for a release unpacked into its own folder) named like one of `names`."""
+    for depth_glob in ("*", "*/*"):
+        for candidate in sorted(root.glob(depth_glob)):
+            if candidate.is_dir() and candidate.name.lower() in names:
+                return candidate
+    return None
+
+
+def layout_folders(source: str, in_dir: Path) -> tuple[Path, Path]:
+    """Locate the image and mask folders of a known public layout."""
+    if not in_dir.is_dir():
+        raise DataError(f"input folder {in_dir} does not exist or is not a folder.")
+    image_names, mask_names = LAYOUTS[source]
+    images, masks = find_subfolder(in_dir, image_names), find_subfolder(in_dir, mask_names)
+    if images is None or masks is None:
+        want = f"{image_names[0]}/ and {mask_names[0]}/"
+        raise DataError(
+            f"{in_dir} does not look like a {source} folder: expected sub-folders {want}.",
+            "Use `lawder prepare folder --images DIR --masks DIR` for another layout.",
+        )
+    return images, masks
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Image files by stem; hidden files and other suffixes are ignored."""
+    if not folder.is_dir():
+        raise DataError(f"folder {folder} does not exist or is not a folder.")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            if path.stem in files:
+                raise DataError(f"two images share the stem {path.stem!r} in {folder}: {files[path.stem].name}, "
+                                f"{path.name}.", "Keep one of them.")
+            files[path.stem] = path
+    return files
+
+
+def match_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) for every image; every image must have a mask (a mask may end in _mask)."""
+    images, masks = list_images(images_dir), list_images(masks_dir)
+    if not images:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}.")
+    by_stem = dict(masks)
+    for stem, path in masks.items():
+        for suffix in ("_mask", "_seg", "_segmentation"):
+            if stem.endswith(suffix):
+                by_stem.setdefault(stem[: -len(suffix)], path)
+    missing = [stem for stem in images if stem not in by_stem]
+    if missing:
+        shown = ", ".join(images[s].name for s in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise DataError(f"{len(missing)} image(s) in {images_dir} have no mask in {masks_dir}: {shown}",
+                        "Masks are matched by file stem (optionally with a _mask suffix).")
+    return [(stem, images[stem], by_stem[stem]) for stem in images]
+
+
+def read_image(path: Path, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {err}", "The file may be truncated or not an image.") from err
+
+
+def read_pair(image_path: Path, mask_path: Path, size: int | None, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    image = read_image(image_path, "RGB")
+    mask = (read_image(mask_path, "L") >= MASK_THRESHOLD).astype(np.uint8)
+    if image.shape[:2] != mask.shape:
+        raise DataError(
+            f"{image_path.name} is {image.shape[1]}×{image.shape[0]} but its mask {mask_path} is "
+            f"{mask.shape[1]}×{mask.shape[0]}.",
+            "An image and its mask must have the same size; fix or remove the pair.",
+        )
+    return resize_pair(image, mask, size, mode)
+
+
+def folder_cases(pairs: list[tuple[str, Path, Path]], size: int | None, mode: str) -> Iterator[PreparedCase]:
+    """Every image is its own case: these polyp sets carry no patient id."""
+    for stem, image_path, mask_path in pairs:
+        image, mask = read_pair(image_path, mask_path, size, mode)
+        yield PreparedCase(case_id=stem, images=image[None], masks=mask[None])
+
+
+def check_uniform_size(pairs: list[tuple[str, Path, Path]], size: int | None) -> None:
+    """Without --size every image must already share one size (HDF5 stores one shape)."""
+    if size is not None:
+        return
+    sizes = set()
+    for _, image_path, _ in pairs:
+        with Image.open(image_path) as im:
+            sizes.add(im.size)
+        if len(sizes) > 1:
+            raise DataError(f"images have different sizes ({sorted(sizes)[:3]}) and no --size was given.",
+                            "Pass --size N to resize every pair to N×N.")
+
+
+def folder_source(source: str, in_dir: str | os.PathLike | None, images: str | None,
+                  masks: str | None) -> tuple[Path, Path]:
+    if source == "folder":
+        if not images or not masks:
+            raise DataError("`prepare folder` needs --images DIR and --masks DIR.")
+        return Path(images), Path(masks)
+    return layout_folders(source, Path(in_dir or "."))
+
+
+def prepare_folder(source: str, in_dir: str | os.PathLike | None, out: str | os.PathLike, options: PrepareOptions,
+                   images: str | None = None, masks: str | None = None,
+                   progress: Progress | None = None) -> dict:
+    """Convert a Kvasir-SEG / CVC-ClinicDB / generic image+mask folder pair into one HDF5 file."""
+    images_dir, masks_dir = folder_source(source, in_dir, images, masks)
+    pairs = match_pairs(images_dir, masks_dir)
+    check_uniform_size(pairs, options.size)
+    preprocessing = {"size": options.size, "resize_mode": options.resize_mode, "mask_threshold": MASK_THRESHOLD,
+                     "images": str(images_dir), "masks": str(masks_dir)}
+    return write_dataset(out, [stem for stem, _, _ in pairs], folder_cases(pairs, options.size, options.resize_mode),
+                         label_names=LABEL_NAMES, source=source, preprocessing=preprocessing, options=options,
+                         progress=progress)

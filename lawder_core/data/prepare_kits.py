@@ -1,0 +1,269 @@
+"""KiTS19 / KiTS23 CT volumes (NIfTI) -> axial 2D slices in the lawder HDF5 schema.
+
+Layout: `IN_DIR/case_XXXXX/imaging.nii.gz` + `segmentation.nii.gz` (KiTS23, whose `instances/` is ignored),
+or the same under `IN_DIR/data/` (the KiTS19 repository). The case id is the case folder name (the patient),
+so splits never cut a patient.
+
+Orientation convention. Each volume is reoriented with `nib.as_closest_canonical` to RAS+ (array axis 0 runs
+towards the patient's Right, axis 1 towards Anterior, axis 2 towards Superior), whatever its affine. Axial
+slices are `volume[:, :, z]`, kept in increasing z (inferior to superior). Each slice is then shown the way
+radiologists read axial CT, looking up from the feet: anterior at the top of the image and the patient's
+right on the image's left, i.e. `display[row, col] = slice[X - 1 - col, Y - 1 - row]`. Image and mask go
+through exactly the same function, so they stay aligned.
+
+Labels are kept as they are: 0 background, 1 kidney, 2 tumour, 3 cyst. The file always carries the four
+KiTS23 label names, for KiTS19 too (which simply never uses 3), so every KiTS file has the same classes and a
+model trained on one version reads the other.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, resize_pair, write_dataset
+from lawder_core.errors import DataError, UsageError
+
+LABEL_NAMES = ("background", "kidney", "tumor", "cyst")
+MAX_LABEL = len(LABEL_NAMES) - 1
+IMAGING = "imaging.nii.gz"
+SEGMENTATION = "segmentation.nii.gz"
+CASE_PREFIX = "case_"
+AFFINE_TOLERANCE_MM = 1e-3
+ORIENTATION = "RAS canonical; axial slices in increasing z; radiological view (anterior up, patient right on left)"
+
+
+@dataclass(frozen=True)
+class KitsOptions:
+    """What is KiTS-specific in `lawder prepare kits`."""
+
+    window: tuple[float, float] = (-79.0, 304.0)  # HU; nnU-Net's KiTS foreground range
+    empty_share: float = 0.1  # slices without kidney kept, as a share of the case's kidney slices
+    jobs: int = 1  # cases converted in parallel
+    channels: int = 1  # 1: grey CT (H,W,1); 3: the same grey repeated, for RGB-pretrained models
+    skip_incomplete: bool = False  # leave out case folders without imaging/segmentation instead of failing
+
+
+@dataclass(frozen=True)
+class KitsCase:
+    case_id: str
+    imaging: Path
+    segmentation: Path
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """Everything a worker needs to convert one case; small and picklable."""
+
+    size: int
+    resize_mode: str
+    seed: int
+    kits: KitsOptions
+
+
+def check_kits_options(options: PrepareOptions, kits: KitsOptions) -> None:
+    """Refuse impossible settings before touching any file."""
+    low, high = kits.window
+    if not high > low:
+        raise UsageError(f"CT window {kits.window} must have low < high (HU), e.g. -79,304.")
+    if kits.empty_share < 0:
+        raise UsageError(f"--empty-share {kits.empty_share} must be >= 0 (0 keeps only slices with kidney).")
+    if kits.jobs < 1:
+        raise UsageError(f"--jobs {kits.jobs} must be at least 1.")
+    if kits.channels not in (1, 3):
+        raise UsageError(f"--channels {kits.channels} must be 1 or 3.")
+    if options.size is None:
+        raise UsageError("KiTS needs --size: cases differ in in-plane resolution, so slices must be resized.",
+                         "For the native KiTS resolution pass --size 512.")
+
+
+def kits_root(in_dir: Path) -> Path:
+    """`in_dir`, or `in_dir/data` when the KiTS19 repository layout keeps the cases there."""
+    if not in_dir.is_dir():
+        raise DataError(f"input folder {in_dir} does not exist or is not a folder.")
+    nested = in_dir / "data"
+    if not _case_folders(in_dir) and nested.is_dir() and _case_folders(nested):
+        return nested
+    return in_dir
+
+
+def _case_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CASE_PREFIX))
+
+
+def find_cases(in_dir: Path, skip_incomplete: bool = False) -> tuple[list[KitsCase], list[str]]:
+    """The complete cases, and the ids of incomplete ones (an error unless `skip_incomplete`)."""
+    root = kits_root(in_dir)
+    folders = _case_folders(root)
+    if not folders:
+        raise DataError(f"no KiTS case folders ({CASE_PREFIX}XXXXX/) in {in_dir}.",
+                        f"Expected {CASE_PREFIX}00000/{IMAGING} and {SEGMENTATION} (KiTS19 or KiTS23 layout).")
+    cases, incomplete = [], []
+    for folder in folders:
+        imaging, segmentation = folder / IMAGING, folder / SEGMENTATION
+        if imaging.is_file() and segmentation.is_file():
+            cases.append(KitsCase(folder.name, imaging, segmentation))
+        else:
+            missing = [f.name for f in (imaging, segmentation) if not f.is_file()]
+            incomplete.append(f"{folder.name} (no {' or '.join(missing)})")
+    if incomplete and not skip_incomplete:
+        shown = ", ".join(incomplete[:10]) + (f" ... ({len(incomplete)} in all)" if len(incomplete) > 10 else "")
+        raise DataError(f"{len(incomplete)} KiTS case folder(s) in {root} are incomplete: {shown}.",
+                        "Every case needs both files; KiTS19's test cases (00210-00299) have no segmentation. "
+                        "Pass --skip-incomplete to leave such cases out.")
+    return cases, [text.split(" ")[0] for text in incomplete]
+
+
+def load_header(path: Path) -> nib.Nifti1Image:
+    """The lazily loaded image (header only); a file nibabel cannot parse is a DataError naming it."""
+    try:
+        image = nib.load(path)
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, OSError)
+        raise DataError(f"{path} is not a readable NIfTI file ({type(err).__name__}: {err}).",
+                        "It may be truncated or corrupt: download or unpack it again.") from err
+    if len(image.shape) != 3:
+        raise DataError(f"{path} has shape {image.shape}; a KiTS volume is 3D.")
+    return image
+
+
+def check_pair(case: KitsCase) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """Imaging and segmentation must cover the same voxels: same shape and (near-)identical affine."""
+    imaging, segmentation = load_header(case.imaging), load_header(case.segmentation)
+    if imaging.shape != segmentation.shape:
+        raise DataError(f"case {case.case_id}: imaging has shape {imaging.shape} but segmentation has "
+                        f"{segmentation.shape}.", "The two files of a case must be the same voxel grid.")
+    if not np.allclose(imaging.affine, segmentation.affine, atol=AFFINE_TOLERANCE_MM):
+        raise DataError(f"case {case.case_id}: imaging and segmentation have different affines "
+                        f"(max difference {np.abs(imaging.affine - segmentation.affine).max():.4g}).",
+                        "The two files of a case must be the same voxel grid.")
+    return imaging, segmentation
+
+
+def canonical_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """The voxel array in RAS+ order, in its stored dtype (not float64: volumes are hundreds of MB)."""
+    try:
+        return np.asanyarray(nib.as_closest_canonical(image).dataobj)
+    except Exception as err:  # truncated gzip streams fail only here, when the data is read
+        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}).",
+                        "It may be truncated or corrupt: download or unpack it again.") from err
+
+
+def label_volume(segmentation: nib.Nifti1Image, case: KitsCase) -> np.ndarray:
+    """Canonical uint8 labels; anything but the integers 0..3 is a DataError."""
+    labels = canonical_array(segmentation, case.segmentation)
+    if not np.issubdtype(labels.dtype, np.integer):
+        rounded = np.rint(labels)
+        if not np.array_equal(rounded, labels):
+            raise DataError(f"{case.segmentation} holds non-integer labels.")
+        labels = rounded
+    low, high = labels.min(), labels.max()
+    if low < 0 or high > MAX_LABEL:
+        raise DataError(f"{case.segmentation} holds labels {low}..{high}; KiTS labels are 0..{MAX_LABEL} "
+                        f"({', '.join(LABEL_NAMES)}).")
+    return labels.astype(np.uint8)
+
+
+def case_seed(seed: int, case_id: str) -> np.random.Generator:
+    """A generator per case, so the choice of empty slices does not depend on order or --jobs."""
+    return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
+
+
+def select_slices(labels: np.ndarray, empty_share: float, rng: np.random.Generator) -> np.ndarray:
+    """Axial indices with kidney (any label > 0), plus round(empty_share * count) others, sorted."""
+    has_kidney = labels.reshape(-1, labels.shape[2]).any(axis=0)
+    kidney = np.flatnonzero(has_kidney)
+    empty = np.flatnonzero(~has_kidney)
+    n_empty = min(len(empty), int(round(empty_share * len(kidney))))
+    chosen = rng.choice(empty, size=n_empty, replace=False) if n_empty else np.array([], dtype=np.int64)
+    return np.sort(np.concatenate([kidney, chosen]).astype(np.int64))
+
+
+def window_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip to the HU window and map it linearly onto 0..255 (low -> 0, high -> 255)."""
+    low, high = window
+    scaled = (np.clip(hu.astype(np.float32), low, high) - low) * (255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def radiological_view(axial: np.ndarray) -> np.ndarray:
+    """RAS axial slice (x, y) -> display (row, col): anterior up, patient's right on the image's left."""
+    return np.ascontiguousarray(axial.T[::-1, ::-1])
+
+
+def convert_case(case: KitsCase, settings: SliceSettings) -> PreparedCase:
+    """One case -> its kept slices, windowed and resized. Runs in a worker when --jobs > 1."""
+    imaging, segmentation = check_pair(case)
+    labels = label_volume(segmentation, case)
+    kits = settings.kits
+    indices = select_slices(labels, kits.empty_share, case_seed(settings.seed, case.case_id))
+    size, channels = settings.size, kits.channels
+    images = np.zeros((len(indices), size, size, channels), np.uint8)
+    masks = np.zeros((len(indices), size, size), np.uint8)
+    if len(indices):
+        volume = canonical_array(imaging, case.imaging)
+        for i, z in enumerate(indices):
+            image = window_to_uint8(radiological_view(volume[:, :, z]), kits.window)[..., None]
+            image, masks[i] = resize_pair(image, radiological_view(labels[:, :, z]), size, settings.resize_mode)
+            images[i] = image
+    return PreparedCase(case.case_id, images, masks)
+
+
+def _convert_task(task: tuple[KitsCase, SliceSettings]) -> PreparedCase:
+    return convert_case(*task)
+
+
+@contextmanager
+def converted_cases(cases: Sequence[KitsCase], settings: SliceSettings) -> Iterator[Iterator[PreparedCase]]:
+    """Cases in order, one at a time; with jobs > 1 a spawn pool converts ahead while the caller writes.
+
+    A context manager rather than a generator so the pool is terminated as soon as the writer fails, not
+    whenever a traceback that still references the generator is garbage-collected.
+    """
+    tasks = [(case, settings) for case in cases]
+    if settings.kits.jobs == 1 or len(cases) <= 1:
+        yield map(_convert_task, tasks)
+        return
+    # spawn, not fork: the parent may hold threads (Ray, torch) or an open HDF5 file.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(settings.kits.jobs, len(cases))) as pool:
+        yield pool.imap(_convert_task, tasks, chunksize=1)
+
+
+def preprocessing_record(options: PrepareOptions, kits: KitsOptions, skipped: list[str]) -> dict[str, Any]:
+    record = asdict(kits)
+    record.pop("jobs")  # does not change the output
+    record.update(window=list(kits.window), size=options.size, resize_mode=options.resize_mode,
+                  image_resize="bilinear", mask_resize="nearest", seed=options.seed, orientation=ORIENTATION,
+                  kept_slices="label > 0, plus round(empty_share * kidney slices) random empty ones per case",
+                  skipped_cases=skipped)
+    return record
+
+
+def prepare_kits(
+    in_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    options: PrepareOptions,
+    kits: KitsOptions = KitsOptions(),
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Convert a KiTS19/KiTS23 folder to `out` (HDF5 + fingerprint + splits); returns the fingerprint."""
+    check_kits_options(options, kits)
+    cases, skipped = find_cases(Path(in_dir), kits.skip_incomplete)
+    for case in cases:  # headers only: a bad pair fails in seconds, not after hours of conversion
+        check_pair(case)
+    settings = SliceSettings(options.size, options.resize_mode, options.seed, kits)  # type: ignore[arg-type]
+    with converted_cases(cases, settings) as stream:
+        return write_dataset(
+            out, [case.case_id for case in cases], stream,
+            label_names=LABEL_NAMES, source="kits", preprocessing=preprocessing_record(options, kits, skipped),
+            options=options, progress=progress,
+        )
