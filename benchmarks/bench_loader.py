@@ -1,0 +1,90 @@
+"""Images per second: lawder's HDF5 Dataset vs decoding the same images from a JPEG folder.
+
+Both sides serve the same (image float C×H×W, mask) pairs through a DataLoader, in one run, with
+num_workers 0 and 2. Usage: python benchmarks/bench_loader.py [--data DIR_OF_images_masks] [--n 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from lawder_core.data.dataset import SegDataset
+from lawder_core.data.prepare import PrepareOptions
+from lawder_core.data.prepare_folder import prepare_folder
+from lawder_core.data.synthetic import synthetic_sample
+
+
+class JpegFolderDataset(Dataset):
+    """The baseline: decode image and mask files on every access, as a folder-based loader does."""
+
+    def __init__(self, images: Path, masks: Path) -> None:
+        self.images = sorted(images.iterdir())
+        self.masks = [masks / p.name for p in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = np.asarray(Image.open(self.images[i]).convert("RGB"))
+        mask = (np.asarray(Image.open(self.masks[i]).convert("L")) >= 128).astype(np.int64)
+        return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), torch.from_numpy(mask)
+
+
+def images_per_second(dataset: Dataset, workers: int, repeats: int = 2) -> float:
+    loader = DataLoader(dataset, batch_size=16, num_workers=workers, persistent_workers=workers > 0)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = sum(len(batch[0]) for batch in loader)
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+def synthetic_folder(root: Path, n: int, size: int) -> Path:
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, mask = synthetic_sample(0, i, size)
+        Image.fromarray(image).save(root / "images" / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(mask * 255).save(root / "masks" / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, help="folder with images/ and masks/ (default: synthetic JPEGs)")
+    parser.add_argument("--n", type=int, default=600, help="synthetic images when --data is not given")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_loader.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.data or synthetic_folder(Path(tmp) / "jpeg", args.n, 256)
+        h5 = Path(tmp) / "data.h5"
+        prepare_folder("kvasir", folder, h5, PrepareOptions(size=None, fractions=(1.0, 0.0, 0.0)))
+        h5_set = SegDataset(h5, split=None)
+        jpeg_set = JpegFolderDataset(folder / "images", folder / "masks")
+        rows = {}
+        for workers in (0, 2):
+            h5_rate = images_per_second(h5_set, workers)
+            jpeg_rate = images_per_second(jpeg_set, workers)
+            rows[f"workers={workers}"] = {"hdf5_img_s": round(h5_rate, 1), "jpeg_img_s": round(jpeg_rate, 1),
+                                          "ratio": round(h5_rate / jpeg_rate, 2)}
+            print(f"num_workers={workers}: HDF5 {h5_rate:8.1f} img/s   JPEG folder {jpeg_rate:8.1f} img/s   "
+                  f"ratio {h5_rate / jpeg_rate:.2f}x")
+    result = {"benchmark": "loader", "images": len(h5_set), "data": str(args.data or "synthetic 256px JPEG q90"),
+              "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "rows": rows, "goal": ">= 3x"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Small builders shared by tests: folders of image/mask files and prepared HDF5 sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lawder_core.data.prepare import PrepareOptions
+from lawder_core.data.synthetic import prepare_synthetic
+
+
+def write_pair_folder(root: Path, n: int, size: tuple[int, int] = (40, 30), suffix: str = ".png",
+                      mask_suffix: str = ".png") -> tuple[Path, Path]:
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"img{i:02d}{suffix}")
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: h // 2, w // 4: w // 2 + i % 3] = 255
+        Image.fromarray(mask).save(masks / f"img{i:02d}{mask_suffix}")
+    return images, masks
+
+
+def synthetic_h5(path: Path, n: int = 20, size: int = 32, seed: int = 0) -> Path:
+    prepare_synthetic(path, n=n, size=size, seed=seed, options=PrepareOptions(seed=seed))
+    return path

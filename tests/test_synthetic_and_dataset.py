@@ -1,0 +1,55 @@
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lawder_core.data.dataset import SegDataset, augment_pair, with_synthetic
+from lawder_core.data.h5 import load_arrays
+from lawder_core.data.synthetic import MAX_FRACTION, synthetic_sample
+from tests.helpers import synthetic_h5
+
+
+def test_synthetic_is_deterministic_and_lesions_cover_1_to_20_percent():
+    a, ma = synthetic_sample(3, 7, 64)
+    b, mb = synthetic_sample(3, 7, 64)
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    fractions = [synthetic_sample(0, i, 64)[1].mean() for i in range(30)]
+    assert 0.005 <= min(fractions) and max(fractions) <= MAX_FRACTION + 0.03
+    image, mask = synthetic_sample(0, 1, 64)
+    # lesions differ in colour from the background: a segmenter has something to learn
+    assert abs(image[mask == 1, 1].mean() - image[mask == 0, 1].mean()) > 10
+
+
+def test_dataset_serves_one_split_and_works_in_worker_processes(tmp_path):
+    path = synthetic_h5(tmp_path / "s.h5", n=20, size=32)
+    ds = SegDataset(path, "train")
+    assert len(ds) == 16
+    image, mask = ds[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert mask.dtype == torch.int64 and mask.shape == (32, 32)
+    images, masks, _ = load_arrays(path, "train")
+    assert torch.allclose(image, torch.from_numpy(images[0]).permute(2, 0, 1).float() / 255)
+    loader = DataLoader(ds, batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert sum(len(b[0]) for b in batches) == 16
+    resized = SegDataset(path, "val", size=16)
+    assert resized[0][0].shape == (3, 16, 16)
+
+
+def test_augmentation_moves_image_and_mask_together():
+    # smooth blocks, so that resampling a crop keeps each pixel on its side of 0.5
+    image = torch.rand(3, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    mask = (image[0] > 0.5).long()
+    for seed in range(10):
+        im, m = augment_pair(image, mask, np.random.default_rng(seed))
+        assert im.shape == image.shape and m.shape == mask.shape
+        # the mask still marks the pixels that were > 0.5 in channel 0 (up to crop interpolation)
+        agreement = ((im[0] > 0.5).long() == m).float().mean()
+        assert agreement > 0.9
+
+
+def test_with_synthetic_adds_ratio_times_real(tmp_path):
+    real = SegDataset(synthetic_h5(tmp_path / "r.h5", n=10, size=16), "train")
+    synth = synthetic_h5(tmp_path / "s.h5", n=30, size=16, seed=5)
+    mixed = with_synthetic(real, synth, 0.5, None, False, 0)
+    assert len(mixed) == len(real) + 4
+    assert len(with_synthetic(real, None, 1.0, None, False, 0)) == len(real)
