@@ -213,7 +213,7 @@ def convert_case(case: KitsCase, settings: SliceSettings) -> PreparedCase:
         for i, z in enumerate(indices):
             image = window_to_uint8(radiological_view(volume[:, :, z]), kits.window)[..., None]
             image, masks[i] = resize_pair(image, radiological_view(labels[:, :, z]), size, settings.resize_mode)
-            images[i] = image
+            images[i] = image  # broadcasts the grey channel when channels == 3
     return PreparedCase(case.case_id, images, masks)
 
 
