@@ -37,6 +37,8 @@ def prepare(
     window: str = typer.Option("-79,304", help="kits: CT window in HU, LOW,HIGH."),
     empty_share: float = typer.Option(0.1, help="kits: share of kidney-free slices to keep (per kidney slice)."),
     jobs: int = typer.Option(1, help="kits: cases converted in parallel."),
+    channels: int = typer.Option(1, help="kits: 1 (grey) or 3 (grey repeated, for RGB backbones)."),
+    skip_incomplete: bool = typer.Option(False, help="kits: leave out cases without segmentation.nii.gz."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print only the fingerprint as JSON on stdout."),
 ) -> None:
@@ -47,7 +49,8 @@ def prepare(
                              split_file=str(split_file) if split_file else None, force=force)
     with progress_bar(f"prepare {source.value}", None) as advance:
         fingerprint = run_prepare(source, in_dir, out, options, images=images, masks=masks, n=n, window=window,
-                                  empty_share=empty_share, jobs=jobs, progress=advance)
+                                  empty_share=empty_share, jobs=jobs, channels=channels,
+                                  skip_incomplete=skip_incomplete, progress=advance)
     if json_out:
         print_json(fingerprint)
         return
@@ -60,7 +63,8 @@ def prepare(
 
 
 def run_prepare(source: Source, in_dir: Path | None, out: Path, options: PrepareOptions, *, images: str | None,
-                masks: str | None, n: int, window: str, empty_share: float, jobs: int, progress) -> dict:
+                masks: str | None, n: int, window: str, empty_share: float, jobs: int, channels: int = 1,
+                skip_incomplete: bool = False, progress=None) -> dict:
     if source is Source.synthetic:
         from lawder_core.data.synthetic import prepare_synthetic
 
@@ -71,7 +75,8 @@ def run_prepare(source: Source, in_dir: Path | None, out: Path, options: Prepare
 
         if in_dir is None:
             raise UsageError("`prepare kits` needs the KiTS folder (with case_XXXXX/ sub-folders).")
-        kits = KitsOptions(window=parse_window(window), empty_share=empty_share, jobs=jobs)
+        kits = KitsOptions(window=parse_window(window), empty_share=empty_share, jobs=jobs, channels=channels,
+                           skip_incomplete=skip_incomplete)
         return prepare_kits(in_dir, out, options, kits, progress=progress)
     from lawder_core.data.prepare_folder import prepare_folder
 

@@ -25,6 +25,9 @@ class LawderError(Exception):
         self.hint = hint
         super().__init__(message if hint is None else f"{message}\n{hint}")
 
+    def __reduce__(self):  # keep message and hint apart when raised in a worker process
+        return (type(self), (self.message, self.hint))
+
 
 class UsageError(LawderError):
     """The command line or a config file asks for something impossible."""

@@ -32,8 +32,9 @@ def assign_splits(
         raise DataError("no cases to split: the data set is empty.")
     order = np.random.default_rng(seed).permutation(len(cases))
     n = len(cases)
-    n_val = int(round(fractions[1] * n))
-    n_test = int(round(fractions[2] * n))
+    # A requested split gets at least one case when there are enough cases to spare one.
+    n_val = int(round(fractions[1] * n)) or int(fractions[1] > 0 and n >= 3)
+    n_test = int(round(fractions[2] * n)) or int(fractions[2] > 0 and n >= 3)
     n_train = n - n_val - n_test
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
     mapping = {}
