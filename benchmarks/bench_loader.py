@@ -35,8 +35,8 @@ class JpegFolderDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = np.asarray(Image.open(self.images[i]).convert("RGB"))
-        mask = (np.asarray(Image.open(self.masks[i]).convert("L")) >= 128).astype(np.int64)
+        image = np.array(Image.open(self.images[i]).convert("RGB"))
+        mask = (np.array(Image.open(self.masks[i]).convert("L")) >= 128).astype(np.int64)
         return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), torch.from_numpy(mask)
 
 
@@ -68,18 +68,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data or synthetic_folder(Path(tmp) / "jpeg", args.n, 256)
-        h5 = Path(tmp) / "data.h5"
-        prepare_folder("kvasir", folder, h5, PrepareOptions(size=None, fractions=(1.0, 0.0, 0.0)))
-        h5_set = SegDataset(h5, split=None)
         jpeg_set = JpegFolderDataset(folder / "images", folder / "masks")
         rows = {}
-        for workers in (0, 2):
-            h5_rate = images_per_second(h5_set, workers)
-            jpeg_rate = images_per_second(jpeg_set, workers)
-            rows[f"workers={workers}"] = {"hdf5_img_s": round(h5_rate, 1), "jpeg_img_s": round(jpeg_rate, 1),
-                                          "ratio": round(h5_rate / jpeg_rate, 2)}
-            print(f"num_workers={workers}: HDF5 {h5_rate:8.1f} img/s   JPEG folder {jpeg_rate:8.1f} img/s   "
-                  f"ratio {h5_rate / jpeg_rate:.2f}x")
+        for compression in ("lzf", None):
+            h5 = Path(tmp) / f"data-{compression}.h5"
+            options = PrepareOptions(size=None, fractions=(1.0, 0.0, 0.0), compression=compression)
+            prepare_folder("kvasir", folder, h5, options)
+            h5_set = SegDataset(h5, split=None)
+            for workers in (0, 2):
+                h5_rate = images_per_second(h5_set, workers)
+                jpeg_rate = images_per_second(jpeg_set, workers)
+                rows[f"{compression or 'none'}/workers={workers}"] = {
+                    "hdf5_img_s": round(h5_rate, 1), "jpeg_img_s": round(jpeg_rate, 1),
+                    "ratio": round(h5_rate / jpeg_rate, 2)}
+                print(f"{compression or 'none':>4} num_workers={workers}: HDF5 {h5_rate:8.1f} img/s   "
+                      f"JPEG folder {jpeg_rate:8.1f} img/s   ratio {h5_rate / jpeg_rate:.2f}x", flush=True)
     result = {"benchmark": "loader", "images": len(h5_set), "data": str(args.data or "synthetic 256px JPEG q90"),
               "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "rows": rows, "goal": ">= 3x"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ def prepare(
     jobs: int = typer.Option(1, help="kits: cases converted in parallel."),
     channels: int = typer.Option(1, help="kits: 1 (grey) or 3 (grey repeated, for RGB backbones)."),
     skip_incomplete: bool = typer.Option(False, help="kits: leave out cases without segmentation.nii.gz."),
+    compression: str = typer.Option("lzf", help="HDF5 compression: lzf, none (fastest reads) or gzip (smallest)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print only the fingerprint as JSON on stdout."),
 ) -> None:
@@ -46,7 +47,8 @@ def prepare(
     if resize not in ("pad", "stretch"):
         raise UsageError(f"--resize must be pad or stretch, not {resize!r}.")
     options = PrepareOptions(size=size or None, resize_mode=resize, fractions=parse_fractions(split), seed=seed,
-                             split_file=str(split_file) if split_file else None, force=force)
+                             split_file=str(split_file) if split_file else None, force=force,
+                             compression=None if compression == "none" else compression)
     with progress_bar(f"prepare {source.value}", None) as advance:
         fingerprint = run_prepare(source, in_dir, out, options, images=images, masks=masks, n=n, window=window,
                                   empty_share=empty_share, jobs=jobs, channels=channels,

@@ -40,18 +40,20 @@ class SegDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_file"] = None
+        state.pop("_handles", None)
         return state
 
-    def _h5(self) -> h5py.File:
+    def _datasets(self) -> tuple[h5py.Dataset, h5py.Dataset]:
         if self._file is None:
             self._file = h5py.File(self.path, "r")
-        return self._file
+            self._handles = (self._file["images"], self._file["masks"])
+        return self._handles
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = int(self.indices[i])
-        f = self._h5()
-        image = torch.from_numpy(f["images"][j]).permute(2, 0, 1).float().div_(255)
-        mask = torch.from_numpy(f["masks"][j].astype(np.int64))
+        images, masks = self._datasets()
+        image = torch.from_numpy(images[j]).permute(2, 0, 1).float().div_(255)
+        mask = torch.from_numpy(masks[j].astype(np.int64))
         if self.size is not None and image.shape[-1] != self.size:
             image, mask = resize(image, mask, self.size)
         if self.augment:

@@ -41,6 +41,7 @@ class PrepareOptions:
     seed: int = 0
     split_file: str | None = None
     force: bool = False
+    compression: str | None = "lzf"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,7 +99,8 @@ def write_dataset(
             if writer is None:
                 _, h, w, c = case.images.shape
                 writer = H5Writer(out, height=h, width=w, channels=c, label_names=label_names, source=source,
-                                  preprocessing=preprocessing, extra_attrs=options.extra, force=options.force)
+                                  preprocessing=preprocessing, extra_attrs=options.extra, force=options.force,
+                                  compression=options.compression)
             if len(case.images):
                 split = mapping[case.case_id]
                 writer.add_batch(case.images, case.masks, [case.case_id] * len(case.images),
