@@ -1,0 +1,61 @@
+"""`lawder train-order`: train an ORDER / MK-UNet / smp segmenter through Ray Train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lawder_cli.common import err_console, handle_errors, print_json, setup_logging
+from lawder_cli.options import (
+    CONFIG,
+    FORCE,
+    GPUS,
+    JSON,
+    RAY_ADDRESS,
+    RESUME,
+    SEED,
+    STORAGE,
+    WORKERS,
+    launch_config,
+)
+from lawder_core.config import build_config
+from lawder_core.train.run_folder import prepare_run_folder
+from lawder_core.train.seg import SegTrainConfig
+from lawder_core.train.seg_run import run_train_order
+
+
+@handle_errors
+def train_order(
+    data: str = typer.Option(..., "--data", help="Prepared HDF5 file (its train and val splits are used)."),
+    out: Path = typer.Option(..., "--out", help="Run folder."),
+    model: str = typer.Option(None, "--model", help="mkunet-t-order (default), mkunet-{t,s,base,m,l}, unet-r34, ..."),
+    synthetic: str = typer.Option(None, "--synthetic", help="Synthetic HDF5 from `lawder sample` to add."),
+    synthetic_ratio: float = typer.Option(None, "--synthetic-ratio", help="Synthetic samples per real one."),
+    size: int = typer.Option(None, "--size", help="Training size (divisible by 32)."),
+    epochs: int = typer.Option(None, "--epochs"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Per-worker batch size."),
+    lr: float = typer.Option(None, "--lr"),
+    encoder_weights: str = typer.Option(None, "--encoder-weights", help="smp baselines: e.g. imagenet (downloads)."),
+    seed: int = SEED,
+    gpus: int = GPUS,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
+    storage: str = STORAGE,
+    config: Path = CONFIG,
+    resume: bool = RESUME,
+    force: bool = FORCE,
+    json_out: bool = JSON,
+) -> None:
+    """Train a segmenter; writes best/ and last/ checkpoints, metrics.jsonl and curves.png to --out."""
+    setup_logging()
+    cfg = build_config(SegTrainConfig, config, data=data, out=str(out), model=model, synthetic=synthetic,
+                       synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+                       encoder_weights=encoder_weights, seed=seed, resume=resume)
+    prepare_run_folder(out, resume, force)
+    result = run_train_order(cfg, launch_config(gpus, workers, ray_address, storage, out))
+    if json_out:
+        print_json(result)
+    else:
+        err_console.print(f"trained {cfg.model}: best validation Dice {result['best_dice']:.4f} "
+                          f"(epoch {result['best_epoch']}); checkpoints in {out}/best and {out}/last")

@@ -1,0 +1,196 @@
+"""Segmenter training: one plain-PyTorch loop per worker, for every model the factory builds.
+
+Binary segmentation: the target is `mask ∈ foreground_labels` (default: any label > 0, i.e. the lesion
+for polyps, kidney+masses for KiTS). Rank 0 validates, keeps `best/` (highest validation Dice) and `last/`
+(with optimiser and scheduler state for --resume), and appends one JSON line per epoch to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from lawder_core.config import to_dict
+from lawder_core.data.dataset import SegDataset, with_synthetic
+from lawder_core.errors import DataError
+from lawder_core.models.factory import build_segmenter, load_segmenter, save_segmenter
+from lawder_core.models.order import OrderConfig
+from lawder_core.train.losses import segmentation_loss
+from lawder_core.train.plots import plot_curves
+from lawder_core.train.run_folder import load_training_state, save_training_state, write_json
+from lawder_core.train.runtime import (
+    Reporter,
+    WorkerContext,
+    append_jsonl,
+    barrier,
+    check_finite,
+    mean_across_workers,
+    no_report,
+    set_sampler_epoch,
+    train_sampler,
+    unwrap_model,
+    worker_context,
+    wrap_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    data: str
+    out: str
+    model: str = "mkunet-t-order"
+    synthetic: str | None = None
+    synthetic_ratio: float = 1.0  # synthetic samples per real training sample
+    size: int = 256
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    augment: bool = True
+    foreground_labels: tuple[int, ...] | None = None  # None: every label > 0
+    order: OrderConfig = field(default_factory=OrderConfig)
+    encoder_weights: str | None = None
+    loader_workers: int = 0  # lzf HDF5 reads are fast; extra DataLoader processes are slower on 2 cores
+    amp: bool = True  # bf16 autocast on GPUs only
+    max_steps_per_epoch: int | None = None
+    resume: bool = False
+
+
+def binary_target(mask: torch.Tensor, labels: tuple[int, ...] | None) -> torch.Tensor:
+    """(B,H,W) int labels -> (B,1,H,W) float foreground."""
+    if labels is None:
+        fg = mask > 0
+    else:
+        fg = torch.zeros_like(mask, dtype=torch.bool)
+        for label in labels:
+            fg |= mask == label
+    return fg.unsqueeze(1).float()
+
+
+def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice at threshold 0.5; an image with empty target and empty prediction scores 1."""
+    pred = (logits > 0).float()
+    inter = (pred * target).sum(dim=(1, 2, 3))
+    total = pred.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1e-9), torch.ones_like(total))
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, loader: DataLoader, cfg: SegTrainConfig, device: torch.device) -> float:
+    model.eval()
+    scores = []
+    for image, mask in loader:
+        logits = model(image.to(device))
+        scores.append(dice_per_image(logits.float(), binary_target(mask.to(device), cfg.foreground_labels)))
+    model.train()
+    return float(torch.cat(scores).mean()) if scores else float("nan")
+
+
+def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader, DataLoader, Any]:
+    real = SegDataset(cfg.data, "train", size=cfg.size, augment=cfg.augment, seed=cfg.seed + ctx.rank)
+    train_set = with_synthetic(real, cfg.synthetic, cfg.synthetic_ratio, cfg.size, cfg.augment, cfg.seed)
+    val_set = SegDataset(cfg.data, "val", size=cfg.size)
+    if len(train_set) == 0:
+        raise DataError(f"{cfg.data} has no training samples.", "Check the split with `lawder inspect`.")
+    if len(val_set) == 0:
+        val_set = SegDataset(cfg.data, "train", size=cfg.size)
+        log.warning("%s has no validation split; validating on the training split", cfg.data)
+    sampler = train_sampler(train_set, ctx, cfg.seed)
+    pin = ctx.device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train_set) >
+                              cfg.batch_size * ctx.world_size, num_workers=cfg.loader_workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=pin)
+    return train_loader, val_loader, sampler
+
+
+def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
+    """Load `last/` into model, optimiser and scheduler; returns (next epoch, best Dice so far)."""
+    state = load_training_state(out / "last")
+    if state is None:
+        return 0, -1.0
+    model.load_state_dict(load_segmenter(out / "last").state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1, float(state["best_dice"])
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, cfg: SegTrainConfig, ctx: WorkerContext,
+                    aux_weight: float, epoch: int) -> float:
+    total, steps = 0.0, 0
+    use_amp = cfg.amp and ctx.device.type == "cuda"
+    for step, (image, mask) in enumerate(loader):
+        if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
+            break
+        image = image.to(ctx.device, non_blocking=True)
+        target = binary_target(mask.to(ctx.device, non_blocking=True), cfg.foreground_labels)
+        with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits, aux = model(image, return_aux=True)
+        loss = segmentation_loss(logits.float(), [a.float() for a in aux], target, aux_weight)
+        check_finite(loss, epoch * len(loader) + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+    scheduler.step()
+    return total / max(steps, 1)
+
+
+def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[str, Any]:
+    """Train one segmenter; callable directly, from a Ray Train worker or from a Ray Tune trial."""
+    ctx = worker_context()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    train_loader, val_loader, sampler = build_loaders(cfg, ctx)
+    channels = train_loader.dataset[0][0].shape[0]
+    model = build_segmenter(cfg.model, num_classes=1, in_channels=channels, encoder_weights=cfg.encoder_weights,
+                            order=cfg.order)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    start, best = restore(out, model, optimizer, scheduler) if cfg.resume else (0, -1.0)
+    model = wrap_model(model, ctx)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", to_dict(replace(cfg, resume=False)))
+    result: dict[str, Any] = {"best_dice": best, "epochs": start}
+    for epoch in range(start, cfg.epochs):
+        set_sampler_epoch(sampler, epoch)
+        tic = time.perf_counter()
+        loss = train_one_epoch(model, train_loader, optimizer, scheduler, cfg, ctx, cfg.order.aux_weight, epoch)
+        loss = mean_across_workers(loss, ctx)
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
+        if ctx.is_main:
+            plain = unwrap_model(model)
+            dice = validate(plain, val_loader, cfg, ctx.device)
+            best = save_epoch(out, plain, optimizer, scheduler, cfg, epoch, dice, best)
+            metrics.update(val_dice=dice, best_dice=best, seconds=time.perf_counter() - tic)
+            append_jsonl(out / "metrics.jsonl", metrics)
+            plot_curves(out / "metrics.jsonl", out / "curves.png", ["train_loss", "val_dice"])
+            log.info("epoch %d: loss %.4f val Dice %.4f (best %.4f)", epoch, loss, dice, best)
+        report(metrics)
+        result = {"best_dice": best, "epochs": epoch + 1}
+        barrier(ctx)
+    return {**result, "out": str(out)}
+
+
+def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: SegTrainConfig, epoch: int,
+               dice: float, best: float) -> float:
+    extra = {"epoch": epoch, "val_dice": dice, "train_config": to_dict(cfg)}
+    if dice > best:
+        best = dice
+        save_segmenter(model, out / "best", extra=extra)
+    # last/ is written after best/, so a run killed in between resumes without losing the best checkpoint.
+    save_segmenter(model, out / "last", extra=extra)
+    save_training_state(out / "last", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "epoch": epoch, "best_dice": best})
+    return best
