@@ -109,9 +109,10 @@ def scaling_config(launch: LaunchConfig) -> Any:
 
 
 def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) -> dict[str, Any]:
-    """Run `fn(cfg, report)` on the requested workers; returns rank 0's last reported metrics.
+    """Run `fn(cfg, report)` on the requested workers; returns the metrics Ray kept (may be empty).
 
-    The run folder holds everything else (Train V2 workers cannot hand return values to the driver).
+    The run folder is the record of the run (Train V2 workers cannot hand return values to the driver,
+    and it keeps metrics only beside checkpoints): read results from there.
     """
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer

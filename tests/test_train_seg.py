@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+import lawder_core.train.seg as seg
+from lawder_core.errors import TrainingError, UsageError
+from lawder_core.models.factory import load_segmenter
+from lawder_core.train.run_folder import prepare_run_folder, read_metrics
+from lawder_core.train.seg import SegTrainConfig, binary_target, dice_per_image, train_segmenter
+from tests.helpers import synthetic_h5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_h5(tmp_path_factory.mktemp("d") / "s.h5", n=24, size=32)
+
+
+def quick(data, out, **kw):
+    base = dict(data=str(data), out=str(out), model="mkunet-t", size=32, epochs=2, batch_size=4,
+                max_steps_per_epoch=2)
+    return SegTrainConfig(**{**base, **kw})
+
+
+def test_training_writes_loadable_best_and_last(data, tmp_path):
+    result = train_segmenter(quick(data, tmp_path / "run", model="mkunet-t-order"))
+    assert result["epochs"] == 2
+    records = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(0 <= r["val_dice"] <= 1 for r in records)
+    model = load_segmenter(tmp_path / "run" / "best").eval()
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert cfg["model"] == "mkunet-t-order"
+
+
+def test_interrupted_run_resumes_at_the_next_epoch(data, tmp_path):
+    out = tmp_path / "run"
+
+    def killed_after_first_epoch(metrics):
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_segmenter(quick(data, out, epochs=4), report=killed_after_first_epoch)
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+    before = load_segmenter(out / "last").state_dict()
+    result = train_segmenter(quick(data, out, epochs=4, resume=True))
+    assert result["epochs"] == 4
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2, 3]
+    after = load_segmenter(out / "last").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_loss_stops_with_a_training_error(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(seg, "segmentation_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingError, match="nan"):
+        train_segmenter(quick(data, tmp_path / "run"))
+
+
+def test_run_folder_is_never_clobbered_without_force(tmp_path):
+    out = tmp_path / "run"
+    prepare_run_folder(out, resume=False, force=False)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UsageError, match="--resume"):
+        prepare_run_folder(out, resume=False, force=False)
+    prepare_run_folder(out, resume=True, force=False)
+    assert (out / "metrics.jsonl").exists()
+    prepare_run_folder(out, resume=False, force=True)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_dice_and_binary_target_by_hand():
+    mask = torch.tensor([[[0, 1], [2, 0]]])
+    assert binary_target(mask, None).sum() == 2 and binary_target(mask, (2,)).sum() == 1
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]]])
+    assert dice_per_image(logits, target).item() == pytest.approx(2 * 1 / 4)
+    empty = torch.zeros(1, 1, 2, 2)
+    assert dice_per_image(-torch.ones(1, 1, 2, 2), empty).item() == 1.0
+    assert dice_per_image(torch.ones(1, 1, 2, 2), empty).item() == 0.0
