@@ -1,0 +1,29 @@
+"""`lawder predict`: segment an HDF5 split or a folder of images with a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lawder_cli.common import err_console, handle_errors, print_json
+from lawder_cli.options import JSON
+from lawder_core.inference import predict_to_folder
+
+
+@handle_errors
+def predict(
+    input: Path = typer.Argument(..., help="An HDF5 file (with --split) or a folder of images."),
+    run: Path = typer.Option(..., "--run", help="Run folder of `lawder train-order` (its best/ checkpoint)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder: masks/ and overlays/ PNGs."),
+    split: str = typer.Option("test", help="HDF5 input: train, val, test or all."),
+    mode: str = typer.Option("auto", help="Inference path: auto, eager, channels_last or compile."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty output folder."),
+    json_out: bool = JSON,
+) -> None:
+    """Predict lesion masks; writes masks/NAME.png (255 = lesion) and overlays/NAME.png."""
+    result = predict_to_folder(run, input, out, split=split, mode=mode, force=force)
+    if json_out:
+        print_json(result)
+    else:
+        err_console.print(f"segmented {result['images']} images with {result['checkpoint']} -> {out}")
