@@ -90,14 +90,13 @@ def build_segmenter(
     encoder_weights: str | None = None,
     order: OrderConfig | None = None,
 ) -> nn.Module:
-    """Build a segmenter by name; `order` configures ORDER models (defaults when None)."""
+    """Build a segmenter by name; `order` configures `*-order` models (defaults when None), others ignore it."""
     if name not in available_models():
         raise UsageError(f"unknown model {name!r}.", f"Known models: {', '.join(available_models())}.")
     if num_classes < 1 or in_channels < 1:
         raise UsageError(f"num_classes ({num_classes}) and in_channels ({in_channels}) must be at least 1.")
+    # `order` is ignored by models without the adapter, so one training config serves every model.
     if name in SMP_MODELS:
-        if order is not None:
-            raise UsageError(f"an ORDER config was given for {name}, which has no ORDER adapter.")
         return _build_smp(name, num_classes, in_channels, encoder_weights)
     if encoder_weights is not None:
         raise UsageError(
@@ -106,8 +105,6 @@ def build_segmenter(
         )
     if name in ORDER_MODELS:
         return MKUNetOrder(ORDER_MODELS[name], num_classes, in_channels, order or OrderConfig())
-    if order is not None:
-        raise UsageError(f"an ORDER config was given for {name}; use {name}-order for the ORDER adapter.")
     return MKUNet(MKUNET_MODELS[name], num_classes, in_channels)
 
 

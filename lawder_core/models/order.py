@@ -139,8 +139,10 @@ class OrderFusion(nn.Module):
         grid = (min(self.config.kv_grid, x.shape[2]), min(self.config.kv_grid, x.shape[3]))
         return to_tokens(F.adaptive_avg_pool2d(x, grid))
 
-    def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the fused stream and the region head's coarse logits (B, 1, H, W)."""
+    def attend(
+        self, decoder: torch.Tensor, skip: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both streams after bidirectional attention at the selected pixels, the region logits, the indices."""
         height, width = decoder.shape[2:]
         region_logits = self.region_head(decoder)
         index = self.select(region_logits)
@@ -149,6 +151,11 @@ class OrderFusion(nn.Module):
         skip_update = self.skip_to_decoder(gather_tokens(skip_tokens, index), self.pooled_context(decoder))
         decoder = from_tokens(scatter_add_tokens(decoder_tokens, index, decoder_update), height, width)
         skip = from_tokens(scatter_add_tokens(skip_tokens, index, skip_update), height, width)
+        return decoder, skip, region_logits, index
+
+    def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the fused stream and the region head's coarse logits (B, 1, H, W)."""
+        decoder, skip, region_logits, _ = self.attend(decoder, skip)
         return self.fuse(torch.cat([decoder, skip], dim=1)), region_logits
 
 

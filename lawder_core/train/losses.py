@@ -1,0 +1,86 @@
+"""Segmentation losses: the MK-UNet/PraNet "structure loss" and its deep-supervision sum.
+
+The structure loss weights each pixel by `1 + 5·|avgpool31(mask) − mask|`: pixels near a boundary (where the
+31×31 neighbourhood is mixed) count up to six times more, in both the BCE and the soft-IoU term. With several
+output channels each channel is treated as its own one-vs-rest binary problem (sigmoid per channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+BOUNDARY_KERNEL = 31
+BOUNDARY_GAIN = 5.0
+
+
+def as_channel_target(target: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B,H,W) or (B,1,H,W) masks -> float (B,channels,H,W); integer labels are one-hot when channels > 1."""
+    if target.dim() == 3:
+        target = target.unsqueeze(1)
+    if target.shape[1] == channels:
+        return target.float()
+    if target.shape[1] == 1 and channels > 1:
+        labels = target[:, 0].long()
+        return F.one_hot(labels, channels).permute(0, 3, 1, 2).float()
+    raise ValueError(f"a target with {target.shape[1]} channels cannot supervise {channels} output channels")
+
+
+def boundary_weight(target: torch.Tensor) -> torch.Tensor:
+    local_mean = F.avg_pool2d(target, BOUNDARY_KERNEL, stride=1, padding=BOUNDARY_KERNEL // 2)
+    return 1.0 + BOUNDARY_GAIN * (local_mean - target).abs()
+
+
+def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Boundary-weighted BCE + boundary-weighted soft IoU, averaged over images and channels."""
+    target = as_channel_target(target, logits.shape[1])
+    weight = boundary_weight(target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    weighted_bce = (weight * bce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
+    prob = torch.sigmoid(logits)
+    intersection = (prob * target * weight).sum(dim=(2, 3))
+    union = ((prob + target) * weight).sum(dim=(2, 3))
+    weighted_iou = 1.0 - (intersection + 1.0) / (union - intersection + 1.0)
+    return (weighted_bce + weighted_iou).mean()
+
+
+def resize_target(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-average a float target to `size`, then threshold at 0.5 so it stays a mask."""
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    return (F.interpolate(target, size=size, mode="area") >= 0.5).float()
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    aux_list: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    aux_weight: float | Sequence[float] = 0.0,
+) -> torch.Tensor:
+    """Structure loss of the main logits + `aux_weight` × structure loss of each auxiliary output.
+
+    Auxiliary outputs (deep-supervision heads, ORDER's region heads) may have any resolution and one or
+    `logits.shape[1]` channels; the target is resized to each. `aux_weight` is one weight for all of them or
+    one per auxiliary output.
+    """
+    channels = logits.shape[1]
+    full = as_channel_target(target, channels)
+    loss = structure_loss(logits, full)
+    weights = [aux_weight] * len(aux_list) if isinstance(aux_weight, (int, float)) else list(aux_weight)
+    if len(weights) != len(aux_list):
+        raise ValueError(f"{len(weights)} aux weights for {len(aux_list)} auxiliary outputs")
+    for aux, weight in zip(aux_list, weights, strict=True):
+        if weight == 0:
+            continue
+        aux_target = full if aux.shape[1] == channels else foreground(full)
+        loss = loss + weight * structure_loss(aux, resize_target(aux_target, aux.shape[-2:]))
+    return loss
+
+
+def foreground(target: torch.Tensor) -> torch.Tensor:
+    """Any-lesion map for one-channel auxiliary heads (ORDER's region heads) of a multi-class model."""
+    if target.shape[1] == 1:
+        return target
+    return target[:, 1:].amax(dim=1, keepdim=True)
