@@ -1,0 +1,444 @@
+"""The per-worker training loop of `lawder train-law`: a mask-conditioned denoiser, optionally weighted by LAW.
+
+Plain PyTorch: called directly (tests, one process), or by the Ray launcher in every worker (DDP). One flag,
+`weighting`, switches between the baselines (`uniform`, `ratio`) and LAW under the same loop, model and data.
+The run folder layout is described in `diffusion_run.py`.
+
+Randomness is keyed by (seed, step, rank) — noise, timesteps and condition dropout — and the data order by
+epoch, so a resumed run continues exactly where the interrupted one would have gone (augmentation aside).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lawder_core.config import to_dict
+from lawder_core.data.dataset import SegDataset
+from lawder_core.errors import DataError, UsageError
+from lawder_core.models.denoiser import (
+    LOAD_KWARGS,
+    PRESETS,
+    Denoiser,
+    DenoiserSpec,
+    build_denoiser,
+    copy_weights,
+    load_denoiser,
+)
+from lawder_core.models.ema import EMA
+from lawder_core.models.law import (
+    LAW,
+    WEIGHTINGS,
+    FeatureGrabber,
+    LAWConfig,
+    LossTerms,
+    law_active,
+    lesion_at,
+    pixel_error,
+    prior_map,
+    spatial_mean,
+    weight_stats,
+    weighted_diffusion_loss,
+)
+from lawder_core.sample import generate, initial_noise
+from lawder_core.train import diffusion_run as layout
+from lawder_core.train.run_folder import write_json
+from lawder_core.train.runtime import (
+    Reporter,
+    WorkerContext,
+    append_jsonl,
+    barrier,
+    check_finite,
+    no_report,
+    set_sampler_epoch,
+    train_sampler,
+    worker_context,
+    wrap_model,
+)
+from lawder_core.viz import save_weight_preview
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiffusionTrainConfig:
+    data: str = ""  # lawder HDF5 file
+    out: str = "runs/law"
+    split: str = "train"
+    size: int = 64
+    steps: int = 2000
+    batch_size: int = 8  # per worker
+    lr: float = 2e-4  # the denoiser's AdamW (the field uses 1e-5 for ControlNet on SD 1.5)
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    weighting: str = "law"  # 'uniform' | 'ratio' | 'law'
+    law: LAWConfig = field(default_factory=LAWConfig)
+    backbone: str = "unet"  # 'unet' | 'controlnet'
+    preset: str = "small"  # unet: 'tiny' | 'small' | 'base'
+    pretrained: str | None = None  # controlnet: local Stable Diffusion 1.5-style folder
+    prompt: str = ""  # controlnet
+    cond_dropout: float = 0.1  # null-mask probability, for classifier-free guidance at sampling
+    ema_decay: float = 0.999
+    augment: bool = True
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500  # 0: only at the end
+    sample_every: int = 500  # preview grid; 0: never
+    preview_count: int = 4
+    preview_steps: int = 25
+    num_workers: int = 0  # DataLoader workers
+    amp: bool = True  # autocast on GPU (bf16 where supported, else fp16 with a grad scaler)
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise UsageError(f"unknown --weighting {self.weighting!r}; expected one of {WEIGHTINGS}.")
+        if self.backbone == "unet" and self.preset not in PRESETS:
+            raise UsageError(f"unknown --preset {self.preset!r}; expected one of {tuple(PRESETS)}.")
+        if self.steps < 1 or self.batch_size < 1 or self.size < 8:
+            raise UsageError("--steps and --batch-size must be at least 1 and --size at least 8.")
+        if not 0 <= self.cond_dropout < 1:
+            raise UsageError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}.")
+
+
+# ---------------------------------------------------------------- setup
+
+
+def denoiser_spec(cfg: DiffusionTrainConfig, dataset: SegDataset) -> DenoiserSpec:
+    return DenoiserSpec(backbone=cfg.backbone, preset=cfg.preset, size=cfg.size,
+                        image_channels=dataset.info.channels, label_names=tuple(dataset.info.label_names),
+                        pretrained=cfg.pretrained or "", prompt=cfg.prompt)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    key = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def batches(dataset: SegDataset, ctx: WorkerContext, cfg: DiffusionTrainConfig, start_step: int):
+    """Endless batches; on resume the first epoch skips the batches already seen (indices only, no loading)."""
+    sampler = train_sampler(dataset, ctx, cfg.seed)
+    per_epoch = len(sampler) // cfg.batch_size  # type: ignore[arg-type]
+    if per_epoch == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(sampler)} training samples "  # type: ignore[arg-type]
+                         "each worker sees.", "Lower --batch-size or use fewer workers.")
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        set_sampler_epoch(sampler, epoch)
+        order = list(sampler)[skip * cfg.batch_size:]
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,  # type: ignore[arg-type]
+                            num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda")
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def amp_settings(cfg: DiffusionTrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    if not (cfg.amp and device.type == "cuda"):
+        return False, torch.float32
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class Trainer:
+    """Everything one worker holds; `model`/`law_model` are the (possibly DDP-wrapped) views that train."""
+
+    cfg: DiffusionTrainConfig
+    ctx: WorkerContext
+    denoiser: Denoiser
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    law: LAW | None = None
+    law_model: nn.Module | None = None
+    law_optimizer: torch.optim.Optimizer | None = None
+    grabber: FeatureGrabber | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserSpec,
+                  checkpoint: Path | None) -> tuple[Trainer, int]:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    if checkpoint is not None:
+        denoiser = load_denoiser(checkpoint / layout.DENOISER, pretrained=cfg.pretrained)
+        check_same_spec(denoiser.spec, spec, checkpoint)
+    else:
+        denoiser = build_denoiser(spec)
+    denoiser.to(ctx.device)
+    ema = EMA(denoiser.trainable_module(), cfg.ema_decay)
+    law = LAW(denoiser.feature_channels, cfg.law).to(ctx.device) if cfg.weighting == "law" else None
+    grabber = FeatureGrabber(denoiser.feature_module(cfg.law.feature_module)) if law is not None else None
+    params = [p for p in denoiser.trainable_module().parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(cfg.lr_warmup_steps, 1)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    law_optimizer = (torch.optim.AdamW(law.parameters(), lr=cfg.law.lr, weight_decay=cfg.law.weight_decay)
+                     if law is not None else None)
+    use_amp, amp_dtype = amp_settings(cfg, ctx.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    trainer = Trainer(cfg, ctx, denoiser, denoiser, ema, optimizer, lr_schedule, scaler, law, law, law_optimizer,
+                      grabber)
+    start = restore(trainer, checkpoint) if checkpoint is not None else 0
+    trainer.model = wrap_model(denoiser, ctx)
+    trainer.law_model = wrap_model(law, ctx) if law is not None else None
+    return trainer, start
+
+
+def check_same_spec(saved: DenoiserSpec, wanted: DenoiserSpec, checkpoint: Path) -> None:
+    a, b = replace(saved, pretrained=""), replace(wanted, pretrained="")
+    if a != b:
+        raise UsageError(f"the checkpoint in {checkpoint} was trained with {asdict(a)}, not {asdict(b)}.",
+                         "Resume with the same --size/--preset/--backbone/--prompt and data, or use a new --out.")
+
+
+# ---------------------------------------------------------------- one step
+
+
+def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> LossTerms:
+    cfg, ctx, denoiser = tr.cfg, tr.ctx, tr.denoiser
+    images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
+    g = step_generator(cfg.seed, step, ctx.rank, ctx.device)
+    x0 = denoiser.encode(images)
+    noise = torch.randn(x0.shape, generator=g, device=ctx.device)
+    t = torch.randint(0, denoiser.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g,
+                      device=ctx.device)
+    drop = torch.rand(x0.shape[0], generator=g, device=ctx.device) < cfg.cond_dropout
+    noisy = denoiser.scheduler.add_noise(x0, noise, t)
+    use_amp, amp_dtype = amp_settings(cfg, ctx.device)
+    with torch.autocast(device_type=ctx.device.type, dtype=amp_dtype, enabled=use_amp):
+        pred = tr.model(noisy, t, denoiser.condition(masks, drop))
+    size = tuple(pred.shape[-2:])
+    active = tr.law is not None and law_active(step, cfg.steps, cfg.law)
+    features = tr.grabber.take(size) if tr.grabber is not None and active else None  # type: ignore[arg-type]
+    terms = weighted_diffusion_loss(pred, noise, weighting=cfg.weighting, lesion=lesion_at(masks, size),  # type: ignore[arg-type]
+                                    law=tr.law_model, features=features, timesteps=t, active=active, config=cfg.law)
+    check_finite(terms.total, step)
+    optimizers = [tr.optimizer] + ([tr.law_optimizer] if active and tr.law_optimizer is not None else [])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    tr.scaler.scale(terms.total).backward()
+    tr.scaler.unscale_(tr.optimizer)
+    torch.nn.utils.clip_grad_norm_(tr.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
+    for opt in optimizers:
+        tr.scaler.step(opt)
+    tr.scaler.update()
+    tr.lr_schedule.step()
+    tr.ema.update(denoiser.trainable_module())
+    return terms
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Window:
+    """Running sums of the logged quantities between two log lines (NaN entries are skipped)."""
+
+    KEYS = ("loss", "law_objective", "w_lesion", "w_background", "w_max")
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.counts = dict.fromkeys(self.KEYS, 0.0)
+        self.tic = time.perf_counter()
+        self.steps = 0
+
+    def add(self, terms: LossTerms, lesion: Tensor) -> None:
+        values = {"loss": float(terms.loss.detach()),
+                  "law_objective": float(terms.law_objective.detach()) if terms.law_objective is not None
+                  else float("nan"), **weight_stats(terms.weights, lesion)}
+        for k, v in values.items():
+            if np.isfinite(v):
+                self.sums[k] += v
+                self.counts[k] += 1
+        self.steps += 1
+
+    def summary(self, ctx: WorkerContext) -> dict[str, float | None]:
+        totals = torch.tensor([self.sums[k] for k in self.KEYS] + [self.counts[k] for k in self.KEYS],
+                              dtype=torch.float64, device=ctx.device)
+        if ctx.distributed:
+            dist.all_reduce(totals)
+        n = len(self.KEYS)
+        out: dict[str, float | None] = {
+            k: (float(totals[i] / totals[n + i]) if totals[n + i] > 0 else None) for i, k in enumerate(self.KEYS)}
+        out["sec_per_step"] = (time.perf_counter() - self.tic) / max(self.steps, 1)
+        return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(tr: Trainer, step: int) -> Path:
+    """Rank 0 only; the folder appears complete or not at all."""
+    tmp = layout.partial_checkpoint(tr.out)
+    tr.denoiser.save_pretrained(tmp / layout.DENOISER)
+    tr.denoiser.save_pretrained(tmp / layout.DENOISER_EMA, module=tr.ema.shadow)
+    state: dict[str, Any] = {"optimizer": tr.optimizer.state_dict(), "lr_schedule": tr.lr_schedule.state_dict(),
+                             "scaler": tr.scaler.state_dict()}
+    if tr.law is not None and tr.law_optimizer is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tr.law.state_dict().items()}, tmp / layout.LAW_WEIGHTS)
+        (tmp / layout.LAW_CONFIG).write_text(json.dumps(
+            {"feature_channels": tr.law.feature_channels, "config": asdict(tr.law.config)}, indent=2))
+        state["law_optimizer"] = tr.law_optimizer.state_dict()
+    torch.save(state, tmp / layout.TRAINING_STATE)
+    (tmp / layout.PROGRESS).write_text(json.dumps(
+        {"step": step, "ema_updates": tr.ema.num_updates, "weighting": tr.cfg.weighting}))
+    return layout.commit_checkpoint(tmp, tr.out)
+
+
+def restore(tr: Trainer, checkpoint: Path) -> int:
+    """Load EMA, LAW and optimiser state into a trainer built from the checkpoint's weights; returns the step."""
+    progress = layout.read_progress(checkpoint)
+    shadow_cls = type(tr.ema.shadow)
+    ema_weights = shadow_cls.from_pretrained(  # type: ignore[attr-defined]
+        checkpoint / layout.DENOISER_EMA / tr.denoiser.trainable_subfolder, **LOAD_KWARGS)
+    copy_weights(ema_weights, tr.ema.shadow)
+    tr.ema.num_updates = int(progress["ema_updates"])
+    state = torch.load(checkpoint / layout.TRAINING_STATE, map_location=tr.ctx.device, weights_only=True)
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.lr_schedule.load_state_dict(state["lr_schedule"])
+    tr.scaler.load_state_dict(state["scaler"])
+    if tr.law is not None and tr.law_optimizer is not None:
+        if not (checkpoint / layout.LAW_WEIGHTS).exists():
+            raise UsageError(f"the checkpoint in {checkpoint} was trained with --weighting "
+                             f"{progress.get('weighting')}, not law.", "Resume with the same --weighting.")
+        tr.law.load_state_dict(load_file(checkpoint / layout.LAW_WEIGHTS, device=str(tr.ctx.device)))
+        if "law_optimizer" in state:
+            tr.law_optimizer.load_state_dict(state["law_optimizer"])
+    return int(progress["step"])
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+    path = out / layout.METRICS
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------- preview
+
+
+@torch.no_grad()
+def weight_maps(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Tensor:
+    """The map the loss would use now, at t = T/2 for a fixed noise draw (what users want to SEE)."""
+    denoiser, cfg = tr.denoiser, tr.cfg
+    x0 = denoiser.encode(images)
+    g = torch.Generator(device=x0.device).manual_seed(cfg.seed)
+    noise = torch.randn(x0.shape, generator=g, device=x0.device)
+    t = torch.full((x0.shape[0],), denoiser.scheduler.config.num_train_timesteps // 2, device=x0.device)
+    pred = denoiser(denoiser.scheduler.add_noise(x0, noise, t), t, denoiser.condition(masks))
+    lesion = lesion_at(masks, tuple(pred.shape[-2:]))  # type: ignore[arg-type]
+    if cfg.weighting == "uniform":
+        return torch.ones_like(lesion)
+    if cfg.weighting == "ratio" or tr.law is None or tr.grabber is None:
+        return prior_map(lesion, cfg.law.w_min, cfg.law.w_max)
+    err = pixel_error(pred, noise)
+    err = err / spatial_mean(err).clamp_min(1e-12) if cfg.law.normalise_error else err
+    return tr.law(tr.grabber.take(tuple(pred.shape[-2:])), lesion, t, err)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def write_preview(tr: Trainer, preview: tuple[Tensor, Tensor], step: int) -> Path:
+    """Rank 0: real image, mask, the current weight map, and an EMA sample for the same mask."""
+    images, masks = (x.to(tr.ctx.device) for x in preview)
+    denoiser = tr.denoiser
+    was_training = denoiser.training
+    denoiser.eval()
+    weights = weight_maps(tr, images, masks, step)
+    live = {k: v.clone() for k, v in denoiser.trainable_module().state_dict().items()}
+    copy_weights(tr.ema.shadow, denoiser.trainable_module())
+    try:
+        noise = initial_noise(denoiser.loss_shape(), tr.cfg.seed, range(len(masks))).to(tr.ctx.device)
+        samples = generate(denoiser, masks, noise, steps=tr.cfg.preview_steps, scheduler="ddim")
+    finally:
+        denoiser.trainable_module().load_state_dict(live)
+        denoiser.train(was_training)
+    to_np = lambda x: (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
+    state = "" if tr.cfg.weighting != "law" or law_active(step, tr.cfg.steps, tr.cfg.law) else " (warm-up: LAW off)"
+    title = f"step {step + 1} · weighting {tr.cfg.weighting}{state}"
+    return save_weight_preview(tr.out / layout.SAMPLES / f"step_{step + 1:06d}.png", to_np(images),
+                               masks.cpu().numpy(), weights[:, 0].cpu().numpy(), to_np(samples),
+                               (tr.cfg.law.w_min, tr.cfg.law.w_max), title)
+
+
+def preview_batch(cfg: DiffusionTrainConfig) -> tuple[Tensor, Tensor]:
+    fixed = SegDataset(cfg.data, split=cfg.split, size=cfg.size, augment=False)
+    items = [fixed[i] for i in range(min(cfg.preview_count, len(fixed)))]
+    return torch.stack([im for im, _ in items]), torch.stack([m for _, m in items])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def due(done: int, every: int, total: int) -> bool:
+    return done == total or (every > 0 and done % every == 0)
+
+
+def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> dict[str, Any]:
+    """Train one mask-conditioned denoiser with the chosen weighting; returns the final metrics.
+
+    Every rank calls `report(record)` at each log or save step; rank 0 writes the run folder, and its records
+    carry `checkpoint` (the folder) on steps that saved one and `preview` (the PNG) on preview steps.
+    """
+    ctx = worker_context()
+    out = Path(cfg.out)
+    if not cfg.data:
+        raise UsageError("no training data given.", "Pass --data FILE.h5 (see `lawder prepare`).")
+    dataset = SegDataset(cfg.data, split=cfg.split, size=cfg.size, augment=cfg.augment, seed=cfg.seed + ctx.rank)
+    if len(dataset) == 0:
+        raise DataError(f"{cfg.data} has no samples in split {cfg.split!r}.", "Check --split, or prepare the data.")
+    checkpoint = layout.find_checkpoint(out)
+    if checkpoint is not None and not cfg.resume:
+        raise UsageError(f"{out} already holds a checkpoint.",
+                         "Pass --resume to continue it, or choose another --out.")
+    tr, start = build_trainer(cfg, ctx, denoiser_spec(cfg, dataset), checkpoint if cfg.resume else None)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", to_dict(replace(cfg, resume=False)))
+        trim_metrics(out, start)
+    preview = preview_batch(cfg) if ctx.is_main and cfg.sample_every > 0 else None
+    result: dict[str, Any] = {"step": start, "out": str(out)}
+    window = Window()
+    data = batches(dataset, ctx, cfg, start)
+    tr.model.train()
+    for step in range(start, cfg.steps):
+        images, masks = next(data)
+        terms = training_step(tr, images, masks, step)
+        map_size = terms.weights.shape[-2:] if terms.weights is not None else masks.shape[-2:]
+        window.add(terms, lesion_at(masks.to(ctx.device), tuple(map_size)))
+        done = step + 1
+        saved = due(done, cfg.save_every, cfg.steps)
+        if not (saved or due(done, cfg.log_every, cfg.steps)):
+            continue
+        record: dict[str, Any] = {"step": done, **window.summary(ctx), "lr": tr.lr_schedule.get_last_lr()[0],
+                                  "law_active": tr.law is not None and law_active(step, cfg.steps, cfg.law)}
+        if ctx.is_main:
+            if saved:
+                record["checkpoint"] = str(save_checkpoint(tr, done))
+            if preview is not None and due(done, cfg.sample_every, cfg.steps):
+                record["preview"] = str(write_preview(tr, preview, step))
+            append_jsonl(out / layout.METRICS, record)
+            log.info("step %d: loss %.4f", done, record["loss"] or float("nan"))
+        barrier(ctx)
+        report(record)
+        result = record
+        window = Window()  # after saving and previews, so their time does not count as training time
+    if tr.grabber is not None:
+        tr.grabber.remove()
+    return {**result, "out": str(out)}

@@ -1,0 +1,128 @@
+"""The train-law per-worker loop, called directly (no Ray): run folder, weightings, resume, ControlNet."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lawder_core.errors import UsageError
+from lawder_core.models.law import LAWConfig
+from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
+from tests.helpers import synthetic_h5
+from tests.tiny_sd import build_tiny_sd
+
+WEIGHTS = "checkpoint/denoiser/unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_h5(tmp_path_factory.mktemp("data") / "synth.h5", n=8, size=32)
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> DiffusionTrainConfig:
+    base = DiffusionTrainConfig(data=str(data), out=str(out), size=32, steps=3, batch_size=4, preset="tiny",
+                                log_every=1, save_every=0, sample_every=0, augment=False,
+                                law=LAWConfig(warmup_frac=0.34))
+    return replace(base, **overrides)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_law_run_writes_the_run_folder_and_reports(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    reported: list[dict] = []
+    result = train_diffusion(tiny_config(data, out, sample_every=3, preview_steps=2), report=reported.append)
+    assert result["step"] == 3 and [r["step"] for r in reported] == [1, 2, 3]
+    ckpt = out / "checkpoint"
+    for name in ("denoiser/lawder_denoiser.json", "denoiser/unet/config.json", "denoiser/scheduler",
+                 "denoiser_ema/unet/diffusion_pytorch_model.safetensors", "law.safetensors", "law.json",
+                 "training_state.pt", "progress.json"):
+        assert (ckpt / name).exists(), name
+    assert json.loads((ckpt / "progress.json").read_text())["step"] == 3
+    assert (out / "samples" / "step_000003.png").stat().st_size > 1000
+    assert (out / "train_config.json").exists()
+    lines = read_metrics(out)
+    assert [line["law_active"] for line in lines] == [False, True, True]  # warm-up: first third of the steps
+    assert lines[0]["law_objective"] is None and lines[-1]["law_objective"] is not None
+    assert lines[-1]["w_lesion"] > lines[-1]["w_background"]  # LAW starts from the lesion/background prior
+    assert lines[-1]["w_max"] <= 5.0 + 1e-4
+    assert reported[-1]["checkpoint"] == str(ckpt) and reported[-1]["preview"].endswith(".png")
+    assert set(load_file(ckpt / "law.safetensors")) >= {"out.weight", "inp.weight"}
+    state = torch.load(ckpt / "training_state.pt", weights_only=True)
+    assert {"optimizer", "law_optimizer", "lr_schedule", "scaler"} <= set(state)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "ratio"])
+def test_baseline_weightings_share_the_loop(data: Path, tmp_path: Path, weighting: str) -> None:
+    out = tmp_path / weighting
+    train_diffusion(tiny_config(data, out, weighting=weighting, steps=2))
+    last = read_metrics(out)[-1]
+    assert not (out / "checkpoint" / "law.safetensors").exists()
+    if weighting == "uniform":
+        assert last["w_lesion"] == last["w_background"] == 1.0
+    else:
+        assert last["w_lesion"] > 1.0 > last["w_background"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    def report(record: dict) -> None:
+        if record["step"] == step:
+            raise Interrupted
+
+    return report
+
+
+def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(data: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train_diffusion(tiny_config(data, straight, steps=4, save_every=2))
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupted):  # killed right after the step-2 checkpoint, as a preempted job would be
+        train_diffusion(tiny_config(data, resumed, steps=4, save_every=2), report=interrupt_at(2))
+    with pytest.raises(UsageError):
+        train_diffusion(tiny_config(data, resumed, steps=4, save_every=2))  # no silent overwrite without --resume
+    reported: list[dict] = []
+    train_diffusion(tiny_config(data, resumed, steps=4, save_every=2, resume=True), report=reported.append)
+
+    assert [r["step"] for r in reported] == [3, 4]
+    assert [line["step"] for line in read_metrics(resumed)] == [1, 2, 3, 4]
+    assert json.loads((resumed / "checkpoint" / "progress.json").read_text())["step"] == 4
+    a, b = load_file(straight / WEIGHTS), load_file(resumed / WEIGHTS)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    law_a, law_b = load_file(straight / "checkpoint/law.safetensors"), load_file(resumed / "checkpoint/law.safetensors")
+    assert all(torch.allclose(law_a[k], law_b[k], atol=1e-6) for k in law_a)
+
+
+def test_resume_refuses_a_different_model(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_diffusion(tiny_config(data, out, steps=1, weighting="uniform"))
+    with pytest.raises(UsageError, match="trained with"):
+        train_diffusion(tiny_config(data, out, steps=2, weighting="uniform", preset="small", resume=True))
+
+
+def test_batch_larger_than_the_data_is_a_usage_error(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="batch-size"):
+        train_diffusion(tiny_config(data, tmp_path / "run", batch_size=64, steps=1))
+
+
+def test_controlnet_backbone_trains_a_step_with_law(data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    sd = build_tiny_sd(tmp_path / "tiny-sd")
+    out = tmp_path / "cn"
+    result = train_diffusion(tiny_config(data, out, backbone="controlnet", pretrained=str(sd), prompt="a polyp",
+                                         steps=2, batch_size=2, law=LAWConfig(warmup_frac=0.0)))
+    assert result["step"] == 2 and result["law_objective"] is not None
+    assert (out / "checkpoint" / "denoiser_ema" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not (out / "checkpoint" / "denoiser" / "unet").exists()
