@@ -7,11 +7,13 @@ whatever its FID). Binary: foreground = every mask label above 0.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from lawder_core.data.h5 import load_arrays
 from lawder_core.errors import DataError
 from lawder_core.metrics.dice import EMPTY_POLICIES, EmptyPolicy, segmentation_metrics
 from lawder_core.metrics.predict import PredictFn, predict_labels
@@ -62,3 +64,12 @@ def _mean_sd(values: np.ndarray) -> tuple[float, float]:
     if len(values) == 0:
         return float("nan"), float("nan")
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def adherence_on_h5(predict_fn: PredictFn, synthetic: str | os.PathLike, split: str | None = None, *,
+                    limit: int | None = None, **options: Any) -> dict[str, Any]:
+    """mask_adherence on a synthetic HDF5 file (from `lawder sample`): its images against its masks."""
+    images, masks, _ = load_arrays(synthetic, split, limit)
+    result = mask_adherence(predict_fn, images, masks, **options)
+    result["synthetic"] = str(synthetic) + (f":{split}" if split not in (None, "all") else "")
+    return result
