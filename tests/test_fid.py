@@ -191,23 +191,25 @@ def write_h5(path: Path, real: np.ndarray, synthetic: np.ndarray) -> Path:
     return path
 
 
-def test_folders_h5_and_direct_clean_fid_agree(sets, net, result_ab, tmp_path):
+def test_folders_h5_and_direct_clean_fid_agree(sets, net, tmp_path):
     from cleanfid import fid as cleanfid
 
-    real, synthetic = sets
+    real, synthetic = (images[:40] for images in sets)  # 40 > 32 features: full-rank covariances
     real_dir = write_folder(real, tmp_path / "real")
     syn_dir = write_folder(synthetic, tmp_path / "syn")
     h5 = write_h5(tmp_path / "both.h5", real, synthetic)
-    from_folders = compute_fid_kid(real_dir, syn_dir, feature_extractor=net, keep_features=True)
-    from_h5 = compute_fid_kid(h5, h5, real_split="train", synthetic_split="test", feature_extractor=net)
+    from_folders = compute_fid_kid(real_dir, syn_dir, feature_extractor=net, kid=False, keep_features=True)
+    from_h5 = compute_fid_kid(h5, h5, real_split="train", synthetic_split="test", feature_extractor=net, kid=False,
+                              keep_features=True)
     direct = cleanfid.compute_fid(str(real_dir), str(syn_dir), mode="clean", custom_feat_extractor=net,
                                   num_workers=0, batch_size=32, device=torch.device("cpu"), verbose=False,
                                   use_dataparallel=False)
-    np.testing.assert_array_equal(from_folders.features_real, result_ab.features_real)  # PNG is lossless
-    assert from_h5.fid == pytest.approx(result_ab.fid, rel=1e-12)
-    assert from_folders.fid == pytest.approx(result_ab.fid, rel=1e-12)
+    # PNG is lossless and both paths use clean-fid's resizer: identical features, identical FID.
+    np.testing.assert_array_equal(from_folders.features_real, from_h5.features_real)
+    np.testing.assert_array_equal(from_folders.features_synthetic, from_h5.features_synthetic)
+    assert from_h5.fid == from_folders.fid
     assert direct == pytest.approx(from_folders.fid, rel=1e-5)  # clean-fid averages float32 features
-    assert from_h5.real.endswith(":train") and from_h5.n_synthetic == N_IMAGES
+    assert from_h5.real.endswith(":train") and from_h5.n_synthetic == 40
     assert from_folders.resolution["real"] == [24, 24]
 
 
