@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any, TypeVar
 
 import typer
@@ -43,6 +43,16 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def quiet_stdout(enabled: bool = True) -> Iterator[None]:
+    """Send library chatter (Ray Tune's tables, ...) to stderr, so `--json` leaves stdout to the result."""
+    if not enabled:
+        yield
+        return
+    with redirect_stdout(sys.stderr):
+        yield
 
 
 def print_json(result: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lawder_cli import env_cmd, inspect_cmd, predict, prepare, train_order
+from lawder_cli import env_cmd, inspect_cmd, predict, prepare, train_order, tune
 from lawder_core.environment import package_version
 
 app = typer.Typer(
@@ -34,3 +34,4 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("env")(env_cmd.env)
 app.command("train-order")(train_order.train_order)
 app.command("predict")(predict.predict)
+app.command("tune")(tune.tune)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lawder_cli.common import err_console, handle_errors, print_json, setup_logging
+from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
 from lawder_cli.options import (
     CONFIG,
     FORCE,
@@ -53,7 +53,8 @@ def train_order(
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                        encoder_weights=encoder_weights, seed=seed, resume=resume)
     prepare_run_folder(out, resume, force)
-    result = run_train_order(cfg, launch_config(gpus, workers, ray_address, storage, out))
+    with quiet_stdout():
+        result = run_train_order(cfg, launch_config(gpus, workers, ray_address, storage, out))
     if json_out:
         print_json(result)
     else:

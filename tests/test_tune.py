@@ -1,0 +1,64 @@
+"""Ray Tune sweeps (slow: each runs real trials through Ray)."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lawder_cli.main import app
+from lawder_core.config import build_config
+from lawder_core.errors import UsageError
+from lawder_core.train.seg import SegTrainConfig, train_segmenter
+from lawder_core.tune_spaces import SPACES, apply_params, load_space
+from tests.helpers import synthetic_h5
+
+runner = CliRunner()
+
+
+def test_apply_params_sets_nested_fields_and_groups():
+    base = SegTrainConfig(data="d.h5", out="o")
+    cfg = apply_params(base, {"order.rho": 0.4, "order.late_stages": 2})
+    assert cfg.order.rho == 0.4 and cfg.order.late_stages == 2 and base.order.rho == 0.25
+    with pytest.raises(UsageError, match="order.nope"):
+        apply_params(base, {"order.nope": 1})
+    assert set(SPACES) == {"law-clamp", "law-reg", "order"}
+    assert len(SPACES["law-clamp"]["clamp"]["grid"]) == 4
+
+
+def test_space_file_is_validated(tmp_path):
+    good = tmp_path / "s.yaml"
+    good.write_text("order.rho: {uniform: [0.1, 0.2]}\n")
+    assert load_space("order", good) == {"order.rho": {"uniform": [0.1, 0.2]}}
+    bad = tmp_path / "b.yaml"
+    bad.write_text("order.rho: {normal: [0, 1]}\n")
+    with pytest.raises(UsageError, match="uniform"):
+        load_space("order", bad)
+
+
+@pytest.mark.slow
+def test_order_sweep_finishes_resumes_and_best_yaml_trains(tmp_path):
+    data = synthetic_h5(tmp_path / "s.h5", n=24, size=32)
+    base = tmp_path / "base.yaml"
+    base.write_text("size: 32\nbatch_size: 8\nmax_steps_per_epoch: 1\nmodel: mkunet-t-order\n")
+    out = tmp_path / "sweep"
+    args = ["tune", "order", "--data", str(data), "--out", str(out), "--trials", "4", "--budget", "2",
+            "--config", str(base), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["trials"] == 4 and summary["errors"] == 0
+    assert len(json.loads((out / "results.json").read_text())) == 4
+    assert (out / "results.csv").read_text().count("\n") == 5
+    stamps = {p: p.stat().st_mtime for p in out.glob("trials/*/metrics.jsonl")}
+    assert len(stamps) == 4
+
+    again = runner.invoke(app, args)  # same --out: the experiment is restored, no trial is redone
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["trials"] == 4
+    assert {p: p.stat().st_mtime for p in out.glob("trials/*/metrics.jsonl")} == stamps
+
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert "out" not in best and best["order"]["rho"] == pytest.approx(summary["best"]["order.rho"])
+    cfg = build_config(SegTrainConfig, out / "best.yaml", data=str(data), out=str(tmp_path / "final"), epochs=1)
+    assert train_segmenter(cfg)["epochs"] == 1
