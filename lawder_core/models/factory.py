@@ -158,8 +158,14 @@ def load_segmenter(folder: Path, map_location: str | torch.device = "cpu") -> nn
 
     folder = Path(folder)
     config = read_segmenter_config(folder)
-    order = from_dict(OrderConfig, config["order"]) if config.get("order") else None
-    model = build_segmenter(config["name"], config["num_classes"], config["in_channels"], None, order)
+    try:
+        order = from_dict(OrderConfig, config["order"]) if config.get("order") else None
+        model = build_segmenter(config["name"], config["num_classes"], config["in_channels"], None, order)
+    except UsageError as err:
+        raise DataError(
+            f"{folder / CONFIG_FILE} describes a model this version cannot build: {err.message}",
+            "It was written by another lawder version or edited by hand.",
+        ) from err
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise DataError(f"{folder} has a {CONFIG_FILE} but no {WEIGHTS_FILE}.", "The checkpoint is incomplete.")

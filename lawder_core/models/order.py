@@ -35,7 +35,7 @@ class OrderConfig:
     rho: float = 0.25  # share of positions that become queries (sweep 0.1-0.5)
     kv_grid: int = 16  # keys/values are pooled to kv_grid × kv_grid
     attn_dim: int = 32  # attention width (sweep 32-64)
-    heads: int = 2
+    heads: int = 1  # one head: on the CPU the softmax over (queries × grid²) scores dominates, per head
     late_stages: int = 3  # how many of the last skip fusions ORDER replaces: 3 = H/8, H/4, H/2
     aux_weight: float = 0.2  # weight of the auxiliary losses (region heads, deep supervision) in training
 
