@@ -62,3 +62,43 @@ def test_order_sweep_finishes_resumes_and_best_yaml_trains(tmp_path):
     assert "out" not in best and best["order"]["rho"] == pytest.approx(summary["best"]["order.rho"])
     cfg = build_config(SegTrainConfig, out / "best.yaml", data=str(data), out=str(tmp_path / "final"), epochs=1)
     assert train_segmenter(cfg)["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_law_clamp_sweep_scores_generation_and_best_yaml_is_a_train_law_config(tmp_path):
+    from lawder_core.models.factory import build_segmenter, save_segmenter
+    from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
+
+    data = synthetic_h5(tmp_path / "s.h5", n=16, size=32)
+    save_segmenter(build_segmenter("mkunet-t").eval(), tmp_path / "seg" / "best",
+                   extra={"train_config": {"size": 32}})
+    base = tmp_path / "base.yaml"
+    base.write_text("size: 32\nbatch_size: 2\npreset: tiny\nsteps_per_round: 1\neval_masks: 2\n"
+                    "eval_sampling_steps: 2\n")
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["tune", "law-clamp", "--data", str(data), "--out", str(out), "--trials", "4",
+                                 "--budget", "2", "--config", str(base), "--segmenter", str(tmp_path / "seg"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["trials"] == 4 and summary["errors"] == 0
+    assert {(r["law.w_min"], r["law.w_max"]) for r in summary["rows"]} == {(0.5, 2.0), (0.25, 4.0), (0.2, 5.0),
+                                                                          (0.1, 10.0)}
+    assert all(0 <= r["best_val_score"] <= 1 for r in summary["rows"])  # adherence only: 1 - Dice
+    cfg = build_config(DiffusionTrainConfig, out / "best.yaml", data=str(data), out=str(tmp_path / "final"),
+                       steps=1, sample_every=0)
+    assert (cfg.law.w_min, cfg.law.w_max) == (summary["best"]["law.w_min"], summary["best"]["law.w_max"])
+    assert train_diffusion(cfg)["step"] == 1
+
+
+def test_law_sweep_without_any_score_refuses_to_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LAWDER_FID_WEIGHTS", raising=False)
+    import lawder_core.metrics.fid as fid
+
+    monkeypatch.setattr(fid, "clean_fid_cache_path", lambda: tmp_path / "none.pt")
+    monkeypatch.setattr(fid, "fid_helper_weights_path", lambda: None)
+    from lawder_core.train.law_tune import LawTuneConfig, scoring_terms
+
+    with pytest.raises(UsageError, match="--segmenter"):
+        scoring_terms(LawTuneConfig(data="d.h5"))

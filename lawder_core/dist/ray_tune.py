@@ -66,11 +66,29 @@ def order_trial(params: dict[str, Any], base: Any, out: str) -> None:
     train_segmenter(cfg, report=lambda m: tune.report({"val_dice": m["val_dice"], "epoch": m["epoch"]}))
 
 
+def law_trial(params: dict[str, Any], base: Any, out: str) -> None:
+    """One LAW trial: train_diffusion with a checkpoint per round; each checkpoint is sampled and scored."""
+    from ray import tune
+
+    from lawder_core.train.diffusion import train_diffusion
+    from lawder_core.train.law_tune import evaluation_set, generation_score, scoring_terms, training_config
+
+    cfg = apply_params(base, params)
+    run = trial_folder(Path(out))
+    terms = scoring_terms(cfg)
+    images, masks = evaluation_set(cfg)
+
+    def score_checkpoint(record: dict[str, Any]) -> None:
+        if "checkpoint" in record:
+            tune.report({"step": record["step"], **generation_score(cfg, str(run), terms, images, masks)})
+
+    resume = (run / "metrics.jsonl").exists()
+    train_diffusion(training_config(cfg, str(run), resume), report=score_checkpoint)
+
+
 def sweep_for(kind: str) -> Sweep:
     if kind == "order":
         return Sweep(order_trial, metric="val_dice", mode="max")
-    from lawder_core.train.law_tune import law_trial
-
     return Sweep(law_trial, metric="val_score", mode="min")
 
 
@@ -166,7 +184,7 @@ def write_results(rows: list[dict[str, Any]], out: Path, base: Any, best_params:
     if best_params is not None:
         # best.yaml is a training config as `--config` reads it; --data/--out come from the command line.
         best = to_dict(apply_params(base, best_params))
-        for key in ("out", "resume"):
+        for key in ("out", "resume", *getattr(base, "TUNE_ONLY_FIELDS", ())):
             best.pop(key, None)
         atomic_save(lambda p: p.write_text(yaml.safe_dump(best, sort_keys=False)), out / "best.yaml")
 
