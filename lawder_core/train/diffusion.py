@@ -249,18 +249,21 @@ def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Loss
 class Window:
     """Running sums of the logged quantities between two log lines (NaN entries are skipped)."""
 
-    KEYS = ("loss", "law_objective", "w_lesion", "w_background", "w_max")
+    KEYS = ("loss", "law_objective", "w_lesion", "w_background")  # averaged; w_max is the largest weight seen
 
     def __init__(self) -> None:
         self.sums = dict.fromkeys(self.KEYS, 0.0)
         self.counts = dict.fromkeys(self.KEYS, 0.0)
+        self.w_max = 0.0
         self.tic = time.perf_counter()
         self.steps = 0
 
     def add(self, terms: LossTerms, lesion: Tensor) -> None:
+        stats = weight_stats(terms.weights, lesion)
+        self.w_max = max(self.w_max, stats.pop("w_max"))
         values = {"loss": float(terms.loss.detach()),
                   "law_objective": float(terms.law_objective.detach()) if terms.law_objective is not None
-                  else float("nan"), **weight_stats(terms.weights, lesion)}
+                  else float("nan"), **stats}
         for k, v in values.items():
             if np.isfinite(v):
                 self.sums[k] += v
@@ -270,11 +273,14 @@ class Window:
     def summary(self, ctx: WorkerContext) -> dict[str, float | None]:
         totals = torch.tensor([self.sums[k] for k in self.KEYS] + [self.counts[k] for k in self.KEYS],
                               dtype=torch.float64, device=ctx.device)
+        w_max = torch.tensor([self.w_max], dtype=torch.float64, device=ctx.device)
         if ctx.distributed:
             dist.all_reduce(totals)
+            dist.all_reduce(w_max, op=dist.ReduceOp.MAX)
         n = len(self.KEYS)
         out: dict[str, float | None] = {
             k: (float(totals[i] / totals[n + i]) if totals[n + i] > 0 else None) for i, k in enumerate(self.KEYS)}
+        out["w_max"] = float(w_max)
         out["sec_per_step"] = (time.perf_counter() - self.tic) / max(self.steps, 1)
         return out
 
