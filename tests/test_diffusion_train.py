@@ -38,7 +38,8 @@ def read_metrics(out: Path) -> list[dict]:
 def test_law_run_writes_the_run_folder_and_reports(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     reported: list[dict] = []
-    result = train_diffusion(tiny_config(data, out, sample_every=3, preview_steps=2), report=reported.append)
+    cfg = tiny_config(data, out, sample_every=3, preview_steps=2, preview_count=2)
+    result = train_diffusion(cfg, report=reported.append)
     assert result["step"] == 3 and [r["step"] for r in reported] == [1, 2, 3]
     ckpt = out / "checkpoint"
     for name in ("denoiser/lawder_denoiser.json", "denoiser/unet/config.json", "denoiser/scheduler",
@@ -83,6 +84,7 @@ def interrupt_at(step: int):
     return report
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     train_diffusion(tiny_config(data, straight, steps=4, save_every=2))
@@ -117,6 +119,7 @@ def test_batch_larger_than_the_data_is_a_usage_error(data: Path, tmp_path: Path)
         train_diffusion(tiny_config(data, tmp_path / "run", batch_size=64, steps=1))
 
 
+@pytest.mark.slow
 def test_controlnet_backbone_trains_a_step_with_law(data: Path, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     sd = build_tiny_sd(tmp_path / "tiny-sd")
