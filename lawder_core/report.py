@@ -1,0 +1,231 @@
+"""The pipeline's report: the paper's three claims as tables beside the paper's numbers, plus plots.
+
+Written twice from the same tables: `report.md` (figures as files in figures/) and a self-contained
+`report.html` (figures inlined as base64), so it can be attached to a CI run or mailed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lawder_core.train.runtime import atomic_save  # noqa: E402
+
+if TYPE_CHECKING:
+    from lawder_core.pipeline import Stages
+
+PAPER = {
+    "fid": {"uniform": 65.60, "law": 52.28},
+    "dice_synthetic": {"real+uniform": 78.3, "real+law": 83.2},
+    "dice_order": {"mkunet-t": 75.3, "mkunet-t-order": 81.3},
+    "order_gflops": 0.56,
+    "order_params": "≈42K",
+}
+
+Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = f" ± {100 * np.std(values, ddof=1):.1f}" if len(values) > 1 else ""
+    return f"{100 * np.mean(values):.1f}{sd}"
+
+
+def dice_values(results: dict[str, Any], model: str, data: str) -> list[float]:
+    return [r["dice"] for r in results["dice"].values() if r["model"] == model and r["data"] == data]
+
+
+def synthesis_table(results: dict[str, Any]) -> Table:
+    fid, adherence = results["fid"], results["adherence"]
+    rows = []
+    for weighting in ("uniform", "law"):
+        f = fid.get(weighting, {})
+        rows.append([weighting, fmt(f.get("fid")), fmt(f.get("kid"), 4),
+                     fmt(100 * adherence[weighting]["dice_mean"], 1), fmt(PAPER["fid"][weighting])])
+    if "uniform" in fid and "law" in fid and fid["uniform"].get("fid"):
+        change = 100 * (fid["law"]["fid"] - fid["uniform"]["fid"]) / fid["uniform"]["fid"]
+        paper = 100 * (PAPER["fid"]["law"] - PAPER["fid"]["uniform"]) / PAPER["fid"]["uniform"]
+        rows.append(["LAW vs uniform", f"{change:+.1f} %", "", "", f"{paper:+.1f} %"])
+    title = "Claim 1 — LAW improves synthesis (FID/KID vs the real training images; adherence Dice ×100)"
+    return title, ["weighting", "FID", "KID", "mask adherence", "paper FID"], rows
+
+
+def synthetic_data_table(results: dict[str, Any]) -> Table:
+    rows = []
+    for model in ("mkunet-t-order", "mkunet-t"):
+        for data in ("real", "real+uniform", "real+law"):
+            paper = PAPER["dice_synthetic"].get(data) if model == "mkunet-t-order" else None
+            rows.append([model, data, mean_sd(dice_values(results, model, data)), fmt(paper, 1)])
+    title = "Claim 2 — LAW's synthetic images help segmenters (test Dice ×100, mean ± sd over seeds)"
+    return title, ["model", "training data", "Dice", "paper Dice"], rows
+
+
+def order_table(results: dict[str, Any]) -> Table:
+    rows = []
+    for model in ("mkunet-t", "mkunet-t-order"):
+        prof = results["profile"][model]
+        paper_cost = f"{PAPER['order_gflops']} GFLOPs, {PAPER['order_params']}" if model.endswith("order") else ""
+        rows.append([model, mean_sd(dice_values(results, model, "real")), f"{prof['params']:,}",
+                     f"{prof['gmacs']:.3f}", f"{prof['gflops']:.3f}", fmt(PAPER["dice_order"][model], 1),
+                     paper_cost])
+    title = "Claim 3 — ORDER improves a tiny U-Net (real data only; cost at 256×256, 1 MAC = 2 FLOPs)"
+    return title, ["model", "Dice", "params", "GMACs", "GFLOPs", "paper Dice", "paper cost"], rows
+
+
+def markdown_table(table: Table) -> str:
+    title, header, rows = table
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(table: Table) -> str:
+    title, header, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    atomic_save(lambda p: fig.savefig(p, format="png", dpi=90, bbox_inches="tight"), path)
+    plt.close(fig)
+    return path
+
+
+def loss_figure(stages: Stages, folder: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    drew = False
+    for weighting in ("uniform", "law"):
+        records = [r for r in read_jsonl(stages.law_run(weighting) / "metrics.jsonl") if r.get("mse") is not None
+                   or r.get("loss") is not None]
+        if records:
+            key = "mse" if "mse" in records[0] else "loss"
+            ax.plot([r["step"] for r in records], [r[key] for r in records], label=f"{weighting} ({key})")
+            drew = True
+    if not drew:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_title("diffusion training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, folder / "diffusion_loss.png")
+
+
+def dice_figure(results: dict[str, Any], folder: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    labels, means, sds = [], [], []
+    for model in ("mkunet-t", "mkunet-t-order"):
+        for data in ("real", "real+uniform", "real+law"):
+            values = dice_values(results, model, data)
+            labels.append(f"{model}\n{data}")
+            means.append(100 * float(np.mean(values)) if values else 0.0)
+            sds.append(100 * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+    ax.bar(range(len(labels)), means, yerr=sds, capsize=4,
+           color=["#8da0cb"] * 3 + ["#fc8d62"] * 3)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("test Dice ×100")
+    ax.set_title("segmentation Dice (error bars: sd over seeds)")
+    return save_figure(fig, folder / "dice.png")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def copied_images(stages: Stages, folder: Path) -> list[tuple[str, Path]]:
+    """Sample grids of both synthetic sets and LAW's latest weight-map preview, copied beside the report."""
+    found: list[tuple[str, Path]] = []
+    for weighting in ("uniform", "law"):
+        grid = stages.synthetic(weighting).with_suffix(".png")
+        if grid.exists():
+            found.append((f"synthetic pairs, {weighting} weighting", grid))
+    previews = sorted((stages.law_run("law") / "samples").glob("*.png"))
+    if previews:
+        found.append(("LAW weight maps beside their masks (latest preview: image, mask, weight map, sample)",
+                      previews[-1]))
+    copies = []
+    for caption, source in found:
+        target = folder / f"{source.parent.name}_{source.name}"
+        shutil.copyfile(source, target)
+        copies.append((caption, target))
+    return copies
+
+
+def write_report(stages: Stages, results: dict[str, Any]) -> Path:
+    out = stages.out
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    tables = [synthesis_table(results), synthetic_data_table(results), order_table(results)]
+    images: list[tuple[str, Path]] = []
+    loss = loss_figure(stages, figures)
+    if loss is not None:
+        images.append(("diffusion training loss, uniform vs LAW", loss))
+    images.append(("test Dice per model and training data", dice_figure(results, figures)))
+    images += copied_images(stages, figures)
+    notes = report_notes(stages, results)
+    md = ["# lawder pipeline report", "", *notes, ""] + [markdown_table(t) for t in tables]
+    md += [f"![{caption}](figures/{path.name})\n\n*{caption}*\n" for caption, path in images]
+    atomic_save(lambda p: p.write_text("\n".join(md)), out / "report.md")
+    atomic_save(lambda p: p.write_text(render_html(notes, tables, images)), out / "report.html")
+    return out / "report.md"
+
+
+def report_notes(stages: Stages, results: dict[str, Any]) -> list[str]:
+    p = stages.preset
+    notes = [f"Preset `{stages.cfg.preset}`: {p.size} px, diffusion {p.law_steps} steps ({p.denoiser} UNet), "
+             f"DDIM {p.sample_steps} steps, segmenters {p.seg_epochs} epochs, seeds {list(p.seeds)}. "
+             f"Data: `{stages.data}`.",
+             "Paper numbers are from the LAW/ORDER paper at full scale (SD 1.5 ControlNet, 200-epoch segmenters); "
+             "this run's budgets are far smaller, so compare directions, not values."]
+    fid = results["fid"]
+    if "skipped" in fid:
+        notes.append(f"FID/KID skipped: {fid['skipped']}")
+    else:
+        any_fid = next(iter(fid.values()))
+        notes.append(f"FID/KID feature extractor: {any_fid.get('feature_extractor')} "
+                     f"(sha256 {str(any_fid.get('weights_sha256'))[:12]}…), {any_fid.get('n_real')} real vs "
+                     f"{any_fid.get('n_synthetic')} synthetic images"
+                     + ("; fewer than 2,048 images: FID is biased upwards." if any_fid.get("n_real", 0) < 2048
+                        else "."))
+    notes.append(f"Mask adherence is judged by `{results['adherence']['judge']}` (trained on real data only).")
+    return [f"- {n}" for n in notes]
+
+
+def render_html(notes: list[str], tables: list[Table], images: list[tuple[str, Path]]) -> str:
+    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "th{background:#f3f3f3}img{max-width:100%}figcaption{font-style:italic;color:#555}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lawder report</title><style>{style}</style>"
+             "</head><body><h1>lawder pipeline report</h1><ul>"]
+    parts += [f"<li>{html.escape(n[2:])}</li>" for n in notes]
+    parts.append("</ul>")
+    parts += [html_table(t) for t in tables]
+    for caption, path in images:
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "".join(parts)
