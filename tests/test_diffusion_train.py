@@ -129,3 +129,16 @@ def test_controlnet_backbone_trains_a_step_with_law(data: Path, tmp_path: Path) 
     assert result["step"] == 2 and result["law_objective"] is not None
     assert (out / "checkpoint" / "denoiser_ema" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
     assert not (out / "checkpoint" / "denoiser" / "unet").exists()
+
+
+def test_config_loads_nested_law_options_from_a_file(tmp_path: Path) -> None:
+    from lawder_core.config import build_config, to_dict
+
+    path = tmp_path / "law.yaml"
+    path.write_text("steps: 50\nweighting: law\nlaw:\n  objective: adversarial\n  w_min: 0.1\n  w_max: 10\n")
+    cfg = build_config(DiffusionTrainConfig, path, batch_size=4, data="d.h5")
+    assert cfg.law == LAWConfig(objective="adversarial", w_min=0.1, w_max=10.0)
+    assert (cfg.steps, cfg.batch_size) == (50, 4)
+    assert to_dict(cfg)["law"]["objective"] == "adversarial"
+    with pytest.raises(UsageError):
+        build_config(DiffusionTrainConfig, None, weighting="focal")
