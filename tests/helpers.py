@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from lawder_core.data.prepare import PrepareOptions
@@ -28,4 +29,17 @@ def write_pair_folder(root: Path, n: int, size: tuple[int, int] = (40, 30), suff
 
 def synthetic_h5(path: Path, n: int = 20, size: int = 32, seed: int = 0) -> Path:
     prepare_synthetic(path, n=n, size=size, seed=seed, options=PrepareOptions(seed=seed))
+    return path
+
+
+class PooledColours(torch.nn.Module):
+    """A stand-in FID feature network: 4×4 average-pooled colours (48-d), fast and weight-free."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def tiny_fid_weights(path: Path) -> Path:
+    """A TorchScript file usable as `--fid-weights`, created by the test (nothing downloaded)."""
+    torch.jit.script(PooledColours().eval()).save(str(path))
     return path

@@ -136,7 +136,7 @@ def batches(dataset: SegDataset, ctx: WorkerContext, cfg: DiffusionTrainConfig, 
                          "each worker sees.", "Lower --batch-size or use fewer workers.")
     epoch, skip = divmod(start_step, per_epoch)
     while True:
-        set_sampler_epoch(sampler, epoch)
+        set_sampler_epoch(sampler, epoch, cfg.seed)
         order = list(sampler)[skip * cfg.batch_size:]
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,  # type: ignore[arg-type]
                             num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda")

@@ -80,11 +80,12 @@ def train_sampler(dataset: Dataset, ctx: WorkerContext, seed: int) -> Sampler:
     return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
 
 
-def set_sampler_epoch(sampler: Sampler, epoch: int) -> None:
+def set_sampler_epoch(sampler: Sampler, epoch: int, seed: int) -> None:
+    """A fresh, reproducible order per (seed, epoch): a resumed run sees the same order it would have."""
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
     elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
-        sampler.generator.manual_seed(epoch * 7919 + 1)
+        sampler.generator.manual_seed(seed * 1_000_003 + epoch * 7919 + 1)
 
 
 def mean_across_workers(value: float, ctx: WorkerContext) -> float:

@@ -164,7 +164,7 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
         write_json(out / "train_config.json", to_dict(replace(cfg, resume=False)))
     result: dict[str, Any] = {"best_dice": best, "epochs": start}
     for epoch in range(start, cfg.epochs):
-        set_sampler_epoch(sampler, epoch)
+        set_sampler_epoch(sampler, epoch, cfg.seed)
         tic = time.perf_counter()
         loss = train_one_epoch(model, train_loader, optimizer, scheduler, cfg, ctx, cfg.order.aux_weight, epoch)
         loss = mean_across_workers(loss, ctx)
