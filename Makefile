@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole loop on the built-in synthetic data (about 15 minutes on 2 CPU cores); rerunning resumes.
 demo: $(STAMP)
-	$(BIN)/lawder prepare synthetic -o demo/synthetic.h5 --n 200 --size 64 --force
-	$(BIN)/lawder inspect demo/synthetic.h5
-	@echo "demo: wrote demo/synthetic.h5 (+ .fingerprint.json, .splits.json)"
+	$(BIN)/lawder pipeline --preset cpu-small --out demo --resume
+	@echo "demo: open demo/report.html (or read demo/report.md)"
 
 test: $(STAMP)
 	$(BIN)/ruff check lawder_core lawder_cli tests benchmarks
