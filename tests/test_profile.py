@@ -43,10 +43,10 @@ def test_attention_flops_are_counted() -> None:
 
 
 def test_order_flops_include_its_attention() -> None:
-    plain = count_flops(build_segmenter("mkunet-t"), size=128)["macs"]
+    plain = count_flops(build_segmenter("mkunet-t"), size=64)["macs"]
     config = OrderConfig(rho=0.25, kv_grid=16, attn_dim=32, heads=2, late_stages=3)
     model = MKUNetOrder("t", config=config)
-    order = count_flops(model, size=128)["macs"]
+    order = count_flops(model, size=64)["macs"]
     attention = 0
     for selected, total in model.selection_counts():
         side = int(total**0.5)
