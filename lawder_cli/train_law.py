@@ -1,0 +1,88 @@
+"""`lawder train-law`: train a mask-conditioned denoiser (uniform, ratio or LAW weighting) through Ray Train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
+from lawder_cli.options import (
+    CONFIG,
+    FORCE,
+    GPUS,
+    JSON,
+    RAY_ADDRESS,
+    RESUME,
+    SEED,
+    STORAGE,
+    WORKERS,
+    launch_config,
+)
+from lawder_core.train.law_run import check_law_config, law_config, run_train_law, saved_config
+from lawder_core.train.run_folder import prepare_run_folder
+
+
+@handle_errors
+def train_law(
+    data: str = typer.Option(None, "--data", help="Prepared HDF5 file (its train split is used)."),
+    out: Path = typer.Option(..., "--out", help="Run folder."),
+    size: int = typer.Option(None, "--size", help="Training resolution (default 64)."),
+    steps: int = typer.Option(None, "--steps", help="Total optimiser steps (default 2000)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Per-worker batch size (default 8)."),
+    lr: float = typer.Option(None, "--lr", help="Denoiser learning rate (default 2e-4)."),
+    weighting: str = typer.Option(None, "--weighting", help="uniform | ratio | law (default law)."),
+    objective: str = typer.Option(None, "--objective", help="LAW objective: joint (default) | adversarial."),
+    w_min: float = typer.Option(None, "--w-min", help="LAW clamp lower bound (default 0.2)."),
+    w_max: float = typer.Option(None, "--w-max", help="LAW clamp upper bound (default 5.0)."),
+    preset: str = typer.Option(None, "--preset", help="UNet size: tiny | small (default) | base."),
+    backbone: str = typer.Option(None, "--backbone", help="unet (default, pixel space) | controlnet."),
+    pretrained: str = typer.Option(None, "--pretrained", help="controlnet: local Stable Diffusion 1.5-style folder."),
+    prompt: str = typer.Option(None, "--prompt", help="controlnet: text prompt."),
+    save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    sample_every: int = typer.Option(None, "--sample-every", help="Preview grid every N steps (0: never)."),
+    log_every: int = typer.Option(None, "--log-every", help="Metrics line every N steps."),
+    seed: int = SEED,
+    gpus: int = GPUS,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
+    storage: str = STORAGE,
+    config: Path = CONFIG,
+    resume: bool = RESUME,
+    force: bool = FORCE,
+    json_out: bool = JSON,
+) -> None:
+    """Train a mask-conditioned diffusion model; writes checkpoint/, metrics.jsonl and samples/*.png to --out.
+
+    --config takes a YAML/TOML/JSON config, e.g. the best.yaml of `lawder tune law-clamp`; flags win over it.
+    With --resume and no --config the run continues with the config it was started with.
+    """
+    setup_logging()
+    if config is None and resume:
+        config = saved_config(out)
+    cfg = law_config(config, {"objective": objective, "w_min": w_min, "w_max": w_max},
+                     data=data, out=str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
+                     weighting=weighting, preset=preset, backbone=backbone, pretrained=pretrained, prompt=prompt,
+                     save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed,
+                     resume=resume)
+    launch_cfg = launch_config(gpus, workers, ray_address, storage, out)
+    check_law_config(cfg, launch_cfg)  # before --force deletes anything
+    prepare_run_folder(out, resume, force, marker="checkpoint")
+    with quiet_stdout():
+        result = run_train_law(cfg, launch_cfg)
+    if json_out:
+        print_json(result)
+        return
+    show_summary(result)
+
+
+def show_summary(result: dict) -> None:
+    loss = f"{result['loss']:.4f}" if result["loss"] is not None else "n/a"
+    err_console.print(f"trained {result['weighting']} to step {result['step']}: loss {loss}, "
+                      f"{result['sec_per_step'] or float('nan'):.3f} s/step")
+    law = result["law"]
+    if law.get("w_lesion") is not None:
+        err_console.print(f"weights: lesion {law['w_lesion']:.3f}, background {law['w_background']:.3f}, "
+                          f"max {law['w_max']:.3f}")
+    err_console.print(f"checkpoint {result['checkpoint']}" + (f"; preview {result['preview']}"
+                                                              if result["preview"] else ""))

@@ -1,0 +1,78 @@
+"""`lawder sample --gpus N`: spread the masks over N Ray workers (or CPU workers), same images as one process.
+
+Each chunk of masks becomes one Ray task that calls `sample_pairs` with `first_index` set to the chunk's
+offset. Sample i depends only on (seed, i), so the stitched result equals a single-process run bit for bit
+(on the same device type). Chunks are a few batches long: small enough to balance the workers and move the
+progress bar, large enough that loading the model per task does not matter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from lawder_core.dist.ray_train import ensure_ray, find_lawder_error
+from lawder_core.errors import TrainingError, UsageError
+
+
+def chunk_ranges(n: int, workers: int, batch_size: int, batches_per_chunk: int = 4) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering 0..n, whole batches of at most `batches_per_chunk` each."""
+    if workers < 1 or batch_size < 1:
+        raise UsageError("workers and --batch-size must be at least 1.")
+    # Whole batches only: the same batches as one process, so even batch-dependent kernels give equal images.
+    size = batch_size * max(1, min(batches_per_chunk, math.ceil(n / workers / batch_size)))
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def sample_chunk(run: str, masks: np.ndarray, first_index: int, device: str, kwargs: dict[str, Any]) -> np.ndarray:
+    """What one Ray task runs (module level, so workers import it by name)."""
+    from lawder_core.sample import sample_pairs
+
+    return sample_pairs(run, masks, first_index=first_index, device=device, **kwargs)
+
+
+def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, workers: int,
+                       ray_address: str | None = None, progress: Callable[[int], None] | None = None,
+                       **kwargs: Any) -> np.ndarray:
+    """`sample_pairs` over `gpus` GPU workers, or `workers` CPU workers when gpus == 0."""
+    import ray
+
+    if gpus < 0 or workers < 0:
+        raise UsageError("--gpus and --workers must be non-negative.")
+    parallel = gpus if gpus > 0 else workers
+    if parallel < 1:
+        raise UsageError("distributed sampling needs --gpus N or --workers N of at least 1.")
+    ensure_ray(ray_address)
+    task = ray.remote(num_gpus=1 if gpus > 0 else 0, num_cpus=1, max_retries=0)(sample_chunk)
+    device = "cuda" if gpus > 0 else "cpu"
+    chunks = chunk_ranges(len(masks), parallel, int(kwargs.get("batch_size", 16)))
+    todo = list(reversed(chunks))
+    pending: dict[Any, tuple[int, int]] = {}
+    out: np.ndarray | None = None
+    try:
+        while todo or pending:
+            while todo and len(pending) < parallel:  # at most N chunks in flight: N workers, as asked
+                start, stop = todo.pop()
+                pending[task.remote(str(run), masks[start:stop], start, device, kwargs)] = (start, stop)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            start, stop = pending.pop(done[0])
+            images = ray.get(done[0])
+            if out is None:
+                out = np.zeros((len(masks), *images.shape[1:]), np.uint8)
+            out[start:stop] = images
+            if progress is not None:
+                progress(stop - start)
+    except Exception as err:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        found = find_lawder_error(err)
+        if found is not None:
+            raise found from None
+        raise TrainingError(f"distributed sampling failed: {err}", "See the worker log above.") from err
+    assert out is not None  # chunk_ranges covers at least one mask; plan_masks refuses an empty set
+    return out
+

@@ -1,0 +1,189 @@
+"""`lawder train-law` and `lawder sample` through the CLI and Ray: round trip, resume, refusal, configs, sharding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+from lawder_cli.main import app
+from lawder_core.data.h5 import load_arrays, read_info
+from lawder_core.data.sampling_masks import dihedral, resize_masks
+from lawder_core.dist.ray_train import ensure_ray
+from lawder_core.sample import sample_pairs
+from lawder_core.train.run_folder import read_metrics
+from tests.helpers import synthetic_h5
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ensure_ray(None)
+    yield
+    # A leaked placement group would make the next Ray call wait forever: all CPUs must be free again.
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_h5(tmp_path_factory.mktemp("law") / "s.h5", n=10, size=32)
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-law", "--data", str(data), "--out", str(out), "--size", "32", "--steps", "2", "--batch-size", "4",
+            "--preset", "tiny", "--workers", "0", "--log-every", "1", "--sample-every", "0", "--seed", "1", *extra]
+
+
+def invoke(args: list[str]) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # --json: nothing but the result on stdout
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "law"
+    summary = invoke(train_args(data, out, "--weighting", "law", "--objective", "adversarial", "--w-min", "0.25",
+                                "--w-max", "4", "--sample-every", "2", "--json"))
+    return out, summary
+
+
+def test_train_law_summarises_the_run_folder(run: tuple[Path, dict]) -> None:
+    out, summary = run
+    assert summary["step"] == 2 and summary["weighting"] == "law" and summary["checkpoint_step"] == 2
+    assert Path(summary["checkpoint"]) == out / "checkpoint" and Path(summary["preview"]).exists()
+    assert summary["loss"] > 0 and summary["law"]["law_active"] is True
+    assert 0.25 - 1e-4 <= summary["law"]["w_background"] <= summary["law"]["w_max"] <= 4.0 + 1e-4
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["law"]["objective"] == "adversarial" and (saved["law"]["w_min"], saved["law"]["w_max"]) == (0.25, 4.0)
+
+
+def test_sample_round_trip_writes_pairs_with_provenance(run: tuple[Path, dict], data: Path, tmp_path: Path) -> None:
+    out, _ = run
+    syn = tmp_path / "syn.h5"
+    result = invoke(["sample", "--run", str(out), "--masks", str(data), "--steps", "2", "--batch-size", "3",
+                     "--seed", "5", "-o", str(syn), "--json"])
+    _, real_masks, cases = load_arrays(data, "train")
+    assert result["n"] == len(real_masks) and result["step"] == 2 and result["weighting"] == "law"
+    info = read_info(syn)
+    assert (info.n, info.height, info.channels) == (len(real_masks), 32, 3)
+    assert info.attrs["scheduler"] == "ddim" and info.attrs["seed"] == 5 and info.attrs["steps"] == 2
+    assert info.attrs["run"] == str(out.resolve()) and info.attrs["weighting"] == "law"
+    images, masks, syn_cases = load_arrays(syn, "train")
+    assert np.array_equal(masks, real_masks) and list(syn_cases) == [f"syn_{c}" for c in cases]
+    assert np.array_equal(images, sample_pairs(out, real_masks, steps=2, batch_size=3, seed=5))
+    assert syn.with_suffix(".png").stat().st_size > 500
+    again = runner.invoke(app, ["sample", "--run", str(out), "--masks", str(data), "--steps", "1", "-o", str(syn)])
+    assert again.exit_code != 0 and "--force" in again.output
+
+
+def test_sample_mask_aug_exceeds_the_mask_count_and_resizes(run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = run
+    big = synthetic_h5(tmp_path / "big.h5", n=6, size=64)  # masks at 64 px for a 32 px model: resized
+    _, masks64, cases = load_arrays(big, "train")
+    m = len(masks64)
+    refused = runner.invoke(app, ["sample", "--run", str(out), "--masks", str(big), "--n", str(2 * m + 1),
+                                  "-o", str(tmp_path / "x.h5")])
+    assert refused.exit_code == 2 and "--mask-aug" in refused.output
+    syn = tmp_path / "aug.h5"
+    result = invoke(["sample", "--run", str(out), "--masks", str(big), "--n", str(2 * m + 1), "--mask-aug",
+                     "--steps", "1", "--batch-size", "8", "-o", str(syn), "--json"])
+    assert result["n"] == 2 * m + 1 and result["masks_size"] == [64, 64] and result["mask_aug"] is True
+    _, masks, syn_cases = load_arrays(syn, "train")
+    assert masks.shape == (2 * m + 1, 32, 32)
+    small = resize_masks(masks64, 32)
+    for i, name in enumerate(syn_cases):  # each sample is a flip/rotation of the mask its case id names
+        j, (use, k) = i % m, (int(p[1:]) for p in name.rsplit("_", 2)[1:])
+        assert name.startswith(f"syn_{cases[j]}_r") and use == i // m
+        assert np.array_equal(masks[i], dihedral(small[j], k))
+    first, second = (syn_cases[j].rsplit("_", 1)[1] for j in (0, m))
+    assert first != second  # the second use of a mask gets another transform
+
+
+def test_existing_run_is_refused_without_resume_or_force(run: tuple[Path, dict], data: Path) -> None:
+    out, _ = run
+    again = runner.invoke(app, train_args(data, out))
+    assert again.exit_code == 2 and "--resume" in again.output and "--force" in again.output
+
+
+def test_resume_continues_at_the_right_step_with_the_saved_config(ray_local, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    invoke(train_args(data, out, "--weighting", "ratio", "--json"))
+    summary = invoke(["train-law", "--out", str(out), "--resume", "--steps", "4", "--workers", "0", "--json"])
+    assert summary["step"] == 4 and summary["checkpoint_step"] == 4 and summary["weighting"] == "ratio"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "train_config.json").read_text())["seed"] == 1  # the saved config, not the defaults
+    restarted = invoke(train_args(data, out, "--weighting", "uniform", "--force", "--json"))
+    assert restarted["step"] == 2 and restarted["weighting"] == "uniform"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_best_yaml_of_a_law_sweep_is_accepted_as_config(ray_local, data: Path, tmp_path: Path) -> None:
+    from lawder_core.dist.ray_tune import write_results
+    from lawder_core.train.law_tune import LawTuneConfig
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    base = LawTuneConfig(data=str(data), out=str(sweep), size=32, batch_size=4, preset="tiny", rounds=2)
+    write_results([{"trial": "t0", "best_val_score": 0.5}], sweep, base, {"law.w_min": 0.5, "law.w_max": 2.0})
+    best = yaml.safe_load((sweep / "best.yaml").read_text())
+    assert isinstance(best["law"], dict) and "rounds" not in best
+    summary = invoke(["train-law", "--config", str(sweep / "best.yaml"), "--data", str(data), "--out",
+                      str(tmp_path / "final"), "--steps", "1", "--workers", "0", "--sample-every", "0", "--json"])
+    assert summary["step"] == 1
+    saved = json.loads((tmp_path / "final" / "train_config.json").read_text())
+    assert (saved["law"]["w_min"], saved["law"]["w_max"], saved["preset"]) == (0.5, 2.0, "tiny")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--size", "30", "--preset", "small"], "divisible by 8"),
+    (["--batch-size", "64"], "batch-size"),
+    (["--weighting", "focal"], "weighting"),
+    (["--w-min", "2"], "clamp"),
+])
+def test_bad_requests_fail_before_workers_start(data: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    result = runner.invoke(app, train_args(data, tmp_path / "bad", *extra))
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "bad" / "checkpoint").exists()
+
+
+def test_missing_data_is_a_data_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, train_args(tmp_path / "nope.h5", tmp_path / "run"))
+    assert result.exit_code not in (0, 2) and "nope.h5" in result.output
+
+
+@pytest.mark.slow  # two Ray worker processes importing torch: ~20 s on a shared 2-core machine
+def test_sharded_sampling_on_cpu_workers_equals_one_process(run: tuple[Path, dict], data: Path) -> None:
+    from lawder_core.dist.ray_sample import sample_distributed
+
+    out, _ = run
+    _, masks, _ = load_arrays(data, "train")
+    seen: list[int] = []
+    sharded = sample_distributed(out, masks, gpus=0, workers=2, steps=2, batch_size=2, seed=9, progress=seen.append)
+    assert np.array_equal(sharded, sample_pairs(out, masks, steps=2, batch_size=2, seed=9))
+    assert sum(seen) == len(masks) and len(seen) >= 2
+
+
+def test_chunks_are_whole_batches_covering_every_mask() -> None:
+    from lawder_core.dist.ray_sample import chunk_ranges
+
+    assert chunk_ranges(10, 2, 2) == [(0, 6), (6, 10)]
+    assert chunk_ranges(100, 2, 4) == [(s, s + 16) for s in range(0, 96, 16)] + [(96, 100)]
+    assert chunk_ranges(3, 4, 8) == [(0, 3)]
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_through_ray_train(ray_local, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    args = train_args(data, out, "--weighting", "law", "--json")
+    args[args.index("--workers") + 1] = "2"
+    args[args.index("--batch-size") + 1] = "2"
+    summary = invoke(args)
+    assert summary["step"] == 2 and summary["checkpoint_step"] == 2
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
