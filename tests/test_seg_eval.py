@@ -55,3 +55,21 @@ def test_adherence_on_h5(tmp_path):
     result = adherence_on_h5(oracle(1), data, "train")
     assert result["n_images"] == 3 and result["dice_mean"] == pytest.approx(1.0)
     assert result["synthetic"].endswith("syn.h5:train")
+
+
+def test_at_size_runs_the_network_at_its_training_size_and_labels_at_the_image_size():
+    from lawder_core.metrics.predict import at_size, predict_labels
+
+    seen = []
+
+    def network(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(batch.shape[-2:]))
+        return (batch[:, :1] > 0.5).float() * 20 - 10  # bright pixels are lesion
+
+    images = np.zeros((2, 64, 48, 3), np.uint8)
+    images[:, 16:48, 12:36] = 255
+    labels = predict_labels(at_size(network, 32), images, batch_size=2)
+    assert seen == [(32, 32)] and labels.shape == (2, 64, 48)
+    expected = (images[..., 0] > 0).astype(np.uint8)
+    assert (labels == expected).mean() > 0.97  # only the rectangle's edges may move by the round trip
+    assert at_size(network, None) is network

@@ -203,7 +203,9 @@ class TorchScriptFeatures(nn.Module):
 
 def load_torchscript_features(path: str | os.PathLike) -> TorchScriptFeatures:
     try:
-        net = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript's deprecation notice is no news to a user of a weights file
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
+            net = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as err:
         raise EnvironmentProblem(
             f"{path} is not a loadable TorchScript FID network ({str(err).splitlines()[0]}).",
@@ -430,8 +432,13 @@ def compute_fid_kid(
     allow_download: bool | None = None,
     progress: bool = False,
     keep_features: bool = False,
+    log_warnings: bool = True,
 ) -> FidResult:
-    """FID and/or KID (clean-fid, clean mode) between real and synthetic images, features computed once."""
+    """FID and/or KID (clean-fid, clean mode) between real and synthetic images, features computed once.
+
+    Caveats (small sets, rank-deficient covariance) are in `result.warnings`, and logged unless log_warnings is
+    False (for callers that show them themselves, like `lawder evaluate`).
+    """
     if not (fid or kid):
         raise UsageError("Nothing to compute: ask for FID, KID or both.")
     started = time.perf_counter()
@@ -459,7 +466,8 @@ def compute_fid_kid(
         warnings=_size_warnings(len(f_real), len(f_syn), int(f_real.shape[1])),
         features_real=f_real if keep_features else None, features_synthetic=f_syn if keep_features else None,
     )
-    for note in result.warnings:
-        logger.warning(note)
+    if log_warnings:
+        for note in result.warnings:
+            logger.warning(note)
     result.seconds = time.perf_counter() - started
     return result

