@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lawder_cli import env_cmd, inspect_cmd, predict, prepare, train_order, tune
+from lawder_cli import env_cmd, evaluate, inspect_cmd, pipeline, predict, prepare, sample, train_law, train_order, tune
 from lawder_core.environment import package_version
 
 app = typer.Typer(
@@ -35,3 +35,7 @@ app.command("env")(env_cmd.env)
 app.command("train-order")(train_order.train_order)
 app.command("predict")(predict.predict)
 app.command("tune")(tune.tune)
+app.command("evaluate")(evaluate.evaluate)
+app.command("pipeline")(pipeline.pipeline)
+app.command("train-law")(train_law.train_law)
+app.command("sample")(sample.sample)
