@@ -11,7 +11,7 @@ from lawder_core.config import build_config
 from lawder_core.errors import UsageError
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
 from lawder_core.tune_spaces import SPACES, apply_params, load_space
-from tests.helpers import synthetic_h5
+from tests.helpers import synthetic_h5, tiny_fid_weights
 
 runner = CliRunner()
 
@@ -76,15 +76,20 @@ def test_law_clamp_sweep_scores_generation_and_best_yaml_is_a_train_law_config(t
     base.write_text("size: 32\nbatch_size: 2\npreset: tiny\nsteps_per_round: 1\neval_masks: 2\n"
                     "eval_sampling_steps: 2\n")
     out = tmp_path / "sweep"
-    result = runner.invoke(app, ["tune", "law-clamp", "--data", str(data), "--out", str(out), "--trials", "4",
+    weights = tiny_fid_weights(tmp_path / "fid.pt")
+    space = tmp_path / "space.yaml"  # two of the four built-in clamp ranges keep the test short
+    space.write_text("clamp: {grid: [{law.w_min: 0.5, law.w_max: 2.0}, {law.w_min: 0.1, law.w_max: 10.0}]}\n")
+    result = runner.invoke(app, ["tune", "law-clamp", "--data", str(data), "--out", str(out), "--trials", "2",
                                  "--budget", "2", "--config", str(base), "--segmenter", str(tmp_path / "seg"),
-                                 "--json"])
+                                 "--fid-weights", str(weights), "--space", str(space), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["trials"] == 4 and summary["errors"] == 0
-    assert {(r["law.w_min"], r["law.w_max"]) for r in summary["rows"]} == {(0.5, 2.0), (0.25, 4.0), (0.2, 5.0),
-                                                                          (0.1, 10.0)}
-    assert all(0 <= r["best_val_score"] <= 1 for r in summary["rows"])  # adherence only: 1 - Dice
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    assert {(r["law.w_min"], r["law.w_max"]) for r in summary["rows"]} == {(0.5, 2.0), (0.1, 10.0)}
+    # val_score = 100·KID + (1 − adherence): both terms were computed for every trial
+    history = [json.loads(line) for p in out.glob("experiment/*/result.json") for line in p.read_text().splitlines()]
+    assert history and all("val_kid" in h and "val_adherence" in h for h in history)
+    assert all(h["val_score"] == pytest.approx(100 * h["val_kid"] + 1 - h["val_adherence"]) for h in history)
     cfg = build_config(DiffusionTrainConfig, out / "best.yaml", data=str(data), out=str(tmp_path / "final"),
                        steps=1, sample_every=0)
     assert (cfg.law.w_min, cfg.law.w_max) == (summary["best"]["law.w_min"], summary["best"]["law.w_max"])
