@@ -7,27 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import yaml
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.h5 import load_arrays, read_info
 from lawder_core.data.sampling_masks import dihedral, resize_masks
-from lawder_core.dist.ray_train import ensure_ray
 from lawder_core.sample import sample_pairs
 from lawder_core.train.run_folder import read_metrics
 from tests.helpers import synthetic_h5
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ensure_ray(None)
-    yield
-    # A leaked placement group would make the next Ray call wait forever: all CPUs must be free again.
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU")
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +177,20 @@ def test_two_gloo_workers_through_ray_train(ray_local, data: Path, tmp_path: Pat
     summary = invoke(args)
     assert summary["step"] == 2 and summary["checkpoint_step"] == 2
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_mask_plan_cycles_with_distinct_transforms_and_resizes_labels() -> None:
+    from lawder_core.data.sampling_masks import plan_masks
+
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[0, :2, :3] = 1  # an asymmetric blob: all 8 dihedral transforms differ
+    masks[1, 5:, 6:] = 2
+    plan = plan_masks(masks, np.array(["a", "b"]), 16, augment=True, seed=3)
+    assert plan.masks.shape == (16, 8, 8) and list(plan.source_index) == [0, 1] * 8
+    assert sorted(plan.transform[plan.source_index == 0]) == list(range(8))  # 8 uses, 8 different layouts
+    assert len({plan.masks[i].tobytes() for i in range(0, 16, 2)}) == 8
+    assert np.array_equal(plan.transform, plan_masks(masks, np.array(["a", "b"]), 16, True, 3).transform)
+    plain = plan_masks(masks, np.array(["a", "b"]), None, augment=False, seed=3)
+    assert np.array_equal(plain.masks, masks) and plain.case_ids == ["syn_a", "syn_b"]
+    big = resize_masks(np.kron(masks, np.ones((4, 4), np.uint8)), 8)  # nearest: labels survive exactly
+    assert np.array_equal(big, masks) and set(np.unique(resize_masks(masks, 13))) == {0, 1, 2}
