@@ -3,11 +3,10 @@
 import json
 
 import pytest
-import ray
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
-from lawder_core.dist.ray_train import LaunchConfig, ensure_ray, launch
+from lawder_core.dist.ray_train import LaunchConfig, launch
 from lawder_core.errors import DataError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.train.run_folder import read_metrics
@@ -15,14 +14,6 @@ from lawder_core.train.seg import SegTrainConfig, train_segmenter
 from tests.helpers import synthetic_h5
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ensure_ray(None)
-    yield
-    # A leaked placement group would make the next Ray call wait forever: all CPUs must be free again.
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU")
 
 
 @pytest.fixture(scope="module")
