@@ -60,10 +60,11 @@ def train_law(
     setup_logging()
     if config is None and resume:
         config = saved_config(out)
+    # Absolute paths: Ray workers on other machines (or another working directory) must find the same files.
     cfg = law_config(config, {"objective": objective, "w_min": w_min, "w_max": w_max},
-                     data=data, out=str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
-                     weighting=weighting, preset=preset, backbone=backbone, pretrained=pretrained, prompt=prompt,
-                     save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed,
+                     data=absolute(data), out=str(out.resolve()), size=size, steps=steps, batch_size=batch_size,
+                     lr=lr, weighting=weighting, preset=preset, backbone=backbone, pretrained=absolute(pretrained),
+                     prompt=prompt, save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed,
                      resume=resume)
     launch_cfg = launch_config(gpus, workers, ray_address, storage, out)
     check_law_config(cfg, launch_cfg)  # before --force deletes anything
@@ -74,6 +75,10 @@ def train_law(
         print_json(result)
         return
     show_summary(result)
+
+
+def absolute(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 def show_summary(result: dict) -> None:
