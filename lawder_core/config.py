@@ -82,3 +82,16 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+PATH_FIELDS = ("data", "out", "synthetic", "pretrained", "segmenter", "fid_weights")
+
+
+def with_absolute_paths(config: C) -> C:
+    """Ray workers run in their own working directory: relative paths must be resolved by the driver."""
+    changes = {}
+    for name in PATH_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            changes[name] = str(Path(value).resolve())
+    return dataclasses.replace(config, **changes) if changes else config  # type: ignore[type-var]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,7 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
         while todo or pending:
             while todo and len(pending) < parallel:  # at most N chunks in flight: N workers, as asked
                 start, stop = todo.pop()
-                pending[task.remote(str(run), masks[start:stop], start, device, kwargs)] = (start, stop)
+                pending[task.remote(str(Path(run).resolve()), masks[start:stop], start, device, kwargs)] = (start, stop)
             done, _ = ray.wait(list(pending), num_returns=1)
             start, stop = pending.pop(done[0])
             images = ray.get(done[0])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lawder_core.config import with_absolute_paths
 from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(launch.ray_address)
+    cfg = with_absolute_paths(cfg)
     storage = launch.storage or str(Path(getattr(cfg, "out", ".")).resolve() / "ray")
     trainer = TorchTrainer(
         _ray_worker,

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from lawder_core.config import to_dict
+from lawder_core.config import to_dict, with_absolute_paths
 from lawder_core.dist.ray_train import ensure_ray
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.train.run_folder import write_json
@@ -195,6 +195,7 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(opts.ray_address)
+    base = with_absolute_paths(base)
     sweep = sweep_for(kind)
     grid = build_tuner(kind, base, space, out, opts).fit()
     table = results_table(grid, sweep)
