@@ -80,3 +80,12 @@ def test_dice_and_binary_target_by_hand():
     empty = torch.zeros(1, 1, 2, 2)
     assert dice_per_image(-torch.ones(1, 1, 2, 2), empty).item() == 1.0
     assert dice_per_image(torch.ones(1, 1, 2, 2), empty).item() == 0.0
+
+
+def test_relative_paths_are_resolved_for_ray_workers(tmp_path, monkeypatch):
+    from lawder_core.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(SegTrainConfig(data="in/s.h5", out="runs/x", synthetic="s3://bucket/syn.h5"))
+    assert cfg.data == str(tmp_path / "in" / "s.h5") and cfg.out == str(tmp_path / "runs" / "x")
+    assert cfg.synthetic == "s3://bucket/syn.h5"
