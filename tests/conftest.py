@@ -19,3 +19,14 @@ def ray_local():
     yield
     # A leaked placement group would make the next Ray call wait forever: all CPUs must be free again.
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU")
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any attempt to reach the internet fails the test instead of waiting on a socket."""
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)

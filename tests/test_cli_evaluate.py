@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,8 @@ from tests.helpers import synthetic_h5
 runner = CliRunner()
 N_IMAGES = 12
 
+pytestmark = pytest.mark.usefixtures("no_network")
+
 
 class TinyInception(nn.Module):
     """Stands in for the FID Inception file: (B,3,299,299) scaled to [-1,1] -> (B,8) features."""
@@ -40,12 +41,6 @@ class TinyInception(nn.Module):
         return self.body(x)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 @pytest.fixture(scope="module")

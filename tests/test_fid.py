@@ -24,6 +24,8 @@ N_IMAGES = 72  # more than the feature dimension, so both covariances have full 
 FEATURE_DIM = 32
 REAL_FID_HELPER_LOOKUP = fidmod.fid_helper_weights_path
 
+pytestmark = pytest.mark.usefixtures("no_network")
+
 
 class TinyFeatures(nn.Module):
     """A fixed random conv net standing in for Inception: (B,3,299,299) in [0,255] -> (B,32)."""
@@ -66,14 +68,6 @@ def make_images(seed: int, brightness: int) -> np.ndarray:
     return (base + brightness).astype(np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to reach the internet fails the test instead of waiting on a socket."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 @pytest.fixture(scope="module")
