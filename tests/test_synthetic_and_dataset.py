@@ -53,3 +53,34 @@ def test_with_synthetic_adds_ratio_times_real(tmp_path):
     mixed = with_synthetic(real, synth, 0.5, None, False, 0)
     assert len(mixed) == len(real) + 4
     assert len(with_synthetic(real, None, 1.0, None, False, 0)) == len(real)
+
+
+def test_cached_split_serves_exactly_what_the_file_holds(tmp_path, monkeypatch):
+    path = synthetic_h5(tmp_path / "s.h5", n=20, size=16)
+    cached, lazy = SegDataset(path, "train", cache=True), SegDataset(path, "train", cache=False)
+    assert cached._cached is not None and lazy._cached is None
+    for i in range(len(lazy)):
+        assert torch.equal(cached[i][0], lazy[i][0]) and torch.equal(cached[i][1], lazy[i][1])
+    # workers started by spawn get the path, not the pixels, and read the split themselves
+    state = cached.__getstate__()
+    assert state["_cached"] is None
+    clone = SegDataset.__new__(SegDataset)
+    clone.__dict__.update(state)
+    assert torch.equal(clone[3][0], lazy[3][0])
+    # the default decides by size: nothing is held when the split exceeds the limit
+    monkeypatch.setenv("LAWDER_CACHE_BYTES", "100")
+    assert not SegDataset(path, "train").cache
+    monkeypatch.setenv("LAWDER_CACHE_BYTES", str(10**9))
+    assert SegDataset(path, "train").cache
+
+
+def test_read_rows_equals_reading_one_row_at_a_time(tmp_path):
+    import h5py
+
+    from lawder_core.data.h5 import read_rows
+
+    path = synthetic_h5(tmp_path / "s.h5", n=20, size=16)
+    with h5py.File(path, "r") as f:
+        for idx in ([5, 1, 2, 3, 19, 0], [7], [], list(range(20))[::-1]):
+            expected = np.array([f["masks"][i] for i in idx]).reshape(len(idx), 16, 16)
+            assert np.array_equal(read_rows(f["masks"], np.array(idx, dtype=np.int64)), expected)

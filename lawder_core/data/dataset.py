@@ -11,19 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from lawder_core.data.h5 import read_info, split_indices
+from lawder_core.data.h5 import read_info, read_rows, split_indices
 from lawder_core.errors import DataError
+
+CACHE_LIMIT_BYTES = 2 * 1024**3  # splits up to this size (and 1/8 of the RAM) are held in memory by default
 
 
 class SegDataset(Dataset):
     """Serves (image float32 C×H×W in [0, 1], mask int64 H×W labels) for one split.
 
-    The h5py handle is opened on first access, in whichever process reads: an open file cannot be pickled,
-    so DataLoader workers, spawn and Ray all get the path and open their own handle.
+    A split that fits `cache_limit()` is read once, in blocks, into uint8 tensors (`cache=None` decides, True/False
+    force it): every later access is a slice instead of an HDF5 read and decompression, and DataLoader workers
+    forked after construction share those pages. Otherwise the h5py handle is opened on first access, in
+    whichever process reads: an open file cannot be pickled, so DataLoader workers, spawn and Ray all get the
+    path and open their own handle.
     """
 
     def __init__(self, path: str | os.PathLike, split: str | None = "train", size: int | None = None,
-                 augment: bool = False, seed: int = 0) -> None:
+                 augment: bool = False, seed: int = 0, cache: bool | None = None) -> None:
         self.path = Path(path)
         self.info = read_info(self.path)
         self.indices = split_indices(self.path, split)
@@ -33,6 +38,11 @@ class SegDataset(Dataset):
         self.seed = seed
         self._file: h5py.File | None = None
         self._calls = 0
+        self.cache = split_bytes(self.info.height, self.info.width, self.info.channels,
+                                 len(self.indices)) <= cache_limit() if cache is None else cache
+        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.cache:
+            self._cached = self._read_split()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -40,8 +50,23 @@ class SegDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_file"] = None
+        state["_cached"] = None  # the receiving process reads the split itself rather than unpickling it
         state.pop("_handles", None)
         return state
+
+    def _read_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = self._datasets()
+        return torch.from_numpy(read_rows(images, self.indices)), torch.from_numpy(read_rows(masks, self.indices))
+
+    def _raw(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample i of the split as stored: uint8 H×W×C image and H×W labels."""
+        if self.cache:
+            if self._cached is None:
+                self._cached = self._read_split()
+            return self._cached[0][i], self._cached[1][i]
+        j = int(self.indices[i])
+        images, masks = self._datasets()
+        return torch.from_numpy(images[j]), torch.from_numpy(masks[j])
 
     def _datasets(self) -> tuple[h5py.Dataset, h5py.Dataset]:
         if self._file is None:
@@ -50,10 +75,9 @@ class SegDataset(Dataset):
         return self._handles
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        j = int(self.indices[i])
-        images, masks = self._datasets()
-        image = torch.from_numpy(images[j]).permute(2, 0, 1).float().div_(255)
-        mask = torch.from_numpy(masks[j].astype(np.int64))
+        raw_image, raw_mask = self._raw(i)
+        image = raw_image.permute(2, 0, 1).float().div_(255)
+        mask = raw_mask.long()
         if self.size is not None and image.shape[-1] != self.size:
             image, mask = resize(image, mask, self.size)
         if self.augment:
@@ -66,6 +90,21 @@ class SegDataset(Dataset):
         worker = torch.utils.data.get_worker_info()
         wid = worker.id if worker is not None else 0
         return np.random.default_rng([self.seed, wid, self._calls, i])
+
+
+def split_bytes(height: int, width: int, channels: int, n: int) -> int:
+    return n * height * width * (channels + 1)
+
+
+def cache_limit() -> int:
+    """Bytes one split may take in memory: LAWDER_CACHE_BYTES, else 2 GiB capped at 1/8 of the RAM."""
+    if "LAWDER_CACHE_BYTES" in os.environ:
+        return int(os.environ["LAWDER_CACHE_BYTES"])
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * 1024**3
+    return min(CACHE_LIMIT_BYTES, ram // 8)
 
 
 def resize(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

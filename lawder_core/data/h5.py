@@ -223,6 +223,21 @@ def split_indices(path: str | os.PathLike, split: str | None) -> np.ndarray:
     return np.flatnonzero(splits == split)
 
 
+def read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
+    """dataset[indices] read as contiguous slices: h5py's fancy indexing is far slower than a slice per run."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out = np.empty((len(indices),) + dataset.shape[1:], dtype=dataset.dtype)
+    if len(indices) == 0:
+        return out
+    order = np.argsort(indices, kind="stable")
+    sorted_idx = indices[order]
+    breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+    for run_pos in np.split(np.arange(len(sorted_idx)), breaks):
+        first, last = int(sorted_idx[run_pos[0]]), int(sorted_idx[run_pos[-1]])
+        out[order[run_pos]] = dataset[first:last + 1]
+    return out
+
+
 def load_arrays(
     path: str | os.PathLike, split: str | None = None, limit: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -234,7 +249,7 @@ def load_arrays(
         if len(idx) == 0:
             return (np.zeros((0, *f["images"].shape[1:]), np.uint8),
                     np.zeros((0, *f["masks"].shape[1:]), np.uint8), np.array([], dtype=object))
-        images = np.stack([f["images"][i] for i in idx])
-        masks = np.stack([f["masks"][i] for i in idx])
+        images = read_rows(f["images"], idx)
+        masks = read_rows(f["masks"], idx)
         cases = read_strings(f, "case_id")[idx]
     return images, masks, cases
