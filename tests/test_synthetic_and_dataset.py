@@ -84,3 +84,24 @@ def test_read_rows_equals_reading_one_row_at_a_time(tmp_path):
         for idx in ([5, 1, 2, 3, 19, 0], [7], [], list(range(20))[::-1]):
             expected = np.array([f["masks"][i] for i in idx]).reshape(len(idx), 16, 16)
             assert np.array_equal(read_rows(f["masks"], np.array(idx, dtype=np.int64)), expected)
+
+
+def test_raw_batches_are_uint8_and_convert_to_the_float_batches(tmp_path):
+    from lawder_core.data.dataset import to_model_input
+
+    path = synthetic_h5(tmp_path / "s.h5", n=20, size=32)
+    raw, plain = SegDataset(path, "train", raw=True), SegDataset(path, "train")
+    image, mask = next(iter(DataLoader(raw, batch_size=4)))
+    assert image.dtype == torch.uint8 and image.shape == (4, 3, 32, 32) and mask.dtype == torch.uint8
+    f_image, f_mask = to_model_input(image, mask, torch.device("cpu"))
+    expected = next(iter(DataLoader(plain, batch_size=4)))
+    assert torch.equal(f_image, expected[0]) and torch.equal(f_mask.long(), expected[1])
+    # resizing and augmenting uint8 stays within one grey level of doing it in float
+    small_raw, small = SegDataset(path, "train", size=16, raw=True), SegDataset(path, "train", size=16)
+    assert (small_raw[2][0].float() / 255 - small[2][0]).abs().max() <= 0.5 / 255 + 1e-6
+    aug_raw = SegDataset(path, "train", augment=True, raw=True, seed=3)
+    aug = SegDataset(path, "train", augment=True, seed=3)
+    for i in range(6):
+        (ri, rm), (fi, fm) = aug_raw[i], aug[i]
+        assert ri.dtype == torch.uint8 and (ri.float() / 255 - fi).abs().max() <= 0.5 / 255 + 1e-6
+        assert torch.equal(rm.long(), fm)

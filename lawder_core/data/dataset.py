@@ -20,6 +20,9 @@ CACHE_LIMIT_BYTES = 2 * 1024**3  # splits up to this size (and 1/8 of the RAM) a
 class SegDataset(Dataset):
     """Serves (image float32 C×H×W in [0, 1], mask int64 H×W labels) for one split.
 
+    `raw=True` serves the stored uint8 instead (image C×H×W, mask H×W): a quarter of the bytes through
+    DataLoader workers' shared memory and to the GPU; `to_model_input` converts on the device.
+
     A split that fits `cache_limit()` is read once, in blocks, into uint8 tensors (`cache=None` decides, True/False
     force it): every later access is a slice instead of an HDF5 read and decompression, and DataLoader workers
     forked after construction share those pages. Otherwise the h5py handle is opened on first access, in
@@ -28,7 +31,7 @@ class SegDataset(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, split: str | None = "train", size: int | None = None,
-                 augment: bool = False, seed: int = 0, cache: bool | None = None) -> None:
+                 augment: bool = False, seed: int = 0, cache: bool | None = None, raw: bool = False) -> None:
         self.path = Path(path)
         self.info = read_info(self.path)
         self.indices = split_indices(self.path, split)
@@ -36,6 +39,7 @@ class SegDataset(Dataset):
         self.size = size
         self.augment = augment
         self.seed = seed
+        self.raw = raw
         self._file: h5py.File | None = None
         self._calls = 0
         self.cache = split_bytes(self.info.height, self.info.width, self.info.channels,
@@ -75,14 +79,15 @@ class SegDataset(Dataset):
         return self._handles
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raw_image, raw_mask = self._raw(i)
-        image = raw_image.permute(2, 0, 1).float().div_(255)
-        mask = raw_mask.long()
+        image, mask = self._raw(i)
+        image = image.permute(2, 0, 1)
+        if not self.raw:
+            image, mask = image.float().div_(255), mask.long()
         if self.size is not None and image.shape[-1] != self.size:
             image, mask = resize(image, mask, self.size)
         if self.augment:
             image, mask = augment_pair(image, mask, self._rng(i))
-        return image, mask
+        return image.contiguous(), mask.contiguous()
 
     def _rng(self, i: int) -> np.random.Generator:
         # Fresh randomness per call, reproducible per (seed, worker, call).
@@ -107,11 +112,29 @@ def cache_limit() -> int:
     return min(CACHE_LIMIT_BYTES, ram // 8)
 
 
+def to_model_input(image: torch.Tensor, mask: torch.Tensor,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on `device`: uint8 images (from `raw=True`) become float in [0, 1] there, after the copy."""
+    image = image.to(device, non_blocking=True)
+    if image.dtype == torch.uint8:
+        image = image.float().div_(255)
+    return image, mask.to(device, non_blocking=True)
+
+
+def interpolate_image(image: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    """Bilinear resize of one C×H×W image of any dtype; uint8 is resampled in float and rounded back."""
+    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=antialias)[0]
+    if image.dtype == torch.uint8:
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.to(image.dtype)
+
+
+def interpolate_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
+
+
 def resize(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
-    mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
-    return image, mask
+    return interpolate_image(image, (size, size), antialias=True), interpolate_mask(mask, (size, size))
 
 
 def augment_pair(image: torch.Tensor, mask: torch.Tensor,
@@ -129,10 +152,8 @@ def augment_pair(image: torch.Tensor, mask: torch.Tensor,
         scale = rng.uniform(0.75, 1.0)
         ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        image = F.interpolate(image[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
-                              align_corners=False)[0]
-        mask = F.interpolate(mask[None, None, top:top + ch, left:left + cw].float(), size=(h, w),
-                             mode="nearest")[0, 0].long()
+        image = interpolate_image(image[:, top:top + ch, left:left + cw], (h, w), antialias=False)
+        mask = interpolate_mask(mask[top:top + ch, left:left + cw], (h, w))
     return image.contiguous(), mask.contiguous()
 
 
@@ -141,7 +162,8 @@ def with_synthetic(real: Dataset, synthetic_path: str | os.PathLike | None, rati
     """Real data plus `ratio` synthetic samples per real one (all synthetic splits are training data)."""
     if synthetic_path is None or ratio <= 0:
         return real
-    synthetic = SegDataset(synthetic_path, split=None, size=size, augment=augment, seed=seed + 1)
+    synthetic = SegDataset(synthetic_path, split=None, size=size, augment=augment, seed=seed + 1,
+                           raw=getattr(real, "raw", False))
     if real.info.channels != synthetic.info.channels:  # type: ignore[attr-defined]
         raise DataError(f"the synthetic set {synthetic_path} has {synthetic.info.channels} channels, the real set "
                         f"{real.info.channels}.")  # type: ignore[attr-defined]
