@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lawder_core.data.h5 import load_arrays, read_info
 from lawder_core.dist.ray_train import LaunchConfig, launch
 from lawder_core.errors import EnvironmentProblem, UsageError
@@ -48,13 +50,14 @@ class Preset:
     gpus: int = 0
     max_steps_per_epoch: int | None = None
     previews: int = 3  # LAW weight-map / sample grids written during each diffusion training
+    sample_limit: int | None = None  # synthetic images per set: one per training mask, at most this many
 
 
 PRESETS = {
     "tiny": Preset(size=32, synthetic_n=24, denoiser="tiny", law_steps=2, law_batch=4, sample_steps=2,
                    seg_epochs=1, seg_batch=4, seeds=(0,), workers=0, max_steps_per_epoch=2, previews=1),
     "cpu-small": Preset(size=64, synthetic_n=240, denoiser="small", law_steps=300, law_batch=8, sample_steps=20,
-                        seg_epochs=12, seg_batch=16, seeds=(0,), workers=1),
+                        seg_epochs=12, seg_batch=16, seeds=(0,), workers=1, sample_limit=240),
     "gpu-paper": Preset(size=256, synthetic_n=1000, denoiser="base", law_steps=3000, law_batch=32,
                         sample_steps=50, seg_epochs=200, seg_batch=16, seeds=(0, 1, 2), workers=1, gpus=1),
 }
@@ -149,6 +152,10 @@ class Stages:
         from lawder_core.sample import sample_pairs, write_synthetic_h5
 
         _, masks, cases = load_arrays(self.data, "train")
+        if self.preset.sample_limit is not None and len(masks) > self.preset.sample_limit:
+            # a seeded subset of the training masks, in file order: the CPU preset's sampling budget
+            keep = np.sort(np.random.default_rng(self.cfg.seed).permutation(len(masks))[:self.preset.sample_limit])
+            masks, cases = masks[keep], cases[keep]
         self.say(f"sample: {len(masks)} synthetic images from the {weighting} model, "
                  f"DDIM {self.preset.sample_steps} steps")
         images = sample_pairs(self.law_run(weighting), masks, steps=self.preset.sample_steps, seed=self.cfg.seed)

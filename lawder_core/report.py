@@ -196,7 +196,10 @@ def write_report(stages: Stages, results: dict[str, Any]) -> Path:
 def report_notes(stages: Stages, results: dict[str, Any]) -> list[str]:
     p = stages.preset
     notes = [f"Preset `{stages.cfg.preset}`: {p.size} px, diffusion {p.law_steps} steps ({p.denoiser} UNet), "
-             f"DDIM {p.sample_steps} steps, segmenters {p.seg_epochs} epochs, seeds {list(p.seeds)}. "
+             f"DDIM {p.sample_steps} steps"
+             + (f" for at most {p.sample_limit} training masks per synthetic set" if p.sample_limit else "")
+             + f", segmenters {p.seg_epochs} epochs (real + synthetic: every synthetic image once per epoch), "
+             f"seeds {list(p.seeds)}. "
              f"Data: `{stages.data}`.",
              "Paper numbers are from the LAW/ORDER paper at full scale (SD 1.5 ControlNet, 200-epoch segmenters); "
              "this run's budgets are far smaller, so compare directions, not values."]

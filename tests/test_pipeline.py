@@ -12,7 +12,14 @@ runner = CliRunner()
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path):
+def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from lawder_core import pipeline
+    from lawder_core.data.h5 import read_info
+
+    # a sampling budget below the number of training masks: each synthetic set holds exactly that many
+    monkeypatch.setitem(pipeline.PRESETS, "tiny", replace(pipeline.PRESETS["tiny"], sample_limit=7))
     out = tmp_path / "pipe"
     weights = tiny_fid_weights(tmp_path / "fid.pt")
     args = ["pipeline", "--out", str(out), "--preset", "tiny", "--fid-weights", str(weights), "--json"]
@@ -22,7 +29,7 @@ def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path):
     assert summary["report"] == str(out / "report.md")
     for weighting in ("uniform", "law"):
         assert (out / "law" / weighting / "checkpoint" / "denoiser_ema").is_dir()
-        assert (out / "synthetic" / f"{weighting}.h5").exists()
+        assert read_info(out / "synthetic" / f"{weighting}.h5").n == 7
     assert len(list((out / "seg").glob("*/best/model.safetensors"))) == 6
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert set(evaluation["fid"]) == {"uniform", "law"}
