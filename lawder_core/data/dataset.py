@@ -59,8 +59,10 @@ class SegDataset(Dataset):
         return state
 
     def _read_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, masks = self._datasets()
-        return torch.from_numpy(read_rows(images, self.indices)), torch.from_numpy(read_rows(masks, self.indices))
+        # A handle of its own, closed at once: no open HDF5 file is inherited by forked loader workers.
+        with h5py.File(self.path, "r") as f:
+            images, masks = read_rows(f["images"], self.indices), read_rows(f["masks"], self.indices)
+        return torch.from_numpy(images), torch.from_numpy(masks)
 
     def _raw(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample i of the split as stored: uint8 H×W×C image and H×W labels."""
