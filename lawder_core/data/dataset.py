@@ -23,7 +23,8 @@ class SegDataset(Dataset):
     `raw=True` serves the stored uint8 instead (image C×H×W, mask H×W): a quarter of the bytes through
     DataLoader workers' shared memory and to the GPU; `to_model_input` converts on the device.
 
-    A split that fits `cache_limit()` is read once, in blocks, into uint8 tensors (`cache=None` decides, True/False
+    A split that fits `cache_limit()` is read once, in contiguous runs, into uint8 tensors
+    (`cache=None` decides, True/False
     force it): every later access is a slice instead of an HDF5 read and decompression, and DataLoader workers
     forked after construction share those pages. Otherwise the h5py handle is opened on first access, in
     whichever process reads: an open file cannot be pickled, so DataLoader workers, spawn and Ray all get the
