@@ -58,3 +58,28 @@ def test_two_gloo_workers_write_a_loadable_checkpoint(ray_local, data, tmp_path)
     launch(train_segmenter, cfg(data, out, model="mkunet-t-order"), LaunchConfig(workers=2, name="t2"))
     assert [r["epoch"] for r in read_metrics(out)] == [0]
     load_segmenter(out / "last")
+
+
+def test_local_cpu_workers_share_the_machines_cores(monkeypatch):
+    from lawder_core.dist.ray_train import scaling_config
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert scaling_config(LaunchConfig(workers=1)).resources_per_worker == {"CPU": 8}
+    assert scaling_config(LaunchConfig(workers=3)).resources_per_worker == {"CPU": 2}
+    assert scaling_config(LaunchConfig(workers=16)).resources_per_worker == {"CPU": 1}
+    assert scaling_config(LaunchConfig(workers=2, cpus_per_worker=3)).resources_per_worker == {"CPU": 3}
+    # a joined cluster keeps Ray's default (the user's `ray start` resources decide)
+    assert scaling_config(LaunchConfig(workers=1, ray_address="auto")).resources_per_worker is None
+
+
+def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
+    import logging
+
+    from ray.train.v2._internal.execution import context  # logs "Reporting training result ..." per report
+
+    from lawder_core.dist.ray_train import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
+
+    quiet_ray_logs()
+    assert logging.getLogger("lawder_core.train.seg").isEnabledFor(logging.INFO)
+    assert not context.logger.isEnabledFor(logging.INFO)
+    assert not logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).isEnabledFor(logging.WARNING)
