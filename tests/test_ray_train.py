@@ -79,7 +79,15 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
 
     from lawder_core.dist.ray_train import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
 
-    quiet_ray_logs()
-    assert logging.getLogger("lawder_core.train.seg").isEnabledFor(logging.INFO)
-    assert not context.logger.isEnabledFor(logging.INFO)
-    assert not logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).isEnabledFor(logging.WARNING)
+    root = logging.getLogger()
+    level, handler = root.level, logging.NullHandler()
+    root.addHandler(handler)  # what a Ray worker starts with: root handlers, root at INFO
+    root.setLevel(logging.INFO)
+    try:
+        quiet_ray_logs()
+        assert logging.getLogger("lawder_core.train.seg").isEnabledFor(logging.INFO)
+        assert not context.logger.isEnabledFor(logging.INFO)
+        assert not logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).isEnabledFor(logging.WARNING)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

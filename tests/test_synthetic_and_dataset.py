@@ -56,9 +56,19 @@ def test_with_synthetic_adds_ratio_times_real(tmp_path):
 
 
 def test_cached_split_serves_exactly_what_the_file_holds(tmp_path, monkeypatch):
+    import h5py
+
+    import lawder_core.data.dataset as dataset_module
+
     path = synthetic_h5(tmp_path / "s.h5", n=20, size=16)
+    monkeypatch.setattr(dataset_module, "READ_BLOCK", 3)  # the split is loaded in several blocks
     cached, lazy = SegDataset(path, "train", cache=True), SegDataset(path, "train", cache=False)
+    raw = SegDataset(path, "train", cache=True, raw=True)
     assert cached._cached is not None and lazy._cached is None
+    with h5py.File(path, "r") as f:
+        for i, j in enumerate(cached.indices):
+            assert torch.equal(raw[i][0], torch.from_numpy(f["images"][j]).permute(2, 0, 1))
+            assert torch.equal(raw[i][1], torch.from_numpy(f["masks"][j]))
     for i in range(len(lazy)):
         assert torch.equal(cached[i][0], lazy[i][0]) and torch.equal(cached[i][1], lazy[i][1])
     # workers started by spawn get the path, not the pixels, and read the split themselves

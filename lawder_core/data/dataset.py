@@ -15,6 +15,7 @@ from lawder_core.data.h5 import read_info, read_rows, split_indices
 from lawder_core.errors import DataError
 
 CACHE_LIMIT_BYTES = 2 * 1024**3  # splits up to this size (and 1/8 of the RAM) are held in memory by default
+READ_BLOCK = 256  # samples read (and transposed to channels-first) at a time when a split is loaded
 
 
 class SegDataset(Dataset):
@@ -60,20 +61,31 @@ class SegDataset(Dataset):
         return state
 
     def _read_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split as uint8 N×C×H×W images and N×H×W masks.
+
+        Held channels-first, so that serving a sample is a view and a batch one copy; transposed block by block
+        so that reading never needs a second copy of the whole split.
+        """
+        info, n = self.info, len(self.indices)
+        images = torch.empty((n, info.channels, info.height, info.width), dtype=torch.uint8)
+        masks = torch.empty((n, info.height, info.width), dtype=torch.uint8)
         # A handle of its own, closed at once: no open HDF5 file is inherited by forked loader workers.
         with h5py.File(self.path, "r") as f:
-            images, masks = read_rows(f["images"], self.indices), read_rows(f["masks"], self.indices)
-        return torch.from_numpy(images), torch.from_numpy(masks)
+            for start in range(0, n, READ_BLOCK):
+                block = self.indices[start:start + READ_BLOCK]
+                images[start:start + len(block)] = torch.from_numpy(read_rows(f["images"], block)).permute(0, 3, 1, 2)
+                masks[start:start + len(block)] = torch.from_numpy(read_rows(f["masks"], block))
+        return images, masks
 
     def _raw(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample i of the split as stored: uint8 H×W×C image and H×W labels."""
+        """Sample i of the split as stored, channels first: uint8 C×H×W image and H×W labels."""
         if self.cache:
             if self._cached is None:
                 self._cached = self._read_split()
             return self._cached[0][i], self._cached[1][i]
         j = int(self.indices[i])
         images, masks = self._datasets()
-        return torch.from_numpy(images[j]), torch.from_numpy(masks[j])
+        return torch.from_numpy(images[j]).permute(2, 0, 1), torch.from_numpy(masks[j])
 
     def _datasets(self) -> tuple[h5py.Dataset, h5py.Dataset]:
         if self._file is None:
@@ -83,7 +95,6 @@ class SegDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self._raw(i)
-        image = image.permute(2, 0, 1)
         if not self.raw:
             image, mask = image.float().div_(255), mask.long()
         if self.size is not None and image.shape[-1] != self.size:

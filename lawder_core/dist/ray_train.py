@@ -75,7 +75,8 @@ def quiet_ray_logs() -> None:
     reach the state API and warns about it every second for the whole run; it has nothing to clean up
     unless the controller dies, and then Ray's own shutdown removes the group on a local instance.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # a handler where Ray set none
+    logging.getLogger().setLevel(logging.WARNING)  # Ray's workers start with the root logger at INFO
     logging.getLogger("lawder_core").setLevel(logging.INFO)
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
