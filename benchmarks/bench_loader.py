@@ -4,6 +4,8 @@ Both sides serve the same (image float C×H×W, mask) pairs through a DataLoader
 num_workers 0 and 2; the HDF5 side lzf-compressed or not, read lazily per sample or held in memory (the default
 for splits that fit; its first-epoch ratio includes reading the split), as float or as uint8 batches (what
 train-order uses). Every batch is turned into float images by the consumer, as a training step does.
+With workers, every batch also crosses a process boundary through a newly allocated shared-memory tensor: on a
+2-core machine that transfer, not reading, bounds both sides of the 2-worker rows.
 Usage: python benchmarks/bench_loader.py [--data DIR_OF_images_masks] [--n 600]
 """
 
