@@ -46,7 +46,7 @@ class JpegFolderDataset(Dataset):
         return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), torch.from_numpy(mask)
 
 
-def images_per_second(dataset: Dataset, workers: int, repeats: int = 2) -> float:
+def images_per_second(dataset: Dataset, workers: int, repeats: int = 3) -> float:
     loader = DataLoader(dataset, batch_size=16, num_workers=workers, persistent_workers=workers > 0)
     best = 0.0
     for _ in range(repeats):
