@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.dist.ray_train import LaunchConfig, launch
-from lawder_core.errors import DataError
+from lawder_core.errors import DataError, UsageError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.train.run_folder import read_metrics
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
@@ -66,7 +66,9 @@ def test_local_cpu_workers_share_the_machines_cores(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert scaling_config(LaunchConfig(workers=1)).resources_per_worker == {"CPU": 8}
     assert scaling_config(LaunchConfig(workers=3)).resources_per_worker == {"CPU": 2}
-    assert scaling_config(LaunchConfig(workers=16)).resources_per_worker == {"CPU": 1}
+    assert scaling_config(LaunchConfig(workers=8)).resources_per_worker == {"CPU": 1}
+    with pytest.raises(UsageError, match="needs 9 CPUs"):
+        scaling_config(LaunchConfig(workers=9))
     assert scaling_config(LaunchConfig(workers=2, cpus_per_worker=3)).resources_per_worker == {"CPU": 3}
     # a joined cluster keeps Ray's default (the user's `ray start` resources decide)
     assert scaling_config(LaunchConfig(workers=1, ray_address="auto")).resources_per_worker is None

@@ -135,7 +135,11 @@ def local_cpus_per_worker(launch: LaunchConfig) -> int | None:
     """
     if launch.ray_address is not None or launch.workers < 1:
         return None
-    return max(1, (os.cpu_count() or 1) // launch.workers)
+    cores = os.cpu_count() or 1
+    if launch.workers > cores:  # Ray would wait forever for CPUs a local instance does not have
+        raise UsageError(f"--workers {launch.workers} needs {launch.workers} CPUs; this machine has {cores}.",
+                         f"Use --workers {cores} or fewer, or join a larger cluster with --ray-address.")
+    return max(1, cores // launch.workers)
 
 
 def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) -> dict[str, Any]:
