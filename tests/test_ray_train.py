@@ -82,7 +82,8 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
     from lawder_core.dist.ray_train import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
 
     root = logging.getLogger()
-    level, handler = root.level, logging.NullHandler()
+    touched = [root, logging.getLogger("lawder_core"), logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)]
+    levels, handler = [lg.level for lg in touched], logging.NullHandler()
     root.addHandler(handler)  # what a Ray worker starts with: root handlers, root at INFO
     root.setLevel(logging.INFO)
     try:
@@ -90,6 +91,7 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
         assert logging.getLogger("lawder_core.train.seg").isEnabledFor(logging.INFO)
         assert not context.logger.isEnabledFor(logging.INFO)
         assert not logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).isEnabledFor(logging.WARNING)
-    finally:
+    finally:  # later tests see the logging set-up they had before
         root.removeHandler(handler)
-        root.setLevel(level)
+        for lg, level in zip(touched, levels, strict=True):
+            lg.setLevel(level)
