@@ -26,13 +26,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check lawder_core lawder_cli tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
+# No Ray, no end-to-end runs: the inner loop while editing.
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow and not ray"
 
 lint: $(STAMP)
 	$(BIN)/ruff check lawder_core lawder_cli tests benchmarks
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

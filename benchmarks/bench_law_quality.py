@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from lawder_core.data.h5 import load_arrays, read_info
-from lawder_core.dist.ray_train import LaunchConfig
+from lawder_core.distributed.train import LaunchConfig
+from lawder_core.runs import read_metrics
 from lawder_core.train.diffusion import DiffusionTrainConfig
-from lawder_core.train.run_folder import read_metrics
 
 HERE = Path(__file__).parent
 WEIGHTINGS = ("uniform", "ratio", "law")
@@ -81,8 +81,8 @@ def train_segmenter_judge(args: argparse.Namespace, data: Path, work: Path) -> P
     """The mask-adherence judge: MK-UNet-T + ORDER trained on the real images (or the run given)."""
     if args.segmenter:
         return Path(args.segmenter)
+    from lawder_core.distributed.train import train_order as run_train_order
     from lawder_core.train.seg import SegTrainConfig
-    from lawder_core.train.seg_run import run_train_order
 
     run = work / "segmenter"
     records = read_metrics(run)
@@ -96,7 +96,8 @@ def train_segmenter_judge(args: argparse.Namespace, data: Path, work: Path) -> P
 
 
 def train_weighting(args: argparse.Namespace, data: Path, run: Path, weighting: str) -> dict[str, Any]:
-    from lawder_core.train.law_run import run_train_law, summarise_law_run
+    from lawder_core.distributed.train import train_law as run_train_law
+    from lawder_core.train.diffusion import summarise_law_run
 
     records = read_metrics(run)
     if records and records[-1]["step"] >= args.steps and (run / "checkpoint").exists():
@@ -112,7 +113,8 @@ def train_weighting(args: argparse.Namespace, data: Path, run: Path, weighting: 
 
 
 def sample_weighting(args: argparse.Namespace, data: Path, run: Path, out: Path, n: int) -> dict[str, Any]:
-    from lawder_core.sample_run import SampleConfig, run_sample
+    from lawder_core.distributed.sample import run_sample
+    from lawder_core.sample import SampleConfig
 
     if out.exists() and read_info(out).n == n:
         return {"out": str(out), "n": n, "seconds": None}
@@ -144,7 +146,7 @@ class Scorer:
         self.seconds = round(time.perf_counter() - tic, 1)
 
     def __call__(self, synthetic: Path) -> dict[str, Any]:
-        from lawder_core.metrics.evaluate import adherence_for_run
+        from lawder_core.evaluate import adherence_for_run
         from lawder_core.metrics.fid import (
             extract_features,
             frechet_distance_from_features,
@@ -202,7 +204,7 @@ def main() -> int:
     n_train = len(load_arrays(data, "train")[1])
     n = min(args.limit or n_train, n_train)  # the first n training masks, in file order
     judge = train_segmenter_judge(args, data, work)
-    from lawder_core.metrics.evaluate import adherence_for_run
+    from lawder_core.evaluate import adherence_for_run
 
     ceiling = adherence_for_run(judge, data, "train")["dice_mean"]
     scorer = Scorer(args, data, judge)

@@ -21,7 +21,7 @@ import torch
 
 from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_folder import prepare_folder
-from lawder_core.metrics.evaluate import dice_for_run
+from lawder_core.evaluate import dice_for_run
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
 
 MODELS = ("mkunet-t", "mkunet-t-order", "mkunet-base", "unet-r34")

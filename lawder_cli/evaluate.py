@@ -10,49 +10,10 @@ from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout
 from lawder_cli.options import JSON, SEED
-from lawder_core.errors import EXIT_GATE_FAILED, UsageError
-from lawder_core.metrics.dice import EMPTY_POLICIES
-from lawder_core.metrics.evaluate import (
-    adherence_for_run,
-    check_mode,
-    check_model_ref,
-    dice_for_run,
-    profile_model,
-    resolve_device,
-)
-from lawder_core.metrics.fid import WEIGHTS_ENV, compute_fid_kid
-from lawder_core.metrics.summary import build_summary, gate_table, summary_path, to_jsonable, write_summary
+from lawder_core.errors import EXIT_GATE_FAILED
 
-# Which metric flag each gate needs, so a gate on a metric nobody asked for fails before any work is done.
-GATE_NEEDS = {"min_dice": "--dice", "max_fid": "--fid", "max_kid": "--kid", "min_adherence": "--adherence"}
-
-
-def _require(asked: bool, metric: str, **inputs: Any) -> None:
-    missing = [f"--{name.replace('_', '-')}" for name, value in inputs.items() if value is None]
-    if asked and missing:
-        raise UsageError(f"{metric} needs {' and '.join(missing)}.", "See `lawder evaluate --help`.")
-
-
-def check_request(flags: dict[str, bool], inputs: dict[str, Any], gates: dict[str, float | None],
-                  empty_policy: str, mode: str) -> None:
-    """Every UsageError the command line can cause, raised before anything is loaded or computed."""
-    if not any(flags.values()):
-        raise UsageError("Nothing to evaluate.",
-                         "Ask for at least one of --fid, --kid, --dice, --adherence or --profile.")
-    fid_or_kid = flags["--fid"] or flags["--kid"]
-    _require(fid_or_kid, "--fid/--kid", real=inputs["real"], synthetic=inputs["synthetic"])
-    _require(flags["--dice"], "--dice", run=inputs["run"], data=inputs["data"])
-    _require(flags["--adherence"], "--adherence", segmenter=inputs["segmenter"], synthetic=inputs["synthetic"])
-    _require(flags["--profile"], "--profile", model=inputs["model"])
-    for gate, flag in GATE_NEEDS.items():
-        if gates[gate] is not None and not flags[flag]:
-            option = "--" + gate.replace("_", "-")
-            raise UsageError(f"{option} {gates[gate]:g} was given without {flag}.", f"Add {flag} or drop {option}.")
-    if empty_policy not in EMPTY_POLICIES:
-        raise UsageError(f"unknown --empty-policy {empty_policy!r}.", f"Choose one of: {', '.join(EMPTY_POLICIES)}.")
-    check_mode(mode)
-    if flags["--profile"]:
-        check_model_ref(inputs["model"])
+# Spelled out rather than imported: metrics/fid.py imports torch, and --help must not.
+WEIGHTS_ENV = "LAWDER_FID_WEIGHTS"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -88,7 +49,7 @@ def _profile_rows(table: Table, profile: dict[str, Any]) -> None:
                   f"batch {latency['batch']}, {latency['threads']} threads, {latency['inference_mode']}")
 
 
-def render(summary: dict[str, Any], gates: list[dict[str, Any]]) -> None:
+def render(summary: dict[str, Any]) -> None:
     """The human view on stderr: one table of numbers, the FID caveats, then the gates."""
     table = Table(title="lawder evaluate", show_lines=False)
     for column in ("metric", "value", "details"):
@@ -106,7 +67,7 @@ def render(summary: dict[str, Any], gates: list[dict[str, Any]]) -> None:
     err_console.print(table)
     for note in summary.get("fid", {}).get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
-    for row in gates:
+    for row in summary["gates"]:
         status = "[green]held[/]" if row["passed"] else "[bold red]missed[/]"
         detail = row["message"] or f"{row['metric']} {_fmt(row['value'])} vs {row['threshold']:g}"
         err_console.print(f"gate {row['option']} {row['threshold']:g}: {status} ({detail})", highlight=False)
@@ -159,39 +120,30 @@ def evaluate(
       4  environment: e.g. no FID Inception weights offline (the message says how to get them);
       130  interrupted.
     """
-    flags = {"--fid": fid, "--kid": kid, "--dice": dice, "--adherence": adherence, "--profile": profile}
-    gates = {"min_dice": min_dice, "max_fid": max_fid, "max_kid": max_kid, "min_adherence": min_adherence}
-    inputs = {"real": real, "synthetic": synthetic, "run": run, "data": data, "segmenter": segmenter, "model": model}
-    check_request(flags, inputs, gates, empty_policy, mode)
-    device = resolve_device(device)
-    seg_options = {"mode": mode, "device": device, "batch_size": batch_size, "empty_policy": empty_policy}
-    parts: dict[str, Any] = {}
-    metadata: dict[str, Any] = {"command": "evaluate", "metrics": [f for f, on in flags.items() if on],
-                                "inputs": {k: str(v) for k, v in inputs.items() if v is not None},
-                                "device": device, "seed": seed or 0}
+    from lawder_core.evaluate import EvaluateOptions, EvaluateRequest, Gates, Inputs, Metrics, missed_gates
+    from lawder_core.evaluate import evaluate as evaluate_request
+
+    request = EvaluateRequest(
+        out=str(out),
+        metrics=Metrics(fid=fid, kid=kid, dice=dice, adherence=adherence, profile=profile),
+        inputs=Inputs(real=text(real), real_split=real_split, synthetic=text(synthetic),
+                      synthetic_split=synthetic_split, fid_weights=text(fid_weights), run=text(run), data=text(data),
+                      split=split, segmenter=text(segmenter), model=model, size=size),
+        gates=Gates(min_dice=min_dice, max_fid=max_fid, max_kid=max_kid, min_adherence=min_adherence),
+        options=EvaluateOptions(empty_policy=empty_policy, mode=mode, device=device, batch_size=batch_size, seed=seed,
+                                progress=err_console.is_terminal),
+    )
     with quiet_stdout(json_out):
-        if fid or kid:
-            parts["fid"] = compute_fid_kid(real, synthetic, real_split=real_split, synthetic_split=synthetic_split,
-                                           fid=fid, kid=kid, weights=fid_weights, device=device,
-                                           batch_size=batch_size, seed=seed or 0, progress=err_console.is_terminal,
-                                           log_warnings=False)
-        if dice:
-            parts["dice"], metadata["segmenter"] = dice_for_run(run, data, split, **seg_options)
-            metadata["inputs"]["split"] = split
-        if adherence:
-            parts["adherence"] = adherence_for_run(segmenter, synthetic, synthetic_split, **seg_options)
-        if profile:
-            parts["profile"] = profile_model(model, size, mode=mode)
-    summary = build_summary(**parts, reference=f"{data}:{split}", prediction=str(run), metadata=metadata)
-    rows = gate_table(summary, **gates)
-    summary["gates"] = to_jsonable(rows)
-    summary["metadata"]["summary_file"] = str(summary_path(out))
-    written = write_summary(summary, out)
-    render(summary, rows)
-    err_console.print(f"wrote {written}", highlight=False)
+        summary = evaluate_request(request)
+    render(summary)
+    err_console.print(f"wrote {summary['metadata']['summary_file']}", highlight=False)
     if json_out:
         print_json(summary)
-    missed = [row["message"] for row in rows if not row["passed"]]
+    missed = missed_gates(summary)
     if missed:
         err_console.print(f"[bold red]{len(missed)} gate(s) missed:[/] " + "; ".join(missed), highlight=False)
         raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def text(path: Path | None) -> str | None:
+    return None if path is None else str(path)

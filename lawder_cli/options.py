@@ -1,25 +1,35 @@
-"""Options several commands share, defined once (Typer reuses an Option object as a default)."""
+"""Options several commands share, defined once with one default each (Typer reuses an Option object as a default).
+
+Nothing heavy is imported here: every command module imports this one, and `lawder --help` imports them all.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from lawder_core.dist.ray_train import LaunchConfig
+if TYPE_CHECKING:
+    from lawder_core.distributed.train import LaunchConfig
 
-GPUS = typer.Option(0, "--gpus", help="GPU workers (NCCL). 0 trains on the CPU.")
-WORKERS = typer.Option(1, "--workers", help="CPU workers (gloo) when --gpus 0; 0 runs inside this process.")
+JSON = typer.Option(False, "--json", help="Print only the result as JSON on stdout (logs go to stderr).")
+SEED = typer.Option(0, "--seed", help="Random seed: the same seed and inputs give the same result.")
+FORCE = typer.Option(False, "--force", help="Replace what --out already holds (a run, a sweep, a file) and start over.")
+RESUME = typer.Option(False, "--resume", help="Continue what --out already holds from where it stopped.")
+# min=0: a negative count is refused by the option parser, before anything is imported or started.
+GPUS = typer.Option(0, "--gpus", min=0, help="GPU workers (Ray, NCCL); 0 runs on the CPU.")
+WORKERS = typer.Option(0, "--workers", min=0,
+                       help="With --gpus 0: 0 runs in this process; N starts N Ray CPU workers (gloo).")
 RAY_ADDRESS = typer.Option(None, "--ray-address",
-                           help="Join a Ray cluster ('auto' or host:port); default: start a local Ray.")
+                           help="Join a Ray cluster ('auto' or host:port); default: start a local Ray when needed.")
 STORAGE = typer.Option(None, "--storage", help="Ray storage path (shared for multi-node: NFS or s3://).")
 CONFIG = typer.Option(None, "--config", help="YAML/TOML/JSON config; command-line options win over it.")
-RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint.")
-FORCE = typer.Option(False, "--force", help="Delete an existing run in --out and start over.")
-SEED = typer.Option(None, "--seed", help="Random seed.")
-JSON = typer.Option(False, "--json", help="Print only the result as JSON on stdout (logs go to stderr).")
 
 
 def launch_config(gpus: int, workers: int, ray_address: str | None, storage: str | None, out: Path) -> LaunchConfig:
+    """Where a training runs (the launcher is imported only when a command runs, never for --help)."""
+    from lawder_core.distributed.train import LaunchConfig
+
     return LaunchConfig(gpus=gpus, workers=workers, ray_address=ray_address, storage=storage,
                         name=out.resolve().name)

@@ -9,7 +9,7 @@ import typer
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
 from lawder_cli.options import JSON, RAY_ADDRESS
 from lawder_core.pipeline import PipelineConfig, run_pipeline
-from lawder_core.train.run_folder import prepare_run_folder
+from lawder_core.runs import open_run
 
 
 @handle_errors
@@ -30,7 +30,7 @@ def pipeline(
 ) -> None:
     """prepare → train-law (uniform, LAW) → sample → train-order ×6 → evaluate → report."""
     setup_logging()
-    prepare_run_folder(out, resume, force, marker="pipeline_config.json")
+    open_run(out, resume=resume, force=force)
     if source is not None and data is None:
         data = str(prepare_source(source, in_dir, out, seed, preset))
     cfg = PipelineConfig(out=str(out), preset=preset, data=data, seed=seed, fid_weights=fid_weights, gpus=gpus,

@@ -8,7 +8,7 @@ import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json
 from lawder_cli.options import JSON
-from lawder_core.inference import predict_to_folder
+from lawder_core.predict import predict_to_folder
 
 
 @handle_errors

@@ -9,7 +9,8 @@ import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json, progress_bar, quiet_stdout, setup_logging
 from lawder_cli.options import JSON, RAY_ADDRESS
-from lawder_core.sample_run import SampleConfig, run_sample
+from lawder_core.distributed.sample import run_sample
+from lawder_core.sample import SampleConfig
 
 
 @handle_errors

@@ -19,8 +19,9 @@ from lawder_cli.options import (
     WORKERS,
     launch_config,
 )
-from lawder_core.train.law_run import check_law_config, law_config, run_train_law, saved_config
-from lawder_core.train.run_folder import prepare_run_folder
+from lawder_core.distributed.train import train_law as run_train_law
+from lawder_core.runs import config_path
+from lawder_core.train.diffusion import law_config
 
 
 @handle_errors
@@ -59,7 +60,7 @@ def train_law(
     """
     setup_logging()
     if config is None and resume:
-        config = saved_config(out)
+        config = config_path(out)
     # Absolute paths: Ray workers on other machines (or another working directory) must find the same files.
     cfg = law_config(config, {"objective": objective, "w_min": w_min, "w_max": w_max},
                      data=absolute(data), out=str(out.resolve()), size=size, steps=steps, batch_size=batch_size,
@@ -67,10 +68,8 @@ def train_law(
                      prompt=prompt, save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed,
                      resume=resume)
     launch_cfg = launch_config(gpus, workers, ray_address, storage, out)
-    check_law_config(cfg, launch_cfg)  # before --force deletes anything
-    prepare_run_folder(out, resume, force, marker="checkpoint")
     with quiet_stdout():
-        result = run_train_law(cfg, launch_cfg)
+        result = run_train_law(cfg, launch_cfg, force=force)
     if json_out:
         print_json(result)
         return

@@ -20,9 +20,8 @@ from lawder_cli.options import (
     launch_config,
 )
 from lawder_core.config import build_config
-from lawder_core.train.run_folder import prepare_run_folder
+from lawder_core.distributed.train import train_order as run_train_order
 from lawder_core.train.seg import SegTrainConfig
-from lawder_core.train.seg_run import run_train_order
 
 
 @handle_errors
@@ -52,9 +51,8 @@ def train_order(
     cfg = build_config(SegTrainConfig, config, data=data, out=str(out), model=model, synthetic=synthetic,
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                        encoder_weights=encoder_weights, seed=seed, resume=resume)
-    prepare_run_folder(out, resume, force)
     with quiet_stdout():
-        result = run_train_order(cfg, launch_config(gpus, workers, ray_address, storage, out))
+        result = run_train_order(cfg, launch_config(gpus, workers, ray_address, storage, out), force=force)
     if json_out:
         print_json(result)
     else:

@@ -11,8 +11,8 @@ from rich.table import Table
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
 from lawder_cli.options import CONFIG, JSON, RAY_ADDRESS
 from lawder_core.config import build_config
-from lawder_core.dist.ray_tune import TuneOptions, run_tune
-from lawder_core.tune_spaces import load_space
+from lawder_core.distributed.tune import TuneOptions, run_tune
+from lawder_core.tune import load_space
 
 
 class SweepKind(str, Enum):
@@ -60,7 +60,7 @@ def base_config(kind: SweepKind, data: str, out: Path, config: Path | None, budg
         from lawder_core.train.seg import SegTrainConfig
 
         return build_config(SegTrainConfig, config, data=data, out=str(out), epochs=budget, seed=seed)
-    from lawder_core.train.law_tune import LawTuneConfig
+    from lawder_core.tune import LawTuneConfig
 
     return build_config(LawTuneConfig, config, data=data, out=str(out), rounds=budget, seed=seed,
                         segmenter=segmenter, fid_weights=fid_weights)

@@ -80,10 +80,6 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
 PATH_FIELDS = ("data", "out", "synthetic", "pretrained", "segmenter", "fid_weights")
 
 

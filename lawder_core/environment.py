@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from lawder_core.errors import EnvironmentProblem
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = ("lawder", "torch", "torchvision", "ray", "diffusers", "segmentation-models-pytorch", "h5py",
             "torchmetrics", "clean-fid", "nibabel", "numpy")
@@ -30,3 +35,16 @@ def environment_report() -> dict[str, Any]:
         "gpus": gpus,
         "cpu_threads": torch.get_num_threads(),
     }
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """None or 'auto': the first GPU when there is one; an unavailable 'cuda' is an error, not a silent CPU run."""
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem(f"--device {device} was asked for but PyTorch sees no GPU.",
+                                 "Use --device cpu (or auto), or install a CUDA build of PyTorch.")
+    return device

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from lawder_core.data.h5 import load_arrays, read_info
-from lawder_core.dist.ray_train import LaunchConfig, launch
+from lawder_core.distributed.train import LaunchConfig, train_law, train_order
 from lawder_core.errors import EnvironmentProblem, UsageError
-from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
-from lawder_core.train.run_folder import read_metrics, write_json
+from lawder_core.files import write_json
+from lawder_core.runs import read_metrics
+from lawder_core.train.diffusion import DiffusionTrainConfig
 from lawder_core.train.seg import SegTrainConfig
-from lawder_core.train.seg_run import run_train_order
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class Stages:
                                    weighting=weighting, preset=self.preset.denoiser, seed=self.cfg.seed,
                                    save_every=max(1, self.preset.law_steps // 3),
                                    sample_every=max(1, self.preset.law_steps // self.preset.previews),
-                                   log_every=max(1, self.preset.law_steps // 20), resume=bool(records))
-        launch(train_diffusion, cfg, self.launch_config(f"law-{weighting}"))
+                                   log_every=max(1, self.preset.law_steps // 20), resume=True)
+        train_law(cfg, self.launch_config(f"law-{weighting}"))
 
     def sample(self, weighting: str) -> None:
         out = self.synthetic(weighting)
@@ -175,9 +175,9 @@ class Stages:
         self.say(f"train-order {model} on {data}, seed {seed}: {self.preset.seg_epochs} epochs")
         cfg = SegTrainConfig(data=str(self.data), out=str(run), model=model, synthetic=synthetic,
                              synthetic_ratio=1.0, size=self.preset.size, epochs=self.preset.seg_epochs,
-                             batch_size=self.preset.seg_batch, seed=seed, resume=bool(records),
+                             batch_size=self.preset.seg_batch, seed=seed, resume=True,
                              max_steps_per_epoch=self.preset.max_steps_per_epoch)
-        run_train_order(cfg, self.launch_config(run.name))
+        train_order(cfg, self.launch_config(run.name))
 
     def evaluate(self) -> dict[str, Any]:
         path = self.out / "evaluation.json"
@@ -206,7 +206,7 @@ class Stages:
         return results
 
     def evaluate_dice(self) -> dict[str, Any]:
-        from lawder_core.metrics.evaluate import dice_for_run
+        from lawder_core.evaluate import dice_for_run
 
         results: dict[str, Any] = {}
         for model in SEG_MODELS:
@@ -219,7 +219,7 @@ class Stages:
         return results
 
     def evaluate_adherence(self) -> dict[str, Any]:
-        from lawder_core.metrics.evaluate import adherence_for_run
+        from lawder_core.evaluate import adherence_for_run
 
         judge = self.seg_run("mkunet-t-order", "real", self.preset.seeds[0])
         results = {}
@@ -229,7 +229,7 @@ class Stages:
         return {**results, "judge": str(judge)}
 
     def evaluate_profile(self) -> dict[str, Any]:
-        from lawder_core.metrics.evaluate import profile_model
+        from lawder_core.evaluate import profile_model
 
         return {model: profile_model(model, size=256, repeats=2) for model in SEG_MODELS}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lawder_core.train.runtime import atomic_save  # noqa: E402
+from lawder_core.files import atomic_save, read_jsonl  # noqa: E402
 
 if TYPE_CHECKING:
     from lawder_core.pipeline import Stages
@@ -147,12 +146,6 @@ def dice_figure(results: dict[str, Any], folder: Path) -> Path:
     ax.set_ylabel("test Dice ×100")
     ax.set_title("segmentation Dice (error bars: sd over seeds)")
     return save_figure(fig, folder / "dice.png")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def copied_images(stages: Stages, folder: Path) -> list[tuple[str, Path]]:

@@ -1,13 +1,23 @@
-"""Synthetic image/mask pairs from a trained `train-law` run (DESIGN §2, `lawder sample`).
+"""`lawder sample`: synthetic image/mask pairs from a trained `train-law` run (DESIGN §2).
 
-Image i depends only on (seed, first_index + i): the initial noise is drawn per sample and DDIM (η = 0) and
-DPM-Solver are deterministic, so splitting the masks across workers or batches gives the same images.
+Masks come from an HDF5 split, are resized (nearest) to the run's size, planned (one per mask, or cycled with
+flips/rotations under `mask_aug`), sampled, and written in the lawder HDF5 schema with the run, step,
+scheduler, seed, ... as file attributes, plus a PNG grid. Image i depends only on (seed, first_index + i): the
+initial noise is drawn per sample and the samplers are deterministic, so splitting the masks across workers or
+batches (`distributed/sample.py`) gives the same images.
+
+With `mask_aug`, mask j's k-th use gets the k-th of the 8 dihedral transforms (flips and 90° rotations) in a
+seeded order of its own, so up to 8 uses of one mask are 8 different layouts and N may exceed the mask count.
+Case ids record the origin: `syn_<case>`, or `syn_<case>_r<use>_t<transform>` with augmentation.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +26,47 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
-from lawder_core.data.h5 import H5Writer, refuse_overwrite
+from lawder_core import runs
+from lawder_core.data.h5 import H5Writer, load_arrays, refuse_overwrite
+from lawder_core.data.resize import resize_masks
+from lawder_core.environment import package_version, pick_device
 from lawder_core.errors import DataError, UsageError
-from lawder_core.models.denoiser import Denoiser, load_denoiser
-from lawder_core.train.diffusion_run import run_info
+from lawder_core.models.denoiser import SPEC_FILE, Denoiser, DenoiserSpec, load_denoiser, read_spec
 from lawder_core.viz import save_pair_grid
 
 SCHEDULERS = ("ddim", "dpm")
+DENOISER_EMA = runs.DENOISER_EMA
+Generator = Callable[["SampleConfig", np.ndarray, "Callable[[int], None] | None"], np.ndarray]
+
+
+# ---------------------------------------------------------------- the trained run
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What sampling needs to know about a trained `train-law` run."""
+
+    model_folder: Path  # the EMA denoiser, loadable with load_denoiser
+    step: int
+    spec: DenoiserSpec
+
+
+def run_info(run: str | os.PathLike) -> RunInfo:
+    """Accepts a run folder, its checkpoint folder, or a saved denoiser folder."""
+    run = Path(run)
+    if (run / SPEC_FILE).exists():
+        checkpoint, model = run.parent, run
+    else:
+        checkpoint = runs.find_checkpoint(run) or run
+        model = checkpoint / DENOISER_EMA
+    if not (model / SPEC_FILE).exists():
+        raise DataError(f"{run} holds no trained diffusion model (looked for {model}).",
+                        "Train one with `lawder train-law --out RUN`, then pass --run RUN.")
+    step = runs.read_progress(checkpoint)["step"] if (checkpoint / runs.PROGRESS).exists() else -1
+    return RunInfo(model_folder=model, step=int(step), spec=read_spec(model))
+
+
+# ---------------------------------------------------------------- generation
 
 
 def sampling_scheduler(denoiser: Denoiser, name: str) -> DDIMScheduler | DPMSolverMultistepScheduler:
@@ -83,12 +127,6 @@ def check_masks(masks: np.ndarray, size: int, num_labels: int) -> None:
         raise DataError(f"masks contain label {int(masks.max())}; the model knows {num_labels} labels.")
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def sample_pairs(
     run_folder: str | os.PathLike,
     masks: np.ndarray,
@@ -128,6 +166,146 @@ def sample_pairs(
         if progress is not None:
             progress(stop - start)
     return out
+
+
+# ---------------------------------------------------------------- masks
+
+
+DIHEDRAL = 8  # 4 rotations × {plain, flipped}
+
+
+def dihedral(mask: np.ndarray, k: int) -> np.ndarray:
+    """Transform k in 0..7 of a square mask: k % 4 quarter turns, then a left-right flip when k >= 4."""
+    out = np.rot90(mask, k % 4)
+    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """Which mask (and transform) each synthetic sample is conditioned on."""
+
+    masks: np.ndarray  # (N,size,size) uint8, transforms applied
+    source_index: np.ndarray  # (N,) index into the loaded masks
+    transform: np.ndarray  # (N,) dihedral transform id; 0 = as stored
+    case_ids: list[str]
+
+
+def transform_order(seed: int, index: int) -> np.ndarray:
+    return np.random.default_rng([seed, index]).permutation(DIHEDRAL)
+
+
+def plan_masks(masks: np.ndarray, case_ids: np.ndarray, n: int | None, augment: bool, seed: int) -> MaskPlan:
+    """N samples (default: one per mask) cycling over the masks; see the module docstring for `augment`."""
+    m = len(masks)
+    if m == 0:
+        raise UsageError("no masks to condition on.", "Check --masks and --split.")
+    n = m if n is None else n
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}.")
+    if n > m and not augment:
+        raise UsageError(f"--n {n} is more than the {m} masks available.",
+                         "Pass --mask-aug to reuse masks with random flips and rotations, or lower --n.")
+    index = np.arange(n) % m
+    use = np.arange(n) // m
+    if augment:
+        transform = np.array([transform_order(seed, int(j))[u % DIHEDRAL] for j, u in zip(index, use, strict=True)])
+    else:
+        transform = np.zeros(n, dtype=np.int64)
+    out = np.stack([dihedral(masks[j], int(k)) for j, k in zip(index, transform, strict=True)])
+    names = [f"syn_{case_ids[j]}" + (f"_r{u}_t{k}" if augment else "")
+             for j, u, k in zip(index, use, transform, strict=True)]
+    return MaskPlan(masks=out.astype(np.uint8), source_index=index, transform=transform, case_ids=names)
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    run: str
+    masks: str  # lawder HDF5 file whose masks condition the samples
+    out: str
+    split: str = "train"
+    n: int | None = None  # None: one synthetic image per mask
+    mask_aug: bool = False
+    steps: int = 50
+    scheduler: str = "ddim"
+    guidance: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+    gpus: int = 0  # > 0: spread chunks over N GPU workers
+    workers: int = 0  # with gpus == 0: N CPU Ray workers; 0 samples in this process
+    ray_address: str | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise UsageError(f"unknown --scheduler {self.scheduler!r}; expected one of {SCHEDULERS}.")
+        if self.steps < 1 or self.batch_size < 1:
+            raise UsageError("--steps and --batch-size must be at least 1.")
+        if self.gpus < 0 or self.workers < 0:
+            raise UsageError("--gpus and --workers must be non-negative.")
+
+
+def run_weighting(run: RunInfo) -> str | None:
+    """The weighting the run was trained with, from its train_config.json (None for a bare model folder)."""
+    for folder in (run.model_folder.parent.parent, run.model_folder.parent):
+        path = folder / "train_config.json"
+        if path.exists():
+            return json.loads(path.read_text()).get("weighting")
+    return None
+
+
+def load_plan(cfg: SampleConfig, size: int) -> tuple[MaskPlan, tuple[int, int]]:
+    """The masks to condition on, and the size they were stored at."""
+    if not Path(cfg.masks).exists():
+        raise DataError(f"--masks {cfg.masks} does not exist.", "Pass a file written by `lawder prepare`.")
+    _, masks, cases = load_arrays(cfg.masks, cfg.split)
+    if len(masks) == 0:
+        raise DataError(f"{cfg.masks} has no masks in split {cfg.split!r}.", "Choose another --split.")
+    stored = (int(masks.shape[1]), int(masks.shape[2]))
+    return plan_masks(resize_masks(masks, size), cases, cfg.n, cfg.mask_aug, cfg.seed), stored
+
+
+def sampling_kwargs(cfg: SampleConfig) -> dict[str, Any]:
+    return {"steps": cfg.steps, "scheduler": cfg.scheduler, "guidance": cfg.guidance, "batch_size": cfg.batch_size,
+            "seed": cfg.seed}
+
+
+def generate_here(cfg: SampleConfig, masks: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
+    """Sampling in this process; `distributed.sample` passes its own generator for --gpus/--workers."""
+    return sample_pairs(cfg.run, masks, progress=progress, **sampling_kwargs(cfg))
+
+
+def provenance(cfg: SampleConfig, info: RunInfo, plan: MaskPlan, masks_size: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "run": str(Path(cfg.run).resolve()), "step": info.step, "weighting": run_weighting(info),
+        "model": str(info.model_folder.resolve()), "scheduler": cfg.scheduler, "steps": cfg.steps,
+        "guidance": cfg.guidance, "seed": cfg.seed, "masks": str(Path(cfg.masks).resolve()), "split": cfg.split,
+        "masks_size": list(masks_size), "n": len(plan.masks), "mask_aug": cfg.mask_aug,
+        "lawder_version": package_version("lawder"),
+    }
+
+
+def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
+               on_plan: Callable[[int], None] | None = None, generate_images: Generator = generate_here
+               ) -> dict[str, Any]:
+    """Sample and write; `on_plan(n)` is told the number of images before sampling starts (for a progress bar)."""
+    out = Path(cfg.out)
+    refuse_overwrite(out, cfg.force)  # before minutes of sampling, not after
+    info = run_info(cfg.run)
+    plan, masks_size = load_plan(cfg, info.spec.size)
+    if on_plan is not None:
+        on_plan(len(plan.masks))
+    tic = time.perf_counter()
+    images = generate_images(cfg, plan.masks, progress)
+    seconds = time.perf_counter() - tic
+    prov = provenance(cfg, info, plan, masks_size)
+    write_synthetic_h5(out, images, plan.masks, plan.case_ids, prov, force=cfg.force,
+                       label_names=info.spec.label_names)
+    return {"out": str(out), "grid": str(out.with_suffix(".png")), "n": len(images), "size": info.spec.size,
+            "seconds": round(seconds, 3), "images_per_s": round(len(images) / max(seconds, 1e-9), 3),
+            **prov, "config": asdict(cfg)}
 
 
 def write_synthetic_h5(

@@ -6,10 +6,10 @@ import pytest
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
-from lawder_core.dist.ray_train import LaunchConfig, launch
+from lawder_core.distributed.train import LaunchConfig, launch
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.factory import load_segmenter
-from lawder_core.train.run_folder import read_metrics
+from lawder_core.runs import read_metrics
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
 from tests.helpers import synthetic_h5
 
@@ -61,7 +61,7 @@ def test_two_gloo_workers_write_a_loadable_checkpoint(ray_local, data, tmp_path)
 
 
 def test_local_cpu_workers_share_the_machines_cores(monkeypatch):
-    from lawder_core.dist.ray_train import scaling_config
+    from lawder_core.distributed.train import scaling_config
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert scaling_config(LaunchConfig(workers=1)).resources_per_worker == {"CPU": 8}
@@ -79,7 +79,7 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
 
     from ray.train.v2._internal.execution import context  # logs "Reporting training result ..." per report
 
-    from lawder_core.dist.ray_train import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
+    from lawder_core.distributed.train import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
 
     root = logging.getLogger()
     touched = [root, logging.getLogger("lawder_core"), logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)]

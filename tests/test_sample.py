@@ -10,9 +10,8 @@ import pytest
 from lawder_core.data.h5 import load_arrays, read_info
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.law import LAWConfig
-from lawder_core.sample import sample_pairs, write_synthetic_h5
+from lawder_core.sample import run_info, sample_pairs, write_synthetic_h5
 from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
-from lawder_core.train.diffusion_run import run_info
 from tests.helpers import synthetic_h5
 
 

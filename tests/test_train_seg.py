@@ -6,7 +6,7 @@ import torch
 import lawder_core.train.seg as seg
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.models.factory import load_segmenter
-from lawder_core.train.run_folder import prepare_run_folder, read_metrics
+from lawder_core.runs import read_metrics
 from lawder_core.train.seg import SegTrainConfig, binary_target, dice_per_image, train_segmenter
 from tests.helpers import synthetic_h5
 
@@ -31,7 +31,7 @@ def test_training_writes_loadable_best_and_last(data, tmp_path):
     model = load_segmenter(tmp_path / "run" / "best").eval()
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
-    cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"] == "mkunet-t-order"
 
 
@@ -57,18 +57,6 @@ def test_nan_loss_stops_with_a_training_error(data, tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "segmentation_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(TrainingError, match="nan"):
         train_segmenter(quick(data, tmp_path / "run"))
-
-
-def test_run_folder_is_never_clobbered_without_force(tmp_path):
-    out = tmp_path / "run"
-    prepare_run_folder(out, resume=False, force=False)
-    (out / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(UsageError, match="--resume"):
-        prepare_run_folder(out, resume=False, force=False)
-    prepare_run_folder(out, resume=True, force=False)
-    assert (out / "metrics.jsonl").exists()
-    prepare_run_folder(out, resume=False, force=True)
-    assert not (out / "metrics.jsonl").exists()
 
 
 def test_dice_and_binary_target_by_hand():

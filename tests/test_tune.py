@@ -10,7 +10,7 @@ from lawder_cli.main import app
 from lawder_core.config import build_config
 from lawder_core.errors import UsageError
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
-from lawder_core.tune_spaces import SPACES, apply_params, load_space
+from lawder_core.tune import SPACES, apply_params, load_space
 from tests.helpers import synthetic_h5, tiny_fid_weights
 
 runner = CliRunner()
@@ -103,7 +103,7 @@ def test_law_sweep_without_any_score_refuses_to_start(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fid, "clean_fid_cache_path", lambda: tmp_path / "none.pt")
     monkeypatch.setattr(fid, "fid_helper_weights_path", lambda: None)
-    from lawder_core.train.law_tune import LawTuneConfig, scoring_terms
+    from lawder_core.tune import LawTuneConfig, scoring_terms
 
     with pytest.raises(UsageError, match="--segmenter"):
         scoring_terms(LawTuneConfig(data="d.h5"))

@@ -8,10 +8,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from lawder_core.data.h5 import read_info, read_rows, split_indices
+from lawder_core.data.resize import resize_image_tensor, resize_mask_tensor
 from lawder_core.errors import DataError
 
 CACHE_LIMIT_BYTES = 2 * 1024**3  # splits up to this size (and 1/8 of the RAM) are held in memory by default
@@ -135,20 +135,8 @@ def to_model_input(image: torch.Tensor, mask: torch.Tensor,
     return image, mask.to(device, non_blocking=True)
 
 
-def interpolate_image(image: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
-    """Bilinear resize of one C×H×W image of any dtype; uint8 is resampled in float and rounded back."""
-    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=antialias)[0]
-    if image.dtype == torch.uint8:
-        return out.round_().clamp_(0, 255).to(torch.uint8)
-    return out.to(image.dtype)
-
-
-def interpolate_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
-
-
 def resize(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return interpolate_image(image, (size, size), antialias=True), interpolate_mask(mask, (size, size))
+    return resize_image_tensor(image, (size, size)), resize_mask_tensor(mask, (size, size))
 
 
 def augment_pair(image: torch.Tensor, mask: torch.Tensor,
@@ -166,8 +154,8 @@ def augment_pair(image: torch.Tensor, mask: torch.Tensor,
         scale = rng.uniform(0.75, 1.0)
         ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        image = interpolate_image(image[:, top:top + ch, left:left + cw], (h, w), antialias=False)
-        mask = interpolate_mask(mask[top:top + ch, left:left + cw], (h, w))
+        image = resize_image_tensor(image[:, top:top + ch, left:left + cw], (h, w), antialias=False)
+        mask = resize_mask_tensor(mask[top:top + ch, left:left + cw], (h, w))
     return image.contiguous(), mask.contiguous()
 
 

@@ -126,9 +126,6 @@ class H5Writer:
         f["split"][self.n:self.n + k] = splits
         self.n += k
 
-    def set_attr(self, key: str, value: Any) -> None:
-        self._file.attrs[key] = json.dumps(value)
-
     def close(self) -> Path:
         """Finish the file and move it into place atomically."""
         if self.n == 0:

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from lawder_core.data.images import IMAGE_SUFFIXES, list_images, read_image
 from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, resize_pair, write_dataset
 from lawder_core.errors import DataError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 LABEL_NAMES = ("background", "lesion")
 MASK_THRESHOLD = 128
 
@@ -47,20 +47,6 @@ def layout_folders(source: str, in_dir: Path) -> tuple[Path, Path]:
     return images, masks
 
 
-def list_images(folder: Path) -> dict[str, Path]:
-    """Image files by stem; hidden files and other suffixes are ignored."""
-    if not folder.is_dir():
-        raise DataError(f"folder {folder} does not exist or is not a folder.")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-            if path.stem in files:
-                raise DataError(f"two images share the stem {path.stem!r} in {folder}: {files[path.stem].name}, "
-                                f"{path.name}.", "Keep one of them.")
-            files[path.stem] = path
-    return files
-
-
 def match_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]]:
     """(stem, image, mask) for every image; every image must have a mask (a mask may end in _mask)."""
     images, masks = list_images(images_dir), list_images(masks_dir)
@@ -77,14 +63,6 @@ def match_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path
         raise DataError(f"{len(missing)} image(s) in {images_dir} have no mask in {masks_dir}: {shown}",
                         "Masks are matched by file stem (optionally with a _mask suffix).")
     return [(stem, images[stem], by_stem[stem]) for stem in images]
-
-
-def read_image(path: Path, mode: str) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read {path}: {err}", "The file may be truncated or not an image.") from err
 
 
 def read_pair(image_path: Path, mask_path: Path, size: int | None, mode: str) -> tuple[np.ndarray, np.ndarray]:

@@ -20,9 +20,9 @@ from torch import nn
 
 from lawder_core.config import from_dict
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
+from lawder_core.files import atomic_save
 from lawder_core.models.mkunet import MKUNET_CHANNELS, MKUNet
 from lawder_core.models.order import MKUNetOrder, OrderConfig
-from lawder_core.train.runtime import atomic_save
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -1,9 +1,21 @@
-"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (DESIGN §1.1).
+"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (DESIGN §1.1, revision 2).
 
 A small CNN looks at stop-gradient denoiser features, the lesion mask (and optionally the timestep and the
-detached per-pixel error) and predicts a one-channel map `w`. The diffusion loss becomes `mean(w · (ε − ε̂)²)`.
-Three things keep the map from collapsing: normalisation (per-sample spatial mean exactly 1), clamping
-(`w ∈ [w_min, w_max]`) and penalties (a mask prior and total variation, or an entropy term in adversarial mode).
+detached per-pixel error) and predicts one logit z per loss-space pixel. The map is
+
+    w = p · f / mean(p · f)      p = prior^γ, the lesion/background ratio prior softened by γ
+                                 f = w_min + (w_max − w_min) · sigmoid(z + b), with f = 1 at z = 0
+
+so LAW starts exactly at the `ratio` baseline, moves any pixel at most by the factor range [w_min, w_max] away
+from the prior, keeps a gradient at every pixel (nothing is hard-clamped) and has mean exactly 1 per sample, so
+the loss scale never changes. The denoiser minimises `mean(w · err)` with w detached; LAW's own objective is
+
+    hardness (default): −mean(w · err′) + λ_prior · mean((log w − log w_prior)²) + λ_tv · TV(w) + β · KL(w/HW ‖ U)
+    descent (ablation): +mean(w · err′) + the same anchors
+
+with err′ the detached per-pixel error over its per-sample mean. `hardness` ascends the weighted error: weight
+goes where the denoiser is wrong (lesion borders, texture). `descent` is the first build's objective, kept only
+to be measured against: its optimum is inverse-variance weighting (weight flows to easy pixels).
 
 `weighted_diffusion_loss` is the single loss function behind `--weighting uniform|ratio|law`.
 """
@@ -21,24 +33,27 @@ from torch import Tensor, nn
 from lawder_core.errors import UsageError
 
 WEIGHTINGS = ("uniform", "ratio", "law")
-OBJECTIVES = ("joint", "adversarial")
+OBJECTIVES = ("hardness", "descent")
 WARMUP_WEIGHTS = ("uniform", "prior")
 
-# softplus(SOFTPLUS_BIAS) == 1: with a zero last layer the learned factor is exactly 1.
-SOFTPLUS_BIAS = math.log(math.e - 1)
 _EPS = 1e-12
 
 
 @dataclass(frozen=True)
 class LAWConfig:
-    """Every knob of DESIGN §1.1; the (sweep) ones are reachable from `lawder tune`."""
+    """Every knob of DESIGN §1.1; the (sweep) ones are reachable from `lawder tune`.
 
-    objective: str = "joint"  # 'joint' | 'adversarial'
-    w_min: float = 0.2  # (sweep) clamp range: [0.5,2], [0.25,4], [0.2,5], [0.1,10]
+    The penalty defaults were measured on a synthetic error field (larger on lesion borders) with a real LAW on
+    fixed features: the map moves well away from the prior without piling up at the factor bounds.
+    """
+
+    objective: str = "hardness"  # 'hardness' | 'descent' (ablation: inverse-variance weighting)
+    gamma: float = 0.5  # (sweep 0–1) prior exponent: lesion weight ∝ r^−γ; 0 = uniform prior, 1 = equal mass
+    w_min: float = 0.2  # (sweep) bounds of LAW's factor on the prior: [0.5,2], [0.25,4], [0.2,5], [0.1,10]
     w_max: float = 5.0
-    lambda_prior: float = 0.1  # (sweep 0.01–1) joint: anchor to the lesion/background ratio map
-    lambda_tv: float = 1e-3  # (sweep 0–1e-2) joint: smoothness
-    entropy_weight: float = 1e-2  # (sweep 1e-3–1e-1) adversarial: KL(w/HW ‖ uniform)
+    lambda_prior: float = 1.0  # (sweep 0.1–10) mean((log w − log w_prior)²)
+    lambda_tv: float = 0.1  # (sweep 0–1) total variation of w
+    beta_kl: float = 0.01  # (sweep 0–0.1) KL(w/HW ‖ uniform): keeps mass from piling onto a few pixels
     warmup_frac: float = 0.1  # (sweep 0–0.33) share of steps before LAW switches on
     warmup_weights: str = "uniform"  # map used during warm-up: 'uniform' | 'prior'
     lr: float = 1e-4  # LAW's own AdamW
@@ -47,7 +62,7 @@ class LAWConfig:
     groups: int = 4  # GroupNorm groups
     use_timestep: bool = True  # FiLM on the timestep embedding
     use_error: bool = False  # the detached per-pixel error as an extra input channel
-    normalise_error: bool = True  # LAW sees err / mean(err) so its penalties mean the same at every noise level
+    normalise_error: bool = True  # err′ = err / mean(err): the objective means the same at every noise level
     time_embed_dim: int = 32
     feature_module: str = ""  # dotted submodule of the denoiser's UNet to hook; "" = the last decoder block
 
@@ -56,42 +71,29 @@ class LAWConfig:
             raise UsageError(f"unknown LAW objective {self.objective!r}; expected one of {OBJECTIVES}.")
         if self.warmup_weights not in WARMUP_WEIGHTS:
             raise UsageError(f"unknown warm-up weights {self.warmup_weights!r}; expected one of {WARMUP_WEIGHTS}.")
-        if not 0 <= self.w_min <= 1 <= self.w_max or self.w_min == self.w_max:
-            raise UsageError(f"LAW clamp [{self.w_min}, {self.w_max}] must contain 1 with w_min < w_max.",
-                             "A map with mean 1 has to fit inside the clamp, e.g. w_min=0.2 w_max=5.")
+        if not 0 < self.w_min < 1 < self.w_max:
+            raise UsageError(f"LAW factor range [{self.w_min}, {self.w_max}] must satisfy 0 < w_min < 1 < w_max.",
+                             "The factor is 1 where LAW leaves the prior alone, e.g. w_min=0.2 w_max=5.")
+        if self.gamma < 0:
+            raise UsageError(f"LAW prior exponent gamma must be non-negative, got {self.gamma}.")
         if not 0 <= self.warmup_frac < 1:
             raise UsageError(f"LAW warmup_frac must lie in [0, 1), got {self.warmup_frac}.")
-        if min(self.lambda_prior, self.lambda_tv, self.entropy_weight, self.lr) < 0:
+        if min(self.lambda_prior, self.lambda_tv, self.beta_kl, self.lr) < 0:
             raise UsageError("LAW penalty weights and learning rate must be non-negative.")
         if self.hidden < 1 or self.hidden % self.groups:
             raise UsageError(f"LAW hidden={self.hidden} must be a positive multiple of groups={self.groups}.")
 
 
-# ---------------------------------------------------------------- the map pipeline
+# ---------------------------------------------------------------- the map
 
 
 def spatial_mean(x: Tensor) -> Tensor:
     return x.mean(dim=(-2, -1), keepdim=True)
 
 
-def renormalise_within(w: Tensor, w_min: float, w_max: float) -> Tensor:
-    """One renormalisation step that makes the mean exactly 1 without leaving [w_min, w_max].
-
-    Plain division by the mean would push clamped pixels past the bound again. Instead every pixel moves
-    toward the bound on the side the mean has to go, in proportion to its room there; the step is affine,
-    so it is differentiable and lands exactly on mean 1 (room never runs out because w_min ≤ 1 ≤ w_max).
-    """
-    m = spatial_mean(w)
-    room_up, room_down = w_max - w, w - w_min
-    up = (1 - m) / spatial_mean(room_up).clamp_min(_EPS)
-    down = (m - 1) / spatial_mean(room_down).clamp_min(_EPS)
-    return torch.where(m < 1, w + up * room_up, w - down * room_down)
-
-
-def normalise_map(raw: Tensor, w_min: float, w_max: float) -> Tensor:
-    """Positive raw map (B,1,h,w) → divide by per-sample mean → clamp → renormalise once."""
-    w = raw / spatial_mean(raw).clamp_min(_EPS)
-    return renormalise_within(w.clamp(w_min, w_max), w_min, w_max)
+def per_sample_mean(x: Tensor) -> Tensor:
+    """(B, ...) → (B,)."""
+    return x.flatten(1).mean(dim=1)
 
 
 def lesion_at(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -116,45 +118,95 @@ def raw_prior(lesion: Tensor) -> Tensor:
     return torch.where(degenerate, torch.ones_like(prior), prior)
 
 
-def prior_map(lesion: Tensor, w_min: float, w_max: float) -> Tensor:
-    """The `ratio` baseline and LAW's anchor: the lesion/background ratio map through the same pipeline."""
-    return normalise_map(raw_prior(lesion), w_min, w_max)
+def prior_map(lesion: Tensor, gamma: float) -> Tensor:
+    """The fixed map prior^γ at mean 1: the `ratio` baseline and LAW's value at z = 0.
+
+    γ = 1 gives each region equal mass (lesion weight ≈ 1/(2r)), γ = 0.5 a lesion/background ratio of
+    sqrt((1 − r)/r) (≈ 7.9 for a 1.6 % lesion), γ = 0 the uniform map.
+    """
+    p = raw_prior(lesion) ** gamma
+    return p / spatial_mean(p)
+
+
+def factor_bias(w_min: float, w_max: float) -> float:
+    """b = logit((1 − w_min)/(w_max − w_min)): the shift that puts the factor at 1 when z = 0."""
+    s = (1 - w_min) / (w_max - w_min)
+    return math.log(s / (1 - s))
+
+
+def learned_factor(z: Tensor, w_min: float, w_max: float) -> Tensor:
+    """f = w_min + (w_max − w_min) · sigmoid(z + b), smooth in z and strictly inside (w_min, w_max).
+
+    Written as 1 + (w_max − w_min) · (sigmoid(z + b) − sigmoid(b)), the same function, so that z = 0 gives
+    exactly 1.0 in floating point and LAW's initial map is bit-for-bit the `ratio` baseline.
+    """
+    b = factor_bias(w_min, w_max)
+    return 1 + (w_max - w_min) * (torch.sigmoid(z + b) - torch.sigmoid(torch.zeros_like(z) + b))
+
+
+def centred(z: Tensor) -> Tensor:
+    """z − mean(z) per sample.
+
+    A constant logit shift hardly changes the map (the normalisation divides most of it out) but slides every
+    pixel toward one end of the sigmoid. The objective pushes that shift steadily (pixels whose factor has grown
+    lose leverage first), so without centring it drifts: measured, 97 % of the pixels sat at w_min after
+    300 Adam steps and stopped learning. Centring removes that direction; z = 0 still gives the prior.
+    """
+    return z - spatial_mean(z)
+
+
+def weight_map(z: Tensor, lesion: Tensor, gamma: float, w_min: float, w_max: float) -> Tensor:
+    """Logits (B,1,h,w) and lesion fractions → w = p · f(z − mean z) / mean(p · f): mean exactly 1 per sample."""
+    w = raw_prior(lesion) ** gamma * learned_factor(centred(z.float()), w_min, w_max)
+    return w / spatial_mean(w)
+
+
+# ---------------------------------------------------------------- the penalties (each per sample: (B,))
+
+
+def prior_distance(w: Tensor, w_prior: Tensor) -> Tensor:
+    """mean((log w − log w_prior)²): symmetric in ratio, so halving and doubling a weight cost the same."""
+    return per_sample_mean((w.clamp_min(_EPS).log() - w_prior.clamp_min(_EPS).log()).pow(2))
 
 
 def total_variation(w: Tensor) -> Tensor:
     """Anisotropic L1 total variation, mean per pixel pair."""
-    return (w[..., 1:, :] - w[..., :-1, :]).abs().mean() + (w[..., :, 1:] - w[..., :, :-1]).abs().mean()
+    return (per_sample_mean((w[..., 1:, :] - w[..., :-1, :]).abs())
+            + per_sample_mean((w[..., :, 1:] - w[..., :, :-1]).abs()))
 
 
 def kl_to_uniform(w: Tensor) -> Tensor:
     """KL(p ‖ uniform) with p = w / Σw; since mean(w) = 1 this is mean(w · log w), 0 for a flat map."""
     p = w / spatial_mean(w).clamp_min(_EPS)
-    return (p * p.clamp_min(_EPS).log()).mean()
+    return per_sample_mean(p * p.clamp_min(_EPS).log())
 
 
-class _GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return -grad
+def normalised_error(err: Tensor) -> Tensor:
+    """err′ = err / mean(err) per sample: the objective's scale does not depend on the noise level."""
+    return err / spatial_mean(err).clamp_min(_EPS)
 
 
-def reverse_gradient(x: Tensor) -> Tensor:
-    """Identity forward, negated gradient backward: whoever produced x ascends what the loss descends."""
-    return _GradientReversal.apply(x)
+def law_objective(w: Tensor, w_prior: Tensor, err_n: Tensor, config: LAWConfig,
+                  keep: Tensor | None = None) -> Tensor:
+    """What LAW minimises, averaged over the rows in `keep` (all rows when None); see the module docstring."""
+    weighted = per_sample_mean(w * err_n)
+    seek = -weighted if config.objective == "hardness" else weighted
+    per_row = (seek + config.lambda_prior * prior_distance(w, w_prior)
+               + config.lambda_tv * total_variation(w) + config.beta_kl * kl_to_uniform(w))
+    if keep is None:
+        return per_row.mean()
+    k = keep.to(per_row.dtype)
+    # An all-dropped batch gives 0 with a graph behind it, so every LAW parameter still gets a (zero) gradient.
+    return (per_row * k).sum() / k.sum().clamp_min(1)
 
 
 # ---------------------------------------------------------------- the network
 
 
 class LAW(nn.Module):
-    """1×1 conv → 2 × (3×3 conv, GroupNorm, SiLU) → 1×1 conv to one channel (zero-initialised).
+    """1×1 conv → 2 × (3×3 conv, GroupNorm, SiLU) → 1×1 conv to one logit (zero-initialised).
 
-    The output logit z becomes the map `normalise(prior · softplus(z + b) / softplus(b))`: at z = 0 it is
-    the prior map exactly, so training starts from the prior.
+    With the zero last layer the factor is exactly 1, so training starts from the `ratio` baseline.
     """
 
     def __init__(self, feature_channels: int, config: LAWConfig | None = None) -> None:
@@ -196,16 +248,14 @@ class LAW(nn.Module):
         h = F.silu(self.norm2(self.conv2(h)))
         return self.out(h)
 
+    def map_from_logits(self, z: Tensor, lesion: Tensor) -> Tensor:
+        """Logits z (B,1,h,w) and lesion fractions (B,1,h,w) → the weight map (mean 1 per sample)."""
+        return weight_map(z, lesion, self.config.gamma, self.config.w_min, self.config.w_max)
+
     def forward(self, features: Tensor, lesion: Tensor, timesteps: Tensor | None = None,
                 error: Tensor | None = None) -> Tensor:
-        """Weight map (B,1,h,w): mean 1 per sample, inside [w_min, w_max]."""
-        z = self.logits(features, lesion, timesteps, error)
-        bias = torch.full((), SOFTPLUS_BIAS, dtype=z.dtype, device=z.device)
-        factor = F.softplus(z + bias) / F.softplus(bias)
-        return normalise_map(raw_prior(lesion) * factor, self.config.w_min, self.config.w_max)
-
-    def prior(self, lesion: Tensor) -> Tensor:
-        return prior_map(lesion, self.config.w_min, self.config.w_max)
+        """Weight map (B,1,h,w): mean 1 per sample, within [w_min, w_max] × the prior before renormalising."""
+        return self.map_from_logits(self.logits(features, lesion, timesteps, error), lesion)
 
 
 def law_active(step: int, total_steps: int, config: LAWConfig) -> bool:
@@ -266,7 +316,7 @@ class LossTerms:
 
     loss: Tensor
     law_objective: Tensor | None = None
-    weights: Tensor | None = None  # the map used this step, detached (None for uniform)
+    weights: Tensor | None = None  # the map used this step, detached, dropped rows at 1 (None for uniform)
 
     @property
     def total(self) -> Tensor:
@@ -277,6 +327,21 @@ class LossTerms:
 def pixel_error(pred: Tensor, target: Tensor) -> Tensor:
     """Squared error averaged over channels: (B,1,h,w), the one map broadcast over image/latent channels."""
     return (pred.float() - target.float()).pow(2).mean(dim=1, keepdim=True)
+
+
+def dropped_rows_at_one(w: Tensor, keep: Tensor | None) -> Tensor:
+    """Rows whose condition was dropped for guidance get weight 1: the model cannot see that mask."""
+    if keep is None:
+        return w
+    return torch.where(keep.reshape(-1, 1, 1, 1).to(w.device), w, torch.ones_like(w))
+
+
+def denoiser_loss(err: Tensor, w: Tensor | None, time_weight: Tensor | None) -> Tensor:
+    """mean(time_weight · w · err): Min-SNR weighs noise levels, the map weighs pixels."""
+    weighted = err if w is None else w * err
+    if time_weight is not None:
+        weighted = time_weight.reshape(-1, 1, 1, 1).to(weighted) * weighted
+    return weighted.mean()
 
 
 def weighted_diffusion_loss(
@@ -290,45 +355,40 @@ def weighted_diffusion_loss(
     timesteps: Tensor | None = None,
     active: bool = True,
     config: LAWConfig | None = None,
+    keep: Tensor | None = None,
+    time_weight: Tensor | None = None,
 ) -> LossTerms:
     """The diffusion loss for `--weighting uniform|ratio|law`.
 
-    uniform: exactly diffusers' `F.mse_loss(pred, target)`.
-    ratio:   `mean(w_prior · err)` with the fixed lesion/background prior map (clamp from `config`).
+    uniform: exactly diffusers' `F.mse_loss(pred, target)` (times `time_weight` per sample when given).
+    ratio:   `mean(time_weight · w_prior · err)` with the fixed map `prior_map(lesion, config.gamma)`.
     law:     before warm-up ends (`active=False`) the warm-up map; then the denoiser minimises
-             `mean(w · err)` with w detached, and LAW's own objective is
-             joint:        mean(w · err') + λ_prior · mean((w − w_prior)²) + λ_tv · TV(w)
-             adversarial:  mean(GRL(w) · err') + β · KL(w ‖ uniform)      (LAW ascends the weighted loss)
-             where err' is the detached error, divided by its per-sample mean when `normalise_error`.
+             `mean(time_weight · w · err)` with w detached, and LAW's own objective (`law_objective`, not
+             weighted by time_weight) is returned separately.
+    `keep` (bool (B,)): False for rows whose condition was dropped for classifier-free guidance; they are
+    weighted 1 and left out of LAW's objective. `time_weight` (B,): per-sample Min-SNR weights.
     """
     if weighting not in WEIGHTINGS:
         raise UsageError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}.")
-    if weighting == "uniform":
+    if weighting == "uniform" and time_weight is None:
         return LossTerms(F.mse_loss(pred.float(), target.float(), reduction="mean"))
+    err = pixel_error(pred, target)
+    if weighting == "uniform":
+        return LossTerms(denoiser_loss(err, None, time_weight))
     if lesion is None:
         raise ValueError(f"weighting={weighting!r} needs the lesion map at loss resolution")
-    err = pixel_error(pred, target)
     cfg = _law_config(law) if law is not None else (config or LAWConfig())
-    if weighting == "ratio" or law is None:
-        w = prior_map(lesion, cfg.w_min, cfg.w_max)
-        return LossTerms((w * err).mean(), None, w.detach())
-    if not active:
-        w = prior_map(lesion, cfg.w_min, cfg.w_max) if cfg.warmup_weights == "prior" else torch.ones_like(err)
-        return LossTerms((w * err).mean(), None, w.detach())
+    if weighting == "ratio" or law is None or not active:
+        fixed = weighting == "ratio" or law is None or cfg.warmup_weights == "prior"
+        w = dropped_rows_at_one(prior_map(lesion, cfg.gamma) if fixed else torch.ones_like(err), keep)
+        return LossTerms(denoiser_loss(err, w, time_weight), None, w.detach())
     if features is None:
         raise ValueError("weighting='law' needs the denoiser features (see FeatureGrabber)")
-    err_law = err.detach()
-    if cfg.normalise_error:
-        err_law = err_law / spatial_mean(err_law).clamp_min(_EPS)
+    err_law = normalised_error(err.detach()) if cfg.normalise_error else err.detach()
     w = law(features, lesion, timesteps, err_law if cfg.use_error else None)
-    loss = (w.detach() * err).mean()
-    if cfg.objective == "joint":
-        w_prior = prior_map(lesion, cfg.w_min, cfg.w_max)
-        objective = ((w * err_law).mean() + cfg.lambda_prior * (w - w_prior).pow(2).mean()
-                     + cfg.lambda_tv * total_variation(w))
-    else:
-        objective = (reverse_gradient(w) * err_law).mean() + cfg.entropy_weight * kl_to_uniform(w)
-    return LossTerms(loss, objective, w.detach())
+    used = dropped_rows_at_one(w.detach(), keep)
+    objective = law_objective(w, prior_map(lesion, cfg.gamma), err_law, cfg, keep)
+    return LossTerms(denoiser_loss(err, used, time_weight), objective, used)
 
 
 def _law_config(law: nn.Module) -> LAWConfig:
@@ -345,10 +405,3 @@ def weight_stats(w: Tensor | None, lesion: Tensor) -> dict[str, float]:
     w_lesion = float(w[on].mean()) if on.any() else float("nan")
     w_background = float(w[~on].mean()) if (~on).any() else float("nan")
     return {"w_lesion": w_lesion, "w_background": w_background, "w_max": float(w.max())}
-
-
-def top_share(w: Tensor, fraction: float = 0.01) -> Tensor:
-    """Per-sample share of the total weight carried by the top `fraction` of pixels (collapse diagnostic)."""
-    flat = w.flatten(1)
-    k = max(1, int(round(fraction * flat.shape[1])))
-    return flat.topk(k, dim=1).values.sum(1) / flat.sum(1).clamp_min(_EPS)

@@ -2,7 +2,13 @@
 
 Plain PyTorch: called directly (tests, one process), or by the Ray launcher in every worker (DDP). One flag,
 `weighting`, switches between the baselines (`uniform`, `ratio`) and LAW under the same loop, model and data.
-The run folder layout is described in `diffusion_run.py`.
+The run folder follows `runs.py`; a checkpoint folder (`last/`) holds:
+
+    denoiser/                   trained weights, diffusers save_pretrained layout (+ lawder_denoiser.json)
+    denoiser_ema/               the EMA weights in the same layout: what `lawder sample` uses
+    law.safetensors, law.json   LAW's weights and config (weighting 'law' only)
+    training_state.pt, progress.json
+and RUN/samples/step_000500.png are preview grids (image, mask, weight map, EMA sample).
 
 Randomness is keyed by (seed, step, rank) — noise, timesteps and condition dropout — and the data order by
 epoch, so a resumed run continues exactly where the interrupted one would have gone (augmentation aside).
@@ -24,8 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lawder_core.config import to_dict
+from lawder_core import runs
+from lawder_core.config import build_config, to_dict
 from lawder_core.data.dataset import SegDataset
+from lawder_core.data.h5 import read_info, split_indices
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.denoiser import (
     LOAD_KWARGS,
@@ -52,12 +60,9 @@ from lawder_core.models.law import (
     weighted_diffusion_loss,
 )
 from lawder_core.sample import generate, initial_noise
-from lawder_core.train import diffusion_run as layout
-from lawder_core.train.run_folder import write_json
 from lawder_core.train.runtime import (
     Reporter,
     WorkerContext,
-    append_jsonl,
     barrier,
     check_finite,
     no_report,
@@ -69,6 +74,11 @@ from lawder_core.train.runtime import (
 from lawder_core.viz import save_weight_preview
 
 log = logging.getLogger(__name__)
+
+SAMPLES = "samples"
+DENOISER, DENOISER_EMA, LAW_WEIGHTS, LAW_CONFIG = runs.DENOISER, runs.DENOISER_EMA, runs.LAW_WEIGHTS, runs.LAW_CONFIG
+MAX_SIZE = 1024
+LAW_STATS = ("w_lesion", "w_background", "w_max", "law_objective", "law_active")
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,7 @@ def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserS
                   checkpoint: Path | None) -> tuple[Trainer, int]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     if checkpoint is not None:
-        denoiser = load_denoiser(checkpoint / layout.DENOISER, pretrained=cfg.pretrained)
+        denoiser = load_denoiser(checkpoint / DENOISER, pretrained=cfg.pretrained)
         check_same_spec(denoiser.spec, spec, checkpoint)
     else:
         denoiser = build_denoiser(spec)
@@ -290,51 +300,43 @@ class Window:
 
 def save_checkpoint(tr: Trainer, step: int) -> Path:
     """Rank 0 only; the folder appears complete or not at all."""
-    tmp = layout.partial_checkpoint(tr.out)
-    tr.denoiser.save_pretrained(tmp / layout.DENOISER)
-    tr.denoiser.save_pretrained(tmp / layout.DENOISER_EMA, module=tr.ema.shadow)
+    tmp = runs.new_checkpoint(tr.out, runs.LAST)
+    tr.denoiser.save_pretrained(tmp / DENOISER)
+    tr.denoiser.save_pretrained(tmp / DENOISER_EMA, module=tr.ema.shadow)
     state: dict[str, Any] = {"optimizer": tr.optimizer.state_dict(), "lr_schedule": tr.lr_schedule.state_dict(),
                              "scaler": tr.scaler.state_dict()}
     if tr.law is not None and tr.law_optimizer is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tr.law.state_dict().items()}, tmp / layout.LAW_WEIGHTS)
-        (tmp / layout.LAW_CONFIG).write_text(json.dumps(
+        save_file({k: v.detach().cpu().contiguous() for k, v in tr.law.state_dict().items()}, tmp / LAW_WEIGHTS)
+        (tmp / LAW_CONFIG).write_text(json.dumps(
             {"feature_channels": tr.law.feature_channels, "config": asdict(tr.law.config)}, indent=2))
         state["law_optimizer"] = tr.law_optimizer.state_dict()
-    torch.save(state, tmp / layout.TRAINING_STATE)
-    (tmp / layout.PROGRESS).write_text(json.dumps(
-        {"step": step, "ema_updates": tr.ema.num_updates, "weighting": tr.cfg.weighting}))
-    return layout.commit_checkpoint(tmp, tr.out)
+    runs.save_state(tmp, state)
+    return runs.commit_checkpoint(tmp, tr.out, runs.LAST,
+                                  {"step": step, "ema_updates": tr.ema.num_updates, "weighting": tr.cfg.weighting})
 
 
 def restore(tr: Trainer, checkpoint: Path) -> int:
     """Load EMA, LAW and optimiser state into a trainer built from the checkpoint's weights; returns the step."""
-    progress = layout.read_progress(checkpoint)
+    progress = runs.read_progress(checkpoint)
     shadow_cls = type(tr.ema.shadow)
     ema_weights = shadow_cls.from_pretrained(  # type: ignore[attr-defined]
-        checkpoint / layout.DENOISER_EMA / tr.denoiser.trainable_subfolder, **LOAD_KWARGS)
+        checkpoint / DENOISER_EMA / tr.denoiser.trainable_subfolder, **LOAD_KWARGS)
     copy_weights(ema_weights, tr.ema.shadow)
     tr.ema.num_updates = int(progress["ema_updates"])
-    state = torch.load(checkpoint / layout.TRAINING_STATE, map_location=tr.ctx.device, weights_only=True)
+    state = runs.load_state(checkpoint, map_location=tr.ctx.device)
+    if state is None:
+        raise DataError(f"the checkpoint in {checkpoint} has no {runs.STATE}.", "Start over with --force.")
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.lr_schedule.load_state_dict(state["lr_schedule"])
     tr.scaler.load_state_dict(state["scaler"])
     if tr.law is not None and tr.law_optimizer is not None:
-        if not (checkpoint / layout.LAW_WEIGHTS).exists():
+        if not (checkpoint / LAW_WEIGHTS).exists():
             raise UsageError(f"the checkpoint in {checkpoint} was trained with --weighting "
                              f"{progress.get('weighting')}, not law.", "Resume with the same --weighting.")
-        tr.law.load_state_dict(load_file(checkpoint / layout.LAW_WEIGHTS, device=str(tr.ctx.device)))
+        tr.law.load_state_dict(load_file(checkpoint / LAW_WEIGHTS, device=str(tr.ctx.device)))
         if "law_optimizer" in state:
             tr.law_optimizer.load_state_dict(state["law_optimizer"])
     return int(progress["step"])
-
-
-def trim_metrics(out: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
-    path = out / layout.METRICS
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 # ---------------------------------------------------------------- preview
@@ -378,7 +380,7 @@ def write_preview(tr: Trainer, preview: tuple[Tensor, Tensor], step: int) -> Pat
     to_np = lambda x: (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
     state = "" if tr.cfg.weighting != "law" or law_active(step, tr.cfg.steps, tr.cfg.law) else " (warm-up: LAW off)"
     title = f"step {step + 1} · weighting {tr.cfg.weighting}{state}"
-    return save_weight_preview(tr.out / layout.SAMPLES / f"step_{step + 1:06d}.png", to_np(images),
+    return save_weight_preview(tr.out / SAMPLES / f"step_{step + 1:06d}.png", to_np(images),
                                masks.cpu().numpy(), weights[:, 0].cpu().numpy(), to_np(samples),
                                (tr.cfg.law.w_min, tr.cfg.law.w_max), title)
 
@@ -409,15 +411,15 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
     dataset = SegDataset(cfg.data, split=cfg.split, size=cfg.size, augment=cfg.augment, seed=cfg.seed + ctx.rank)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data} has no samples in split {cfg.split!r}.", "Check --split, or prepare the data.")
-    checkpoint = layout.find_checkpoint(out)
+    checkpoint = runs.find_checkpoint(out)
     if checkpoint is not None and not cfg.resume:
         raise UsageError(f"{out} already holds a checkpoint.",
                          "Pass --resume to continue it, or choose another --out.")
     tr, start = build_trainer(cfg, ctx, denoiser_spec(cfg, dataset), checkpoint if cfg.resume else None)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", to_dict(replace(cfg, resume=False)))
-        trim_metrics(out, start)
+        runs.write_config(out, to_dict(replace(cfg, resume=False)))
+        runs.trim_metrics(out, "step", start)
     preview = preview_batch(cfg) if ctx.is_main and cfg.sample_every > 0 else None
     result: dict[str, Any] = {"step": start, "out": str(out)}
     window = Window()
@@ -439,7 +441,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
                 record["checkpoint"] = str(save_checkpoint(tr, done))
             if preview is not None and due(done, cfg.sample_every, cfg.steps):
                 record["preview"] = str(write_preview(tr, preview, step))
-            append_jsonl(out / layout.METRICS, record)
+            runs.append_metrics(out, record)
             log.info("step %d: loss %.4f", done, record["loss"] or float("nan"))
         barrier(ctx)
         report(record)
@@ -448,3 +450,77 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
     if tr.grabber is not None:
         tr.grabber.remove()
     return {**result, "out": str(out)}
+
+
+# ---------------------------------------------------------------- driver side (no workers yet)
+
+
+def law_config(config_file: str | Path | None, law_overrides: dict[str, Any] | None = None,
+               **overrides: Any) -> DiffusionTrainConfig:
+    """Defaults < config file (a `tune` best.yaml works as is) < flags; LAW flags change single nested fields."""
+    cfg = build_config(DiffusionTrainConfig, config_file, **overrides)
+    given = {k: v for k, v in (law_overrides or {}).items() if v is not None}
+    return replace(cfg, law=replace(cfg.law, **given)) if given else cfg
+
+
+def check_size(cfg: DiffusionTrainConfig) -> None:
+    if not 8 <= cfg.size <= MAX_SIZE:
+        raise UsageError(f"--size {cfg.size} is outside [8, {MAX_SIZE}].", "Typical: 64 on a CPU, 256–512 on a GPU.")
+    if cfg.backbone == "unet":
+        factor = 2 ** (len(PRESETS[cfg.preset]["block_out_channels"]) - 1)
+        if cfg.size % factor:
+            raise UsageError(f"--size {cfg.size} must be divisible by {factor} for preset {cfg.preset!r} "
+                             "(the UNet halves the resolution at every level).")
+    elif cfg.backbone == "controlnet":
+        if not cfg.pretrained or not Path(cfg.pretrained).is_dir():
+            raise DataError(f"--pretrained {cfg.pretrained or '(none)'} is not a folder.",
+                            "Give a local Stable Diffusion 1.5-style folder (vae/, unet/, scheduler/, text_encoder/).")
+        if cfg.size % 8:
+            raise UsageError(f"--size {cfg.size} must be divisible by 8 (the VAE works at 1/8 resolution).")
+    else:
+        raise UsageError(f"unknown --backbone {cfg.backbone!r}; expected unet or controlnet.")
+
+
+def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
+    """Fail before starting workers on what can be known up front: data, split, size, batch, backbone."""
+    if not cfg.data:
+        raise UsageError("no training data given.", "Pass --data FILE.h5 (see `lawder prepare`).")
+    info = read_info(cfg.data)
+    n = len(split_indices(cfg.data, cfg.split))
+    if n == 0:
+        raise DataError(f"{cfg.data} has no samples in split {cfg.split!r}.", "Check the split, or prepare the data.")
+    check_size(cfg)
+    per_worker = n // max(world_size, 1)
+    if per_worker < cfg.batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {per_worker} training samples each of "
+                         f"the {world_size} worker(s) sees.", "Lower --batch-size or use fewer workers.")
+    if cfg.size > max(info.height, info.width):
+        log.warning("--size %d is larger than the data (%d×%d): images are upsampled.", cfg.size, info.height,
+                    info.width)
+
+
+def latest_preview(out: Path) -> str | None:
+    previews = sorted((out / SAMPLES).glob("step_*.png"))
+    return str(previews[-1]) if previews else None
+
+
+def summarise_law_run(out: str | Path) -> dict[str, Any]:
+    """Final step, last loss, LAW's weight statistics, the checkpoint and the newest preview grid."""
+    out = Path(out)
+    records = runs.read_metrics(out)
+    last = records[-1] if records else {}
+    checkpoint = runs.find_checkpoint(out)
+    config = runs.config_path(out)
+    weighting = build_config(DiffusionTrainConfig, config).weighting if config is not None else None
+    return {
+        "out": str(out),
+        "weighting": weighting,
+        "step": int(last.get("step", 0)),
+        "loss": last.get("loss"),
+        "law": {k: last.get(k) for k in LAW_STATS},
+        "sec_per_step": last.get("sec_per_step"),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "checkpoint_step": runs.read_progress(checkpoint)["step"] if checkpoint is not None else None,
+        "preview": latest_preview(out),
+        "metrics": str(out / runs.METRICS),
+    }

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lawder_core.train.runtime import atomic_save  # noqa: E402
+from lawder_core.files import atomic_save  # noqa: E402
 
 
 def plot_curves(metrics_path: Path, out_png: Path, keys: Sequence[str], x_key: str = "epoch") -> None:

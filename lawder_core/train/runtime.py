@@ -8,12 +8,10 @@ through the `Reporter` it was given; it never touches Ray itself.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,15 +106,3 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
             f"the loss became {float(loss.detach())} at step {step}.",
             "Lower --lr, check the data with `lawder inspect`, or resume from the last good checkpoint.",
         )
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def atomic_save(save: Callable[[Path], None], path: Path) -> None:
-    """Write via a temporary name and rename, so a killed run never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".partial")
-    save(tmp)
-    os.replace(tmp, path)

@@ -16,18 +16,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from lawder_core import runs
 from lawder_core.config import to_dict
 from lawder_core.data.dataset import SegDataset, to_model_input, with_synthetic
-from lawder_core.errors import DataError
-from lawder_core.models.factory import build_segmenter, load_segmenter, save_segmenter
+from lawder_core.data.h5 import read_info
+from lawder_core.errors import DataError, UsageError
+from lawder_core.models.factory import available_models, build_segmenter, load_segmenter, save_segmenter
 from lawder_core.models.order import OrderConfig
 from lawder_core.train.losses import segmentation_loss
 from lawder_core.train.plots import plot_curves
-from lawder_core.train.run_folder import load_training_state, save_training_state, write_json
 from lawder_core.train.runtime import (
     Reporter,
     WorkerContext,
-    append_jsonl,
     barrier,
     check_finite,
     mean_across_workers,
@@ -117,10 +117,11 @@ def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader, 
 def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
     """Load `last/` into model, optimiser and scheduler; returns (next epoch, best Dice so far)."""
-    state = load_training_state(out / "last")
-    if state is None:
+    checkpoint = runs.find_checkpoint(out, runs.LAST)
+    state = runs.load_state(checkpoint) if checkpoint is not None else None
+    if checkpoint is None or state is None:
         return 0, -1.0
-    model.load_state_dict(load_segmenter(out / "last").state_dict())
+    model.load_state_dict(load_segmenter(checkpoint).state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]) + 1, float(state["best_dice"])
@@ -163,7 +164,7 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
     model = wrap_model(model, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", to_dict(replace(cfg, resume=False)))
+        runs.write_config(out, to_dict(replace(cfg, resume=False)))
     result: dict[str, Any] = {"best_dice": best, "epochs": start}
     for epoch in range(start, cfg.epochs):
         set_sampler_epoch(sampler, epoch, cfg.seed)
@@ -176,8 +177,8 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
             dice = validate(plain, val_loader, cfg, ctx.device)
             best = save_epoch(out, plain, optimizer, scheduler, cfg, epoch, dice, best)
             metrics.update(val_dice=dice, best_dice=best, seconds=time.perf_counter() - tic)
-            append_jsonl(out / "metrics.jsonl", metrics)
-            plot_curves(out / "metrics.jsonl", out / "curves.png", ["train_loss", "val_dice"])
+            runs.append_metrics(out, metrics)
+            plot_curves(out / runs.METRICS, out / "curves.png", ["train_loss", "val_dice"])
             log.info("epoch %d: loss %.4f val Dice %.4f (best %.4f)", epoch, loss, dice, best)
         report(metrics)
         result = {"best_dice": best, "epochs": epoch + 1}
@@ -190,9 +191,38 @@ def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Seg
     extra = {"epoch": epoch, "val_dice": dice, "train_config": to_dict(cfg)}
     if dice > best:
         best = dice
-        save_segmenter(model, out / "best", extra=extra)
-    # last/ is written after best/, so a run killed in between resumes without losing the best checkpoint.
-    save_segmenter(model, out / "last", extra=extra)
-    save_training_state(out / "last", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "epoch": epoch, "best_dice": best})
+        tmp = runs.new_checkpoint(out, runs.BEST)
+        save_segmenter(model, tmp, extra=extra)
+        runs.commit_checkpoint(tmp, out, runs.BEST, {"epoch": epoch, "val_dice": dice})
+    # last/ is committed after best/, so a run killed in between resumes without losing the best checkpoint.
+    tmp = runs.new_checkpoint(out, runs.LAST)
+    save_segmenter(model, tmp, extra=extra)
+    runs.save_state(tmp, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "epoch": epoch, "best_dice": best})
+    runs.commit_checkpoint(tmp, out, runs.LAST, {"epoch": epoch, "val_dice": dice, "best_dice": best})
     return best
+
+
+# ---------------------------------------------------------------- driver side (no workers yet)
+
+
+def check_seg_config(cfg: SegTrainConfig) -> None:
+    """Fail before starting workers (and before --force deletes anything) on what can be known up front."""
+    if cfg.model not in available_models():
+        raise UsageError(f"unknown model {cfg.model!r}.", f"Available: {', '.join(available_models())}.")
+    if cfg.size % 32:
+        raise UsageError(f"--size {cfg.size} must be divisible by 32 (the U-Nets downsample 5 times).")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be at least 1.")
+    read_info(cfg.data)
+    if cfg.synthetic:
+        read_info(cfg.synthetic)
+
+
+def summarise_run(out: str | Path) -> dict[str, Any]:
+    records = runs.read_metrics(out)
+    if not records:
+        return {"out": str(out), "epochs": 0, "best_dice": None, "best_epoch": None}
+    best = max(records, key=lambda r: r.get("val_dice", -1))
+    return {"out": str(out), "epochs": records[-1]["epoch"] + 1, "best_dice": best.get("val_dice"),
+            "best_epoch": best["epoch"], "last": records[-1]}

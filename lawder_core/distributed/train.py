@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lawder_core import runs
 from lawder_core.config import with_absolute_paths
 from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
 
@@ -53,7 +54,7 @@ def ensure_ray(address: str | None) -> None:
         if address is None:
             ray.init(num_cpus=os.cpu_count(), object_store_memory=200 * 2**20, include_dashboard=False,
                      log_to_driver=True, _temp_dir=short_temp_dir(), configure_logging=False,
-                     runtime_env={"worker_process_setup_hook": "lawder_core.dist.ray_train.quiet_ray_logs"})
+                     runtime_env={"worker_process_setup_hook": "lawder_core.distributed.train.quiet_ray_logs"})
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -171,3 +172,33 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
         raise TrainingError(f"distributed training failed: {err}",
                             "See the worker log above; rerun with --resume to continue from the last epoch.") from err
     return dict(fit.metrics or {})
+
+
+def world_size(launch: LaunchConfig) -> int:
+    return launch.gpus if launch.gpus > 0 else max(launch.workers, 1)
+
+
+def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dict[str, Any]:
+    """`lawder train-order`: validate, open the run folder, train on the workers, write summary.json."""
+    from lawder_core.train.seg import check_seg_config, summarise_run, train_segmenter
+
+    check_seg_config(cfg)
+    local_cpus_per_worker(launch_cfg)  # a usage error costs a second, not a Ray start-up
+    runs.open_run(cfg.out, resume=cfg.resume, force=force)
+    launch(train_segmenter, cfg, launch_cfg)
+    summary = summarise_run(cfg.out)
+    runs.write_summary(cfg.out, summary)
+    return summary
+
+
+def train_law(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dict[str, Any]:
+    """`lawder train-law`: validate, open the run folder, train on the workers, write summary.json."""
+    from lawder_core.train.diffusion import check_law_config, summarise_law_run, train_diffusion
+
+    check_law_config(cfg, world_size(launch_cfg))
+    local_cpus_per_worker(launch_cfg)
+    runs.open_run(cfg.out, resume=cfg.resume, force=force)
+    launch(train_diffusion, cfg, launch_cfg)
+    summary = summarise_law_run(cfg.out)
+    runs.write_summary(cfg.out, summary)
+    return summary

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from lawder_core.dist.ray_train import ensure_ray, find_lawder_error
+from lawder_core.distributed.train import ensure_ray, find_lawder_error
 from lawder_core.errors import TrainingError, UsageError
+from lawder_core.sample import SampleConfig, generate_here, sample_pairs, sampling_kwargs
+from lawder_core.sample import run_sample as run_sample_with
 
 
 def chunk_ranges(n: int, workers: int, batch_size: int, batches_per_chunk: int = 4) -> list[tuple[int, int]]:
@@ -31,8 +33,6 @@ def chunk_ranges(n: int, workers: int, batch_size: int, batches_per_chunk: int =
 
 def sample_chunk(run: str, masks: np.ndarray, first_index: int, device: str, kwargs: dict[str, Any]) -> np.ndarray:
     """What one Ray task runs (module level, so workers import it by name)."""
-    from lawder_core.sample import sample_pairs
-
     return sample_pairs(run, masks, first_index=first_index, device=device, **kwargs)
 
 
@@ -77,3 +77,15 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
     assert out is not None  # chunk_ranges covers at least one mask; plan_masks refuses an empty set
     return out
 
+
+
+def generate_on_workers(cfg: SampleConfig, masks: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
+    return sample_distributed(cfg.run, masks, gpus=cfg.gpus, workers=cfg.workers, ray_address=cfg.ray_address,
+                              progress=progress, **sampling_kwargs(cfg))
+
+
+def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
+               on_plan: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """`lawder sample`: in this process, or over Ray workers with --gpus N / --workers N (same images)."""
+    generate = generate_on_workers if cfg.gpus > 0 or cfg.workers > 0 else generate_here
+    return run_sample_with(cfg, progress=progress, on_plan=on_plan, generate_images=generate)

@@ -6,26 +6,35 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from lawder_core.data.h5 import load_arrays
-from lawder_core.data.prepare_folder import list_images, read_image
-from lawder_core.errors import DataError
-from lawder_core.metrics.predict import PredictFn, predict_labels
+from lawder_core.data.images import list_images, read_image
+from lawder_core.errors import DataError, UsageError
+from lawder_core.metrics.predict import PredictFn, at_size, predict_labels
 from lawder_core.models.factory import CONFIG_FILE, load_segmenter, read_segmenter_config
-from lawder_core.models.fast import optimize_for_inference
-
-OVERLAY_COLOUR = np.array([0, 255, 0], np.float32)
+from lawder_core.models.fast import MODES, optimize_for_inference
+from lawder_core.viz import overlay
 
 
 @dataclass(frozen=True)
 class Predictor:
+    """A trained segmenter ready for images of any size: the one way every command loads a run to predict.
+
+    `predict_fn` takes float B×C×H×W batches in [0, 1] at any size (resized to the training size on the way
+    in, logits at that size out); `at_training_size` is the bare network on its fastest path.
+    """
+
     predict_fn: PredictFn
+    at_training_size: PredictFn
     size: int | None  # the training size, when the run recorded one
+    num_classes: int
     checkpoint: Path
+    info: dict[str, Any]
 
 
 def checkpoint_folder(run: str | os.PathLike) -> Path:
@@ -38,27 +47,29 @@ def checkpoint_folder(run: str | os.PathLike) -> Path:
                     "Pass the --out folder of `lawder train-order`.")
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UsageError(f"unknown inference mode {mode!r}.", f"Choose one of: {', '.join(MODES)}.")
+
+
 def load_predictor(run: str | os.PathLike, mode: str = "auto", device: str = "cpu") -> Predictor:
+    check_mode(mode)
     folder = checkpoint_folder(run)
     model = load_segmenter(folder, map_location=device)
-    train_cfg = (read_segmenter_config(folder).get("extra") or {}).get("train_config") or {}
+    config = read_segmenter_config(folder)
+    train_cfg = (config.get("extra") or {}).get("train_config") or {}
     fast = optimize_for_inference(model, mode=mode)
-    return Predictor(predict_fn=fast, size=train_cfg.get("size"), checkpoint=folder)
-
-
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(im.squeeze()).resize((size, size), Image.BILINEAR)).reshape(
-        size, size, -1) for im in images])
+    size = train_cfg.get("size")
+    info = {"run": str(run), "checkpoint": str(folder), "model": config["name"],
+            "num_classes": int(config["num_classes"]), "train_size": size,
+            "inference_mode": getattr(fast, "mode", mode), "train_config": train_cfg or None}
+    return Predictor(predict_fn=at_size(fast, size), at_training_size=fast, size=size,
+                     num_classes=int(config["num_classes"]), checkpoint=folder, info=info)
 
 
 def predict_images(predictor: Predictor, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Label masks at the images' own size; images are resized to the training size for the network."""
-    h, w = images.shape[1:3]
-    net_input = images if predictor.size in (None, h) and h == w else resize_images(images, predictor.size or h)
-    labels = predict_labels(predictor.predict_fn, net_input, batch_size=batch_size)
-    if labels.shape[1:] == (h, w):
-        return labels
-    return np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in labels])
+    """Label masks at the images' own size (decided on logits interpolated back to that size)."""
+    return predict_labels(predictor.predict_fn, images, batch_size=batch_size)
 
 
 def input_batches(source: str | os.PathLike, split: str | None,
@@ -76,13 +87,6 @@ def input_batches(source: str | os.PathLike, split: str | None,
         raise DataError(f"no images in {source}.")
     for stem, path in files.items():
         yield [stem], read_image(path, "RGB")[None]
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3]
-    out = rgb.astype(np.float32)
-    out[mask > 0] = (1 - alpha) * out[mask > 0] + alpha * OVERLAY_COLOUR
-    return out.round().astype(np.uint8)
 
 
 def predict_to_folder(run: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
-from lawder_core.dist.ray_train import ensure_ray
+from lawder_core.distributed.train import ensure_ray
 from lawder_core.errors import TrainingError, UsageError
-from lawder_core.train.run_folder import write_json
-from lawder_core.train.runtime import atomic_save
-from lawder_core.tune_spaces import apply_params, flatten_params
+from lawder_core.files import atomic_save, write_json
+from lawder_core.tune import apply_params, flatten_params
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "experiment"
@@ -71,7 +71,7 @@ def law_trial(params: dict[str, Any], base: Any, out: str) -> None:
     from ray import tune
 
     from lawder_core.train.diffusion import train_diffusion
-    from lawder_core.train.law_tune import evaluation_set, generation_score, scoring_terms, training_config
+    from lawder_core.tune import evaluation_set, generation_score, scoring_terms, training_config
 
     cfg = apply_params(base, params)
     run = trial_folder(Path(out))
@@ -190,10 +190,16 @@ def write_results(rows: list[dict[str, Any]], out: Path, base: Any, best_params:
 
 
 def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | Path,
-             opts: TuneOptions) -> dict[str, Any]:
-    """Run (or resume) a sweep; writes results.csv, results.json and best.yaml into `out`."""
+             opts: TuneOptions, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Run a sweep, or resume it with `resume`; writes config.json, results.csv/json, best.yaml, summary.json."""
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / EXPERIMENT).exists() and not (resume or force):
+        raise UsageError(f"{out} already holds a sweep.",
+                         "Pass --resume to continue it, --force to start over, or choose another --out.")
+    if resume and not force and not (out / EXPERIMENT).exists():
+        raise UsageError(f"--resume: {out} holds no sweep to continue.", "Drop --resume to start one.")
+    runs.open_run(out, resume=resume, force=force)
+    runs.write_config(out, {"kind": kind, "base": to_dict(base), "space": space, "options": to_dict(opts)})
     ensure_ray(opts.ray_address)
     base = with_absolute_paths(base)
     sweep = sweep_for(kind)
@@ -206,6 +212,8 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
                             f"Trial errors: {sorted(errors)[:3]}" if errors else "Check the trial logs in " + str(out))
     best_row, best_config = table[0]
     write_results(rows, out, base, best_config)
-    return {"kind": kind, "trials": len(rows), "errors": sum(1 for r in rows if r["error"]),
-            "best": {k: v for k, v in best_row.items() if k not in ("error",)},
-            "metric": sweep.metric, "mode": sweep.mode, "out": str(out), "rows": rows}
+    summary = {"kind": kind, "trials": len(rows), "errors": sum(1 for r in rows if r["error"]),
+               "best": {k: v for k, v in best_row.items() if k not in ("error",)},
+               "metric": sweep.metric, "mode": sweep.mode, "out": str(out), "rows": rows}
+    runs.write_summary(out, summary)
+    return summary

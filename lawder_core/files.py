@@ -1,0 +1,57 @@
+"""Writing files so that a killed process never leaves half of one, and reading JSON-lines logs back.
+
+Every writer in lawder goes through `atomic_save`: write under a temporary name in the same folder, then
+rename, which POSIX makes atomic. Readers therefore see the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def atomic_save(save: Callable[[Path], None], path: str | os.PathLike) -> Path:
+    """Call `save(tmp)` then rename tmp to `path`; a unique tmp name lets two writers race without tearing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_save(lambda p: p.write_text(text), path)
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
+    return write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete line; a line torn by a kill mid-append is skipped, not fatal."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

@@ -1,0 +1,154 @@
+"""The one run-folder contract (nnU-Net's idea), shared by train-order, train-law, tune and pipeline.
+
+    RUN/config.json        the config the run was started with (what --resume continues)
+    RUN/metrics.jsonl      one JSON line per epoch / logged step
+    RUN/last/              the newest checkpoint, swapped in atomically; --resume starts from it
+    RUN/best/              segmenters: the checkpoint with the best validation Dice
+    RUN/summary.json       what the command printed with --json, written when it finishes
+
+A checkpoint folder holds the model (`save_pretrained` layout), `training_state.pt` (optimiser and schedule:
+tensors and plain containers only, loaded with weights_only=True) and `progress.json`. It is written under
+`NAME.partial` and renamed into place, so at every instant a complete checkpoint exists (a crash in the
+middle of the swap leaves `NAME.old`, which is found too). Runs written before this contract (diffusion
+`checkpoint/`, `train_config.json`, `pipeline_config.json`) are still read.
+
+The order of a command is: validate the request, then `open_run` (which refuses to touch an earlier run unless
+--resume or --force says what to do with it), then train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lawder_core.errors import UsageError
+from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+LAST = "last"
+BEST = "best"
+STATE = "training_state.pt"
+PROGRESS = "progress.json"
+# inside a diffusion checkpoint
+DENOISER = "denoiser"
+DENOISER_EMA = "denoiser_ema"
+LAW_WEIGHTS = "law.safetensors"
+LAW_CONFIG = "law.json"
+LEGACY_CONFIGS = ("train_config.json", "pipeline_config.json")
+LEGACY_CHECKPOINTS = {LAST: "checkpoint"}
+_PARTIAL, _OLD = ".partial", ".old"
+
+
+def has_run(out: str | os.PathLike) -> bool:
+    out = Path(out)
+    return (out / METRICS).exists() or find_checkpoint(out) is not None or config_path(out) is not None
+
+
+def open_run(out: str | os.PathLike, *, resume: bool, force: bool) -> Path:
+    """The run folder, ready to write: --resume keeps an earlier run, --force deletes it, neither refuses."""
+    out = Path(out)
+    if has_run(out) and not resume:
+        if not force:
+            raise UsageError(f"{out} already holds a run.",
+                             "Pass --resume to continue it, --force to start over, or choose another --out.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------- config, metrics, summary
+
+
+def config_path(out: str | os.PathLike) -> Path | None:
+    for name in (CONFIG, *LEGACY_CONFIGS):
+        path = Path(out) / name
+        if path.exists():
+            return path
+    return None
+
+
+def write_config(out: str | os.PathLike, config: dict[str, Any]) -> Path:
+    return write_json(Path(out) / CONFIG, config)
+
+
+def append_metrics(out: str | os.PathLike, record: dict[str, Any]) -> None:
+    append_jsonl(Path(out) / METRICS, record)
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict[str, Any]]:
+    return read_jsonl(Path(out) / METRICS)
+
+
+def trim_metrics(out: str | os.PathLike, key: str, last: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from: they will be logged again."""
+    path = Path(out) / METRICS
+    if path.exists():
+        keep = [r for r in read_jsonl(path) if r.get(key, last) <= last]
+        atomic_save(lambda p: p.write_text("".join(json_line(r) for r in keep)), path)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record) + "\n"
+
+
+def write_summary(out: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    return write_json(Path(out) / SUMMARY, summary)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def find_checkpoint(out: str | os.PathLike, name: str = LAST) -> Path | None:
+    """RUN/name, or the `.old` copy a crash in the middle of a swap left, or a pre-contract folder name."""
+    out = Path(out)
+    names = [name] + ([LEGACY_CHECKPOINTS[name]] if name in LEGACY_CHECKPOINTS else [])
+    for candidate in names:
+        for folder in (out / candidate, out / (candidate + _OLD)):
+            if (folder / PROGRESS).exists():
+                return folder
+    return None
+
+
+def new_checkpoint(out: str | os.PathLike, name: str = LAST) -> Path:
+    """An empty folder to write the next checkpoint into; hand it to `commit_checkpoint` when complete."""
+    tmp = Path(out) / (name + _PARTIAL)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, out: str | os.PathLike, name: str, progress: dict[str, Any]) -> Path:
+    """Write progress.json (the completeness marker) and swap the folder in."""
+    write_json(tmp / PROGRESS, progress)
+    final, old = Path(out) / name, Path(out) / (name + _OLD)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def read_progress(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / PROGRESS).read_text())
+
+
+def save_state(checkpoint: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    torch.save(state, checkpoint / STATE)
+
+
+def load_state(checkpoint: Path, map_location: Any = "cpu") -> dict[str, Any] | None:
+    import torch
+
+    path = checkpoint / STATE
+    return torch.load(path, map_location=map_location, weights_only=True) if path.exists() else None

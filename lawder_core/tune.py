@@ -1,0 +1,180 @@
+"""What `lawder tune` sweeps and how a trial is scored, without Ray (the runner is `distributed/tune.py`).
+
+Search spaces are plain data (DESIGN §1.1–1.2 sweeps). A space maps a dotted config path (`law.w_min`,
+`order.rho`) to a distribution:
+  {"choice": [...]}, {"grid": [...]}, {"uniform": [low, high]}, {"loguniform": [low, high]},
+  {"randint": [low, high]}. A key may also name a group: {"choice": [{"law.w_min": 0.5, "law.w_max": 2}, ...]}
+sets several fields together (a clamp range is one choice, not two independent ones).
+`--space FILE.yaml` replaces the built-in space with the same format.
+
+A LAW trial is scored on generation quality, on a small fixed mask set, at every checkpoint (lower is better):
+    val_score = 100 · KID(synthetic, real images) + (1 − mask adherence Dice)
+KID uses the FID Inception features (`--fid-weights` or any file `lawder evaluate` finds); adherence segments
+the synthetic images with a segmenter trained on real data (`--segmenter RUN`) and scores them against the
+masks they were generated from. With only one of the two available, the score is that term alone; with
+neither, the sweep refuses to start. 100 · KID and 1 − Dice both fall roughly in [0, 1] on small sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lawder_core.config import from_dict, to_dict
+from lawder_core.data.h5 import load_arrays
+from lawder_core.data.resize import resize_images, resize_masks
+from lawder_core.errors import EnvironmentProblem, UsageError
+from lawder_core.train.diffusion import DiffusionTrainConfig
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+CLAMP_RANGES = [(0.5, 2.0), (0.25, 4.0), (0.2, 5.0), (0.1, 10.0)]
+
+SPACES: dict[str, dict[str, dict[str, Any]]] = {
+    "law-clamp": {
+        "clamp": {"grid": [{"law.w_min": lo, "law.w_max": hi} for lo, hi in CLAMP_RANGES]},
+    },
+    "law-reg": {
+        "law.objective": {"choice": ["joint", "adversarial"]},
+        "law.lambda_prior": {"loguniform": [0.01, 1.0]},
+        "law.lambda_tv": {"uniform": [0.0, 0.01]},
+        "law.entropy_weight": {"loguniform": [0.001, 0.1]},
+    },
+    "order": {
+        "order.rho": {"uniform": [0.1, 0.5]},
+        "order.kv_grid": {"choice": [8, 16, 32]},
+        "order.attn_dim": {"choice": [32, 48, 64]},
+        "order.late_stages": {"choice": [2, 3]},
+    },
+}
+
+
+def load_space(kind: str, space_file: str | Path | None) -> dict[str, dict[str, Any]]:
+    if kind not in SPACES:
+        raise UsageError(f"unknown sweep {kind!r}; expected one of {sorted(SPACES)}.")
+    if space_file is None:
+        return SPACES[kind]
+    try:
+        space = yaml.safe_load(Path(space_file).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UsageError(f"cannot read the search space {space_file}: {err}") from err
+    if not isinstance(space, dict) or not space:
+        raise UsageError(f"{space_file} must map config paths to distributions.",
+                         "For example:  order.rho: {uniform: [0.1, 0.5]}")
+    for key, dist in space.items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise UsageError(f"{space_file}: {key} must be one of {DISTRIBUTIONS} with its values, got {dist!r}.")
+    return space
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Expand grouped choices ({'clamp': {'law.w_min': .., 'law.w_max': ..}}) into dotted paths."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def apply_params(config: Any, params: dict[str, Any]) -> Any:
+    """A copy of the frozen `config` with dotted paths set (nested dataclasses are rebuilt and re-validated)."""
+    data = to_dict(config)
+    for path, value in flatten_params(params).items():
+        node = data
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise UsageError(f"search-space key {path!r} does not name a field of {type(config).__name__}.")
+            node = node[part]
+        if leaf not in node:
+            raise UsageError(f"search-space key {path!r} does not name a field of {type(config).__name__}.")
+        node[leaf] = value
+    return from_dict(type(config), data)
+
+
+# ---------------------------------------------------------------- scoring a LAW trial
+
+KID_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class LawTuneConfig(DiffusionTrainConfig):
+    """A diffusion training config plus how each trial is scored; `rounds` evaluations per trial."""
+
+    rounds: int = 4
+    steps_per_round: int = 250
+    eval_masks: int = 32
+    eval_split: str = "val"
+    eval_sampling_steps: int = 25
+    segmenter: str | None = None
+    fid_weights: str | None = None
+
+    # Left out of best.yaml, which `train-law --config` must accept as is.
+    TUNE_ONLY_FIELDS = ("rounds", "steps_per_round", "eval_masks", "eval_split", "eval_sampling_steps",
+                        "segmenter", "fid_weights")
+
+
+def training_config(cfg: LawTuneConfig, out: str, resume: bool) -> DiffusionTrainConfig:
+    """The plain training config of one trial: `rounds × steps_per_round` steps, a checkpoint per round."""
+    data = {f.name: getattr(cfg, f.name) for f in fields(DiffusionTrainConfig)}
+    steps = cfg.rounds * cfg.steps_per_round
+    data.update(out=out, resume=resume, steps=steps, save_every=cfg.steps_per_round, sample_every=0,
+                log_every=cfg.steps_per_round)
+    return DiffusionTrainConfig(**data)
+
+
+def scoring_terms(cfg: LawTuneConfig) -> dict[str, bool]:
+    """Which terms can be computed here; refuse a sweep that could score nothing."""
+    from lawder_core.metrics.fid import resolve_fid_weights
+
+    try:
+        resolve_fid_weights(cfg.fid_weights, allow_download=False)
+        kid = True
+    except EnvironmentProblem:
+        kid = False
+    if not kid and cfg.segmenter is None:
+        raise UsageError("a LAW sweep needs something to score generation with: no FID Inception weights were "
+                         "found and no --segmenter was given.",
+                         "Pass --segmenter RUN (a train-order run on real data) and/or --fid-weights FILE.")
+    return {"kid": kid, "adherence": cfg.segmenter is not None}
+
+
+def evaluation_set(cfg: LawTuneConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Real images and their masks at the model's size: the masks condition sampling, the images anchor KID."""
+    images, masks, _ = load_arrays(cfg.data, cfg.eval_split, limit=cfg.eval_masks)
+    if len(masks) < 2:
+        images, masks, _ = load_arrays(cfg.data, "train", limit=cfg.eval_masks)
+    return resize_images(images, cfg.size), resize_masks(masks, cfg.size)
+
+
+def generation_score(cfg: LawTuneConfig, run: str, terms: dict[str, bool], images: np.ndarray,
+                     masks: np.ndarray) -> dict[str, Any]:
+    """Sample one image per evaluation mask from the run's latest checkpoint and score it."""
+    from lawder_core.sample import sample_pairs
+
+    synthetic = sample_pairs(run, masks, steps=cfg.eval_sampling_steps, seed=cfg.seed)
+    result: dict[str, Any] = {}
+    score = 0.0
+    if terms["kid"]:
+        from lawder_core.metrics.fid import compute_fid_kid
+
+        kid = compute_fid_kid(images, synthetic, fid=False, kid=True, weights=cfg.fid_weights,
+                              kid_subset_size=len(masks), allow_download=False).kid
+        result["val_kid"] = kid
+        score += KID_SCALE * kid
+    if terms["adherence"]:
+        from lawder_core.metrics.adherence import mask_adherence
+        from lawder_core.predict import load_predictor
+
+        predictor = load_predictor(cfg.segmenter)  # type: ignore[arg-type]
+        adherence = mask_adherence(predictor.at_size, synthetic, masks)["dice_mean"]
+        result["val_adherence"] = adherence
+        score += 1.0 - adherence
+    result["val_score"] = score
+    return result
