@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import typer
-
 from lawder_cli.common import err_console, handle_errors, print_json
-from lawder_core.environment import environment_report
+from lawder_cli.options import JSON
 
 
 @handle_errors
-def env(json_out: bool = typer.Option(False, "--json", help="Print only the result as JSON on stdout.")) -> None:
+def env(json_out: bool = JSON) -> None:
     """Versions of Python, torch, CUDA, Ray, diffusers, h5py and the GPUs torch can see."""
+    from lawder_core.environment import environment_report
+
     report = environment_report()
     if json_out:
         print_json(report)

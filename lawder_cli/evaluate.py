@@ -83,7 +83,9 @@ def evaluate(
     profile: bool = typer.Option(False, "--profile", help="Parameters, FLOPs/MACs and CPU latency of --model."),
     out: Path = typer.Option(..., "-o", "--out", help="summary.json to write, or a folder to write it into."),
     real: Path = typer.Option(None, "--real", help="FID/KID: real images, an HDF5 file or an image folder."),
-    real_split: str = typer.Option(None, "--real-split", help="Split of an HDF5 --real (default: all)."),
+    real_split: str = typer.Option("train", "--real-split",
+                                   help="Split of an HDF5 --real: train (default; never the test split), val, test "
+                                        "or all. Reals are resized to the synthetic images' size."),
     synthetic: Path = typer.Option(None, "--synthetic",
                                    help="FID/KID/adherence: synthetic images (`lawder sample` HDF5 or a folder)."),
     synthetic_split: str = typer.Option(None, "--synthetic-split", help="Split of an HDF5 --synthetic (default: all)."),

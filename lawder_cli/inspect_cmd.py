@@ -8,15 +8,17 @@ import typer
 from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors, print_json
-from lawder_core.data.fingerprint import compute_fingerprint
+from lawder_cli.options import JSON
 
 
 @handle_errors
 def inspect(
     path: Path = typer.Argument(..., help="A lawder HDF5 file."),
-    json_out: bool = typer.Option(False, "--json", help="Print only the result as JSON on stdout."),
+    json_out: bool = JSON,
 ) -> None:
     """Describe a prepared (or synthetic) HDF5 file."""
+    from lawder_core.data.fingerprint import compute_fingerprint
+
     fp = compute_fingerprint(path)
     if json_out:
         print_json(fp)

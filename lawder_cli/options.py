@@ -18,7 +18,7 @@ SEED = typer.Option(0, "--seed", help="Random seed: the same seed and inputs giv
 FORCE = typer.Option(False, "--force", help="Replace what --out already holds (a run, a sweep, a file) and start over.")
 RESUME = typer.Option(False, "--resume", help="Continue what --out already holds from where it stopped.")
 # min=0: a negative count is refused by the option parser, before anything is imported or started.
-GPUS = typer.Option(0, "--gpus", min=0, help="GPU workers (Ray, NCCL); 0 runs on the CPU.")
+GPUS = typer.Option(0, "--gpus", min=0, help="GPU workers (Ray); 0 runs on the CPU.")
 WORKERS = typer.Option(0, "--workers", min=0,
                        help="With --gpus 0: 0 runs in this process; N starts N Ray CPU workers (gloo).")
 RAY_ADDRESS = typer.Option(None, "--ray-address",

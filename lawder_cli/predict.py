@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json
-from lawder_cli.options import JSON
-from lawder_core.predict import predict_to_folder
+from lawder_cli.options import FORCE, JSON
 
 
 @handle_errors
@@ -18,10 +17,15 @@ def predict(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: masks/ and overlays/ PNGs."),
     split: str = typer.Option("test", help="HDF5 input: train, val, test or all."),
     mode: str = typer.Option("auto", help="Inference path: auto, eager, channels_last or compile."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty output folder."),
+    force: bool = FORCE,
     json_out: bool = JSON,
 ) -> None:
-    """Predict lesion masks; writes masks/NAME.png (255 = lesion) and overlays/NAME.png."""
+    """Predict lesion masks; writes masks/NAME.png (255 = lesion) and overlays/NAME.png.
+
+    --force writes into an output folder that is not empty.
+    """
+    from lawder_core.predict import predict_to_folder
+
     result = predict_to_folder(run, input, out, split=split, mode=mode, force=force)
     if json_out:
         print_json(result)

@@ -8,9 +8,7 @@ from pathlib import Path
 import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json, progress_bar, quiet_stdout, setup_logging
-from lawder_cli.options import JSON, RAY_ADDRESS
-from lawder_core.distributed.sample import run_sample
-from lawder_core.sample import SampleConfig
+from lawder_cli.options import FORCE, GPUS, JSON, RAY_ADDRESS, SEED, WORKERS
 
 
 @handle_errors
@@ -26,14 +24,20 @@ def sample(
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | dpm"),
     guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1: none)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Image i depends only on (seed, i)."),
-    gpus: int = typer.Option(0, "--gpus", help="Spread the batches over N GPU workers (Ray)."),
-    workers: int = typer.Option(0, "--workers", help="With --gpus 0: N CPU Ray workers; 0 samples in this process."),
+    seed: int = SEED,
+    gpus: int = GPUS,
+    workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    force: bool = FORCE,
     json_out: bool = JSON,
 ) -> None:
-    """Generate one synthetic image per mask (or --n) and write them as a lawder HDF5 file with provenance."""
+    """Generate one synthetic image per mask (or --n) and write them as a lawder HDF5 file with provenance.
+
+    Image i depends only on (--seed, i), so --gpus/--workers change the speed, not the images.
+    """
+    from lawder_core.distributed.sample import run_sample
+    from lawder_core.sample import SampleConfig
+
     setup_logging()
     cfg = SampleConfig(run=run, masks=masks, out=str(out), split=split, n=n, mask_aug=mask_aug, steps=steps,
                        scheduler=scheduler, guidance=guidance, batch_size=batch_size, seed=seed, gpus=gpus,

@@ -19,9 +19,7 @@ from lawder_cli.options import (
     WORKERS,
     launch_config,
 )
-from lawder_core.distributed.train import train_law as run_train_law
 from lawder_core.runs import config_path
-from lawder_core.train.diffusion import law_config
 
 
 @handle_errors
@@ -53,11 +51,14 @@ def train_law(
     force: bool = FORCE,
     json_out: bool = JSON,
 ) -> None:
-    """Train a mask-conditioned diffusion model; writes checkpoint/, metrics.jsonl and samples/*.png to --out.
+    """Train a mask-conditioned diffusion model; writes last/ (the checkpoint), metrics.jsonl, samples/*.png to --out.
 
     --config takes a YAML/TOML/JSON config, e.g. the best.yaml of `lawder tune law-clamp`; flags win over it.
     With --resume and no --config the run continues with the config it was started with.
     """
+    from lawder_core.distributed.train import train_law as run_train_law
+    from lawder_core.train.diffusion import law_config
+
     setup_logging()
     if config is None and resume:
         config = config_path(out)

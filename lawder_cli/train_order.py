@@ -19,9 +19,6 @@ from lawder_cli.options import (
     WORKERS,
     launch_config,
 )
-from lawder_core.config import build_config
-from lawder_core.distributed.train import train_order as run_train_order
-from lawder_core.train.seg import SegTrainConfig
 
 
 @handle_errors
@@ -47,6 +44,10 @@ def train_order(
     json_out: bool = JSON,
 ) -> None:
     """Train a segmenter; writes best/ and last/ checkpoints, metrics.jsonl and curves.png to --out."""
+    from lawder_core.config import build_config
+    from lawder_core.distributed.train import train_order as run_train_order
+    from lawder_core.train.seg import SegTrainConfig
+
     setup_logging()
     cfg = build_config(SegTrainConfig, config, data=data, out=str(out), model=model, synthetic=synthetic,
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -9,10 +9,7 @@ import typer
 from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
-from lawder_cli.options import CONFIG, JSON, RAY_ADDRESS
-from lawder_core.config import build_config
-from lawder_core.distributed.tune import TuneOptions, run_tune
-from lawder_core.tune import load_space
+from lawder_cli.options import CONFIG, FORCE, JSON, RAY_ADDRESS, RESUME, SEED
 
 
 class SweepKind(str, Enum):
@@ -25,7 +22,7 @@ class SweepKind(str, Enum):
 def tune(
     kind: SweepKind = typer.Argument(..., help="law-clamp | law-reg | order"),
     data: str = typer.Option(..., "--data", help="Prepared HDF5 file (train split trains, val split scores)."),
-    out: Path = typer.Option(..., "--out", help="Experiment folder; rerunning with the same --out resumes."),
+    out: Path = typer.Option(..., "--out", help="Experiment folder (an existing one needs --resume or --force)."),
     trials: int = typer.Option(8, "--trials", help="Number of trials (grid spaces: trials per grid point)."),
     budget: int = typer.Option(10, "--budget", help="Per trial: epochs (order) or evaluation rounds (law)."),
     gpus_per_trial: float = typer.Option(0, "--gpus-per-trial"),
@@ -35,19 +32,26 @@ def tune(
     space: Path = typer.Option(None, "--space", help="YAML search space replacing the built-in one."),
     segmenter: str = typer.Option(None, "--segmenter", help="law sweeps: a real-data run for mask adherence."),
     fid_weights: str = typer.Option(None, "--fid-weights", help="law sweeps: FID Inception weights for KID."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SEED,
     ray_address: str = RAY_ADDRESS,
     config: Path = CONFIG,
-    resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: an existing --out always resumes."),
+    resume: bool = RESUME,
+    force: bool = FORCE,
     json_out: bool = JSON,
 ) -> None:
-    """Sweep LAW's clamp range or regularisation, or ORDER's knobs, and write the best config."""
+    """Sweep LAW's clamp range or regularisation, or ORDER's knobs, and write the best config.
+
+    --resume continues the sweep in --out (finished trials are kept); --force deletes it and starts over.
+    """
+    from lawder_core.distributed.tune import TuneOptions, run_tune
+    from lawder_core.tune import load_space
+
     setup_logging()
     opts = TuneOptions(trials=trials, budget=budget, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                        scheduler=scheduler, search=search, seed=seed, ray_address=ray_address)
     base = base_config(kind, data, out, config, budget, seed, segmenter, fid_weights)
     with quiet_stdout():
-        result = run_tune(kind.value, base, load_space(kind.value, space), out, opts)
+        result = run_tune(kind.value, base, load_space(kind.value, space), out, opts, resume=resume, force=force)
     if json_out:
         print_json(result)
         return
@@ -56,6 +60,8 @@ def tune(
 
 def base_config(kind: SweepKind, data: str, out: Path, config: Path | None, budget: int, seed: int,
                 segmenter: str | None, fid_weights: str | None):
+    from lawder_core.config import build_config
+
     if kind is SweepKind.order:
         from lawder_core.train.seg import SegTrainConfig
 

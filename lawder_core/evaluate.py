@@ -58,7 +58,7 @@ class Inputs:
     """What the metrics read; each metric needs only its own (see `check_request`)."""
 
     real: str | None = None  # FID/KID: an HDF5 file or an image folder
-    real_split: str | None = None  # None: all of an HDF5 --real
+    real_split: str | None = "train"  # of an HDF5 --real (ignored for a folder); never the test split by default
     synthetic: str | None = None  # FID/KID and adherence: `lawder sample` HDF5 (adherence) or a folder (FID/KID)
     synthetic_split: str | None = None
     fid_weights: str | None = None  # Inception TorchScript file; None: looked up (see metrics/fid.py)
@@ -229,9 +229,10 @@ def fid_kid(inputs: Inputs, metrics: Metrics, options: EvaluateOptions, device: 
     from lawder_core.metrics.fid import compute_fid_kid
 
     assert inputs.real is not None and inputs.synthetic is not None  # check_request
-    key = (str(Path(inputs.real).resolve()), inputs.real_split)
+    real_split = None if Path(inputs.real).is_dir() else inputs.real_split
+    key = (str(Path(inputs.real).resolve()), real_split)
     earlier = real_features.get(key) if real_features is not None else None
-    result = compute_fid_kid(inputs.real, inputs.synthetic, real_split=inputs.real_split,
+    result = compute_fid_kid(inputs.real, inputs.synthetic, real_split=real_split,
                              synthetic_split=inputs.synthetic_split, fid=metrics.fid, kid=metrics.kid,
                              weights=inputs.fid_weights, device=device, batch_size=options.batch_size,
                              seed=options.seed, allow_download=options.allow_download, progress=options.progress,

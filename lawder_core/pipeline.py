@@ -3,7 +3,25 @@
 prepare → train-law (uniform, law) → sample one synthetic set from each → train-order for
 {mkunet-t, mkunet-t-order} × {real, real + LAW synthetic, real + uniform synthetic} × seeds → evaluate
 (FID/KID, Dice, mask adherence, profile) → report. A stage whose output is complete is skipped, so an
-interrupted pipeline picks up where it stopped. Stages call the same core functions as the commands.
+interrupted pipeline picks up where it stopped.
+
+Each stage calls the function its command calls: `data.sources.prepare_source` (`lawder prepare`),
+`distributed.train.train_law` / `train_order`, `distributed.sample.run_sample` and `evaluate.evaluate`, which
+writes one `summary.json` per comparison, each exactly what `lawder evaluate` writes for the same request:
+
+    OUT/config.json                          the pipeline config and its preset
+    OUT/data/<source>.h5                     the prepared data (unless --data names a file)
+    OUT/law/<weighting>/                     train-law runs          OUT/synthetic/<weighting>.h5   samples
+    OUT/seg/<model>__<data>__s<seed>/        train-order runs
+    OUT/evaluate/synthetic-<weighting>/summary.json   FID/KID against the real training images + adherence
+    OUT/evaluate/seg-<model>__<data>__s<seed>/summary.json   test Dice of one segmenter
+    OUT/evaluate/profile-<model>/summary.json          parameters, FLOPs, CPU latency
+    OUT/report.md, OUT/report.html, OUT/figures/      the report
+    OUT/summary.json                         what `--json` prints: the report, the evaluations, and the seconds
+                                             each stage took in this invocation (a resumed run counts what it redid)
+
+Heavy modules (torch, the trainers) are imported by the stages that need them, so a bad --preset or --source
+is reported at once.
 """
 
 from __future__ import annotations
@@ -12,30 +30,36 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from lawder_core.data.h5 import load_arrays, read_info
+from lawder_core import runs
+from lawder_core.data.sources import SOURCES, SourceOptions, check_source
 from lawder_core.distributed.train import LaunchConfig, train_law, train_order
-from lawder_core.errors import EnvironmentProblem, UsageError
-from lawder_core.files import write_json
-from lawder_core.runs import read_metrics
-from lawder_core.train.diffusion import DiffusionTrainConfig
-from lawder_core.train.seg import SegTrainConfig
+from lawder_core.errors import DataError, EnvironmentProblem, UsageError
+from lawder_core.evaluate import EvaluateOptions, EvaluateRequest, Inputs, Metrics
+from lawder_core.evaluate import evaluate as evaluate_request
+from lawder_core.metrics.summary import SUMMARY_FILE
+from lawder_core.report import ReportInputs, SegScore, write_report
 
 log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("uniform", "law")
 SEG_MODELS = ("mkunet-t", "mkunet-t-order")
 SEG_DATA = ("real", "real+law", "real+uniform")
+JUDGE = "mkunet-t-order"  # the real-data segmenter that judges mask adherence
+PROFILE_SIZE = 256  # the paper's cost figures are at 256×256
+# Raw sources the pipeline can prepare by itself (a generic folder needs --images/--masks: prepare it first).
+PIPELINE_SOURCES = tuple(s for s in SOURCES if s != "folder")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Budgets of one pipeline run; `tiny` is for tests, `cpu-small` for the demo, `gpu-paper` for the paper."""
+    """Budgets of one pipeline run; `tiny` is for tests, `cpu-small` for the demo, `gpu-paper` for the paper.
+
+    Hardware is not part of a preset: --gpus and --workers mean what they mean for every command.
+    """
 
     size: int
     synthetic_n: int  # samples of the built-in data set when no data is given
@@ -46,21 +70,20 @@ class Preset:
     seg_epochs: int
     seg_batch: int
     seeds: tuple[int, ...]
-    workers: int = 1  # CPU workers per training (gpus take precedence)
-    gpus: int = 0
     max_steps_per_epoch: int | None = None
     previews: int = 3  # LAW weight-map / sample grids written during each diffusion training
     sample_limit: int | None = None  # synthetic images per set: one per training mask, at most this many
+    profile_repeats: int = 2  # latency of the profile stage: best of this many timed runs
 
 
 PRESETS = {
     "tiny": Preset(size=32, synthetic_n=24, denoiser="tiny", law_steps=2, law_batch=4, sample_steps=2,
-                   seg_epochs=1, seg_batch=4, seeds=(0,), workers=0, max_steps_per_epoch=2, previews=1),
+                   seg_epochs=1, seg_batch=4, seeds=(0,), max_steps_per_epoch=2, previews=1),
     # cpu-small is sized so `make demo` finishes in ~13 minutes on 2 idle cores (measured, README)
     "cpu-small": Preset(size=64, synthetic_n=240, denoiser="small", law_steps=200, law_batch=8, sample_steps=15,
-                        seg_epochs=10, seg_batch=16, seeds=(0,), workers=1, sample_limit=192),
+                        seg_epochs=10, seg_batch=16, seeds=(0,), sample_limit=192),
     "gpu-paper": Preset(size=256, synthetic_n=1000, denoiser="base", law_steps=3000, law_batch=32,
-                        sample_steps=50, seg_epochs=200, seg_batch=16, seeds=(0, 1, 2), workers=1, gpus=1),
+                        sample_steps=50, seg_epochs=200, seg_batch=16, seeds=(0, 1, 2)),
 }
 
 
@@ -68,20 +91,37 @@ PRESETS = {
 class PipelineConfig:
     out: str
     preset: str = "cpu-small"
-    data: str | None = None  # a prepared HDF5; None: build the synthetic set
+    data: str | None = None  # a prepared HDF5; None: prepare --source (default: the built-in synthetic set)
+    source: str | None = None  # raw data to prepare first: kvasir | cvc | kits | synthetic
+    in_dir: str | None = None  # with source: the raw data folder
     seed: int = 0
     fid_weights: str | None = None
-    gpus: int | None = None  # override the preset
-    workers: int | None = None
+    gpus: int = 0  # GPU workers of every training and of sampling
+    workers: int = 0  # with gpus 0: 0 runs in this process, N starts N Ray CPU workers
     ray_address: str | None = None
 
 
-def preset_of(cfg: PipelineConfig) -> Preset:
+def check_pipeline_config(cfg: PipelineConfig) -> Preset:
+    """Every usage error of a pipeline, raised before anything is written; returns the preset."""
     if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown --preset {cfg.preset!r}; expected one of {sorted(PRESETS)}.")
-    preset = PRESETS[cfg.preset]
-    overrides = {k: v for k, v in (("gpus", cfg.gpus), ("workers", cfg.workers)) if v is not None}
-    return replace(preset, **overrides)
+        raise UsageError(f"unknown --preset {cfg.preset!r}.", f"Choose one of: {', '.join(PRESETS)}.")
+    if cfg.data is not None and cfg.source is not None:
+        raise UsageError("--data and --source exclude each other.",
+                         "Pass a prepared file with --data, or raw data with --source and --in.")
+    if cfg.source is not None:
+        if cfg.source not in PIPELINE_SOURCES:
+            raise UsageError(f"unknown --source {cfg.source!r}.", f"Choose one of: {', '.join(PIPELINE_SOURCES)} "
+                             "(prepare a generic folder with `lawder prepare folder` and pass --data).")
+        check_source(cfg.source, cfg.in_dir)
+    if cfg.gpus < 0 or cfg.workers < 0:
+        raise UsageError("--gpus and --workers must be non-negative.")
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise DataError(f"--data {cfg.data} does not exist.", "Pass a file written by `lawder prepare`.")
+    return PRESETS[cfg.preset]
+
+
+def seg_name(model: str, data: str, seed: int) -> str:
+    return f"{model}__{data.replace('+', '_')}__s{seed}"
 
 
 class Stages:
@@ -89,15 +129,19 @@ class Stages:
 
     def __init__(self, cfg: PipelineConfig, progress: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        self.preset = preset_of(cfg)
+        self.preset = check_pipeline_config(cfg)
         self.out = Path(cfg.out)
         self.say = progress or (lambda msg: log.info("%s", msg))
         self.timings: dict[str, float] = {}
+        # FID features of the real training images, kept while evaluating: embedded once for both synthetic sets
+        self.real_features: dict[Any, Any] = {}
 
     # ---------------------------------------------------------------- paths
     @property
     def data(self) -> Path:
-        return Path(self.cfg.data) if self.cfg.data else self.out / "data" / "synthetic.h5"
+        if self.cfg.data:
+            return Path(self.cfg.data)
+        return self.out / "data" / f"{self.cfg.source or 'synthetic'}.h5"
 
     def law_run(self, weighting: str) -> Path:
         return self.out / "law" / weighting
@@ -106,11 +150,13 @@ class Stages:
         return self.out / "synthetic" / f"{weighting}.h5"
 
     def seg_run(self, model: str, data: str, seed: int) -> Path:
-        return self.out / "seg" / f"{model}__{data.replace('+', '_')}__s{seed}"
+        return self.out / "seg" / seg_name(model, data, seed)
+
+    def evaluation(self, name: str) -> Path:
+        return self.out / "evaluate" / name / SUMMARY_FILE
 
     def launch_config(self, name: str) -> LaunchConfig:
-        return LaunchConfig(gpus=self.preset.gpus, workers=self.preset.workers, ray_address=self.cfg.ray_address,
-                            name=name)
+        return LaunchConfig(gpus=self.cfg.gpus, workers=self.cfg.workers, ray_address=self.cfg.ray_address, name=name)
 
     def timed(self, name: str, fn: Callable[[], Any]) -> Any:
         tic = time.perf_counter()
@@ -120,21 +166,24 @@ class Stages:
 
     # ---------------------------------------------------------------- stages
     def prepare(self) -> None:
+        from lawder_core.data.h5 import read_info
+
         if self.data.exists():
             read_info(self.data)  # a clear error now if it is not a lawder file
             return
-        if self.cfg.data:
-            raise UsageError(f"--data {self.data} does not exist.")
         from lawder_core.data.prepare import PrepareOptions
-        from lawder_core.data.synthetic import prepare_synthetic
+        from lawder_core.data.sources import prepare_source
 
-        self.say(f"prepare: {self.preset.synthetic_n} synthetic samples at {self.preset.size} px")
-        prepare_synthetic(self.data, n=self.preset.synthetic_n, size=self.preset.size, seed=self.cfg.seed,
-                          options=PrepareOptions(seed=self.cfg.seed))
+        source = self.cfg.source or "synthetic"
+        self.say(f"prepare {source} at {self.preset.size} px")
+        prepare_source(source, self.cfg.in_dir, self.data, PrepareOptions(seed=self.cfg.seed, size=self.preset.size),
+                       SourceOptions(n=self.preset.synthetic_n))
 
     def train_law(self, weighting: str) -> None:
+        from lawder_core.train.diffusion import DiffusionTrainConfig
+
         run = self.law_run(weighting)
-        records = read_metrics(run)
+        records = runs.read_metrics(run)
         if records and records[-1].get("step") == self.preset.law_steps and "checkpoint" in records[-1]:
             return
         self.say(f"train-law --weighting {weighting}: {self.preset.law_steps} steps")
@@ -146,29 +195,33 @@ class Stages:
                                    log_every=max(1, self.preset.law_steps // 20), resume=True)
         train_law(cfg, self.launch_config(f"law-{weighting}"))
 
+    def sample_count(self) -> int | None:
+        """The preset's sampling budget: one image per training mask, the first `sample_limit` in file order."""
+        if self.preset.sample_limit is None:
+            return None
+        from lawder_core.data.h5 import split_indices
+
+        return min(self.preset.sample_limit, len(split_indices(self.data, "train")))
+
     def sample(self, weighting: str) -> None:
+        from lawder_core.distributed.sample import run_sample
+        from lawder_core.sample import SampleConfig
+
         out = self.synthetic(weighting)
         if out.exists():
             return
-        from lawder_core.sample import sample_pairs, write_synthetic_h5
-
-        _, masks, cases = load_arrays(self.data, "train")
-        if self.preset.sample_limit is not None and len(masks) > self.preset.sample_limit:
-            # a seeded subset of the training masks, in file order: the CPU preset's sampling budget
-            keep = np.sort(np.random.default_rng(self.cfg.seed).permutation(len(masks))[:self.preset.sample_limit])
-            masks, cases = masks[keep], cases[keep]
-        self.say(f"sample: {len(masks)} synthetic images from the {weighting} model, "
+        cfg = SampleConfig(run=str(self.law_run(weighting)), masks=str(self.data), out=str(out), split="train",
+                           n=self.sample_count(), steps=self.preset.sample_steps, seed=self.cfg.seed,
+                           gpus=self.cfg.gpus, workers=self.cfg.workers, ray_address=self.cfg.ray_address)
+        self.say(f"sample: {cfg.n or 'one per training mask'} synthetic images from the {weighting} model, "
                  f"DDIM {self.preset.sample_steps} steps")
-        images = sample_pairs(self.law_run(weighting), masks, steps=self.preset.sample_steps, seed=self.cfg.seed)
-        info = read_info(self.data)
-        write_synthetic_h5(out, images, masks, [f"syn_{c}" for c in cases],
-                           provenance={"run": str(self.law_run(weighting)), "scheduler": "ddim",
-                                       "steps": self.preset.sample_steps, "seed": self.cfg.seed},
-                           label_names=info.label_names)
+        run_sample(cfg)
 
     def train_order(self, model: str, data: str, seed: int) -> None:
+        from lawder_core.train.seg import SegTrainConfig
+
         run = self.seg_run(model, data, seed)
-        records = read_metrics(run)
+        records = runs.read_metrics(run)
         if records and records[-1]["epoch"] + 1 >= self.preset.seg_epochs:
             return
         synthetic = None if data == "real" else str(self.synthetic(data.split("+")[1]))
@@ -179,64 +232,67 @@ class Stages:
                              max_steps_per_epoch=self.preset.max_steps_per_epoch)
         train_order(cfg, self.launch_config(run.name))
 
-    def evaluate(self) -> dict[str, Any]:
-        path = self.out / "evaluation.json"
+    # ---------------------------------------------------------------- evaluate: one `lawder evaluate` each
+    def evaluate_once(self, name: str, metrics: Metrics, inputs: Inputs, options: EvaluateOptions | None = None,
+                      **metadata: Any) -> dict[str, Any]:
+        """`lawder evaluate` for one comparison, written to evaluate/<name>/summary.json (read back on resume)."""
+        path = self.evaluation(name)
         if path.exists():
             return json.loads(path.read_text())
-        self.say("evaluate: FID/KID, Dice, mask adherence, profile")
-        results = {"fid": self.evaluate_fid(), "dice": self.evaluate_dice(), "adherence": self.evaluate_adherence(),
-                   "profile": self.evaluate_profile()}
-        write_json(path, results)
-        return results
+        request = EvaluateRequest(out=str(path), metrics=metrics, inputs=inputs,
+                                  options=options or EvaluateOptions(seed=self.cfg.seed),
+                                  metadata={"command": "pipeline", "stage": f"evaluate {name}", **metadata})
+        return evaluate_request(request, real_features=self.real_features)
 
-    def evaluate_fid(self) -> dict[str, Any]:
-        from lawder_core.metrics.fid import compute_fid_kid
+    def evaluate_synthesis(self, weighting: str) -> dict[str, Any]:
+        """FID/KID of one synthetic set against the real training images, and its mask adherence.
 
-        results: dict[str, Any] = {}
-        first = None  # its real-side features are reused: the real training split is read once
-        for weighting in WEIGHTINGS:
-            try:
-                fid = compute_fid_kid(self.data, self.synthetic(weighting), real_split="train",
-                                      weights=self.cfg.fid_weights, allow_download=False,
-                                      kid_subset_size=1000, keep_features=True, reuse_real=first)
-            except EnvironmentProblem as err:
-                return {"skipped": err.message, "hint": err.hint}
-            first = first or fid
-            results[weighting] = fid.to_dict()
-        return results
+        Without FID weights (the pipeline never downloads them) FID/KID are left out and the reason is kept
+        in the summary's metadata, so the rest of the report is still written.
+        """
+        name = f"synthetic-{weighting}"
+        inputs = Inputs(real=str(self.data), real_split="train", synthetic=str(self.synthetic(weighting)),
+                        fid_weights=self.cfg.fid_weights,
+                        segmenter=str(self.seg_run(JUDGE, "real", self.preset.seeds[0])))
+        options = EvaluateOptions(seed=self.cfg.seed, allow_download=False)
+        try:
+            return self.evaluate_once(name, Metrics(fid=True, kid=True, adherence=True), inputs, options)
+        except EnvironmentProblem as err:
+            self.say(f"FID/KID skipped: {err.message}")
+            return self.evaluate_once(name, Metrics(adherence=True), inputs, options, fid_skipped=err.message,
+                                      fid_hint=err.hint)
 
-    def evaluate_dice(self) -> dict[str, Any]:
-        from lawder_core.evaluate import dice_for_run
+    def evaluate_segmenter(self, model: str, data: str, seed: int) -> SegScore:
+        inputs = Inputs(run=str(self.seg_run(model, data, seed)), data=str(self.data), split="test")
+        summary = self.evaluate_once(f"seg-{seg_name(model, data, seed)}", Metrics(dice=True), inputs)
+        return SegScore(model=model, data=data, seed=seed, summary=summary)
 
-        results: dict[str, Any] = {}
-        for model in SEG_MODELS:
-            for data in SEG_DATA:
-                for seed in self.preset.seeds:
-                    report, _ = dice_for_run(self.seg_run(model, data, seed), self.data, "test")
-                    results[f"{model}|{data}|{seed}"] = {"model": model, "data": data, "seed": seed,
-                                                        "dice": report.foreground_mean["Dice"],
-                                                        "iou": report.foreground_mean["IoU"]}
-        return results
+    def evaluate_profile(self, model: str) -> dict[str, Any]:
+        options = EvaluateOptions(seed=self.cfg.seed, repeats=self.preset.profile_repeats)
+        return self.evaluate_once(f"profile-{model}", Metrics(profile=True),
+                                  Inputs(model=model, size=PROFILE_SIZE), options)
 
-    def evaluate_adherence(self) -> dict[str, Any]:
-        from lawder_core.evaluate import adherence_for_run
+    def evaluate(self) -> ReportInputs:
+        self.say("evaluate: FID/KID, mask adherence, Dice, profile")
+        synthesis = {w: self.evaluate_synthesis(w) for w in WEIGHTINGS}
+        segmentation = [self.evaluate_segmenter(model, data, seed) for seed in self.preset.seeds
+                        for model in SEG_MODELS for data in SEG_DATA]
+        profiles = {model: self.evaluate_profile(model) for model in SEG_MODELS}
+        self.real_features.clear()  # Inception features of every real image: let them go
+        return ReportInputs(out=self.out, setup=self.setup_note(), law_runs={w: self.law_run(w) for w in WEIGHTINGS},
+                            synthetic={w: self.synthetic(w) for w in WEIGHTINGS}, synthesis=synthesis,
+                            segmentation=segmentation, profiles=profiles)
 
-        judge = self.seg_run("mkunet-t-order", "real", self.preset.seeds[0])
-        results = {}
-        for weighting in WEIGHTINGS:
-            result = adherence_for_run(judge, self.synthetic(weighting))
-            results[weighting] = {k: result[k] for k in ("dice_mean", "dice_sd", "iou_mean", "n_images")}
-        return {**results, "judge": str(judge)}
-
-    def evaluate_profile(self) -> dict[str, Any]:
-        from lawder_core.evaluate import profile_model
-
-        return {model: profile_model(model, size=256, repeats=2) for model in SEG_MODELS}
+    def setup_note(self) -> str:
+        p = self.preset
+        limit = f" for at most {p.sample_limit} training masks per synthetic set" if p.sample_limit else ""
+        return (f"Preset `{self.cfg.preset}`: {p.size} px, diffusion {p.law_steps} steps ({p.denoiser} UNet), "
+                f"DDIM {p.sample_steps} steps{limit}, segmenters {p.seg_epochs} epochs (real + synthetic: every "
+                f"synthetic image once per epoch), seeds {list(p.seeds)}. Data: `{self.data}`.")
 
     # ---------------------------------------------------------------- all
     def run_all(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "pipeline_config.json", {"config": vars(self.cfg), "preset": vars(self.preset)})
+        runs.write_config(self.out, {"config": asdict(self.cfg), "preset": asdict(self.preset)})
         self.timed("prepare", self.prepare)
         for weighting in WEIGHTINGS:
             self.timed("train-law", lambda w=weighting: self.train_law(w))
@@ -245,13 +301,17 @@ class Stages:
             for model in SEG_MODELS:
                 for data in SEG_DATA:
                     self.timed("train-order", lambda m=model, d=data, s=seed: self.train_order(m, d, s))
-        results = self.timed("evaluate", self.evaluate)
-        from lawder_core.report import write_report
+        inputs = self.timed("evaluate", self.evaluate)
+        report = self.timed("report", lambda: write_report(inputs))
+        evaluations = sorted(str(p) for p in (self.out / "evaluate").glob(f"*/{SUMMARY_FILE}"))
+        summary = {"out": str(self.out), "report": str(report), "evaluations": evaluations, "timings": self.timings}
+        runs.write_summary(self.out, summary)
+        return summary
 
-        report = write_report(self, results)
-        write_json(self.out / "timings.json", self.timings)
-        return {"out": str(self.out), "report": str(report), "timings": self.timings}
 
-
-def run_pipeline(cfg: PipelineConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    return Stages(cfg, progress).run_all()
+def run_pipeline(cfg: PipelineConfig, progress: Callable[[str], None] | None = None, *, resume: bool = False,
+                 force: bool = False) -> dict[str, Any]:
+    """`lawder pipeline`: validate, open the run folder (--resume / --force), run every stage, write summary.json."""
+    stages = Stages(cfg, progress)
+    runs.open_run(cfg.out, resume=resume, force=force)
+    return stages.run_all()

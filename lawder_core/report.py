@@ -1,7 +1,9 @@
 """The pipeline's report: the paper's three claims as tables beside the paper's numbers, plus plots.
 
 Written twice from the same tables: `report.md` (figures as files in figures/) and a self-contained
-`report.html` (figures inlined as base64), so it can be attached to a CI run or mailed.
+`report.html` (figures inlined as base64), so it can be attached to a CI run or mailed. The numbers come from
+`summary.json` files in `lawder evaluate`'s shape; the pipeline hands them over in a `ReportInputs`, so this
+module knows nothing of the pipeline's stages. matplotlib is imported by the figure functions only.
 """
 
 from __future__ import annotations
@@ -10,19 +12,15 @@ import base64
 import html
 import math
 import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lawder_core.files import atomic_save, read_jsonl  # noqa: E402
-
-if TYPE_CHECKING:
-    from lawder_core.pipeline import Stages
+from lawder_core import runs
+from lawder_core.files import atomic_save, read_jsonl
 
 PAPER = {
     "fid": {"uniform": 65.60, "law": 52.28},
@@ -33,6 +31,33 @@ PAPER = {
 }
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
+
+
+@dataclass(frozen=True)
+class SegScore:
+    """One trained segmenter and the `lawder evaluate --dice` summary of it on the test split."""
+
+    model: str
+    data: str  # what it was trained on: real, real+law or real+uniform
+    seed: int
+    summary: Mapping[str, Any]
+
+    @property
+    def dice(self) -> float | None:
+        return self.summary["foreground_mean"].get("Dice")
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Everything the report shows; every summary is in `lawder evaluate`'s summary.json shape."""
+
+    out: Path  # report.md, report.html and figures/ go here
+    setup: str  # one paragraph: preset, budgets, data
+    law_runs: Mapping[str, Path]  # weighting -> train-law run folder (loss curves, weight-map previews)
+    synthetic: Mapping[str, Path]  # weighting -> synthetic HDF5 (its PNG grid lies beside it)
+    synthesis: Mapping[str, Mapping[str, Any]]  # weighting -> --fid --kid --adherence summary (FID may be absent)
+    segmentation: Sequence[SegScore]
+    profiles: Mapping[str, Mapping[str, Any]]  # model -> --profile summary
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -50,18 +75,23 @@ def mean_sd(values: list[float]) -> str:
     return f"{100 * np.mean(values):.1f}{sd}"
 
 
-def dice_values(results: dict[str, Any], model: str, data: str) -> list[float]:
-    return [r["dice"] for r in results["dice"].values() if r["model"] == model and r["data"] == data]
+def dice_values(inputs: ReportInputs, model: str, data: str) -> list[float]:
+    return [s.dice for s in inputs.segmentation if s.model == model and s.data == data and s.dice is not None]
 
 
-def synthesis_table(results: dict[str, Any]) -> Table:
-    fid, adherence = results["fid"], results["adherence"]
+def percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def synthesis_table(inputs: ReportInputs) -> Table:
+    fid = {w: s["fid"] for w, s in inputs.synthesis.items() if "fid" in s}
     rows = []
     for weighting in ("uniform", "law"):
         f = fid.get(weighting, {})
-        rows.append([weighting, fmt(f.get("fid")), fmt(f.get("kid"), 4),
-                     fmt(100 * adherence[weighting]["dice_mean"], 1), fmt(PAPER["fid"][weighting])])
-    if "uniform" in fid and "law" in fid and fid["uniform"].get("fid"):
+        adherence = inputs.synthesis[weighting]["adherence"]["dice_mean"]
+        rows.append([weighting, fmt(f.get("fid")), fmt(f.get("kid"), 4), fmt(percent(adherence), 1),
+                     fmt(PAPER["fid"][weighting])])
+    if "uniform" in fid and "law" in fid and fid["uniform"].get("fid") and fid["law"].get("fid") is not None:
         change = 100 * (fid["law"]["fid"] - fid["uniform"]["fid"]) / fid["uniform"]["fid"]
         paper = 100 * (PAPER["fid"]["law"] - PAPER["fid"]["uniform"]) / PAPER["fid"]["uniform"]
         rows.append(["LAW vs uniform", f"{change:+.1f} %", "", "", f"{paper:+.1f} %"])
@@ -69,22 +99,22 @@ def synthesis_table(results: dict[str, Any]) -> Table:
     return title, ["weighting", "FID", "KID", "mask adherence", "paper FID"], rows
 
 
-def synthetic_data_table(results: dict[str, Any]) -> Table:
+def synthetic_data_table(inputs: ReportInputs) -> Table:
     rows = []
     for model in ("mkunet-t-order", "mkunet-t"):
         for data in ("real", "real+uniform", "real+law"):
             paper = PAPER["dice_synthetic"].get(data) if model == "mkunet-t-order" else None
-            rows.append([model, data, mean_sd(dice_values(results, model, data)), fmt(paper, 1)])
+            rows.append([model, data, mean_sd(dice_values(inputs, model, data)), fmt(paper, 1)])
     title = "Claim 2 — LAW's synthetic images help segmenters (test Dice ×100, mean ± sd over seeds)"
     return title, ["model", "training data", "Dice", "paper Dice"], rows
 
 
-def order_table(results: dict[str, Any]) -> Table:
+def order_table(inputs: ReportInputs) -> Table:
     rows = []
     for model in ("mkunet-t", "mkunet-t-order"):
-        prof = results["profile"][model]
+        prof = inputs.profiles[model]["profile"]
         paper_cost = f"{PAPER['order_gflops']} GFLOPs, {PAPER['order_params']}" if model.endswith("order") else ""
-        rows.append([model, mean_sd(dice_values(results, model, "real")), f"{prof['params']:,}",
+        rows.append([model, mean_sd(dice_values(inputs, model, "real")), f"{prof['params']:,}",
                      f"{prof['gmacs']:.3f}", f"{prof['gflops']:.3f}", fmt(PAPER["dice_order"][model], 1),
                      paper_cost])
     title = "Claim 3 — ORDER improves a tiny U-Net (real data only; cost at 256×256, 1 MAC = 2 FLOPs)"
@@ -105,17 +135,28 @@ def html_table(table: Table) -> str:
     return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (imported here: only the report draws)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     atomic_save(lambda p: fig.savefig(p, format="png", dpi=90, bbox_inches="tight"), path)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
-def loss_figure(stages: Stages, folder: Path) -> Path | None:
+def loss_figure(law_runs: Mapping[str, Path], folder: Path) -> Path | None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     drew = False
     for weighting in ("uniform", "law"):
-        records = [r for r in read_jsonl(stages.law_run(weighting) / "metrics.jsonl") if r.get("mse") is not None
+        records = [r for r in read_jsonl(law_runs[weighting] / runs.METRICS) if r.get("mse") is not None
                    or r.get("loss") is not None]
         if records:
             key = "mse" if "mse" in records[0] else "loss"
@@ -131,12 +172,12 @@ def loss_figure(stages: Stages, folder: Path) -> Path | None:
     return save_figure(fig, folder / "diffusion_loss.png")
 
 
-def dice_figure(results: dict[str, Any], folder: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+def dice_figure(inputs: ReportInputs, folder: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(7, 3.2))
     labels, means, sds = [], [], []
     for model in ("mkunet-t", "mkunet-t-order"):
         for data in ("real", "real+uniform", "real+law"):
-            values = dice_values(results, model, data)
+            values = dice_values(inputs, model, data)
             labels.append(f"{model}\n{data}")
             means.append(100 * float(np.mean(values)) if values else 0.0)
             sds.append(100 * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
@@ -148,14 +189,14 @@ def dice_figure(results: dict[str, Any], folder: Path) -> Path:
     return save_figure(fig, folder / "dice.png")
 
 
-def copied_images(stages: Stages, folder: Path) -> list[tuple[str, Path]]:
+def copied_images(inputs: ReportInputs, folder: Path) -> list[tuple[str, Path]]:
     """Sample grids of both synthetic sets and LAW's latest weight-map preview, copied beside the report."""
     found: list[tuple[str, Path]] = []
     for weighting in ("uniform", "law"):
-        grid = stages.synthetic(weighting).with_suffix(".png")
+        grid = inputs.synthetic[weighting].with_suffix(".png")
         if grid.exists():
             found.append((f"synthetic pairs, {weighting} weighting", grid))
-    previews = sorted((stages.law_run("law") / "samples").glob("*.png"))
+    previews = sorted((inputs.law_runs["law"] / "samples").glob("*.png"))
     if previews:
         found.append(("LAW weight maps beside their masks (latest preview: image, mask, weight map, sample)",
                       previews[-1]))
@@ -167,18 +208,18 @@ def copied_images(stages: Stages, folder: Path) -> list[tuple[str, Path]]:
     return copies
 
 
-def write_report(stages: Stages, results: dict[str, Any]) -> Path:
-    out = stages.out
+def write_report(inputs: ReportInputs) -> Path:
+    out = inputs.out
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    tables = [synthesis_table(results), synthetic_data_table(results), order_table(results)]
+    tables = [synthesis_table(inputs), synthetic_data_table(inputs), order_table(inputs)]
     images: list[tuple[str, Path]] = []
-    loss = loss_figure(stages, figures)
+    loss = loss_figure(inputs.law_runs, figures)
     if loss is not None:
         images.append(("diffusion training loss, uniform vs LAW", loss))
-    images.append(("test Dice per model and training data", dice_figure(results, figures)))
-    images += copied_images(stages, figures)
-    notes = report_notes(stages, results)
+    images.append(("test Dice per model and training data", dice_figure(inputs, figures)))
+    images += copied_images(inputs, figures)
+    notes = report_notes(inputs)
     md = ["# lawder pipeline report", "", *notes, ""] + [markdown_table(t) for t in tables]
     md += [f"![{caption}](figures/{path.name})\n\n*{caption}*\n" for caption, path in images]
     atomic_save(lambda p: p.write_text("\n".join(md)), out / "report.md")
@@ -186,27 +227,24 @@ def write_report(stages: Stages, results: dict[str, Any]) -> Path:
     return out / "report.md"
 
 
-def report_notes(stages: Stages, results: dict[str, Any]) -> list[str]:
-    p = stages.preset
-    notes = [f"Preset `{stages.cfg.preset}`: {p.size} px, diffusion {p.law_steps} steps ({p.denoiser} UNet), "
-             f"DDIM {p.sample_steps} steps"
-             + (f" for at most {p.sample_limit} training masks per synthetic set" if p.sample_limit else "")
-             + f", segmenters {p.seg_epochs} epochs (real + synthetic: every synthetic image once per epoch), "
-             f"seeds {list(p.seeds)}. "
-             f"Data: `{stages.data}`.",
+def report_notes(inputs: ReportInputs) -> list[str]:
+    notes = [inputs.setup,
              "Paper numbers are from the LAW/ORDER paper at full scale (SD 1.5 ControlNet, 200-epoch segmenters); "
              "this run's budgets are far smaller, so compare directions, not values."]
-    fid = results["fid"]
-    if "skipped" in fid:
-        notes.append(f"FID/KID skipped: {fid['skipped']}")
+    synthesis = list(inputs.synthesis.values())
+    fid = next((s["fid"] for s in synthesis if "fid" in s), None)
+    if fid is None:
+        skipped = next((s["metadata"].get("fid_skipped") for s in synthesis if s["metadata"].get("fid_skipped")),
+                       "not computed")
+        notes.append(f"FID/KID skipped: {skipped}")
     else:
-        any_fid = next(iter(fid.values()))
-        notes.append(f"FID/KID feature extractor: {any_fid.get('feature_extractor')} "
-                     f"(sha256 {str(any_fid.get('weights_sha256'))[:12]}…), {any_fid.get('n_real')} real vs "
-                     f"{any_fid.get('n_synthetic')} synthetic images"
-                     + ("; fewer than 2,048 images: FID is biased upwards." if any_fid.get("n_real", 0) < 2048
-                        else "."))
-    notes.append(f"Mask adherence is judged by `{results['adherence']['judge']}` (trained on real data only).")
+        notes.append(f"FID/KID feature extractor: {fid.get('feature_extractor')} "
+                     f"(sha256 {str(fid.get('weights_sha256'))[:12]}…), {fid.get('n_real')} real vs "
+                     f"{fid.get('n_synthetic')} synthetic images"
+                     + ("; fewer than 2,048 images: FID is biased upwards." if fid.get("n_real", 0) < 2048 else "."))
+    judge = synthesis[0]["adherence"]["segmenter"]["run"] if synthesis else "–"
+    notes.append(f"Mask adherence is judged by `{judge}` (trained on real data only).")
+    notes.append("Every number comes from a `summary.json` in `lawder evaluate`'s shape, under `evaluate/`.")
     return [f"- {n}" for n in notes]
 
 

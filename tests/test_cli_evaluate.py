@@ -188,3 +188,26 @@ def test_missing_run_folder_is_a_data_error(files, tmp_path):
     result = invoke("--dice", "--run", tmp_path / "nothing", "--data", files["data"], "-o", tmp_path / "x")
     assert result.exit_code == EXIT_DATA
     assert "train-order" in flat(result.stderr)
+
+
+def test_the_core_request_is_what_the_command_runs_and_reuses_real_features(files, tmp_path, monkeypatch):
+    """The pipeline calls lawder_core.evaluate.evaluate: same summary shape and numbers as the command."""
+    from lawder_core.evaluate import EvaluateRequest, Inputs, Metrics, evaluate
+
+    cli = invoke(*fid_args(files, tmp_path / "cli"), "--json")
+    assert cli.exit_code == 0, cli.output
+    extracted = []
+    original = fidmod.extract_features
+    monkeypatch.setattr(fidmod, "extract_features", lambda source, *a, **k: extracted.append(source.label)
+                        or original(source, *a, **k))
+    inputs = Inputs(real=str(files["real"]), synthetic=str(files["synthetic"]), fid_weights=str(files["weights"]))
+    cache: dict = {}
+    summaries = [evaluate(EvaluateRequest(out=str(tmp_path / name), metrics=Metrics(fid=True, kid=True),
+                                          inputs=inputs, metadata={"stage": name}), real_features=cache)
+                 for name in ("first", "second")]
+    assert len(extracted) == 3  # real, synthetic, then the synthetic side only
+    expected = json.loads(cli.stdout)
+    for summary, name in zip(summaries, ("first", "second"), strict=True):
+        assert set(summary) == set(expected) and summary["metadata"]["stage"] == name
+        assert summary["fid"]["fid"] == pytest.approx(expected["fid"]["fid"], rel=1e-9)
+        assert json.loads((tmp_path / name / "summary.json").read_text()) == summary

@@ -155,7 +155,8 @@ def test_result_records_provenance_and_warns_on_small_sets(result_ab, caplog):
     assert record["feature_extractor"] == f"custom:{__name__}.TinyFeatures"
     assert record["weights_sha256"] is None and record["weights_source"] == "custom"
     assert (record["n_real"], record["n_synthetic"], record["feature_dim"]) == (N_IMAGES, N_IMAGES, FEATURE_DIM)
-    assert record["resolution"] == {"real": [24, 24], "synthetic": [24, 24], "features_input": [299, 299]}
+    assert record["resolution"] == {"real": [24, 24], "synthetic": [24, 24], "features_input": [299, 299],
+                                    "real_resized_to": None}
     assert record["mode"] == "clean"
     assert any("2048" in w for w in record["warnings"])
     assert "features_real" not in record
@@ -368,3 +369,25 @@ def test_reusing_the_real_side_gives_the_same_scores(sets, net, result_ab):
     without_features = compute_fid_kid(real, synthetic, feature_extractor=net, kid=False)
     with pytest.raises(UsageError, match="keep_features"):
         compute_fid_kid(real, synthetic, feature_extractor=net, reuse_real=without_features)
+
+
+def test_reals_are_resized_to_the_synthetic_resolution_and_the_result_says_so(sets, net, tmp_path):
+    from lawder_core.data.resize import resize_images
+
+    real, synthetic = sets
+    small = resize_images(synthetic, 16)
+    matched = compute_fid_kid(real, small, feature_extractor=net, kid=False)
+    assert matched.resolution["real_resized_to"] == [16, 16]
+    by_hand = compute_fid_kid(resize_images(real, 16), small, feature_extractor=net, kid=False)
+    assert by_hand.resolution["real_resized_to"] is None
+    assert matched.fid == pytest.approx(by_hand.fid, rel=1e-6)
+    unmatched = compute_fid_kid(real, small, feature_extractor=net, kid=False, match_resolution=False)
+    assert unmatched.fid != pytest.approx(matched.fid, rel=1e-3)
+
+
+def test_a_synthetic_folder_of_mixed_sizes_is_refused(sets, net, tmp_path):
+    real, synthetic = sets
+    folder = write_folder(synthetic[:4], tmp_path / "mixed")
+    Image.fromarray(synthetic[0][:16, :16]).save(folder / "zz_small.png")
+    with pytest.raises(DataError, match="differ in size"):
+        compute_fid_kid(real, folder, feature_extractor=net, kid=False)

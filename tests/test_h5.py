@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from lawder_core.data.h5 import H5Writer, load_arrays, open_h5, read_info, split_indices
-from lawder_core.errors import DataError
+from lawder_core.errors import DataError, UsageError
 
 
 def write_small(path, n=4, force=False):
@@ -34,7 +34,7 @@ def test_round_trip_schema_and_attributes(tmp_path):
 def test_refuses_overwrite_without_force_and_replaces_with_force(tmp_path):
     path = tmp_path / "d.h5"
     write_small(path, n=2)
-    with pytest.raises(DataError, match="--force"):
+    with pytest.raises(UsageError, match="--force"):
         write_small(path, n=3)
     assert read_info(path).n == 2
     write_small(path, n=3, force=True)

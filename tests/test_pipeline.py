@@ -1,4 +1,4 @@
-"""The whole loop on a tiny synthetic set (slow: two diffusion trainings, six segmenters, evaluation)."""
+"""`lawder pipeline`: usage errors before anything runs, and the whole loop on a tiny synthetic set (slow)."""
 
 import json
 
@@ -6,13 +6,30 @@ import pytest
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
+from lawder_core.errors import EXIT_DATA, EXIT_USAGE
 from tests.helpers import tiny_fid_weights
 
 runner = CliRunner()
 
 
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--preset", "nope"], EXIT_USAGE, "unknown --preset 'nope'"),
+    (["--source", "nope"], EXIT_USAGE, "unknown --source 'nope'"),
+    (["--source", "folder"], EXIT_USAGE, "lawder prepare folder"),
+    (["--source", "kits"], EXIT_USAGE, "needs the KiTS folder"),
+    (["--source", "synthetic", "--data", "d.h5"], EXIT_USAGE, "exclude each other"),
+    (["--data", "missing.h5"], EXIT_DATA, "does not exist"),
+])
+def test_bad_requests_fail_before_anything_is_written(tmp_path, args, code, message):
+    out = tmp_path / "pipe"
+    result = runner.invoke(app, ["pipeline", "--out", str(out), *args])
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()
+
+
 @pytest.mark.slow
-def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
+def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch, ray_local):
     from dataclasses import replace
 
     from lawder_core import pipeline
@@ -27,17 +44,27 @@ def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["report"] == str(out / "report.md")
+    assert json.loads((out / "summary.json").read_text())["report"] == summary["report"]
     for weighting in ("uniform", "law"):
-        assert (out / "law" / weighting / "checkpoint" / "denoiser_ema").is_dir()
+        assert (out / "law" / weighting / "last" / "denoiser_ema").is_dir()
         assert read_info(out / "synthetic" / f"{weighting}.h5").n == 7
     assert len(list((out / "seg").glob("*/best/model.safetensors"))) == 6
-    evaluation = json.loads((out / "evaluation.json").read_text())
-    assert set(evaluation["fid"]) == {"uniform", "law"}
-    assert evaluation["fid"]["law"]["feature_extractor"].startswith("torchscript") or \
-        evaluation["fid"]["law"]["weights_path"] == str(weights.resolve())
-    assert len(evaluation["dice"]) == 6
-    assert 0 <= evaluation["adherence"]["law"]["dice_mean"] <= 1
-    assert evaluation["profile"]["mkunet-t"]["params"] == 27384
+
+    # Every evaluation is a summary.json in `lawder evaluate`'s shape, one per comparison.
+    assert len(summary["evaluations"]) == 2 + 6 + 2
+    evaluations = {path.parent.name: json.loads(path.read_text()) for path in (out / "evaluate").glob("*/summary.json")}
+    for name, evaluation in evaluations.items():
+        assert {"metric_per_case", "mean", "foreground_mean", "metadata", "gates"} <= set(evaluation), name
+        assert evaluation["metadata"]["command"] == "pipeline"
+    law = evaluations["synthetic-law"]
+    assert law["fid"]["weights_path"] == str(weights.resolve()) and law["fid"]["n_synthetic"] == 7
+    assert law["fid"]["n_real"] == evaluations["synthetic-uniform"]["fid"]["n_real"]
+    assert 0 <= law["adherence"]["dice_mean"] <= 1
+    assert law["adherence"]["segmenter"]["run"].endswith("mkunet-t-order__real__s0")
+    assert len([n for n in evaluations if n.startswith("seg-")]) == 6
+    assert 0 <= evaluations["seg-mkunet-t__real__s0"]["foreground_mean"]["Dice"] <= 1
+    assert evaluations["profile-mkunet-t"]["profile"]["params"] == 27384
+
     report = (out / "report.md").read_text()
     for claim in ("Claim 1", "Claim 2", "Claim 3", "52.28", "81.3"):
         assert claim in report

@@ -53,7 +53,7 @@ def test_order_sweep_finishes_resumes_and_best_yaml_trains(tmp_path):
     stamps = {p: p.stat().st_mtime for p in out.glob("trials/*/metrics.jsonl")}
     assert len(stamps) == 4
 
-    again = runner.invoke(app, args)  # same --out: the experiment is restored, no trial is redone
+    again = runner.invoke(app, [*args, "--resume"])  # the experiment is restored, no trial is redone
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["trials"] == 4
     assert {p: p.stat().st_mtime for p in out.glob("trials/*/metrics.jsonl")} == stamps

@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from lawder_core.errors import DataError
+from lawder_core.errors import DataError, UsageError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -52,7 +52,7 @@ class H5Info:
 def refuse_overwrite(path: Path, force: bool) -> None:
     """Never overwrite a user's file silently."""
     if path.exists() and not force:
-        raise DataError(
+        raise UsageError(
             f"{path} already exists.",
             "Choose another output path, or pass --force to replace it.",
         )

@@ -19,9 +19,10 @@ from PIL import Image
 from lawder_core.data.fingerprint import compute_fingerprint
 from lawder_core.data.h5 import H5Writer, refuse_overwrite
 from lawder_core.data.splits import splits_for, write_split_file
-from lawder_core.errors import DataError
+from lawder_core.errors import DataError, UsageError
 
 Progress = Callable[[int], None]
+RESIZE_MODES = ("pad", "stretch")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class PrepareOptions:
     force: bool = False
     compression: str | None = "lzf"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise UsageError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}.")
 
 
 def side_paths(out: Path) -> tuple[Path, Path]:

@@ -36,7 +36,7 @@ RAY_ENV = {
 @dataclass(frozen=True)
 class LaunchConfig:
     gpus: int = 0
-    workers: int = 1  # CPU workers when gpus == 0; 0 = run in this process
+    workers: int = 0  # CPU workers when gpus == 0; 0 = run in this process
     ray_address: str | None = None  # None: start a local Ray sized to this machine; "auto" or host:port: join
     storage: str | None = None  # Ray's storage_path (shared for multi-node: NFS path or s3://)
     name: str = "lawder"

@@ -27,7 +27,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lawder_core.data.h5 import open_h5, split_indices
+from lawder_core.data.resize import resize_images
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ class ImageSource:
     files: tuple[str, ...] = ()
     array: np.ndarray | None = None
     resolution: tuple[int, int] | None = None  # None until read for folders of mixed sizes
+    resize_to: tuple[int, int] | None = None  # (H, W) each image is resized to before clean-fid's own resize
 
 
 def list_image_files(folder: Path) -> list[str]:
@@ -284,11 +286,12 @@ def open_source(source: ImageInput, split: str | None = None) -> ImageSource:
 class _ArrayImages(Dataset):
     """clean-fid's ResizeDataset for arrays: the same clean-mode resize, minus the file decoding."""
 
-    def __init__(self, images: Any, indices: Sequence[int]) -> None:
+    def __init__(self, images: Any, indices: Sequence[int], resize_to: tuple[int, int] | None = None) -> None:
         from cleanfid.resize import build_resizer
 
         self.images = images
         self.indices = indices
+        self.resize_to = resize_to
         self.fn_resize = build_resizer(MODE)
 
     def __len__(self) -> int:
@@ -300,19 +303,22 @@ class _ArrayImages(Dataset):
             img = img[..., None]
         if img.shape[2] == 1:  # PIL's convert('RGB') in clean-fid replicates grey the same way
             img = np.repeat(img, 3, axis=2)
+        if self.resize_to is not None:
+            img = resize_images(img[None], self.resize_to)[0]
         resized = self.fn_resize(img[..., :3])
         return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
 class _ShapeRecorder:
-    """A no-op `custom_image_tranform` for clean-fid that notes each image's size as it is read."""
+    """clean-fid's `custom_image_tranform`: notes each image's size as it is read, and resizes it if asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, resize_to: tuple[int, int] | None = None) -> None:
         self.shapes: set[tuple[int, int]] = set()
+        self.resize_to = resize_to
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         self.shapes.add((int(img.shape[0]), int(img.shape[1])))
-        return img
+        return img if self.resize_to is None else resize_images(img[None], self.resize_to)[0]
 
 
 def extract_features(source: ImageSource, model: FeatureExtractor, *, device: torch.device, batch_size: int = 32,
@@ -321,7 +327,7 @@ def extract_features(source: ImageSource, model: FeatureExtractor, *, device: to
     from cleanfid.fid import get_batch_features, get_files_features
 
     if source.kind == "folder":
-        recorder = _ShapeRecorder()
+        recorder = _ShapeRecorder(source.resize_to)
         feats = get_files_features(list(source.files), model, num_workers=0, batch_size=batch_size, device=device,
                                    mode=MODE, description=f"FID {source.label}", fdir=str(source.path),
                                    verbose=progress, custom_image_tranform=recorder)
@@ -330,13 +336,38 @@ def extract_features(source: ImageSource, model: FeatureExtractor, *, device: to
     with open_h5(source.path) if source.kind == "h5" else contextlib.nullcontext() as f:
         images = f["images"] if source.kind == "h5" else source.array
         indices = source.indices if source.kind == "h5" else np.arange(source.n)
-        loader = DataLoader(_ArrayImages(images, indices), batch_size=batch_size, shuffle=False, num_workers=0)
+        loader = DataLoader(_ArrayImages(images, indices, source.resize_to), batch_size=batch_size, shuffle=False,
+                            num_workers=0)
         if progress:
             from tqdm import tqdm
 
             loader = tqdm(loader, desc=f"FID {source.label}")
         feats = np.concatenate([get_batch_features(batch, model, device) for batch in loader])
     return feats, source.resolution
+
+
+def peek_resolution(source: ImageSource) -> tuple[int, int] | None:
+    """The image size of a source; for a folder, that of its first file (checked against the rest when read)."""
+    if source.resolution is not None or source.kind != "folder":
+        return source.resolution
+    from PIL import Image
+
+    with Image.open(source.files[0]) as im:
+        return int(im.size[1]), int(im.size[0])
+
+
+def matched_to_synthetic(real: ImageSource, synthetic: ImageSource) -> ImageSource:
+    """FID compares like with like: real images are resized to the synthetic resolution when they differ.
+
+    A 256 px real set against 64 px samples otherwise scores the lost detail, not the generator.
+    """
+    target = peek_resolution(synthetic)
+    if target is None:
+        raise DataError(f"the synthetic images in {synthetic.label} differ in size: FID needs one resolution.",
+                        "Sample at one size, or resize them to one size first.")
+    if peek_resolution(real) == target:
+        return real
+    return replace(real, resize_to=target, label=f"{real.label}@{target[0]}x{target[1]}")
 
 
 # --------------------------------------------------------------------------------------------- scores
@@ -422,6 +453,7 @@ def reused_real_features(earlier: FidResult, real: ImageSource,
     if earlier.features_real is None:
         raise UsageError("reuse_real needs a result computed with keep_features=True.")
     if (earlier.real, earlier.n_real, earlier.feature_extractor) != (real.label, real.n, info.name):
+        # the label carries the resolution the reals were resized to, so it is part of this check
         raise UsageError(f"reuse_real was computed on {earlier.real} ({earlier.n_real} images, "
                          f"{earlier.feature_extractor}), not on {real.label} ({real.n} images, {info.name}).")
     resolution = earlier.resolution["real"]
@@ -448,18 +480,22 @@ def compute_fid_kid(
     keep_features: bool = False,
     log_warnings: bool = True,
     reuse_real: FidResult | None = None,
+    match_resolution: bool = True,
 ) -> FidResult:
     """FID and/or KID (clean-fid, clean mode) between real and synthetic images, features computed once.
 
     Caveats (small sets, rank-deficient covariance) are in `result.warnings`, and logged unless log_warnings is
     False (for callers that show them themselves, like `lawder evaluate`). `reuse_real`, an earlier result on the
     same real set with the same extractor (made with keep_features=True), skips extracting the real side again
-    when one real set is compared with several synthetic ones.
+    when one real set is compared with several synthetic ones. With `match_resolution` (the default) real images
+    are resized to the synthetic images' size first, and `result.resolution["real_resized_to"]` says so.
     """
     if not (fid or kid):
         raise UsageError("Nothing to compute: ask for FID, KID or both.")
     started = time.perf_counter()
     sources = open_source(real, real_split), open_source(synthetic, synthetic_split)
+    if match_resolution:
+        sources = matched_to_synthetic(*sources), sources[1]
     for side, src in zip(("real", "synthetic"), sources, strict=True):
         if src.n < 2:
             raise DataError(f"the {side} set {src.label} has {src.n} image(s); FID/KID need at least 2.")
@@ -473,6 +509,9 @@ def compute_fid_kid(
     else:
         f_real, res_real = reused_real_features(reuse_real, sources[0], info)
     f_syn, res_syn = extract_features(sources[1], model, device=device, batch_size=batch_size, progress=progress)
+    if match_resolution and res_syn is None:
+        raise DataError(f"the synthetic images in {sources[1].label} differ in size: FID needs one resolution.",
+                        "Sample at one size, or resize them to one size first.")
     result = FidResult(
         fid=frechet_distance_from_features(f_real, f_syn) if fid else None,
         kid=kernel_inception_distance(f_real, f_syn, num_subsets=kid_subsets, max_subset_size=kid_subset_size,
@@ -481,7 +520,8 @@ def compute_fid_kid(
         feature_dim=int(f_real.shape[1]), n_real=len(f_real), n_synthetic=len(f_syn),
         real=sources[0].label, synthetic=sources[1].label,
         resolution={"real": list(res_real) if res_real else "mixed",
-                    "synthetic": list(res_syn) if res_syn else "mixed", "features_input": [299, 299]},
+                    "synthetic": list(res_syn) if res_syn else "mixed", "features_input": [299, 299],
+                    "real_resized_to": list(sources[0].resize_to) if sources[0].resize_to else None},
         device=str(device), kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed,
         warnings=_size_warnings(len(f_real), len(f_syn), int(f_real.shape[1])),
         features_real=f_real if keep_features else None, features_synthetic=f_syn if keep_features else None,

@@ -12,7 +12,6 @@ NaN (an undefined Dice under the "nan" empty policy) is written as null, so the 
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
@@ -24,18 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from lawder_core.environment import package_version
 from lawder_core.errors import UsageError
+from lawder_core.files import write_text
 from lawder_core.metrics.dice import DiceReport
 
 SUMMARY_FILE = "summary.json"
 _VERSIONED = ("lawder", "torch", "clean-fid", "torchmetrics", "numpy")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def run_metadata(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -43,7 +37,7 @@ def run_metadata(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in _VERSIONED},
+        "versions": {name: package_version(name) for name in _VERSIONED},
         **dict(extra or {}),
     }
 
@@ -114,13 +108,8 @@ def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
     A folder (or any path not ending in .json) gets `summary.json` inside it.
     """
-    path = summary_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(summary_path(path), text + "\n")
 
 
 # --------------------------------------------------------------------------------------------- gates

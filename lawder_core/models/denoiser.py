@@ -6,8 +6,10 @@
   tokenizer/, scheduler/), conditioned on the mask; the loss lives in latent space and only the ControlNet trains.
 
 The training loop and LAW only use the `Denoiser` interface: `encode` (images → loss-space targets),
-`forward(noisy, t, cond)` (ε̂), `condition(masks, drop)`, `decode`, `feature_module()` for LAW's hook,
-`save_pretrained(folder)`; `load_denoiser(folder)` reads any of them back.
+`forward(noisy, t, cond)` (the model output: ε̂, v̂ or the flow velocity, per `spec.prediction`),
+`condition(masks, drop)`, `decode`, `feature_module()` for LAW's hook, `save_pretrained(folder)`;
+`load_denoiser(folder)` reads any of them back. How targets, timesteps and samplers follow from
+`spec.prediction` and the saved scheduler lives in `recipe.py`.
 
 Conditioning: one channel per foreground label at image resolution, lesion +1 / elsewhere −1. The null
 condition (classifier-free guidance) is all zeros, a value no real mask produces.
@@ -28,6 +30,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch import Tensor, nn
 
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
+from lawder_core.models.recipe import TrainingScheduler, check_prediction, scheduler_class, training_scheduler
 
 BACKBONES = ("unet", "controlnet")
 SPEC_FILE = "lawder_denoiser.json"
@@ -58,7 +61,10 @@ class DenoiserSpec:
     image_channels: int = 3
     label_names: tuple[str, ...] = ("background", "lesion")
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"  # unet only; controlnet takes the checkpoint's scheduler
+    # The defaults are the first build's recipe, so a saved spec without these fields loads as what it was;
+    # new runs pass prediction="v" (or "flow") and beta_schedule="squaredcos_cap_v2".
+    beta_schedule: str = "linear"  # unet v/epsilon only; flow has no betas, controlnet takes the checkpoint's
+    prediction: str = "epsilon"  # 'v' | 'flow' | 'epsilon' (recipe.PREDICTIONS); controlnet: epsilon only
     pretrained: str = ""  # controlnet: the Stable-Diffusion-style folder
     prompt: str = ""  # controlnet: the text prompt every sample is conditioned on
 
@@ -67,6 +73,10 @@ class DenoiserSpec:
             raise UsageError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}.")
         if self.backbone == "unet" and self.preset not in PRESETS:
             raise UsageError(f"unknown preset {self.preset!r}; expected one of {tuple(PRESETS)}.")
+        check_prediction(self.prediction)
+        if self.backbone == "controlnet" and self.prediction != "epsilon":
+            raise UsageError(f"the controlnet backbone keeps its checkpoint's epsilon target, not {self.prediction!r}.",
+                             "Leave --prediction at epsilon for --backbone controlnet.")
         if self.backbone == "controlnet" and not self.pretrained:
             raise UsageError("the controlnet backbone needs --pretrained PATH, a local Stable Diffusion 1.5-style "
                              "folder with vae/, unet/, scheduler/ (and text_encoder/, tokenizer/).")
@@ -82,7 +92,7 @@ class Denoiser(nn.Module):
     """The interface the training loop, LAW and the sampler rely on."""
 
     spec: DenoiserSpec
-    scheduler: DDPMScheduler
+    scheduler: TrainingScheduler  # the training schedule; saved with the model, sampling is built from its config
 
     def encode(self, images: Tensor) -> Tensor:
         """Images (B,C,H,W) in [0, 1] → the clean targets x0 in loss space."""
@@ -97,7 +107,7 @@ class Denoiser(nn.Module):
         raise NotImplementedError
 
     def forward(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        """ε̂ for noisy loss-space inputs; `cond` from `condition`."""
+        """The model output (ε̂, v̂ or flow velocity) for noisy loss-space inputs; `cond` from `condition`."""
         raise NotImplementedError
 
     def trainable_module(self) -> nn.Module:
@@ -116,9 +126,6 @@ class Denoiser(nn.Module):
     @property
     def feature_channels(self) -> int:
         return int(self.denoising_unet().config.block_out_channels[0])
-
-    def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        return self(noisy, timesteps, cond)
 
     def condition(self, masks: Tensor, drop: Tensor | None = None) -> Tensor:
         """Label masks (B,H,W) → (B, labels−1, H, W) in {−1, +1}; rows where `drop` is True become 0 (null)."""
@@ -162,19 +169,21 @@ def build_unet2d(spec: DenoiserSpec) -> UNet2DModel:
 
 
 class PixelDenoiser(Denoiser):
-    """UNet2DModel on [image, mask] concatenated: ε-prediction in pixel space, images scaled to [−1, 1]."""
+    """UNet2DModel on [image, mask] concatenated, in pixel space with images scaled to [−1, 1].
+
+    A new denoiser builds its training scheduler from the spec (`recipe.training_scheduler`); a loaded one keeps
+    the scheduler its run saved, so an old run keeps its target and timestep spacing.
+    """
 
     trainable_subfolder = "unet"
 
     def __init__(self, spec: DenoiserSpec, unet: UNet2DModel | None = None,
-                 scheduler: DDPMScheduler | None = None) -> None:
+                 scheduler: TrainingScheduler | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.unet = unet if unet is not None else build_unet2d(spec)
-        self.scheduler = scheduler or DDPMScheduler(
-            num_train_timesteps=spec.num_train_timesteps, beta_schedule=spec.beta_schedule,
-            prediction_type="epsilon", clip_sample=True,
-        )
+        self.scheduler = scheduler or training_scheduler(spec.prediction, spec.beta_schedule,
+                                                         spec.num_train_timesteps)
 
     def encode(self, images: Tensor) -> Tensor:
         return images * 2 - 1
@@ -331,7 +340,7 @@ def load_denoiser(folder: str | os.PathLike, pretrained: str | None = None) -> D
     spec = read_spec(folder)
     if pretrained:
         spec = replace(spec, pretrained=str(pretrained))
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    scheduler = scheduler_class(spec.prediction).from_pretrained(folder / "scheduler", local_files_only=True)
     if spec.backbone == "unet":
         unet = UNet2DModel.from_pretrained(folder / "unet", **LOAD_KWARGS)
         return PixelDenoiser(spec, unet, scheduler)

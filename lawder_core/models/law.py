@@ -43,16 +43,21 @@ _EPS = 1e-12
 class LAWConfig:
     """Every knob of DESIGN §1.1; the (sweep) ones are reachable from `lawder tune`.
 
-    The penalty defaults were measured on a synthetic error field (larger on lesion borders) with a real LAW on
-    fixed features: the map moves well away from the prior without piling up at the factor bounds.
+    The penalty defaults were measured with a real LAW on fixed features against a synthetic error field four
+    times larger on lesion borders (lesions 1.6–10 % of a 64 × 64 map, 1500 Adam steps): corr(w, err) rises
+    from the prior's 0.56 to 0.68, the lesion/background ratio reaches 3.1× the prior's, and ≤ 0.8 % of the
+    pixels come within 5 % of the top of the factor range (λ_prior = 1 put 2–5 % there, 0.3 over half).
+    With a 2× border the ratio still reaches 1.6× the prior's; on a uniform error field the map stays at the
+    prior (ratio 1.00). λ_tv = 1 would halve the saturation again but lifts the lesion-logit gradient of a
+    1.6 % lesion to 11–12× the background's (0.3: 8–9×, the hardness term alone: 8×).
     """
 
     objective: str = "hardness"  # 'hardness' | 'descent' (ablation: inverse-variance weighting)
     gamma: float = 0.5  # (sweep 0–1) prior exponent: lesion weight ∝ r^−γ; 0 = uniform prior, 1 = equal mass
     w_min: float = 0.2  # (sweep) bounds of LAW's factor on the prior: [0.5,2], [0.25,4], [0.2,5], [0.1,10]
     w_max: float = 5.0
-    lambda_prior: float = 1.0  # (sweep 0.1–10) mean((log w − log w_prior)²)
-    lambda_tv: float = 0.1  # (sweep 0–1) total variation of w
+    lambda_prior: float = 3.0  # (sweep 0.5–10) mean((log w − log w_prior)²): how far LAW may leave the prior
+    lambda_tv: float = 0.3  # (sweep 0–1) total variation of w: no speckle, no single-pixel spikes
     beta_kl: float = 0.01  # (sweep 0–0.1) KL(w/HW ‖ uniform): keeps mass from piling onto a few pixels
     warmup_frac: float = 0.1  # (sweep 0–0.33) share of steps before LAW switches on
     warmup_weights: str = "uniform"  # map used during warm-up: 'uniform' | 'prior'
@@ -188,7 +193,16 @@ def normalised_error(err: Tensor) -> Tensor:
 
 def law_objective(w: Tensor, w_prior: Tensor, err_n: Tensor, config: LAWConfig,
                   keep: Tensor | None = None) -> Tensor:
-    """What LAW minimises, averaged over the rows in `keep` (all rows when None); see the module docstring."""
+    """What LAW minimises, averaged over the rows in `keep` (all rows when None).
+
+    hardness: −mean(w · err′) + anchors. LAW ascends the weighted error, so weight moves to where the denoiser
+              is wrong; the anchors (λ_prior · mean((log w − log w_prior)²) + λ_tv · TV(w) + β · KL(w/HW ‖ U))
+              bound how far. On a free map (TV and KL aside) it settles at
+              log(w / w_prior) ≈ w · (err′ − mean(w · err′)) / (2 λ_prior): above-average error gains weight.
+    descent:  +mean(w · err′) + the same anchors: the first build's objective, an ablation only. Minimising
+              the weighted error under mean(w) = 1 is inverse-variance weighting: weight flows to the pixels the
+              denoiser already gets right (corr(w, err) = −0.81 on a free map).
+    """
     weighted = per_sample_mean(w * err_n)
     seek = -weighted if config.objective == "hardness" else weighted
     per_row = (seek + config.lambda_prior * prior_distance(w, w_prior)

@@ -1,0 +1,81 @@
+"""Which converter prepares which raw source: the dispatch `lawder prepare` and `lawder pipeline --source` share.
+
+Kept apart from `prepare.py` (what every converter shares) because the converters import that module: the
+dispatch imports them, so in one file the two would import each other. Converters are imported only when
+chosen (nibabel for KiTS, PIL for folders), and this module imports nothing heavy, so an unknown source or a
+bad --window is reported at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lawder_core.errors import UsageError
+
+if TYPE_CHECKING:
+    from lawder_core.data.prepare import PrepareOptions, Progress
+
+SOURCES = ("kvasir", "cvc", "folder", "kits", "synthetic")
+FOLDER_SOURCES = ("kvasir", "cvc", "folder")  # 2D image/mask folders, read by prepare_folder.py
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What only some sources read; the rest (size, split, seed, ...) is `PrepareOptions`."""
+
+    images: str | None = None  # folder: the images folder
+    masks: str | None = None  # folder: the masks folder (matched by file stem)
+    n: int = 200  # synthetic: number of samples
+    window: str = "-79,304"  # kits: CT window in HU, LOW,HIGH
+    empty_share: float = 0.1  # kits: share of kidney-free slices to keep (per kidney slice)
+    jobs: int = 1  # kits: cases converted in parallel
+    channels: int = 1  # kits: 1 (grey) or 3 (grey repeated)
+    skip_incomplete: bool = False  # kits: leave out cases without segmentation.nii.gz
+
+
+def check_source(source: str, in_dir: str | Path | None, source_options: SourceOptions | None = None) -> None:
+    """Every UsageError of a source and its options, raised before any file is read."""
+    if source not in SOURCES:
+        raise UsageError(f"unknown source {source!r}.", f"Choose one of: {', '.join(SOURCES)}.")
+    if source == "kits" and in_dir is None:
+        raise UsageError("`prepare kits` needs the KiTS folder (with case_XXXXX/ sub-folders).")
+    if source in ("kvasir", "cvc") and in_dir is None:
+        raise UsageError(f"`prepare {source}` needs the input folder.")
+    if source == "kits":
+        parse_window((source_options or SourceOptions()).window)
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise UsageError(f"--window {text!r} must be LOW,HIGH in HU, e.g. -79,304") from err
+    if low >= high:
+        raise UsageError(f"--window {text!r}: LOW must be below HIGH.")
+    return low, high
+
+
+def prepare_source(source: str, in_dir: str | Path | None, out: str | Path, options: PrepareOptions,
+                   source_options: SourceOptions | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Convert one raw source into a lawder HDF5 file with its splits and fingerprint; returns the fingerprint."""
+    check_source(source, in_dir, source_options)
+    extra = source_options or SourceOptions()
+    out = Path(out)
+    if source == "synthetic":
+        from lawder_core.data.synthetic import prepare_synthetic
+
+        return prepare_synthetic(out, n=extra.n, size=options.size or 128, seed=options.seed, options=options,
+                                 progress=progress)
+    if source == "kits":
+        from lawder_core.data.prepare_kits import KitsOptions, prepare_kits
+
+        assert in_dir is not None  # check_source
+        kits = KitsOptions(window=parse_window(extra.window), empty_share=extra.empty_share, jobs=extra.jobs,
+                           channels=extra.channels, skip_incomplete=extra.skip_incomplete)
+        return prepare_kits(Path(in_dir), out, options, kits, progress=progress)
+    from lawder_core.data.prepare_folder import prepare_folder
+
+    return prepare_folder(source, None if in_dir is None else Path(in_dir), out, options, images=extra.images,
+                          masks=extra.masks, progress=progress)

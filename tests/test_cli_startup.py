@@ -1,0 +1,147 @@
+"""The CLI starts at once: --help, --version, inspect and usage errors never import torch (or other heavy libraries).
+
+The checks run in a fresh interpreter (this test process has long imported torch) and assert on what was
+imported, not on wall-clock time, which depends on the machine's load. Shared options have one default each.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lawder_core.errors import EXIT_DATA, EXIT_OK, EXIT_USAGE
+
+HEAVY = ("torch", "diffusers", "ray", "matplotlib", "cleanfid", "segmentation_models_pytorch")
+# Nothing but Typer, Rich and the standard library for these two: not even numpy.
+BARE = ("numpy", "h5py", "yaml", "PIL")
+
+COMMANDS = ("prepare", "inspect", "env", "train-order", "predict", "tune", "evaluate", "pipeline", "train-law",
+            "sample")
+
+# (arguments, exit code, a piece of the message): one usage error per command, in the order they run.
+USAGE_ERRORS: list[tuple[list[str], int, str]] = [
+    (["prepare", "nope", "-o", "{tmp}/x.h5"], EXIT_USAGE, "unknown source 'nope'"),
+    (["prepare", "kits", "-o", "{tmp}/x.h5"], EXIT_USAGE, "needs the KiTS folder"),
+    (["prepare", "kits", "{tmp}", "-o", "{tmp}/x.h5", "--window=300,-79"], EXIT_USAGE, "LOW must be below HIGH"),
+    (["prepare", "synthetic", "-o", "{tmp}/x.h5", "--resize", "crop"], EXIT_USAGE, "--resize must be one of"),
+    (["inspect", "{tmp}/missing.h5"], EXIT_DATA, "missing.h5"),
+    (["env", "--nope"], EXIT_USAGE, "No such option"),
+    (["train-order", "--data", "d.h5", "--out", "{tmp}/o", "--workers", "-1"], EXIT_USAGE, "--workers"),
+    (["train-law", "--data", "d.h5", "--out", "{tmp}/o", "--gpus", "-2"], EXIT_USAGE, "--gpus"),
+    (["sample", "--masks", "m.h5", "-o", "{tmp}/s.h5"], EXIT_USAGE, "--run"),
+    (["predict", "--run", "r", "-o", "{tmp}/p"], EXIT_USAGE, "Missing argument 'input'"),
+    (["tune", "everything", "--data", "d.h5", "--out", "{tmp}/t"], EXIT_USAGE, "everything"),
+    (["evaluate", "-o", "{tmp}/e"], EXIT_USAGE, "Nothing to evaluate"),
+    (["evaluate", "--fid", "--real", "r", "--synthetic", "s", "--min-dice", "0.8", "-o", "{tmp}/e"], EXIT_USAGE,
+     "--min-dice 0.8 was given without --dice"),
+    (["pipeline", "--preset", "nope", "--out", "{tmp}/p"], EXIT_USAGE, "unknown --preset 'nope'"),
+    (["pipeline", "--source", "nope", "--out", "{tmp}/p"], EXIT_USAGE, "unknown --source 'nope'"),
+    (["pipeline", "--source", "kvasir", "--out", "{tmp}/p"], EXIT_USAGE, "needs the input folder"),
+    (["pipeline", "--data", "{tmp}/none.h5", "--out", "{tmp}/p"], EXIT_DATA, "does not exist"),
+]
+
+# Runs each case through Typer's CliRunner in one fresh interpreter and records, after each, which of the
+# watched modules are loaded: the first case that pulls in torch is the one that shows it.
+PROBE = textwrap.dedent("""
+    import json, sys
+    from typer.testing import CliRunner
+    from lawder_cli.main import app
+
+    watched = {watched!r}
+    results = []
+    for args in json.loads(sys.argv[1]):
+        result = CliRunner().invoke(app, args, terminal_width=200)
+        results.append({{"args": args, "exit_code": result.exit_code, "output": result.output,
+                         "loaded": sorted(m for m in watched if m in sys.modules)}})
+    print(json.dumps(results))
+""")
+
+
+def probe(cases: list[list[str]]) -> list[dict]:
+    code = PROBE.format(watched=HEAVY + BARE)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_help_and_version_import_only_typer_and_rich():
+    results = probe([["--help"], ["--version"]])
+    for result in results:
+        assert result["exit_code"] == EXIT_OK, result["output"]
+        assert result["loaded"] == [], f"lawder {' '.join(result['args'])} imported {result['loaded']}"
+    assert results[1]["output"].startswith("lawder ")
+    for command in COMMANDS:
+        assert command in results[0]["output"]
+
+
+def test_every_command_help_starts_without_torch():
+    for result in probe([[command, "--help"] for command in COMMANDS]):
+        heavy = [m for m in result["loaded"] if m in HEAVY]
+        assert result["exit_code"] == EXIT_OK, result["output"]
+        assert heavy == [], f"lawder {' '.join(result['args'])} imported {heavy}"
+
+
+def test_usage_errors_and_inspect_come_back_without_torch(tmp_path):
+    data = tmp_path / "small.h5"
+    cases = [[a.format(tmp=tmp_path) for a in args] for args, _, _ in USAGE_ERRORS]
+    cases += [["prepare", "synthetic", "-o", str(data), "--n", "6", "--size", "16"], ["inspect", str(data), "--json"]]
+    results = probe(cases)
+    for (args, code, message), result in zip(USAGE_ERRORS, results, strict=False):
+        assert result["exit_code"] == code, f"lawder {' '.join(args)}: {result['output']}"
+        assert message in flat(result["output"]), result["output"]
+        assert "Traceback" not in result["output"]
+    for result in results:
+        heavy = [m for m in result["loaded"] if m in HEAVY]
+        assert heavy == [], f"lawder {' '.join(result['args'])} imported {heavy}"
+    prepared, inspected = results[-2:]
+    assert prepared["exit_code"] == EXIT_OK, prepared["output"]
+    assert inspected["exit_code"] == EXIT_OK and json.loads(inspected["output"])["samples"] == 6
+    assert not (tmp_path / "p").exists()  # the pipeline refused before writing anything
+
+
+def test_the_installed_entry_point_answers_version():
+    lawder = Path(sys.executable).with_name("lawder")
+    if not lawder.exists():
+        pytest.skip("the console script is not installed in this environment")
+    done = subprocess.run([str(lawder), "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("lawder ")
+
+
+# ---------------------------------------------------------------- one default per shared option
+
+SHARED_DEFAULTS = {"--seed": 0, "--gpus": 0, "--workers": 0, "--json": False, "--force": False, "--resume": False,
+                   "--ray-address": None, "--storage": None, "--config": None}
+
+
+def test_shared_options_have_one_default_and_one_help_text():
+    import typer.main
+
+    from lawder_cli.main import app
+
+    group = typer.main.get_group(app)
+    seen: dict[str, set] = {name: set() for name in SHARED_DEFAULTS}
+    for name, command in group.commands.items():
+        for param in command.params:
+            for flag in param.opts:
+                if flag in SHARED_DEFAULTS:
+                    assert param.default == SHARED_DEFAULTS[flag], f"lawder {name} {flag} defaults to {param.default}"
+                    seen[flag].add(param.help)
+    assert all(len(helps) == 1 for helps in seen.values()), seen
+    assert seen["--seed"] and seen["--workers"] and seen["--resume"]
+
+
+def test_evaluate_help_names_the_fid_weights_variable():
+    from lawder_cli.evaluate import WEIGHTS_ENV
+    from lawder_core.metrics.fid import WEIGHTS_ENV as CORE_WEIGHTS_ENV
+
+    assert WEIGHTS_ENV == CORE_WEIGHTS_ENV

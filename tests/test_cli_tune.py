@@ -1,0 +1,48 @@
+"""`lawder tune` hands --resume and --force to the sweep runner, and refuses an existing --out without either."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from lawder_cli.main import app
+from lawder_core.distributed import tune as distributed_tune
+from lawder_core.errors import EXIT_USAGE
+from tests.helpers import synthetic_h5
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def data(tmp_path):
+    return synthetic_h5(tmp_path / "s.h5", n=12, size=32)
+
+
+@pytest.mark.parametrize(("flags", "resume", "force"), [([], False, False), (["--resume"], True, False),
+                                                         (["--force"], False, True)])
+def test_resume_and_force_reach_the_runner(tmp_path, data, monkeypatch, flags, resume, force):
+    seen = {}
+
+    def fake_run_tune(kind, base, space, out, opts, *, resume=False, force=False):
+        seen.update(kind=kind, out=out, resume=resume, force=force, seed=opts.seed)
+        return {"kind": kind, "trials": 0, "rows": [], "metric": "val_dice", "best": {}, "out": str(out)}
+
+    monkeypatch.setattr(distributed_tune, "run_tune", fake_run_tune)
+    result = runner.invoke(app, ["tune", "order", "--data", str(data), "--out", str(tmp_path / "t"), *flags, "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"kind": "order", "out": tmp_path / "t", "resume": resume, "force": force, "seed": 0}
+
+
+def test_an_existing_sweep_needs_resume_or_force(tmp_path, data):
+    out = tmp_path / "t"
+    (out / distributed_tune.EXPERIMENT).mkdir(parents=True)
+    result = runner.invoke(app, ["tune", "order", "--data", str(data), "--out", str(out)])
+    assert result.exit_code == EXIT_USAGE
+    assert "--resume" in result.output and "--force" in result.output
+    assert (out / distributed_tune.EXPERIMENT).is_dir()  # nothing was deleted
+
+
+def test_resume_without_a_sweep_is_a_usage_error(tmp_path, data):
+    result = runner.invoke(app, ["tune", "order", "--data", str(data), "--out", str(tmp_path / "t"), "--resume"])
+    assert result.exit_code == EXIT_USAGE
+    assert "holds no sweep" in " ".join(result.output.split())
