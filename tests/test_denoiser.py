@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from lawder_core.errors import EnvironmentProblem, LawderError, UsageError
 from lawder_core.models.denoiser import (
+    SPEC_FILE,
     ControlNetDenoiser,
     DenoiserSpec,
     PixelDenoiser,
@@ -16,6 +19,8 @@ from lawder_core.models.denoiser import (
     load_denoiser,
 )
 from lawder_core.models.law import LAW, FeatureGrabber, lesion_at, weighted_diffusion_loss
+from lawder_core.models.recipe import generate
+from tests.test_recipe import legacy_generate, legacy_scheduler
 from tests.tiny_sd import build_tiny_sd
 
 
@@ -76,8 +81,48 @@ def test_pixel_denoiser_save_and_load_round_trip(tmp_path: Path) -> None:
     assert torch.allclose(d(x, t, c), back(x, t, c), atol=1e-6)
 
 
+def test_an_old_run_folder_loads_as_epsilon_on_linear_betas_and_samples_as_before(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old = PixelDenoiser(DenoiserSpec(preset="tiny", size=16), scheduler=legacy_scheduler())
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    # the default spec still builds the first build's scheduler, field for field
+    assert public(PixelDenoiser(DenoiserSpec(preset="tiny", size=16)).scheduler.config) == public(old.scheduler.config)
+    old.save_pretrained(tmp_path / "model")
+    spec = json.loads((tmp_path / "model" / SPEC_FILE).read_text())
+    del spec["prediction"]  # the first build's specs had no such field
+    (tmp_path / "model" / SPEC_FILE).write_text(json.dumps(spec))
+    back = load_denoiser(tmp_path / "model")
+    assert (back.spec.prediction, back.spec.beta_schedule) == ("epsilon", "linear")
+    assert isinstance(back.scheduler, DDPMScheduler) and back.scheduler.config.timestep_spacing == "leading"
+    masks = torch.zeros(2, 16, 16, dtype=torch.long)
+    masks[:, 4:9, 5:10] = 1
+    cond, null, noise = back.condition(masks), back.null_condition(masks), torch.randn(2, 3, 16, 16)
+    for guidance in (1.0, 2.0):
+        ours = generate(back, cond, null, noise, scheduler_config=back.scheduler.config,
+                        prediction=back.spec.prediction, steps=4, guidance=guidance)
+        assert torch.equal(ours, legacy_generate(back, cond, null, noise, back.scheduler.config, 4, "ddim", guidance))
+
+
+@pytest.mark.parametrize("prediction", ["v", "flow"])
+def test_new_recipes_record_their_scheduler_and_read_it_back(prediction: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    d = PixelDenoiser(DenoiserSpec(preset="tiny", size=16, prediction=prediction, beta_schedule="squaredcos_cap_v2",
+                                   timestep_spacing="trailing"))
+    if prediction == "v":
+        assert isinstance(d.scheduler, DDPMScheduler)
+        assert (d.scheduler.config.prediction_type, d.scheduler.config.timestep_spacing) == ("v_prediction", "trailing")
+    else:
+        assert isinstance(d.scheduler, FlowMatchEulerDiscreteScheduler)
+    d.save_pretrained(tmp_path / "model")
+    back = load_denoiser(tmp_path / "model")
+    assert back.spec == d.spec and type(back.scheduler) is type(d.scheduler)
+    x, t, c = torch.randn(1, 3, 16, 16), torch.tensor([250.0]), d.condition(torch.ones(1, 16, 16, dtype=torch.long))
+    assert torch.allclose(d(x, t, c), back(x, t, c), atol=1e-6)  # flow feeds float timesteps t·1000
+
+
 @pytest.mark.parametrize("kwargs", [{"preset": "huge"}, {"backbone": "dit"}, {"backbone": "controlnet"},
-                                    {"label_names": ("background",)}])
+                                    {"label_names": ("background",)}, {"prediction": "x0"}, {"timestep_spacing": "x"},
+                                    {"backbone": "controlnet", "pretrained": "sd", "prediction": "v"}])
 def test_spec_rejects_bad_options(kwargs: dict) -> None:
     with pytest.raises(LawderError):
         DenoiserSpec(**kwargs)

@@ -14,6 +14,7 @@ from lawder_core.models.recipe import (
     flow_snr,
     flow_times,
     generate,
+    initial_noise,
     min_snr_weight,
     noised_batch,
     scheduler_class,
@@ -175,6 +176,8 @@ def test_new_runs_start_ddim_from_the_last_training_timestep() -> None:
 @pytest.mark.parametrize("sampler,guidance", [("ddim", 1.0), ("ddim", 3.0), ("dpm", 1.0), ("dpm", 2.0)])
 def test_a_legacy_run_samples_exactly_as_the_first_build(sampler: str, guidance: float) -> None:
     config = legacy_scheduler().config
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(training_scheduler("epsilon", "linear", 1000, "leading").config) == public(config)
     ddim = DDIMScheduler.from_config(config)
     ddim.set_timesteps(10)
     assert ddim.timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]  # leading, as recorded
@@ -214,3 +217,9 @@ def test_samplers_must_fit_the_prediction() -> None:
                  prediction="epsilon")
     with pytest.raises(UsageError):
         noised_batch(training_scheduler("v"), "x0", x0, noise)
+
+
+def test_initial_noise_depends_only_on_seed_and_index() -> None:
+    whole = initial_noise((3, 4, 4), 7, range(5))
+    assert torch.equal(initial_noise((3, 4, 4), 7, [3, 4]), whole[3:])
+    assert not torch.equal(initial_noise((3, 4, 4), 8, [3]), whole[3:4])

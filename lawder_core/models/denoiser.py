@@ -30,7 +30,13 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch import Tensor, nn
 
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
-from lawder_core.models.recipe import TrainingScheduler, check_prediction, scheduler_class, training_scheduler
+from lawder_core.models.recipe import (
+    TIMESTEP_SPACINGS,
+    TrainingScheduler,
+    check_prediction,
+    scheduler_class,
+    training_scheduler,
+)
 
 BACKBONES = ("unet", "controlnet")
 SPEC_FILE = "lawder_denoiser.json"
@@ -61,10 +67,12 @@ class DenoiserSpec:
     image_channels: int = 3
     label_names: tuple[str, ...] = ("background", "lesion")
     num_train_timesteps: int = 1000
-    # The defaults are the first build's recipe, so a saved spec without these fields loads as what it was;
-    # new runs pass prediction="v" (or "flow") and beta_schedule="squaredcos_cap_v2".
+    # The defaults are the first build's recipe, so a saved spec without these fields loads as what it was
+    # and DenoiserSpec() still builds it; new runs pass prediction="v" (or "flow"),
+    # beta_schedule="squaredcos_cap_v2" and timestep_spacing="trailing".
     beta_schedule: str = "linear"  # unet v/epsilon only; flow has no betas, controlnet takes the checkpoint's
     prediction: str = "epsilon"  # 'v' | 'flow' | 'epsilon' (recipe.PREDICTIONS); controlnet: epsilon only
+    timestep_spacing: str = "leading"  # sampling spacing recorded in a new unet v/epsilon run's scheduler
     pretrained: str = ""  # controlnet: the Stable-Diffusion-style folder
     prompt: str = ""  # controlnet: the text prompt every sample is conditioned on
 
@@ -74,6 +82,9 @@ class DenoiserSpec:
         if self.backbone == "unet" and self.preset not in PRESETS:
             raise UsageError(f"unknown preset {self.preset!r}; expected one of {tuple(PRESETS)}.")
         check_prediction(self.prediction)
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise UsageError(f"unknown timestep spacing {self.timestep_spacing!r}; expected one of "
+                             f"{TIMESTEP_SPACINGS}.")
         if self.backbone == "controlnet" and self.prediction != "epsilon":
             raise UsageError(f"the controlnet backbone keeps its checkpoint's epsilon target, not {self.prediction!r}.",
                              "Leave --prediction at epsilon for --backbone controlnet.")
@@ -183,7 +194,7 @@ class PixelDenoiser(Denoiser):
         self.spec = spec
         self.unet = unet if unet is not None else build_unet2d(spec)
         self.scheduler = scheduler or training_scheduler(spec.prediction, spec.beta_schedule,
-                                                         spec.num_train_timesteps)
+                                                         spec.num_train_timesteps, spec.timestep_spacing)
 
     def encode(self, images: Tensor) -> Tensor:
         return images * 2 - 1

@@ -4,11 +4,12 @@ A small CNN looks at stop-gradient denoiser features, the lesion mask (and optio
 detached per-pixel error) and predicts one logit z per loss-space pixel. The map is
 
     w = p · f / mean(p · f)      p = prior^γ, the lesion/background ratio prior softened by γ
-                                 f = w_min + (w_max − w_min) · sigmoid(z + b), with f = 1 at z = 0
+                                 f = w_min + (w_max − w_min) · sigmoid(z − mean(z) + b), with f = 1 at z = 0
 
 so LAW starts exactly at the `ratio` baseline, moves any pixel at most by the factor range [w_min, w_max] away
 from the prior, keeps a gradient at every pixel (nothing is hard-clamped) and has mean exactly 1 per sample, so
-the loss scale never changes. The denoiser minimises `mean(w · err)` with w detached; LAW's own objective is
+the loss scale never changes (the per-sample centring of z is explained at `centred`). The denoiser minimises
+`mean(w · err)` with w detached; LAW's own objective is
 
     hardness (default): −mean(w · err′) + λ_prior · mean((log w − log w_prior)²) + λ_tv · TV(w) + β · KL(w/HW ‖ U)
     descent (ablation): +mean(w · err′) + the same anchors

@@ -17,10 +17,11 @@ recorded, so they sample exactly as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
@@ -34,6 +35,7 @@ DIFFUSION_SAMPLERS = ("ddim", "dpm")
 # diffusers' names for the two targets its DDPM/DDIM schedulers know.
 PREDICTION_TYPES = {"v": "v_prediction", "epsilon": "epsilon"}
 MIN_SNR_GAMMA = 5.0
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # diffusers' names; the first build saved 'leading'
 
 TrainingScheduler = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (noisy, model timesteps, condition) → model output
@@ -45,18 +47,23 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
-def training_scheduler(prediction: str, beta_schedule: str = "squaredcos_cap_v2",
-                       num_train_timesteps: int = 1000) -> TrainingScheduler:
+def training_scheduler(prediction: str, beta_schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 1000,
+                       timestep_spacing: str = "trailing") -> TrainingScheduler:
     """The scheduler a new pixel run trains with and saves in its run folder.
 
     flow keeps a `FlowMatchEulerDiscreteScheduler` config (shift 1: exactly our x_t = (1 − t)·x0 + t·ε), so the
-    saved folder says what it is; it has no betas, and `beta_schedule` is ignored. v/epsilon keep a DDPM config
-    that records trailing spacing for sampling; `clip_sample` clips predicted x0 to the image range [−1, 1].
+    saved folder says what it is; it has no betas, and `beta_schedule` and `timestep_spacing` are ignored (the
+    flow sampler walks its own uniform grid). v/epsilon keep a DDPM config that records the spacing sampling will
+    use; `clip_sample` clips predicted x0 to the image range [−1, 1]. With beta_schedule='linear' and
+    timestep_spacing='leading' an epsilon scheduler is exactly the first build's.
     """
     if check_prediction(prediction) == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UsageError(f"unknown timestep spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}.")
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                         prediction_type=PREDICTION_TYPES[prediction], clip_sample=True, timestep_spacing="trailing")
+                         prediction_type=PREDICTION_TYPES[prediction], clip_sample=True,
+                         timestep_spacing=timestep_spacing)
 
 
 def scheduler_class(prediction: str) -> type[TrainingScheduler]:
@@ -110,7 +117,7 @@ def flow_snr(t: Tensor) -> Tensor:
     return ((1 - t) / t).pow(2)
 
 
-def noised_batch(scheduler: Any, prediction: str, x0: Tensor, noise: Tensor,
+def noised_batch(scheduler: TrainingScheduler, prediction: str, x0: Tensor, noise: Tensor,
                  generator: torch.Generator | None = None, *, snr_gamma: float | None = MIN_SNR_GAMMA,
                  level: float | None = None) -> NoisedBatch:
     """Draw timesteps (with `generator`), noise x0 and build the target and the Min-SNR weights.
@@ -141,6 +148,16 @@ def noised_batch(scheduler: Any, prediction: str, x0: Tensor, noise: Tensor,
 # ---------------------------------------------------------------- sampling side
 
 
+def initial_noise(shape: tuple[int, int, int], seed: int, indices: Sequence[int]) -> Tensor:
+    """One independent noise tensor per global sample index (CPU generator: identical on every device), so image i
+    depends only on (seed, i) however the masks are split across workers and batches."""
+    out = []
+    for i in indices:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out)
+
+
 def default_sampler(prediction: str) -> str:
     return "euler" if check_prediction(prediction) == "flow" else "ddim"
 
@@ -148,7 +165,8 @@ def default_sampler(prediction: str) -> str:
 def check_sampler(prediction: str, sampler: str) -> None:
     allowed = FLOW_SAMPLERS if check_prediction(prediction) == "flow" else DIFFUSION_SAMPLERS
     if sampler not in allowed:
-        raise UsageError(f"sampler {sampler!r} does not fit a {prediction!r} model; expected one of {allowed}.")
+        raise UsageError(f"sampler (--scheduler) {sampler!r} does not fit a {prediction!r} model; expected one of "
+                         f"{allowed}.")
 
 
 def sampling_scheduler(scheduler_config: Mapping[str, Any],
