@@ -132,7 +132,8 @@ def evaluate(
                       synthetic_split=synthetic_split, fid_weights=text(fid_weights), run=text(run), data=text(data),
                       split=split, segmenter=text(segmenter), model=model, size=size),
         gates=Gates(min_dice=min_dice, max_fid=max_fid, max_kid=max_kid, min_adherence=min_adherence),
-        options=EvaluateOptions(empty_policy=empty_policy, mode=mode, device=device, batch_size=batch_size, seed=seed,
+        options=EvaluateOptions(empty_policy=empty_policy, mode=mode, device=device, batch_size=batch_size,
+                                seed=seed or 0,
                                 progress=err_console.is_terminal),
     )
     with quiet_stdout(json_out):

@@ -14,7 +14,10 @@ if TYPE_CHECKING:
     from lawder_core.distributed.train import LaunchConfig
 
 JSON = typer.Option(False, "--json", help="Print only the result as JSON on stdout (logs go to stderr).")
-SEED = typer.Option(0, "--seed", help="Random seed: the same seed and inputs give the same result.")
+# None means 0, unless a --config file or the run being resumed has a seed of its own: a flag default of 0 would
+# silently replace that seed.
+SEED = typer.Option(None, "--seed", help="Random seed (default 0; --config or a resumed run keeps its own). "
+                                         "The same seed and inputs give the same result.")
 FORCE = typer.Option(False, "--force", help="Replace what --out already holds (a run, a sweep, a file) and start over.")
 RESUME = typer.Option(False, "--resume", help="Continue what --out already holds from where it stopped.")
 # min=0: a negative count is refused by the option parser, before anything is imported or started.

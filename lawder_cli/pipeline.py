@@ -34,7 +34,7 @@ def pipeline(
 
     setup_logging()
     cfg = PipelineConfig(out=str(out), preset=preset, data=data, source=source,
-                         in_dir=None if in_dir is None else str(in_dir), seed=seed, fid_weights=fid_weights,
+                         in_dir=None if in_dir is None else str(in_dir), seed=seed or 0, fid_weights=fid_weights,
                          gpus=gpus, workers=workers, ray_address=ray_address)
     with quiet_stdout():
         result = run_pipeline(cfg, progress=lambda msg: err_console.print(f"[bold]lawder pipeline[/]: {msg}"),

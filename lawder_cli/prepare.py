@@ -41,7 +41,7 @@ def prepare(
     from lawder_core.data.prepare import PrepareOptions
     from lawder_core.data.splits import parse_fractions
 
-    options = PrepareOptions(size=size or None, resize_mode=resize, fractions=parse_fractions(split), seed=seed,
+    options = PrepareOptions(size=size or None, resize_mode=resize, fractions=parse_fractions(split), seed=seed or 0,
                              split_file=str(split_file) if split_file else None, force=force,
                              compression=None if compression == "none" else compression)
     with progress_bar(f"prepare {source}", None) as advance:

@@ -40,7 +40,7 @@ def sample(
 
     setup_logging()
     cfg = SampleConfig(run=run, masks=masks, out=str(out), split=split, n=n, mask_aug=mask_aug, steps=steps,
-                       scheduler=scheduler, guidance=guidance, batch_size=batch_size, seed=seed, gpus=gpus,
+                       scheduler=scheduler, guidance=guidance, batch_size=batch_size, seed=seed or 0, gpus=gpus,
                        workers=workers, ray_address=ray_address, force=force)
     with ExitStack() as stack:
         stack.enter_context(quiet_stdout())

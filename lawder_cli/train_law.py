@@ -31,9 +31,17 @@ def train_law(
     batch_size: int = typer.Option(None, "--batch-size", help="Per-worker batch size (default 8)."),
     lr: float = typer.Option(None, "--lr", help="Denoiser learning rate (default 2e-4)."),
     weighting: str = typer.Option(None, "--weighting", help="uniform | ratio | law (default law)."),
-    objective: str = typer.Option(None, "--objective", help="LAW objective: joint (default) | adversarial."),
-    w_min: float = typer.Option(None, "--w-min", help="LAW clamp lower bound (default 0.2)."),
-    w_max: float = typer.Option(None, "--w-max", help="LAW clamp upper bound (default 5.0)."),
+    objective: str = typer.Option(None, "--objective",
+                                  help="LAW objective: hardness (default: weight goes where the denoiser errs) | "
+                                       "descent (the first build's, an ablation: inverse-variance weighting)."),
+    w_min: float = typer.Option(None, "--w-min", help="Lowest factor LAW may put on the prior (default 0.2)."),
+    w_max: float = typer.Option(None, "--w-max", help="Highest factor LAW may put on the prior (default 5.0)."),
+    gamma: float = typer.Option(None, "--gamma",
+                                help="Prior exponent: lesion weight ∝ (lesion share)^-γ (default 0.5; 0: uniform)."),
+    prediction: str = typer.Option(None, "--prediction",
+                                   help="unet target: v (default) | flow (rectified flow) | epsilon."),
+    hflip: bool = typer.Option(None, "--hflip/--no-hflip",
+                               help="Mirror training pairs left-right (polyps; never CT). Default: no augmentation."),
     preset: str = typer.Option(None, "--preset", help="UNet size: tiny | small (default) | base."),
     backbone: str = typer.Option(None, "--backbone", help="unet (default, pixel space) | controlnet."),
     pretrained: str = typer.Option(None, "--pretrained", help="controlnet: local Stable Diffusion 1.5-style folder."),
@@ -63,11 +71,11 @@ def train_law(
     if config is None and resume:
         config = config_path(out)
     # Absolute paths: Ray workers on other machines (or another working directory) must find the same files.
-    cfg = law_config(config, {"objective": objective, "w_min": w_min, "w_max": w_max},
+    cfg = law_config(config, {"objective": objective, "w_min": w_min, "w_max": w_max, "gamma": gamma},
                      data=absolute(data), out=str(out.resolve()), size=size, steps=steps, batch_size=batch_size,
                      lr=lr, weighting=weighting, preset=preset, backbone=backbone, pretrained=absolute(pretrained),
-                     prompt=prompt, save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed,
-                     resume=resume)
+                     prompt=prompt, prediction=prediction, hflip=hflip, save_every=save_every,
+                     sample_every=sample_every, log_every=log_every, seed=seed, resume=resume)
     launch_cfg = launch_config(gpus, workers, ray_address, storage, out)
     with quiet_stdout():
         result = run_train_law(cfg, launch_cfg, force=force)

@@ -46,9 +46,12 @@ def train_order(
     """Train a segmenter; writes best/ and last/ checkpoints, metrics.jsonl and curves.png to --out."""
     from lawder_core.config import build_config
     from lawder_core.distributed.train import train_order as run_train_order
+    from lawder_core.runs import config_path
     from lawder_core.train.seg import SegTrainConfig
 
     setup_logging()
+    if config is None and resume:
+        config = config_path(out)  # a resumed run continues with the config it was started with
     cfg = build_config(SegTrainConfig, config, data=data, out=str(out), model=model, synthetic=synthetic,
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                        encoder_weights=encoder_weights, seed=seed, resume=resume)

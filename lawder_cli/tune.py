@@ -48,7 +48,7 @@ def tune(
 
     setup_logging()
     opts = TuneOptions(trials=trials, budget=budget, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-                       scheduler=scheduler, search=search, seed=seed, ray_address=ray_address)
+                       scheduler=scheduler, search=search, seed=seed or 0, ray_address=ray_address)
     base = base_config(kind, data, out, config, budget, seed, segmenter, fid_weights)
     with quiet_stdout():
         result = run_tune(kind.value, base, load_space(kind.value, space), out, opts, resume=resume, force=force)

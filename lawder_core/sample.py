@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
 from lawder_core import runs
@@ -31,10 +30,11 @@ from lawder_core.data.h5 import H5Writer, load_arrays, refuse_overwrite
 from lawder_core.data.resize import resize_masks
 from lawder_core.environment import package_version, pick_device
 from lawder_core.errors import DataError, UsageError
+from lawder_core.models import recipe
 from lawder_core.models.denoiser import SPEC_FILE, Denoiser, DenoiserSpec, load_denoiser, read_spec
+from lawder_core.models.recipe import SAMPLERS, check_sampler, default_sampler, initial_noise
 from lawder_core.viz import save_pair_grid
 
-SCHEDULERS = ("ddim", "dpm")
 DENOISER_EMA = runs.DENOISER_EMA
 Generator = Callable[["SampleConfig", np.ndarray, "Callable[[int], None] | None"], np.ndarray]
 
@@ -69,49 +69,18 @@ def run_info(run: str | os.PathLike) -> RunInfo:
 # ---------------------------------------------------------------- generation
 
 
-def sampling_scheduler(denoiser: Denoiser, name: str) -> DDIMScheduler | DPMSolverMultistepScheduler:
-    """A fresh sampler built from the training schedule (a multistep solver keeps state, so never reuse one)."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(denoiser.scheduler.config)
-    if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(denoiser.scheduler.config)
-    raise UsageError(f"unknown scheduler {name!r}; expected one of {SCHEDULERS}.")
-
-
-def initial_noise(shape: tuple[int, int, int], seed: int, indices: Sequence[int]) -> Tensor:
-    """One independent noise tensor per global sample index (CPU generator: identical on every device)."""
-    out = []
-    for i in indices:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
-        out.append(torch.randn(shape, generator=g))
-    return torch.stack(out)
-
-
 @torch.no_grad()
-def generate(denoiser: Denoiser, masks: Tensor, noise: Tensor, *, steps: int = 50, scheduler: str = "ddim",
+def generate(denoiser: Denoiser, masks: Tensor, noise: Tensor, *, steps: int = 50, scheduler: str | None = None,
              guidance: float = 1.0) -> Tensor:
     """Masks (B,H,W) int and initial noise (B,C,h,w) on the model's device → images (B,C,H,W) in [0, 1].
 
-    guidance > 1 is classifier-free guidance against the null mask: ε = ε_∅ + g · (ε_mask − ε_∅).
+    The run's own recipe decides the target and the sampler family (`models/recipe.py`); `scheduler` None is its
+    default (DDIM, or Euler for flow). guidance > 1 is classifier-free guidance against the null mask.
     """
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}.")
-    sched = sampling_scheduler(denoiser, scheduler)
-    sched.set_timesteps(steps, device=noise.device)
-    x = noise * sched.init_noise_sigma
-    cond = denoiser.condition(masks)
-    null = torch.zeros_like(cond)
-    for t in sched.timesteps:
-        model_in = sched.scale_model_input(x, t)
-        tt = t.expand(x.shape[0]).to(x.device)
-        if guidance == 1.0:
-            eps = denoiser(model_in, tt, cond)
-        else:
-            both = denoiser(torch.cat([model_in, model_in]), torch.cat([tt, tt]), torch.cat([cond, null]))
-            eps_cond, eps_null = both.float().chunk(2)
-            eps = eps_null + guidance * (eps_cond - eps_null)
-        x = sched.step(eps.float(), t, x).prev_sample
-    return denoiser.decode(x)
+    x0 = recipe.generate(denoiser, denoiser.condition(masks), denoiser.null_condition(masks), noise,
+                         scheduler_config=denoiser.scheduler.config, prediction=denoiser.spec.prediction,
+                         steps=steps, sampler=scheduler, guidance=guidance)
+    return denoiser.decode(x0)
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -132,7 +101,7 @@ def sample_pairs(
     masks: np.ndarray,
     *,
     steps: int = 50,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     guidance: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
@@ -145,12 +114,14 @@ def sample_pairs(
     C is the training data's channel count (3 for polyps, 1 for CT). `progress(k)` is called after each batch
     with the number of images it added; `first_index` offsets the per-sample seeds for sharded sampling.
     """
-    if scheduler not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULERS}.")
+    if scheduler is not None and scheduler not in SAMPLERS:
+        raise UsageError(f"unknown --scheduler {scheduler!r}; expected one of {SAMPLERS}.")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}.")
     info = run_info(run_folder)
     check_masks(masks, info.spec.size, len(info.spec.label_names))
+    if scheduler is not None:
+        check_sampler(info.spec.prediction, scheduler)  # before loading the model
     dev = pick_device(device)
     denoiser = load_denoiser(info.model_folder).to(dev).eval()
     shape = denoiser.loss_shape()
@@ -229,7 +200,7 @@ class SampleConfig:
     n: int | None = None  # None: one synthetic image per mask
     mask_aug: bool = False
     steps: int = 50
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the run's default sampler (DDIM; Euler for flow)
     guidance: float = 1.0
     batch_size: int = 16
     seed: int = 0
@@ -239,8 +210,8 @@ class SampleConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise UsageError(f"unknown --scheduler {self.scheduler!r}; expected one of {SCHEDULERS}.")
+        if self.scheduler is not None and self.scheduler not in SAMPLERS:
+            raise UsageError(f"unknown --scheduler {self.scheduler!r}; expected one of {SAMPLERS}.")
         if self.steps < 1 or self.batch_size < 1:
             raise UsageError("--steps and --batch-size must be at least 1.")
         if self.gpus < 0 or self.workers < 0:
@@ -248,10 +219,10 @@ class SampleConfig:
 
 
 def run_weighting(run: RunInfo) -> str | None:
-    """The weighting the run was trained with, from its train_config.json (None for a bare model folder)."""
+    """The weighting the run was trained with, from its config (None for a bare model folder)."""
     for folder in (run.model_folder.parent.parent, run.model_folder.parent):
-        path = folder / "train_config.json"
-        if path.exists():
+        path = runs.config_path(folder)
+        if path is not None:
             return json.loads(path.read_text()).get("weighting")
     return None
 
@@ -280,7 +251,8 @@ def generate_here(cfg: SampleConfig, masks: np.ndarray, progress: Callable[[int]
 def provenance(cfg: SampleConfig, info: RunInfo, plan: MaskPlan, masks_size: tuple[int, int]) -> dict[str, Any]:
     return {
         "run": str(Path(cfg.run).resolve()), "step": info.step, "weighting": run_weighting(info),
-        "model": str(info.model_folder.resolve()), "scheduler": cfg.scheduler, "steps": cfg.steps,
+        "model": str(info.model_folder.resolve()), "prediction": info.spec.prediction,
+        "scheduler": cfg.scheduler or default_sampler(info.spec.prediction), "steps": cfg.steps,
         "guidance": cfg.guidance, "seed": cfg.seed, "masks": str(Path(cfg.masks).resolve()), "split": cfg.split,
         "masks_size": list(masks_size), "n": len(plan.masks), "mask_aug": cfg.mask_aug,
         "lawder_version": package_version("lawder"),
@@ -294,6 +266,8 @@ def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
     out = Path(cfg.out)
     refuse_overwrite(out, cfg.force)  # before minutes of sampling, not after
     info = run_info(cfg.run)
+    if cfg.scheduler is not None:
+        check_sampler(info.spec.prediction, cfg.scheduler)
     plan, masks_size = load_plan(cfg, info.spec.size)
     if on_plan is not None:
         on_plan(len(plan.masks))

@@ -39,10 +39,10 @@ SPACES: dict[str, dict[str, dict[str, Any]]] = {
         "clamp": {"grid": [{"law.w_min": lo, "law.w_max": hi} for lo, hi in CLAMP_RANGES]},
     },
     "law-reg": {
-        "law.objective": {"choice": ["joint", "adversarial"]},
-        "law.lambda_prior": {"loguniform": [0.01, 1.0]},
-        "law.lambda_tv": {"uniform": [0.0, 0.01]},
-        "law.entropy_weight": {"loguniform": [0.001, 0.1]},
+        "law.gamma": {"uniform": [0.0, 1.0]},
+        "law.lambda_prior": {"loguniform": [0.5, 10.0]},
+        "law.lambda_tv": {"uniform": [0.0, 1.0]},
+        "law.beta_kl": {"loguniform": [0.001, 0.1]},
     },
     "order": {
         "order.rho": {"uniform": [0.1, 0.5]},
@@ -173,7 +173,7 @@ def generation_score(cfg: LawTuneConfig, run: str, terms: dict[str, bool], image
         from lawder_core.predict import load_predictor
 
         predictor = load_predictor(cfg.segmenter)  # type: ignore[arg-type]
-        adherence = mask_adherence(predictor.at_size, synthetic, masks)["dice_mean"]
+        adherence = mask_adherence(predictor.predict_fn, synthetic, masks)["dice_mean"]
         result["val_adherence"] = adherence
         score += 1.0 - adherence
     result["val_score"] = score

@@ -39,7 +39,7 @@ def invoke(args: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def run(ray_local, data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "law"
-    summary = invoke(train_args(data, out, "--weighting", "law", "--objective", "adversarial", "--w-min", "0.25",
+    summary = invoke(train_args(data, out, "--weighting", "law", "--objective", "descent", "--w-min", "0.25",
                                 "--w-max", "4", "--sample-every", "2", "--json"))
     return out, summary
 
@@ -47,11 +47,13 @@ def run(ray_local, data: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 def test_train_law_summarises_the_run_folder(run: tuple[Path, dict]) -> None:
     out, summary = run
     assert summary["step"] == 2 and summary["weighting"] == "law" and summary["checkpoint_step"] == 2
-    assert Path(summary["checkpoint"]) == out / "checkpoint" and Path(summary["preview"]).exists()
+    assert Path(summary["checkpoint"]) == out / "last" and Path(summary["preview"]).exists()
     assert summary["loss"] > 0 and summary["law"]["law_active"] is True
-    assert 0.25 - 1e-4 <= summary["law"]["w_background"] <= summary["law"]["w_max"] <= 4.0 + 1e-4
-    saved = json.loads((out / "train_config.json").read_text())
-    assert saved["law"]["objective"] == "adversarial" and (saved["law"]["w_min"], saved["law"]["w_max"]) == (0.25, 4.0)
+    assert 0 < summary["law"]["w_background"] < summary["law"]["w_lesion"] <= summary["law"]["w_max"]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["prediction"], saved["hflip"]) == (None, False)  # None: the unet's v
+    assert json.loads((out / "last" / "denoiser" / "lawder_denoiser.json").read_text())["prediction"] == "v"
+    assert saved["law"]["objective"] == "descent" and (saved["law"]["w_min"], saved["law"]["w_max"]) == (0.25, 4.0)
 
 
 def test_sample_round_trip_writes_pairs_with_provenance(run: tuple[Path, dict], data: Path, tmp_path: Path) -> None:
@@ -108,7 +110,7 @@ def test_resume_continues_at_the_right_step_with_the_saved_config(ray_local, dat
     summary = invoke(["train-law", "--out", str(out), "--resume", "--steps", "4", "--workers", "0", "--json"])
     assert summary["step"] == 4 and summary["checkpoint_step"] == 4 and summary["weighting"] == "ratio"
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
-    assert json.loads((out / "train_config.json").read_text())["seed"] == 1  # the saved config, not the defaults
+    assert json.loads((out / "config.json").read_text())["seed"] == 1  # the saved config, not the defaults
     restarted = invoke(train_args(data, out, "--weighting", "uniform", "--force", "--json"))
     assert restarted["step"] == 2 and restarted["weighting"] == "uniform"
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
@@ -127,7 +129,7 @@ def test_best_yaml_of_a_law_sweep_is_accepted_as_config(ray_local, data: Path, t
     summary = invoke(["train-law", "--config", str(sweep / "best.yaml"), "--data", str(data), "--out",
                       str(tmp_path / "final"), "--steps", "1", "--workers", "0", "--sample-every", "0", "--json"])
     assert summary["step"] == 1
-    saved = json.loads((tmp_path / "final" / "train_config.json").read_text())
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())
     assert (saved["law"]["w_min"], saved["law"]["w_max"], saved["preset"]) == (0.5, 2.0, "tiny")
 
 
@@ -135,12 +137,13 @@ def test_best_yaml_of_a_law_sweep_is_accepted_as_config(ray_local, data: Path, t
     (["--size", "30", "--preset", "small"], "divisible by 8"),
     (["--batch-size", "64"], "batch-size"),
     (["--weighting", "focal"], "weighting"),
-    (["--w-min", "2"], "clamp"),
+    (["--w-min", "2"], "factor range"),
+    (["--prediction", "x0"], "prediction"),
 ])
 def test_bad_requests_fail_before_workers_start(data: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     result = runner.invoke(app, train_args(data, tmp_path / "bad", *extra))
     assert result.exit_code == 2 and message in result.output
-    assert not (tmp_path / "bad" / "checkpoint").exists()
+    assert not (tmp_path / "bad" / "last").exists()
 
 
 def test_missing_data_is_a_data_error(tmp_path: Path) -> None:

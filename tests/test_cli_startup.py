@@ -119,7 +119,7 @@ def test_the_installed_entry_point_answers_version():
 
 # ---------------------------------------------------------------- one default per shared option
 
-SHARED_DEFAULTS = {"--seed": 0, "--gpus": 0, "--workers": 0, "--json": False, "--force": False, "--resume": False,
+SHARED_DEFAULTS = {"--seed": None, "--gpus": 0, "--workers": 0, "--json": False, "--force": False, "--resume": False,
                    "--ray-address": None, "--storage": None, "--config": None}
 
 

@@ -21,7 +21,8 @@ def test_example_configs_load():
     seg = build_config(SegTrainConfig, EXAMPLES / "order_kvasir.yaml", data="d.h5", out="o")
     assert seg.model == "mkunet-t-order" and seg.order.kv_grid == 16
     law = build_config(DiffusionTrainConfig, EXAMPLES / "law_small.yaml", data="d.h5", out="o")
-    assert law.weighting == "law" and law.law.w_max == 5.0
+    assert law.weighting == "law" and law.law.w_max == 5.0 and law.law.objective == "hardness"
+    assert (law.prediction, law.hflip) == ("v", True)  # the example names the default explicitly
 
 
 def lawder_calls(script: Path) -> list[list[str]]:

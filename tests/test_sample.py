@@ -46,7 +46,7 @@ def test_round_trip_writes_a_valid_synthetic_h5(trained: tuple[Path, Path], tmp_
     assert np.array_equal(back_images, images) and np.array_equal(back_masks, masks)
     assert back_cases[0] == f"syn_{cases[0]}"
     assert out.with_suffix(".png").stat().st_size > 500
-    with pytest.raises(DataError):
+    with pytest.raises(UsageError, match="--force"):
         write_synthetic_h5(out, images, masks, list(cases), provenance)  # refuses to overwrite without force
     write_synthetic_h5(out, images, masks, list(cases), provenance, force=True)
 
@@ -54,9 +54,11 @@ def test_round_trip_writes_a_valid_synthetic_h5(trained: tuple[Path, Path], tmp_
 def test_samples_depend_only_on_seed_and_index(trained: tuple[Path, Path]) -> None:
     data, run = trained
     _, masks, _ = load_arrays(data, "train", limit=4)
-    whole = sample_pairs(run, masks, steps=2, batch_size=4, seed=3)
-    shard = sample_pairs(run, masks[2:], steps=2, batch_size=1, seed=3, first_index=2)
-    assert np.array_equal(whole[2:], shard)  # workers can split the masks and still agree
+    whole = sample_pairs(run, masks, steps=2, batch_size=2, seed=3)
+    shard = sample_pairs(run, masks[2:], steps=2, batch_size=2, seed=3, first_index=2)
+    # workers split the masks into whole batches (distributed.sample.chunk_ranges), and then they agree bit for bit;
+    # other batch sizes may pick other conv kernels, which round differently
+    assert np.array_equal(whole[2:], shard)
     other = sample_pairs(run, masks[:1], steps=2, seed=4)
     assert not np.array_equal(whole[:1], other)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lawder_core.train.seg as seg
-from lawder_core.errors import TrainingError, UsageError
+from lawder_core.errors import TrainingError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics
 from lawder_core.train.seg import SegTrainConfig, binary_target, dice_per_image, train_segmenter

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -37,7 +38,7 @@ def test_space_file_is_validated(tmp_path):
 
 
 @pytest.mark.slow
-def test_order_sweep_finishes_resumes_and_best_yaml_trains(tmp_path):
+def test_order_sweep_finishes_resumes_and_best_yaml_trains(ray_local, tmp_path):
     data = synthetic_h5(tmp_path / "s.h5", n=24, size=32)
     base = tmp_path / "base.yaml"
     base.write_text("size: 32\nbatch_size: 8\nmax_steps_per_epoch: 1\nmodel: mkunet-t-order\n")
@@ -65,7 +66,7 @@ def test_order_sweep_finishes_resumes_and_best_yaml_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_law_clamp_sweep_scores_generation_and_best_yaml_is_a_train_law_config(tmp_path):
+def test_law_clamp_sweep_scores_generation_and_best_yaml_is_a_train_law_config(ray_local, tmp_path):
     from lawder_core.models.factory import build_segmenter, save_segmenter
     from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
 
@@ -107,3 +108,13 @@ def test_law_sweep_without_any_score_refuses_to_start(tmp_path, monkeypatch):
 
     with pytest.raises(UsageError, match="--segmenter"):
         scoring_terms(LawTuneConfig(data="d.h5"))
+
+
+def test_law_trial_scores_on_images_and_masks_at_the_model_size(tmp_path):
+    """Regression: on a file larger than the model, the masks were left at the file's size and every trial failed."""
+    from lawder_core.tune import LawTuneConfig, evaluation_set
+
+    data = synthetic_h5(tmp_path / "s.h5", n=8, size=64)
+    images, masks = evaluation_set(LawTuneConfig(data=str(data), out=str(tmp_path), size=32, eval_masks=4))
+    assert images.shape[1:3] == masks.shape[1:3] == (32, 32)
+    assert set(np.unique(masks)) <= {0, 1} and masks.any()

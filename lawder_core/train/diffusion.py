@@ -11,7 +11,7 @@ The run folder follows `runs.py`; a checkpoint folder (`last/`) holds:
 and RUN/samples/step_000500.png are preview grids (image, mask, weight map, EMA sample).
 
 Randomness is keyed by (seed, step, rank) — noise, timesteps and condition dropout — and the data order by
-epoch, so a resumed run continues exactly where the interrupted one would have gone (augmentation aside).
+epoch, so a resumed run continues exactly where the interrupted one would have gone.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ from lawder_core.models.law import (
     LossTerms,
     law_active,
     lesion_at,
+    normalised_error,
     pixel_error,
     prior_map,
-    spatial_mean,
     weight_stats,
     weighted_diffusion_loss,
 )
-from lawder_core.sample import generate, initial_noise
+from lawder_core.models.recipe import check_prediction, generate, initial_noise, noised_batch
 from lawder_core.train.runtime import (
     Reporter,
     WorkerContext,
@@ -90,18 +90,23 @@ class DiffusionTrainConfig:
     steps: int = 2000
     batch_size: int = 8  # per worker
     lr: float = 2e-4  # the denoiser's AdamW (the field uses 1e-5 for ControlNet on SD 1.5)
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 100  # linear warm-up of the denoiser's learning rate
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     weighting: str = "law"  # 'uniform' | 'ratio' | 'law'
     law: LAWConfig = field(default_factory=LAWConfig)
+    # the pixel backbone's recipe (DESIGN §1.1 rev. 2); ControlNet keeps its checkpoint's epsilon and schedule
+    prediction: str | None = None  # 'v' (the unet's default) | 'flow' (rectified flow) | 'epsilon' (controlnet's)
+    beta_schedule: str = "squaredcos_cap_v2"  # cosine; 'linear' was the first build's
+    timestep_spacing: str = "trailing"  # sampling starts at the last training timestep
+    snr_gamma: float | None = 5.0  # Min-SNR-γ timestep weighting; None weighs every noise level alike
     backbone: str = "unet"  # 'unet' | 'controlnet'
     preset: str = "small"  # unet: 'tiny' | 'small' | 'base'
     pretrained: str | None = None  # controlnet: local Stable Diffusion 1.5-style folder
     prompt: str = ""  # controlnet
     cond_dropout: float = 0.1  # null-mask probability, for classifier-free guidance at sampling
-    ema_decay: float = 0.999
-    augment: bool = True
+    ema_decay: float = 0.999  # the EMA's decay ramps up to this with the step count (models/ema.py)
+    hflip: bool = False  # the only augmentation: a generator must learn the data's own orientation
     seed: int = 0
     log_every: int = 10
     save_every: int = 500  # 0: only at the end
@@ -121,15 +126,26 @@ class DiffusionTrainConfig:
             raise UsageError("--steps and --batch-size must be at least 1 and --size at least 8.")
         if not 0 <= self.cond_dropout < 1:
             raise UsageError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}.")
+        if self.prediction is not None:
+            check_prediction(self.prediction)
+        if self.backbone == "controlnet" and self.prediction not in (None, "epsilon"):
+            raise UsageError("the controlnet backbone keeps its checkpoint's epsilon target.",
+                             "Pass --prediction epsilon with --backbone controlnet.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UsageError(f"snr_gamma must be positive (or None to switch Min-SNR off), got {self.snr_gamma}.")
 
 
 # ---------------------------------------------------------------- setup
 
 
 def denoiser_spec(cfg: DiffusionTrainConfig, dataset: SegDataset) -> DenoiserSpec:
+    recipe: dict[str, Any] = {}
+    if cfg.backbone == "unet":
+        recipe = {"prediction": cfg.prediction or "v", "beta_schedule": cfg.beta_schedule,
+                  "timestep_spacing": cfg.timestep_spacing}
     return DenoiserSpec(backbone=cfg.backbone, preset=cfg.preset, size=cfg.size,
                         image_channels=dataset.info.channels, label_names=tuple(dataset.info.label_names),
-                        pretrained=cfg.pretrained or "", prompt=cfg.prompt)
+                        pretrained=cfg.pretrained or "", prompt=cfg.prompt, **recipe)
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -152,6 +168,18 @@ def batches(dataset: SegDataset, ctx: WorkerContext, cfg: DiffusionTrainConfig, 
                             num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda")
         yield from loader
         epoch, skip = epoch + 1, 0
+
+
+def uses_uniform_time(cfg: DiffusionTrainConfig) -> bool:
+    """Min-SNR weighting belongs to the pixel recipe; ControlNet keeps its checkpoint's plain objective."""
+    return cfg.snr_gamma is None or cfg.backbone != "unet"
+
+
+def random_hflip(images: Tensor, masks: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mirror each pair left-right with probability ½ (keyed by the step's generator, so a resume repeats it)."""
+    flip = torch.rand(images.shape[0], generator=g, device=g.device) < 0.5
+    return (torch.where(flip[:, None, None, None], images.flip(-1), images),
+            torch.where(flip[:, None, None], masks.flip(-1), masks))
 
 
 def amp_settings(cfg: DiffusionTrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
@@ -224,20 +252,23 @@ def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Loss
     cfg, ctx, denoiser = tr.cfg, tr.ctx, tr.denoiser
     images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
     g = step_generator(cfg.seed, step, ctx.rank, ctx.device)
+    if cfg.hflip:
+        images, masks = random_hflip(images, masks, g)
     x0 = denoiser.encode(images)
     noise = torch.randn(x0.shape, generator=g, device=ctx.device)
-    t = torch.randint(0, denoiser.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g,
-                      device=ctx.device)
+    batch = noised_batch(denoiser.scheduler, denoiser.spec.prediction, x0, noise, g, snr_gamma=cfg.snr_gamma)
     drop = torch.rand(x0.shape[0], generator=g, device=ctx.device) < cfg.cond_dropout
-    noisy = denoiser.scheduler.add_noise(x0, noise, t)
     use_amp, amp_dtype = amp_settings(cfg, ctx.device)
     with torch.autocast(device_type=ctx.device.type, dtype=amp_dtype, enabled=use_amp):
-        pred = tr.model(noisy, t, denoiser.condition(masks, drop))
+        pred = tr.model(batch.noisy, batch.model_timesteps, denoiser.condition(masks, drop))
     size = tuple(pred.shape[-2:])
     active = tr.law is not None and law_active(step, cfg.steps, cfg.law)
     features = tr.grabber.take(size) if tr.grabber is not None and active else None  # type: ignore[arg-type]
-    terms = weighted_diffusion_loss(pred, noise, weighting=cfg.weighting, lesion=lesion_at(masks, size),  # type: ignore[arg-type]
-                                    law=tr.law_model, features=features, timesteps=t, active=active, config=cfg.law)
+    terms = weighted_diffusion_loss(pred, batch.target, weighting=cfg.weighting,
+                                    lesion=lesion_at(masks, size),  # type: ignore[arg-type]
+                                    law=tr.law_model, features=features, timesteps=batch.model_timesteps,
+                                    active=active, config=cfg.law, keep=~drop,
+                                    time_weight=None if uses_uniform_time(cfg) else batch.time_weight)
     check_finite(terms.total, step)
     optimizers = [tr.optimizer] + ([tr.law_optimizer] if active and tr.law_optimizer is not None else [])
     for opt in optimizers:
@@ -344,21 +375,21 @@ def restore(tr: Trainer, checkpoint: Path) -> int:
 
 @torch.no_grad()
 def weight_maps(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Tensor:
-    """The map the loss would use now, at t = T/2 for a fixed noise draw (what users want to SEE)."""
+    """The map the loss would use now, half way along the noise path for a fixed noise draw (what users SEE)."""
     denoiser, cfg = tr.denoiser, tr.cfg
     x0 = denoiser.encode(images)
     g = torch.Generator(device=x0.device).manual_seed(cfg.seed)
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
-    t = torch.full((x0.shape[0],), denoiser.scheduler.config.num_train_timesteps // 2, device=x0.device)
-    pred = denoiser(denoiser.scheduler.add_noise(x0, noise, t), t, denoiser.condition(masks))
+    batch = noised_batch(denoiser.scheduler, denoiser.spec.prediction, x0, noise, level=0.5)
+    pred = denoiser(batch.noisy, batch.model_timesteps, denoiser.condition(masks))
     lesion = lesion_at(masks, tuple(pred.shape[-2:]))  # type: ignore[arg-type]
     if cfg.weighting == "uniform":
         return torch.ones_like(lesion)
     if cfg.weighting == "ratio" or tr.law is None or tr.grabber is None:
-        return prior_map(lesion, cfg.law.w_min, cfg.law.w_max)
-    err = pixel_error(pred, noise)
-    err = err / spatial_mean(err).clamp_min(1e-12) if cfg.law.normalise_error else err
-    return tr.law(tr.grabber.take(tuple(pred.shape[-2:])), lesion, t, err)  # type: ignore[arg-type]
+        return prior_map(lesion, cfg.law.gamma)
+    err = normalised_error(pixel_error(pred, batch.target)) if cfg.law.normalise_error else pixel_error(
+        pred, batch.target)
+    return tr.law(tr.grabber.take(tuple(pred.shape[-2:])), lesion, batch.model_timesteps, err)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -373,7 +404,9 @@ def write_preview(tr: Trainer, preview: tuple[Tensor, Tensor], step: int) -> Pat
     copy_weights(tr.ema.shadow, denoiser.trainable_module())
     try:
         noise = initial_noise(denoiser.loss_shape(), tr.cfg.seed, range(len(masks))).to(tr.ctx.device)
-        samples = generate(denoiser, masks, noise, steps=tr.cfg.preview_steps, scheduler="ddim")
+        samples = denoiser.decode(generate(denoiser, denoiser.condition(masks), denoiser.null_condition(masks), noise,
+                                           scheduler_config=denoiser.scheduler.config,
+                                           prediction=denoiser.spec.prediction, steps=tr.cfg.preview_steps))
     finally:
         denoiser.trainable_module().load_state_dict(live)
         denoiser.train(was_training)
@@ -382,11 +415,17 @@ def write_preview(tr: Trainer, preview: tuple[Tensor, Tensor], step: int) -> Pat
     title = f"step {step + 1} · weighting {tr.cfg.weighting}{state}"
     return save_weight_preview(tr.out / SAMPLES / f"step_{step + 1:06d}.png", to_np(images),
                                masks.cpu().numpy(), weights[:, 0].cpu().numpy(), to_np(samples),
-                               (tr.cfg.law.w_min, tr.cfg.law.w_max), title)
+                               symmetric_range(weights), title)
+
+
+def symmetric_range(weights: Tensor) -> tuple[float, float]:
+    """A colour range centred on 1 on a log scale that holds every weight (the rev-2 map has no fixed bounds)."""
+    spread = max(1.5, float(weights.max()), 1 / max(float(weights.min()), 1e-3))
+    return 1 / spread, spread
 
 
 def preview_batch(cfg: DiffusionTrainConfig) -> tuple[Tensor, Tensor]:
-    fixed = SegDataset(cfg.data, split=cfg.split, size=cfg.size, augment=False)
+    fixed = SegDataset(cfg.data, split=cfg.split, size=cfg.size)
     items = [fixed[i] for i in range(min(cfg.preview_count, len(fixed)))]
     return torch.stack([im for im, _ in items]), torch.stack([m for _, m in items])
 
@@ -408,7 +447,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
     out = Path(cfg.out)
     if not cfg.data:
         raise UsageError("no training data given.", "Pass --data FILE.h5 (see `lawder prepare`).")
-    dataset = SegDataset(cfg.data, split=cfg.split, size=cfg.size, augment=cfg.augment, seed=cfg.seed + ctx.rank)
+    dataset = SegDataset(cfg.data, split=cfg.split, size=cfg.size, seed=cfg.seed + ctx.rank)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data} has no samples in split {cfg.split!r}.", "Check --split, or prepare the data.")
     checkpoint = runs.find_checkpoint(out)
