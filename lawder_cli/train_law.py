@@ -65,7 +65,7 @@ def train_law(
     With --resume and no --config the run continues with the config it was started with.
     """
     from lawder_core.distributed.train import train_law as run_train_law
-    from lawder_core.train.diffusion import law_config
+    from lawder_core.train.configs import law_config
 
     setup_logging()
     if config is None and resume:

@@ -47,7 +47,7 @@ def train_order(
     from lawder_core.config import build_config
     from lawder_core.distributed.train import train_order as run_train_order
     from lawder_core.runs import config_path
-    from lawder_core.train.seg import SegTrainConfig
+    from lawder_core.train.configs import SegTrainConfig
 
     setup_logging()
     if config is None and resume:

@@ -63,7 +63,7 @@ def base_config(kind: SweepKind, data: str, out: Path, config: Path | None, budg
     from lawder_core.config import build_config
 
     if kind is SweepKind.order:
-        from lawder_core.train.seg import SegTrainConfig
+        from lawder_core.train.configs import SegTrainConfig
 
         return build_config(SegTrainConfig, config, data=data, out=str(out), epochs=budget, seed=seed)
     from lawder_core.tune import LawTuneConfig

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lawder_core.errors import DataError, UsageError
 from lawder_core.metrics.dice import EMPTY_POLICIES, DiceReport, EmptyPolicy
 from lawder_core.metrics.summary import build_summary, gate_table, summary_path, to_jsonable, write_summary
+from lawder_core.models.configs import available_models, check_mode
 
 if TYPE_CHECKING:
     import torch
@@ -141,13 +142,7 @@ def check_request(request: EvaluateRequest) -> None:
     if metrics.profile:
         check_profile_size(inputs.size)
         check_model_ref(inputs.model)
-    check_mode(options.mode)  # last: the list of modes lives beside torch
-
-
-def check_mode(mode: str) -> None:
-    from lawder_core.predict import check_mode as check_inference_mode
-
-    check_inference_mode(mode)
+    check_mode(options.mode)
 
 
 def check_profile_size(size: int, batch: int = 1, repeats: int = 1) -> None:
@@ -162,8 +157,6 @@ def check_model_ref(model: str) -> None:
         return
     if os.sep in model or path.suffix:
         raise DataError(f"{model} does not exist.", "Give a run folder of `lawder train-order` or a model name.")
-    from lawder_core.models.factory import available_models
-
     if model not in available_models():
         raise UsageError(f"{model!r} is neither a model name nor a run folder.",
                          f"Known models: {', '.join(available_models())}.")

@@ -180,7 +180,7 @@ class Stages:
                        SourceOptions(n=self.preset.synthetic_n))
 
     def train_law(self, weighting: str) -> None:
-        from lawder_core.train.diffusion import DiffusionTrainConfig
+        from lawder_core.train.configs import DiffusionTrainConfig
 
         run = self.law_run(weighting)
         records = runs.read_metrics(run)
@@ -218,7 +218,7 @@ class Stages:
         run_sample(cfg)
 
     def train_order(self, model: str, data: str, seed: int) -> None:
-        from lawder_core.train.seg import SegTrainConfig
+        from lawder_core.train.configs import SegTrainConfig
 
         run = self.seg_run(model, data, seed)
         records = runs.read_metrics(run)

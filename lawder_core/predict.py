@@ -6,19 +6,20 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from lawder_core.data.h5 import load_arrays
 from lawder_core.data.images import list_images, read_image
 from lawder_core.errors import DataError, UsageError
-from lawder_core.metrics.predict import PredictFn, at_size, predict_labels
-from lawder_core.models.factory import CONFIG_FILE, load_segmenter, read_segmenter_config
-from lawder_core.models.fast import MODES, optimize_for_inference
+from lawder_core.models.configs import CHECKPOINT_CONFIG, check_mode
 from lawder_core.viz import overlay
+
+# torch and the models load inside the functions that use them: a wrong request is refused before they do
+if TYPE_CHECKING:
+    from lawder_core.metrics.predict import PredictFn
 
 
 @dataclass(frozen=True)
@@ -41,20 +42,19 @@ def checkpoint_folder(run: str | os.PathLike) -> Path:
     """A run folder's best/ checkpoint, or a checkpoint folder given directly."""
     run = Path(run)
     for candidate in (run / "best", run):
-        if (candidate / CONFIG_FILE).exists():
+        if (candidate / CHECKPOINT_CONFIG).exists():
             return candidate
-    raise DataError(f"{run} holds no segmenter checkpoint (expected {run}/best/{CONFIG_FILE}).",
+    raise DataError(f"{run} holds no segmenter checkpoint (expected {run}/best/{CHECKPOINT_CONFIG}).",
                     "Pass the --out folder of `lawder train-order`.")
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise UsageError(f"unknown inference mode {mode!r}.", f"Choose one of: {', '.join(MODES)}.")
 
 
 def load_predictor(run: str | os.PathLike, mode: str = "auto", device: str = "cpu") -> Predictor:
     check_mode(mode)
     folder = checkpoint_folder(run)
+    from lawder_core.metrics.predict import at_size
+    from lawder_core.models.factory import load_segmenter, read_segmenter_config
+    from lawder_core.models.fast import optimize_for_inference
+
     model = load_segmenter(folder, map_location=device)
     config = read_segmenter_config(folder)
     train_cfg = (config.get("extra") or {}).get("train_config") or {}
@@ -69,6 +69,8 @@ def load_predictor(run: str | os.PathLike, mode: str = "auto", device: str = "cp
 
 def predict_images(predictor: Predictor, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Label masks at the images' own size (decided on logits interpolated back to that size)."""
+    from lawder_core.metrics.predict import predict_labels
+
     return predict_labels(predictor.predict_fn, images, batch_size=batch_size)
 
 
@@ -94,11 +96,15 @@ def predict_to_folder(run: str | os.PathLike, source: str | os.PathLike, out: st
     """Write masks/NAME.png (0 background, 255 lesion) and overlays/NAME.png; returns counts."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
-        raise DataError(f"{out} is not empty.", "Choose another -o folder, or pass --force to write into it.")
+        raise UsageError(f"{out} is not empty.", "Choose another -o folder, or pass --force to write into it.")
+    if not Path(source).exists():
+        raise DataError(f"{source} does not exist.", "Give a lawder HDF5 file or a folder of images.")
     predictor = load_predictor(run, mode=mode)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(exist_ok=True)
     count, lesion_pixels = 0, 0
+    import torch
+
     with torch.inference_mode():
         for names, images in input_batches(source, split):
             masks = predict_images(predictor, images)

@@ -19,21 +19,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from lawder_core import runs
 from lawder_core.data.h5 import H5Writer, load_arrays, refuse_overwrite
-from lawder_core.data.resize import resize_masks
 from lawder_core.environment import package_version, pick_device
 from lawder_core.errors import DataError, UsageError
-from lawder_core.models import recipe
-from lawder_core.models.denoiser import SPEC_FILE, Denoiser, DenoiserSpec, load_denoiser, read_spec
-from lawder_core.models.recipe import SAMPLERS, check_sampler, default_sampler, initial_noise
+from lawder_core.models.configs import SAMPLERS, SPEC_FILE, check_sampler, default_sampler
 from lawder_core.viz import save_pair_grid
+
+# torch and diffusers are imported where they are used: a bad `lawder sample` request is refused before they load
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from lawder_core.models.denoiser import Denoiser, DenoiserSpec
 
 DENOISER_EMA = runs.DENOISER_EMA
 Generator = Callable[["SampleConfig", np.ndarray, "Callable[[int], None] | None"], np.ndarray]
@@ -62,6 +64,8 @@ def run_info(run: str | os.PathLike) -> RunInfo:
     if not (model / SPEC_FILE).exists():
         raise DataError(f"{run} holds no trained diffusion model (looked for {model}).",
                         "Train one with `lawder train-law --out RUN`, then pass --run RUN.")
+    from lawder_core.models.denoiser import read_spec
+
     step = runs.read_progress(checkpoint)["step"] if (checkpoint / runs.PROGRESS).exists() else -1
     return RunInfo(model_folder=model, step=int(step), spec=read_spec(model))
 
@@ -69,7 +73,6 @@ def run_info(run: str | os.PathLike) -> RunInfo:
 # ---------------------------------------------------------------- generation
 
 
-@torch.no_grad()
 def generate(denoiser: Denoiser, masks: Tensor, noise: Tensor, *, steps: int = 50, scheduler: str | None = None,
              guidance: float = 1.0) -> Tensor:
     """Masks (B,H,W) int and initial noise (B,C,h,w) on the model's device → images (B,C,H,W) in [0, 1].
@@ -77,6 +80,8 @@ def generate(denoiser: Denoiser, masks: Tensor, noise: Tensor, *, steps: int = 5
     The run's own recipe decides the target and the sampler family (`models/recipe.py`); `scheduler` None is its
     default (DDIM, or Euler for flow). guidance > 1 is classifier-free guidance against the null mask.
     """
+    from lawder_core.models import recipe
+
     x0 = recipe.generate(denoiser, denoiser.condition(masks), denoiser.null_condition(masks), noise,
                          scheduler_config=denoiser.scheduler.config, prediction=denoiser.spec.prediction,
                          steps=steps, sampler=scheduler, guidance=guidance)
@@ -85,6 +90,8 @@ def generate(denoiser: Denoiser, masks: Tensor, noise: Tensor, *, steps: int = 5
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """(B,C,H,W) in [0, 1] → (B,H,W,C) uint8."""
+    import torch
+
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -122,6 +129,11 @@ def sample_pairs(
     check_masks(masks, info.spec.size, len(info.spec.label_names))
     if scheduler is not None:
         check_sampler(info.spec.prediction, scheduler)  # before loading the model
+    import torch
+
+    from lawder_core.models.denoiser import load_denoiser
+    from lawder_core.models.recipe import initial_noise
+
     dev = pick_device(device)
     denoiser = load_denoiser(info.model_folder).to(dev).eval()
     shape = denoiser.loss_shape()
@@ -235,6 +247,8 @@ def load_plan(cfg: SampleConfig, size: int) -> tuple[MaskPlan, tuple[int, int]]:
     if len(masks) == 0:
         raise DataError(f"{cfg.masks} has no masks in split {cfg.split!r}.", "Choose another --split.")
     stored = (int(masks.shape[1]), int(masks.shape[2]))
+    from lawder_core.data.resize import resize_masks
+
     return plan_masks(resize_masks(masks, size), cases, cfg.n, cfg.mask_aug, cfg.seed), stored
 
 

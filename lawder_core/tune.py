@@ -26,9 +26,8 @@ import yaml
 
 from lawder_core.config import from_dict, to_dict
 from lawder_core.data.h5 import load_arrays
-from lawder_core.data.resize import resize_images, resize_masks
 from lawder_core.errors import EnvironmentProblem, UsageError
-from lawder_core.train.diffusion import DiffusionTrainConfig
+from lawder_core.train.configs import DiffusionTrainConfig
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -147,6 +146,8 @@ def scoring_terms(cfg: LawTuneConfig) -> dict[str, bool]:
 
 def evaluation_set(cfg: LawTuneConfig) -> tuple[np.ndarray, np.ndarray]:
     """Real images and their masks at the model's size: the masks condition sampling, the images anchor KID."""
+    from lawder_core.data.resize import resize_images, resize_masks
+
     images, masks, _ = load_arrays(cfg.data, cfg.eval_split, limit=cfg.eval_masks)
     if len(masks) < 2:
         images, masks, _ = load_arrays(cfg.data, "train", limit=cfg.eval_masks)

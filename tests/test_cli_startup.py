@@ -145,3 +145,40 @@ def test_evaluate_help_names_the_fid_weights_variable():
     from lawder_core.metrics.fid import WEIGHTS_ENV as CORE_WEIGHTS_ENV
 
     assert WEIGHTS_ENV == CORE_WEIGHTS_ENV
+
+
+# Requests that are well-formed for the option parser but wrong for lawder: still refused before torch loads.
+SEMANTIC_ERRORS: list[tuple[list[str], int, str]] = [
+    (["train-order", "--data", "{data}", "--out", "{tmp}/o", "--model", "mkunet-typo"], EXIT_USAGE,
+     "unknown model 'mkunet-typo'"),
+    (["train-order", "--data", "{data}", "--out", "{tmp}/o", "--size", "30"], EXIT_USAGE, "divisible by 32"),
+    (["train-order", "--data", "{tmp}/none.h5", "--out", "{tmp}/o"], EXIT_DATA, "none.h5"),
+    (["train-law", "--data", "{data}", "--out", "{tmp}/l", "--size", "30"], EXIT_USAGE, "divisible by 8"),
+    (["train-law", "--data", "{data}", "--out", "{tmp}/l", "--w-min", "2"], EXIT_USAGE, "factor range"),
+    (["train-law", "--data", "{data}", "--out", "{tmp}/l", "--prediction", "x0"], EXIT_USAGE, "prediction"),
+    (["sample", "--run", "{tmp}/norun", "--masks", "{data}", "-o", "{tmp}/s.h5"], EXIT_DATA, "no trained"),
+    (["sample", "--run", "{tmp}/norun", "--masks", "{data}", "-o", "{tmp}/s.h5", "--scheduler", "nope"], EXIT_USAGE,
+     "--scheduler"),
+    (["tune", "order", "--data", "{data}", "--out", "{tmp}/t", "--scheduler", "hyperband"], EXIT_USAGE,
+     "--scheduler"),
+    (["evaluate", "--profile", "--model", "mkunet-typo", "-o", "{tmp}/e"], EXIT_USAGE, "mkunet-typo"),
+    (["predict", "{data}", "--run", "{tmp}/norun", "-o", "{tmp}/p"], EXIT_DATA, "no segmenter checkpoint"),
+    (["predict", "{data}", "--run", "{tmp}/norun", "-o", "{tmp}/p", "--mode", "turbo"], EXIT_USAGE, "turbo"),
+    (["predict", "{tmp}/none.h5", "--run", "{tmp}/norun", "-o", "{tmp}/p"], EXIT_DATA, "none.h5"),
+    (["evaluate", "--dice", "--run", "{tmp}", "--data", "{data}", "--mode", "turbo", "-o", "{tmp}/e"], EXIT_USAGE,
+     "turbo"),
+]
+
+
+def test_requests_wrong_for_lawder_are_refused_without_torch(tmp_path):
+    data = tmp_path / "small.h5"
+    cases = [["prepare", "synthetic", "-o", str(data), "--n", "6", "--size", "16"]]
+    cases += [[a.format(tmp=tmp_path, data=data) for a in args] for args, _, _ in SEMANTIC_ERRORS]
+    results = probe(cases)
+    assert results[0]["exit_code"] == EXIT_OK, results[0]["output"]
+    for (args, code, message), result in zip(SEMANTIC_ERRORS, results[1:], strict=True):
+        assert result["exit_code"] == code, f"lawder {' '.join(args)}: {result['output']}"
+        assert message in flat(result["output"]), result["output"]
+        heavy = [m for m in result["loaded"] if m in HEAVY]
+        assert heavy == [], f"lawder {' '.join(args)} imported {heavy}"
+    assert not any((tmp_path / name).exists() for name in ("o", "l", "t", "s.h5", "p"))

@@ -180,10 +180,12 @@ def world_size(launch: LaunchConfig) -> int:
 
 def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dict[str, Any]:
     """`lawder train-order`: validate, open the run folder, train on the workers, write summary.json."""
-    from lawder_core.train.seg import check_seg_config, summarise_run, train_segmenter
+    from lawder_core.train.configs import check_seg_config
 
     check_seg_config(cfg)
-    local_cpus_per_worker(launch_cfg)  # a usage error costs a second, not a Ray start-up
+    local_cpus_per_worker(launch_cfg)  # a usage error costs a second, not a Ray start-up (nor a torch import)
+    from lawder_core.train.seg import summarise_run, train_segmenter
+
     runs.open_run(cfg.out, resume=cfg.resume, force=force)
     launch(train_segmenter, cfg, launch_cfg)
     summary = summarise_run(cfg.out)
@@ -193,10 +195,12 @@ def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> d
 
 def train_law(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dict[str, Any]:
     """`lawder train-law`: validate, open the run folder, train on the workers, write summary.json."""
-    from lawder_core.train.diffusion import check_law_config, summarise_law_run, train_diffusion
+    from lawder_core.train.configs import check_law_config
 
     check_law_config(cfg, world_size(launch_cfg))
     local_cpus_per_worker(launch_cfg)
+    from lawder_core.train.diffusion import summarise_law_run, train_diffusion
+
     runs.open_run(cfg.out, resume=cfg.resume, force=force)
     launch(train_diffusion, cfg, launch_cfg)
     summary = summarise_law_run(cfg.out)

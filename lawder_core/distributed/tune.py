@@ -39,6 +39,14 @@ class TuneOptions:
     seed: int = 0
     ray_address: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("asha", "none") or self.search not in ("random", "grid"):
+            raise UsageError("--scheduler must be asha or none; --search must be random or grid.")
+        if self.trials < 1 or self.budget < 1:
+            raise UsageError("--trials and --budget must be at least 1.")
+        if self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
+            raise UsageError("--gpus-per-trial must be non-negative and --cpus-per-trial positive.")
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -127,8 +135,6 @@ def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Pat
     if Path(out / EXPERIMENT).exists() and tune.Tuner.can_restore(str(out / EXPERIMENT)):
         log.info("restoring the experiment in %s: finished trials are kept", out / EXPERIMENT)
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
-    if opts.scheduler not in ("asha", "none") or opts.search not in ("random", "grid"):
-        raise UsageError("--scheduler must be asha or none; --search must be random or grid.")
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, opts.budget), grace_period=1,
                                reduction_factor=2) if opts.scheduler == "asha" else FIFOScheduler())
     grid = grid_size(space, opts.search)

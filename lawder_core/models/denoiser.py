@@ -30,31 +30,19 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch import Tensor, nn
 
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
+from lawder_core.models.configs import BACKBONES, PRESETS, SPEC_FILE, check_prediction
 from lawder_core.models.recipe import (
     TIMESTEP_SPACINGS,
     TrainingScheduler,
-    check_prediction,
     scheduler_class,
     training_scheduler,
 )
 
-BACKBONES = ("unet", "controlnet")
-SPEC_FILE = "lawder_denoiser.json"
 # Without accelerate, diffusers warns on every load unless told not to try its low-memory path.
 LOAD_KWARGS: dict[str, Any] = {"local_files_only": True,
                                "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # 0.16M parameters: unit tests at 32 px.
-    "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "attention": (False, False),
-             "norm_num_groups": 8},
-    # 3.1M parameters: about 0.35 s per step at batch 8, 64 px, on a 2-core CPU.
-    "small": {"block_out_channels": (32, 64, 64, 128), "layers_per_block": 1,
-              "attention": (False, False, False, True), "norm_num_groups": 32},
-    # 27M parameters: GPU runs.
-    "base": {"block_out_channels": (64, 128, 256, 256), "layers_per_block": 2,
-             "attention": (False, False, True, True), "norm_num_groups": 32},
-}
+
 
 
 @dataclass(frozen=True)

@@ -21,29 +21,16 @@ from torch import nn
 from lawder_core.config import from_dict
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
 from lawder_core.files import atomic_save
-from lawder_core.models.mkunet import MKUNET_CHANNELS, MKUNet
-from lawder_core.models.order import MKUNetOrder, OrderConfig
+from lawder_core.models.configs import CHECKPOINT_CONFIG as CONFIG_FILE
+from lawder_core.models.configs import MKUNET_MODELS, ORDER_MODELS, SMP_MODELS, OrderConfig, available_models
+from lawder_core.models.mkunet import MKUNet
+from lawder_core.models.order import MKUNetOrder
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 CORRUPT_HINT = "The checkpoint is corrupt; retrain or restore it."
 
 # name -> (smp architecture class name, encoder name)
-SMP_MODELS: dict[str, tuple[str, str]] = {
-    "unet-r34": ("Unet", "resnet34"),
-    "unet-r18": ("Unet", "resnet18"),
-    "unet-mbv2": ("Unet", "mobilenet_v2"),
-    "unetpp-r34": ("UnetPlusPlus", "resnet34"),
-}
-MKUNET_MODELS = {f"mkunet-{v}": v for v in MKUNET_CHANNELS}
-ORDER_MODELS = {f"mkunet-{v}-order": v for v in ("t", "s", "base")}
-
-
-def available_models() -> list[str]:
-    return [*MKUNET_MODELS, *ORDER_MODELS, *SMP_MODELS]
-
-
 class SMPSegmenter(nn.Module):
     """A segmentation-models-pytorch network behind lawder's forward signature (no auxiliary outputs)."""
 

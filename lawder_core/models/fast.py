@@ -24,7 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-MODES = ("auto", "eager", "channels_last", "compile")
+from lawder_core.models.configs import MODES
+
 AUTO_MODE = "channels_last"
 
 

@@ -32,62 +32,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from lawder_core.errors import UsageError
-
-WEIGHTINGS = ("uniform", "ratio", "law")
-OBJECTIVES = ("hardness", "descent")
-WARMUP_WEIGHTS = ("uniform", "prior")
+from lawder_core.models.configs import WEIGHTINGS, LAWConfig
 
 _EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class LAWConfig:
-    """Every knob of DESIGN §1.1; the (sweep) ones are reachable from `lawder tune`.
-
-    The penalty defaults were measured with a real LAW on fixed features against a synthetic error field four
-    times larger on lesion borders (lesions 1.6–10 % of a 64 × 64 map, 1500 Adam steps): corr(w, err) rises
-    from the prior's 0.56 to 0.68, the lesion/background ratio reaches 3.1× the prior's, and ≤ 0.8 % of the
-    pixels come within 5 % of the top of the factor range (λ_prior = 1 put 2–5 % there, 0.3 over half).
-    With a 2× border the ratio still reaches 1.6× the prior's; on a uniform error field the map stays at the
-    prior (ratio 1.00). λ_tv = 1 would halve the saturation again but lifts the lesion-logit gradient of a
-    1.6 % lesion to 11–12× the background's (0.3: 8–9×, the hardness term alone: 8×).
-    """
-
-    objective: str = "hardness"  # 'hardness' | 'descent' (ablation: inverse-variance weighting)
-    gamma: float = 0.5  # (sweep 0–1) prior exponent: lesion weight ∝ r^−γ; 0 = uniform prior, 1 = equal mass
-    w_min: float = 0.2  # (sweep) bounds of LAW's factor on the prior: [0.5,2], [0.25,4], [0.2,5], [0.1,10]
-    w_max: float = 5.0
-    lambda_prior: float = 3.0  # (sweep 0.5–10) mean((log w − log w_prior)²): how far LAW may leave the prior
-    lambda_tv: float = 0.3  # (sweep 0–1) total variation of w: no speckle, no single-pixel spikes
-    beta_kl: float = 0.01  # (sweep 0–0.1) KL(w/HW ‖ uniform): keeps mass from piling onto a few pixels
-    warmup_frac: float = 0.1  # (sweep 0–0.33) share of steps before LAW switches on
-    warmup_weights: str = "uniform"  # map used during warm-up: 'uniform' | 'prior'
-    lr: float = 1e-4  # LAW's own AdamW
-    weight_decay: float = 0.0
-    hidden: int = 16  # channels of the weighter CNN (16 keeps LAW at ~3 % of a small UNet's step; 32 costs ~10 %)
-    groups: int = 4  # GroupNorm groups
-    use_timestep: bool = True  # FiLM on the timestep embedding
-    use_error: bool = False  # the detached per-pixel error as an extra input channel
-    normalise_error: bool = True  # err′ = err / mean(err): the objective means the same at every noise level
-    time_embed_dim: int = 32
-    feature_module: str = ""  # dotted submodule of the denoiser's UNet to hook; "" = the last decoder block
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown LAW objective {self.objective!r}; expected one of {OBJECTIVES}.")
-        if self.warmup_weights not in WARMUP_WEIGHTS:
-            raise UsageError(f"unknown warm-up weights {self.warmup_weights!r}; expected one of {WARMUP_WEIGHTS}.")
-        if not 0 < self.w_min < 1 < self.w_max:
-            raise UsageError(f"LAW factor range [{self.w_min}, {self.w_max}] must satisfy 0 < w_min < 1 < w_max.",
-                             "The factor is 1 where LAW leaves the prior alone, e.g. w_min=0.2 w_max=5.")
-        if self.gamma < 0:
-            raise UsageError(f"LAW prior exponent gamma must be non-negative, got {self.gamma}.")
-        if not 0 <= self.warmup_frac < 1:
-            raise UsageError(f"LAW warmup_frac must lie in [0, 1), got {self.warmup_frac}.")
-        if min(self.lambda_prior, self.lambda_tv, self.beta_kl, self.lr) < 0:
-            raise UsageError("LAW penalty weights and learning rate must be non-negative.")
-        if self.hidden < 1 or self.hidden % self.groups:
-            raise UsageError(f"LAW hidden={self.hidden} must be a positive multiple of groups={self.groups}.")
 
 
 # ---------------------------------------------------------------- the map

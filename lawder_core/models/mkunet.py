@@ -16,13 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MKUNET_CHANNELS: dict[str, tuple[int, int, int, int, int]] = {
-    "t": (4, 8, 16, 24, 32),
-    "s": (8, 16, 32, 48, 80),
-    "base": (16, 32, 64, 96, 160),
-    "m": (32, 64, 128, 192, 320),
-    "l": (64, 128, 256, 384, 512),
-}
+from lawder_core.models.configs import MKUNET_CHANNELS
+
 DEPTHWISE_KERNELS = (1, 3, 5)
 CHANNEL_ATTENTION_RATIOS = (16, 16, 16, 8, 4)
 

@@ -16,45 +16,12 @@ Unselected pixels skip attention entirely: the cost grows with ρ·H·W·grid²,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lawder_core.errors import UsageError
-from lawder_core.models.mkunet import MKUNET_CHANNELS, MKUNet, conv_bn
-
-SKIP_FUSIONS = 4  # MK-UNet fuses t4, t3, t2, t1 after decoder stages 1-4 (H/16, H/8, H/4, H/2)
-
-
-@dataclass(frozen=True)
-class OrderConfig:
-    """Knobs of the ORDER adapter; all of them are reachable from `lawder tune order`."""
-
-    rho: float = 0.25  # share of positions that become queries (sweep 0.1-0.5)
-    kv_grid: int = 16  # keys/values are pooled to kv_grid × kv_grid
-    attn_dim: int = 32  # attention width (sweep 32-64)
-    heads: int = 1  # one head: on the CPU the softmax over (queries × grid²) scores dominates, per head
-    late_stages: int = 3  # how many of the last skip fusions ORDER replaces: 3 = H/8, H/4, H/2
-    aux_weight: float = 0.2  # weight of the auxiliary losses (region heads, deep supervision) in training
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.rho <= 1.0:
-            raise UsageError(f"ORDER rho must lie in (0, 1], got {self.rho}.", "Typical values are 0.1-0.5.")
-        if self.kv_grid < 1:
-            raise UsageError(f"ORDER kv_grid must be at least 1, got {self.kv_grid}.")
-        if self.heads < 1 or self.attn_dim < 1 or self.attn_dim % self.heads:
-            raise UsageError(
-                f"ORDER attn_dim ({self.attn_dim}) must be a positive multiple of heads ({self.heads})."
-            )
-        if not 1 <= self.late_stages <= SKIP_FUSIONS:
-            raise UsageError(
-                f"ORDER late_stages must be between 1 and {SKIP_FUSIONS}, got {self.late_stages}.",
-                "The design replaces the last 2 or 3 fusions (H/4, H/2 or H/8, H/4, H/2).",
-            )
-        if self.aux_weight < 0:
-            raise UsageError(f"ORDER aux_weight must be non-negative, got {self.aux_weight}.")
+from lawder_core.models.configs import MKUNET_CHANNELS, SKIP_FUSIONS, OrderConfig
+from lawder_core.models.mkunet import MKUNet, conv_bn
 
 
 def selection_count(rho: float, positions: int) -> int:

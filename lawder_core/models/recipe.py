@@ -27,11 +27,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from torch import Tensor
 
 from lawder_core.errors import UsageError
+from lawder_core.models.configs import (
+    DIFFUSION_SAMPLERS,
+    PREDICTIONS,
+    check_prediction,
+    check_sampler,
+    default_sampler,
+)
 
-PREDICTIONS = ("v", "flow", "epsilon")
-SAMPLERS = ("ddim", "dpm", "euler", "heun")
-FLOW_SAMPLERS = ("euler", "heun")
-DIFFUSION_SAMPLERS = ("ddim", "dpm")
 # diffusers' names for the two targets its DDPM/DDIM schedulers know.
 PREDICTION_TYPES = {"v": "v_prediction", "epsilon": "epsilon"}
 MIN_SNR_GAMMA = 5.0
@@ -39,12 +42,6 @@ TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # diffusers' names; the
 
 TrainingScheduler = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (noisy, model timesteps, condition) → model output
-
-
-def check_prediction(prediction: str) -> str:
-    if prediction not in PREDICTIONS:
-        raise UsageError(f"unknown prediction target {prediction!r}; expected one of {PREDICTIONS}.")
-    return prediction
 
 
 def training_scheduler(prediction: str, beta_schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 1000,
@@ -156,17 +153,6 @@ def initial_noise(shape: tuple[int, int, int], seed: int, indices: Sequence[int]
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
         out.append(torch.randn(shape, generator=g))
     return torch.stack(out)
-
-
-def default_sampler(prediction: str) -> str:
-    return "euler" if check_prediction(prediction) == "flow" else "ddim"
-
-
-def check_sampler(prediction: str, sampler: str) -> None:
-    allowed = FLOW_SAMPLERS if check_prediction(prediction) == "flow" else DIFFUSION_SAMPLERS
-    if sampler not in allowed:
-        raise UsageError(f"sampler (--scheduler) {sampler!r} does not fit a {prediction!r} model; expected one of "
-                         f"{allowed}.")
 
 
 def sampling_scheduler(scheduler_config: Mapping[str, Any],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,9 @@ from torch.utils.data import DataLoader
 from lawder_core import runs
 from lawder_core.config import build_config, to_dict
 from lawder_core.data.dataset import SegDataset
-from lawder_core.data.h5 import read_info, split_indices
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.denoiser import (
     LOAD_KWARGS,
-    PRESETS,
     Denoiser,
     DenoiserSpec,
     build_denoiser,
@@ -47,9 +45,7 @@ from lawder_core.models.denoiser import (
 from lawder_core.models.ema import EMA
 from lawder_core.models.law import (
     LAW,
-    WEIGHTINGS,
     FeatureGrabber,
-    LAWConfig,
     LossTerms,
     law_active,
     lesion_at,
@@ -59,7 +55,8 @@ from lawder_core.models.law import (
     weight_stats,
     weighted_diffusion_loss,
 )
-from lawder_core.models.recipe import check_prediction, generate, initial_noise, noised_batch
+from lawder_core.models.recipe import generate, initial_noise, noised_batch
+from lawder_core.train.configs import DiffusionTrainConfig
 from lawder_core.train.runtime import (
     Reporter,
     WorkerContext,
@@ -77,62 +74,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES = "samples"
 DENOISER, DENOISER_EMA, LAW_WEIGHTS, LAW_CONFIG = runs.DENOISER, runs.DENOISER_EMA, runs.LAW_WEIGHTS, runs.LAW_CONFIG
-MAX_SIZE = 1024
 LAW_STATS = ("w_lesion", "w_background", "w_max", "law_objective", "law_active")
-
-
-@dataclass(frozen=True)
-class DiffusionTrainConfig:
-    data: str = ""  # lawder HDF5 file
-    out: str = "runs/law"
-    split: str = "train"
-    size: int = 64
-    steps: int = 2000
-    batch_size: int = 8  # per worker
-    lr: float = 2e-4  # the denoiser's AdamW (the field uses 1e-5 for ControlNet on SD 1.5)
-    lr_warmup_steps: int = 100  # linear warm-up of the denoiser's learning rate
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    weighting: str = "law"  # 'uniform' | 'ratio' | 'law'
-    law: LAWConfig = field(default_factory=LAWConfig)
-    # the pixel backbone's recipe (DESIGN §1.1 rev. 2); ControlNet keeps its checkpoint's epsilon and schedule
-    prediction: str | None = None  # 'v' (the unet's default) | 'flow' (rectified flow) | 'epsilon' (controlnet's)
-    beta_schedule: str = "squaredcos_cap_v2"  # cosine; 'linear' was the first build's
-    timestep_spacing: str = "trailing"  # sampling starts at the last training timestep
-    snr_gamma: float | None = 5.0  # Min-SNR-γ timestep weighting; None weighs every noise level alike
-    backbone: str = "unet"  # 'unet' | 'controlnet'
-    preset: str = "small"  # unet: 'tiny' | 'small' | 'base'
-    pretrained: str | None = None  # controlnet: local Stable Diffusion 1.5-style folder
-    prompt: str = ""  # controlnet
-    cond_dropout: float = 0.1  # null-mask probability, for classifier-free guidance at sampling
-    ema_decay: float = 0.999  # the EMA's decay ramps up to this with the step count (models/ema.py)
-    hflip: bool = False  # the only augmentation: a generator must learn the data's own orientation
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 500  # 0: only at the end
-    sample_every: int = 500  # preview grid; 0: never
-    preview_count: int = 4
-    preview_steps: int = 25
-    num_workers: int = 0  # DataLoader workers
-    amp: bool = True  # autocast on GPU (bf16 where supported, else fp16 with a grad scaler)
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise UsageError(f"unknown --weighting {self.weighting!r}; expected one of {WEIGHTINGS}.")
-        if self.backbone == "unet" and self.preset not in PRESETS:
-            raise UsageError(f"unknown --preset {self.preset!r}; expected one of {tuple(PRESETS)}.")
-        if self.steps < 1 or self.batch_size < 1 or self.size < 8:
-            raise UsageError("--steps and --batch-size must be at least 1 and --size at least 8.")
-        if not 0 <= self.cond_dropout < 1:
-            raise UsageError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}.")
-        if self.prediction is not None:
-            check_prediction(self.prediction)
-        if self.backbone == "controlnet" and self.prediction not in (None, "epsilon"):
-            raise UsageError("the controlnet backbone keeps its checkpoint's epsilon target.",
-                             "Pass --prediction epsilon with --backbone controlnet.")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise UsageError(f"snr_gamma must be positive (or None to switch Min-SNR off), got {self.snr_gamma}.")
 
 
 # ---------------------------------------------------------------- setup
@@ -492,50 +434,6 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
 
 
 # ---------------------------------------------------------------- driver side (no workers yet)
-
-
-def law_config(config_file: str | Path | None, law_overrides: dict[str, Any] | None = None,
-               **overrides: Any) -> DiffusionTrainConfig:
-    """Defaults < config file (a `tune` best.yaml works as is) < flags; LAW flags change single nested fields."""
-    cfg = build_config(DiffusionTrainConfig, config_file, **overrides)
-    given = {k: v for k, v in (law_overrides or {}).items() if v is not None}
-    return replace(cfg, law=replace(cfg.law, **given)) if given else cfg
-
-
-def check_size(cfg: DiffusionTrainConfig) -> None:
-    if not 8 <= cfg.size <= MAX_SIZE:
-        raise UsageError(f"--size {cfg.size} is outside [8, {MAX_SIZE}].", "Typical: 64 on a CPU, 256–512 on a GPU.")
-    if cfg.backbone == "unet":
-        factor = 2 ** (len(PRESETS[cfg.preset]["block_out_channels"]) - 1)
-        if cfg.size % factor:
-            raise UsageError(f"--size {cfg.size} must be divisible by {factor} for preset {cfg.preset!r} "
-                             "(the UNet halves the resolution at every level).")
-    elif cfg.backbone == "controlnet":
-        if not cfg.pretrained or not Path(cfg.pretrained).is_dir():
-            raise DataError(f"--pretrained {cfg.pretrained or '(none)'} is not a folder.",
-                            "Give a local Stable Diffusion 1.5-style folder (vae/, unet/, scheduler/, text_encoder/).")
-        if cfg.size % 8:
-            raise UsageError(f"--size {cfg.size} must be divisible by 8 (the VAE works at 1/8 resolution).")
-    else:
-        raise UsageError(f"unknown --backbone {cfg.backbone!r}; expected unet or controlnet.")
-
-
-def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
-    """Fail before starting workers on what can be known up front: data, split, size, batch, backbone."""
-    if not cfg.data:
-        raise UsageError("no training data given.", "Pass --data FILE.h5 (see `lawder prepare`).")
-    info = read_info(cfg.data)
-    n = len(split_indices(cfg.data, cfg.split))
-    if n == 0:
-        raise DataError(f"{cfg.data} has no samples in split {cfg.split!r}.", "Check the split, or prepare the data.")
-    check_size(cfg)
-    per_worker = n // max(world_size, 1)
-    if per_worker < cfg.batch_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {per_worker} training samples each of "
-                         f"the {world_size} worker(s) sees.", "Lower --batch-size or use fewer workers.")
-    if cfg.size > max(info.height, info.width):
-        log.warning("--size %d is larger than the data (%d×%d): images are upsampled.", cfg.size, info.height,
-                    info.width)
 
 
 def latest_preview(out: Path) -> str | None:

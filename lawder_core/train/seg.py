@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,9 @@ from torch.utils.data import DataLoader
 from lawder_core import runs
 from lawder_core.config import to_dict
 from lawder_core.data.dataset import SegDataset, to_model_input, with_synthetic
-from lawder_core.data.h5 import read_info
-from lawder_core.errors import DataError, UsageError
-from lawder_core.models.factory import available_models, build_segmenter, load_segmenter, save_segmenter
-from lawder_core.models.order import OrderConfig
+from lawder_core.errors import DataError
+from lawder_core.models.factory import build_segmenter, load_segmenter, save_segmenter
+from lawder_core.train.configs import SegTrainConfig
 from lawder_core.train.losses import segmentation_loss
 from lawder_core.train.plots import plot_curves
 from lawder_core.train.runtime import (
@@ -40,29 +39,6 @@ from lawder_core.train.runtime import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SegTrainConfig:
-    data: str
-    out: str
-    model: str = "mkunet-t-order"
-    synthetic: str | None = None
-    synthetic_ratio: float = 1.0  # synthetic samples per real training sample
-    size: int = 256
-    epochs: int = 50
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    augment: bool = True
-    foreground_labels: tuple[int, ...] | None = None  # None: every label > 0
-    order: OrderConfig = field(default_factory=OrderConfig)
-    encoder_weights: str | None = None
-    loader_workers: int = 0  # lzf HDF5 reads are fast; extra DataLoader processes are slower on 2 cores
-    amp: bool = True  # bf16 autocast on GPUs only
-    max_steps_per_epoch: int | None = None
-    resume: bool = False
 
 
 def binary_target(mask: torch.Tensor, labels: tuple[int, ...] | None) -> torch.Tensor:
@@ -204,19 +180,6 @@ def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Seg
 
 
 # ---------------------------------------------------------------- driver side (no workers yet)
-
-
-def check_seg_config(cfg: SegTrainConfig) -> None:
-    """Fail before starting workers (and before --force deletes anything) on what can be known up front."""
-    if cfg.model not in available_models():
-        raise UsageError(f"unknown model {cfg.model!r}.", f"Available: {', '.join(available_models())}.")
-    if cfg.size % 32:
-        raise UsageError(f"--size {cfg.size} must be divisible by 32 (the U-Nets downsample 5 times).")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be at least 1.")
-    read_info(cfg.data)
-    if cfg.synthetic:
-        read_info(cfg.synthetic)
 
 
 def summarise_run(out: str | Path) -> dict[str, Any]:
