@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The whole loop on the built-in synthetic data (about 15 minutes on 2 CPU cores); rerunning resumes.
+# The whole loop on the built-in synthetic data (the README gives its measured time); rerunning resumes.
 demo: $(STAMP)
 	$(BIN)/lawder pipeline --preset cpu-small --out demo --resume
 	@echo "demo: open demo/report.html (or read demo/report.md)"

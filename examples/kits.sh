@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# KiTS19 / KiTS23 at GPU scale: 4 GPUs per training, case-level splits, nested-region Dice.
+# KiTS19 / KiTS23 at GPU scale: 4 GPUs per training, case-level splits.
 # Usage: examples/kits.sh ~/data/kits23/dataset [runs/kits]
 set -euo pipefail
 RAW=${1:?path to the KiTS folder with case_XXXXX/ sub-folders}
@@ -16,9 +16,10 @@ lawder sample --run "$OUT/law" --masks "$OUT/kits.h5" --steps 50 --gpus "$GPUS" 
 
 lawder train-order --data "$OUT/kits.h5" --synthetic "$OUT/synthetic-law.h5" --model mkunet-t-order \
     --size 256 --epochs 200 --batch-size 32 --gpus "$GPUS" --out "$OUT/order" --resume
-# Dice on kidney+masses, masses and tumour, per case (volume) as nnU-Net reports it.
+# Dice per case of kidney+masses (labels >= 1): segmenters are binary for now, so the masses and tumour
+# regions nnU-Net also reports need the multi-class training of issue 15.
 lawder evaluate --dice --run "$OUT/order" --data "$OUT/kits.h5" --split test --out "$OUT/order/eval"
 
-# Sweep LAW's clamp range with 1 GPU per trial; best.yaml feeds straight back into train-law.
+# Sweep the range of LAW's factor on the prior with 1 GPU per trial; best.yaml feeds straight back into train-law.
 lawder tune law-clamp --data "$OUT/kits.h5" --trials 4 --budget 6 --gpus-per-trial 1 --cpus-per-trial 4 \
     --segmenter "$OUT/order" --out "$OUT/tune-clamp"

@@ -41,7 +41,7 @@ from lawder_core.errors import DataError, EnvironmentProblem, UsageError
 from lawder_core.evaluate import EvaluateOptions, EvaluateRequest, Inputs, Metrics
 from lawder_core.evaluate import evaluate as evaluate_request
 from lawder_core.metrics.summary import SUMMARY_FILE
-from lawder_core.report import ReportInputs, SegScore, write_report
+from lawder_core.report import ReportInputs, SegScore, claims, write_report
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,23 @@ class Preset:
     previews: int = 3  # LAW weight-map / sample grids written during each diffusion training
     sample_limit: int | None = None  # synthetic images per set: one per training mask, at most this many
     profile_repeats: int = 2  # latency of the profile stage: best of this many timed runs
+    seg_size: int | None = None  # segmenters (and the prepared data) at this size; None: `size` as the diffusion
+
+    @property
+    def data_size(self) -> int:
+        return max(self.size, self.seg_size or self.size)
 
 
 PRESETS = {
     "tiny": Preset(size=32, synthetic_n=24, denoiser="tiny", law_steps=2, law_batch=4, sample_steps=2,
                    seg_epochs=1, seg_batch=4, seeds=(0,), max_steps_per_epoch=2, previews=1),
-    # cpu-small is sized so `make demo` finishes in ~13 minutes on 2 idle cores (measured, README)
+    # cpu-small is sized for a `make demo` of under 15 minutes on 2 idle cores (the measured time: README)
     "cpu-small": Preset(size=64, synthetic_n=240, denoiser="small", law_steps=200, law_batch=8, sample_steps=15,
                         seg_epochs=10, seg_batch=16, seeds=(0,), sample_limit=192),
+    # benchmarks/gpu_claims.sh: the paper's three claims in about 10 minutes on one large GPU (diffusion at 128 px,
+    # one synthetic image per training mask, segmenters at 256 px); not yet timed on a GPU
+    "gpu-claims": Preset(size=128, synthetic_n=1000, denoiser="small", law_steps=4000, law_batch=64, sample_steps=25,
+                         seg_epochs=30, seg_batch=32, seeds=(0,), seg_size=256, profile_repeats=5),
     "gpu-paper": Preset(size=256, synthetic_n=1000, denoiser="base", law_steps=3000, law_batch=32,
                         sample_steps=50, seg_epochs=200, seg_batch=16, seeds=(0, 1, 2)),
 }
@@ -175,8 +184,9 @@ class Stages:
         from lawder_core.data.sources import prepare_source
 
         source = self.cfg.source or "synthetic"
-        self.say(f"prepare {source} at {self.preset.size} px")
-        prepare_source(source, self.cfg.in_dir, self.data, PrepareOptions(seed=self.cfg.seed, size=self.preset.size),
+        self.say(f"prepare {source} at {self.preset.data_size} px")
+        prepare_source(source, self.cfg.in_dir, self.data,
+                       PrepareOptions(seed=self.cfg.seed, size=self.preset.data_size),
                        SourceOptions(n=self.preset.synthetic_n))
 
     def train_law(self, weighting: str) -> None:
@@ -227,7 +237,8 @@ class Stages:
         synthetic = None if data == "real" else str(self.synthetic(data.split("+")[1]))
         self.say(f"train-order {model} on {data}, seed {seed}: {self.preset.seg_epochs} epochs")
         cfg = SegTrainConfig(data=str(self.data), out=str(run), model=model, synthetic=synthetic,
-                             synthetic_ratio=1.0, size=self.preset.size, epochs=self.preset.seg_epochs,
+                             synthetic_ratio=1.0, size=self.preset.seg_size or self.preset.size,
+                             epochs=self.preset.seg_epochs,
                              batch_size=self.preset.seg_batch, seed=seed, resume=True,
                              max_steps_per_epoch=self.preset.max_steps_per_epoch)
         train_order(cfg, self.launch_config(run.name))
@@ -304,7 +315,8 @@ class Stages:
         inputs = self.timed("evaluate", self.evaluate)
         report = self.timed("report", lambda: write_report(inputs))
         evaluations = sorted(str(p) for p in (self.out / "evaluate").glob(f"*/{SUMMARY_FILE}"))
-        summary = {"out": str(self.out), "report": str(report), "evaluations": evaluations, "timings": self.timings}
+        summary = {"out": str(self.out), "report": str(report), "claims": claims(inputs), "evaluations": evaluations,
+                   "timings": self.timings}
         runs.write_summary(self.out, summary)
         return summary
 

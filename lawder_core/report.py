@@ -83,6 +83,27 @@ def percent(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
+def claims(inputs: ReportInputs) -> dict[str, Any]:
+    """The paper's three claims as numbers (what `benchmarks/gpu_claims.sh` and CI scripts read)."""
+    synthesis = {w: {"fid": (s.get("fid") or {}).get("fid"), "kid": (s.get("fid") or {}).get("kid"),
+                     "adherence": s["adherence"]["dice_mean"]} for w, s in inputs.synthesis.items()}
+    dice = {model: {data: float(np.mean(v)) if (v := dice_values(inputs, model, data)) else None
+                    for data in sorted({s.data for s in inputs.segmentation})}
+            for model in sorted({s.model for s in inputs.segmentation})}
+    out: dict[str, Any] = {"synthesis": synthesis, "test_dice": dice}
+    law, uniform = synthesis.get("law"), synthesis.get("uniform")
+    if law and uniform:
+        out["law_vs_uniform_fid"] = law["fid"] / uniform["fid"] if law["fid"] and uniform["fid"] else None
+        out["law_adherence_gain"] = law["adherence"] - uniform["adherence"]
+    for model, by_data in dice.items():
+        if by_data.get("real") is not None and by_data.get("real+law") is not None:
+            out.setdefault("law_synthetic_dice_gain", {})[model] = by_data["real+law"] - by_data["real"]
+    t, order = dice.get("mkunet-t", {}).get("real"), dice.get("mkunet-t-order", {}).get("real")
+    if t is not None and order is not None:
+        out["order_dice_gain"] = order - t
+    return out
+
+
 def synthesis_table(inputs: ReportInputs) -> Table:
     fid = {w: s["fid"] for w, s in inputs.synthesis.items() if "fid" in s}
     rows = []

@@ -12,6 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
+from lawder_core.data.h5 import split_indices
 from lawder_core.errors import EXIT_DATA, EXIT_ENVIRONMENT, EXIT_GATE_FAILED, EXIT_USAGE
 from lawder_core.metrics import fid as fidmod
 from lawder_core.metrics.fid import compute_fid_kid
@@ -80,9 +81,13 @@ def test_fid_kid_json_records_provenance_and_matches_the_library(files, tmp_path
     fid = summary["fid"]
     assert fid["weights_sha256"] == hashlib.sha256(files["weights"].read_bytes()).hexdigest()
     assert fid["weights_source"] == "argument" and fid["mode"] == "clean" and fid["feature_dim"] == 8
-    assert fid["n_real"] == fid["n_synthetic"] == N_IMAGES and fid["resolution"]["real"] == [32, 32]
+    # the real side is the training split by default, never the test split
+    n_train = len(split_indices(files["real"], "train"))
+    assert fid["n_real"] == n_train < N_IMAGES and fid["n_synthetic"] == N_IMAGES
+    assert fid["real"].endswith(":train") and fid["resolution"]["real"] == [32, 32]
+    assert fid["resolution"]["real_resized_to"] is None  # same size on both sides
     assert any("biased" in note for note in fid["warnings"])
-    direct = compute_fid_kid(files["real"], files["synthetic"], weights=files["weights"])
+    direct = compute_fid_kid(files["real"], files["synthetic"], real_split="train", weights=files["weights"])
     assert fid["fid"] == pytest.approx(direct.fid, rel=1e-9) and fid["kid"] == pytest.approx(direct.kid, rel=1e-9)
     assert fid["fid"] > 0
     on_disk = json.loads((tmp_path / "e" / "summary.json").read_text())
@@ -106,7 +111,8 @@ def test_fid_gates_exit_1_when_missed_and_0_when_held(files, tmp_path):
 
 
 def test_fid_of_a_set_with_itself_is_zero(files, tmp_path):
-    args = ["--fid", "--real", files["real"], "--synthetic", files["real"], "--fid-weights", files["weights"]]
+    args = ["--fid", "--real", files["real"], "--real-split", "all", "--synthetic", files["real"], "--fid-weights",
+            files["weights"]]
     result = invoke(*args, "-o", tmp_path, "--max-fid", "1e-6", "--json")
     assert result.exit_code == 0, result.output
     assert abs(json.loads(result.stdout)["fid"]["fid"]) < 1e-6

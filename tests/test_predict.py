@@ -35,7 +35,8 @@ def test_cli_predict_from_hdf5_and_folder(run, tmp_path):
     result = runner.invoke(app, ["predict", str(data), "--run", str(run), "-o", str(tmp_path / "p"), "--json"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "p" / "masks").glob("*.png"))) == 1  # the test split of 10 samples
-    assert runner.invoke(app, ["predict", str(data), "--run", str(run), "-o", str(tmp_path / "p")]).exit_code == 3
+    again = runner.invoke(app, ["predict", str(data), "--run", str(run), "-o", str(tmp_path / "p")])
+    assert again.exit_code == 2  # not empty, and no --force
     images, _ = write_pair_folder(tmp_path / "raw", 2, size=(40, 30))
     result = runner.invoke(app, ["predict", str(images), "--run", str(run), "-o", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from lawder_core.data.fingerprint import compute_fingerprint
 from lawder_core.data.h5 import H5Writer, refuse_overwrite
+from lawder_core.data.resize import resize_image, resize_mask
 from lawder_core.data.splits import splits_for, write_split_file
 from lawder_core.errors import DataError, UsageError
 
@@ -57,18 +57,12 @@ def side_paths(out: Path) -> tuple[Path, Path]:
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int | None, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image (bilinear) and label mask (nearest) together to size×size."""
+    """Resize image (bilinear, antialiased) and label mask (nearest) together to size×size (`data/resize.py`)."""
     if size is None:
         return image, mask
     if mode == "pad":
         image, mask = pad_to_square(image), pad_to_square(mask)
-    squeeze = image.ndim == 3 and image.shape[2] == 1
-    pil = Image.fromarray(image[..., 0] if squeeze else image)
-    img = np.asarray(pil.resize((size, size), Image.BILINEAR))
-    if squeeze:
-        img = img[..., None]
-    msk = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
-    return img, msk
+    return resize_image(image, size), resize_mask(mask, size)
 
 
 def pad_to_square(array: np.ndarray) -> np.ndarray:
