@@ -81,3 +81,31 @@ def test_bad_inputs_fail_with_clear_errors(trained: tuple[Path, Path], tmp_path:
         sample_pairs(run, np.zeros((1, 32, 32), np.uint8), scheduler="euler")
     with pytest.raises(DataError, match="no trained diffusion model"):
         sample_pairs(tmp_path, np.zeros((1, 32, 32), np.uint8))
+
+
+def test_a_run_folder_of_the_first_build_samples_as_before(tmp_path: Path) -> None:
+    """Old runs: epsilon target, linear betas, leading spacing, `checkpoint/` and `train_config.json` on disk."""
+    import json
+    import shutil
+
+    data = synthetic_h5(tmp_path / "synth.h5", n=8, size=32)
+    run = tmp_path / "run"
+    train_diffusion(DiffusionTrainConfig(data=str(data), out=str(run), size=32, steps=2, batch_size=4, preset="tiny",
+                                         sample_every=0, weighting="uniform", prediction="epsilon",
+                                         beta_schedule="linear", timestep_spacing="leading"))
+    _, masks, _ = load_arrays(data, "train", limit=3)
+    today = sample_pairs(run, masks, steps=3, seed=1)
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    (old / "last").rename(old / "checkpoint")
+    (old / "config.json").rename(old / "train_config.json")
+    for folder in ("denoiser", "denoiser_ema"):  # specs written before the recipe fields existed
+        spec_file = old / "checkpoint" / folder / "lawder_denoiser.json"
+        spec = json.loads(spec_file.read_text())
+        for key in ("prediction", "timestep_spacing"):
+            spec.pop(key)
+        spec_file.write_text(json.dumps(spec))
+    info = run_info(old)
+    assert (info.spec.prediction, info.spec.beta_schedule, info.spec.timestep_spacing) == ("epsilon", "linear",
+                                                                                           "leading")
+    assert np.array_equal(sample_pairs(old, masks, steps=3, seed=1), today)
