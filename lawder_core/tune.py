@@ -1,6 +1,6 @@
 """What `lawder tune` sweeps and how a trial is scored, without Ray (the runner is `distributed/tune.py`).
 
-Search spaces are plain data (DESIGN §1.1–1.2 sweeps). A space maps a dotted config path (`law.w_min`,
+Search spaces are plain data (design brief §1.1–1.2 sweeps). A space maps a dotted config path (`law.w_min`,
 `order.rho`) to a distribution:
   {"choice": [...]}, {"grid": [...]}, {"uniform": [low, high]}, {"loguniform": [low, high]},
   {"randint": [low, high]}. A key may also name a group: {"choice": [{"law.w_min": 0.5, "law.w_max": 2}, ...]}

@@ -23,7 +23,7 @@ from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, U
 
 log = logging.getLogger(__name__)
 
-# Measured in SETUP.md: these cut a 2-worker CPU fit from ~25 s to ~12 s and send nothing anywhere.
+# Measured on a 2-core machine: these cut a 2-worker CPU fit from ~25 s to ~12 s and send nothing anywhere.
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

@@ -128,7 +128,7 @@ WARMUP_WEIGHTS = ("uniform", "prior")
 
 @dataclass(frozen=True)
 class LAWConfig:
-    """Every knob of DESIGN §1.1; the (sweep) ones are reachable from `lawder tune`.
+    """Every knob of design brief §1.1; the (sweep) ones are reachable from `lawder tune`.
 
     The penalty defaults were measured with a real LAW on fixed features against a synthetic error field four
     times larger on lesion borders (lesions 1.6–10 % of a 64 × 64 map, 1500 Adam steps): corr(w, err) rises

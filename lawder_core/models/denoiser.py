@@ -1,4 +1,4 @@
-"""Mask-conditioned denoisers through diffusers, behind one interface (DESIGN §1.1 "Backbones").
+"""Mask-conditioned denoisers through diffusers, behind one interface (design brief §1.1 "Backbones").
 
 - `unet` (default): a pixel-space `UNet2DModel` that sees the image and the mask concatenated at the input,
   trained from scratch (presets `tiny` for tests, `small` for CPU runs at 64–128 px, `base` for GPUs).

@@ -1,4 +1,4 @@
-"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (DESIGN §1.1, revision 2).
+"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (design brief §1.1, revision 2).
 
 A small CNN looks at stop-gradient denoiser features, the lesion mask (and optionally the timestep and the
 detached per-pixel error) and predicts one logit z per loss-space pixel. The map is

@@ -1,4 +1,4 @@
-"""ORDER — Optimal Region Detection with Efficient Resolution — on MK-UNet (DESIGN.md §1.2).
+"""ORDER — Optimal Region Detection with Efficient Resolution — on MK-UNet (the design brief §1.2).
 
 At the late (high-resolution) decoder stages ORDER replaces MK-UNet's gate-then-add skip fusion:
 

@@ -1,4 +1,4 @@
-"""The pixel backbone's diffusion recipe: how noise, targets, timesteps and samplers are defined (DESIGN §1.1).
+"""The pixel backbone's diffusion recipe: how noise, targets, timesteps and samplers are defined (design brief §1.1).
 
 Three prediction targets (`DenoiserSpec.prediction`):
 - `v` (default for new runs): v = α·ε − σ·x0 on the cosine schedule (`squaredcos_cap_v2`), uniform integer

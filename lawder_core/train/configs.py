@@ -76,7 +76,7 @@ class DiffusionTrainConfig:
     max_grad_norm: float = 1.0
     weighting: str = "law"  # 'uniform' | 'ratio' | 'law'
     law: LAWConfig = field(default_factory=LAWConfig)
-    # the pixel backbone's recipe (DESIGN §1.1 rev. 2); ControlNet keeps its checkpoint's epsilon and schedule
+    # the pixel backbone's recipe (design brief §1.1 rev. 2); ControlNet keeps its checkpoint's epsilon and schedule
     prediction: str | None = None  # 'v' (the unet's default) | 'flow' (rectified flow) | 'epsilon' (controlnet's)
     beta_schedule: str = "squaredcos_cap_v2"  # cosine; 'linear' was the first build's
     timestep_spacing: str = "trailing"  # sampling starts at the last training timestep
