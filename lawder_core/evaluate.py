@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lawder_core.environment import pick_device
 from lawder_core.errors import DataError, UsageError
 from lawder_core.metrics.dice import EMPTY_POLICIES, DiceReport, EmptyPolicy
 from lawder_core.metrics.summary import build_summary, gate_table, summary_path, to_jsonable, write_summary
@@ -174,7 +175,7 @@ def evaluate(request: EvaluateRequest, *, real_features: dict[tuple[str, str | N
     """
     check_request(request)
     metrics, inputs, options = request.metrics, request.inputs, request.options
-    device = resolve_device(options.device)
+    device = str(pick_device(options.device))
     parts: dict[str, Any] = {}
     metadata: dict[str, Any] = {
         "command": "evaluate", "metrics": metrics.flags(),
@@ -206,12 +207,6 @@ def evaluate(request: EvaluateRequest, *, real_features: dict[tuple[str, str | N
 def missed_gates(summary: Mapping[str, Any]) -> list[str]:
     """The message of every gate the summary missed (empty: every gate held, or none was set)."""
     return [row["message"] for row in summary.get("gates", []) if not row["passed"]]
-
-
-def resolve_device(device: str) -> str:
-    from lawder_core.environment import pick_device
-
-    return str(pick_device(device))
 
 
 # ---------------------------------------------------------------- the metrics

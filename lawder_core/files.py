@@ -37,6 +37,10 @@ def write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
     return write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
 
 
+def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> Path:
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

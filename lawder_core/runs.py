@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lawder_core.errors import UsageError
-from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
+from lawder_core.files import append_jsonl, read_jsonl, write_json, write_jsonl
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -88,12 +88,7 @@ def trim_metrics(out: str | os.PathLike, key: str, last: int) -> None:
     """Drop lines logged after the checkpoint a run resumes from: they will be logged again."""
     path = Path(out) / METRICS
     if path.exists():
-        keep = [r for r in read_jsonl(path) if r.get(key, last) <= last]
-        atomic_save(lambda p: p.write_text("".join(json_line(r) for r in keep)), path)
-
-
-def json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record) + "\n"
+        write_jsonl(path, [r for r in read_jsonl(path) if r.get(key, last) <= last])
 
 
 def write_summary(out: str | os.PathLike, summary: dict[str, Any]) -> Path:

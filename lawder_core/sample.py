@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
     from lawder_core.models.denoiser import Denoiser, DenoiserSpec
 
-DENOISER_EMA = runs.DENOISER_EMA
 Generator = Callable[["SampleConfig", np.ndarray, "Callable[[int], None] | None"], np.ndarray]
 
 
@@ -60,7 +59,7 @@ def run_info(run: str | os.PathLike) -> RunInfo:
         checkpoint, model = run.parent, run
     else:
         checkpoint = runs.find_checkpoint(run) or run
-        model = checkpoint / DENOISER_EMA
+        model = checkpoint / runs.DENOISER_EMA
     if not (model / SPEC_FILE).exists():
         raise DataError(f"{run} holds no trained diffusion model (looked for {model}).",
                         "Train one with `lawder train-law --out RUN`, then pass --run RUN.")

@@ -73,7 +73,6 @@ from lawder_core.viz import save_weight_preview
 log = logging.getLogger(__name__)
 
 SAMPLES = "samples"
-DENOISER, DENOISER_EMA, LAW_WEIGHTS, LAW_CONFIG = runs.DENOISER, runs.DENOISER_EMA, runs.LAW_WEIGHTS, runs.LAW_CONFIG
 LAW_STATS = ("w_lesion", "w_background", "w_max", "law_objective", "law_active")
 
 
@@ -156,7 +155,7 @@ def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserS
                   checkpoint: Path | None) -> tuple[Trainer, int]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     if checkpoint is not None:
-        denoiser = load_denoiser(checkpoint / DENOISER, pretrained=cfg.pretrained)
+        denoiser = load_denoiser(checkpoint / runs.DENOISER, pretrained=cfg.pretrained)
         check_same_spec(denoiser.spec, spec, checkpoint)
     else:
         denoiser = build_denoiser(spec)
@@ -274,13 +273,13 @@ class Window:
 def save_checkpoint(tr: Trainer, step: int) -> Path:
     """Rank 0 only; the folder appears complete or not at all."""
     tmp = runs.new_checkpoint(tr.out, runs.LAST)
-    tr.denoiser.save_pretrained(tmp / DENOISER)
-    tr.denoiser.save_pretrained(tmp / DENOISER_EMA, module=tr.ema.shadow)
+    tr.denoiser.save_pretrained(tmp / runs.DENOISER)
+    tr.denoiser.save_pretrained(tmp / runs.DENOISER_EMA, module=tr.ema.shadow)
     state: dict[str, Any] = {"optimizer": tr.optimizer.state_dict(), "lr_schedule": tr.lr_schedule.state_dict(),
                              "scaler": tr.scaler.state_dict()}
     if tr.law is not None and tr.law_optimizer is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tr.law.state_dict().items()}, tmp / LAW_WEIGHTS)
-        (tmp / LAW_CONFIG).write_text(json.dumps(
+        save_file({k: v.detach().cpu().contiguous() for k, v in tr.law.state_dict().items()}, tmp / runs.LAW_WEIGHTS)
+        (tmp / runs.LAW_CONFIG).write_text(json.dumps(
             {"feature_channels": tr.law.feature_channels, "config": asdict(tr.law.config)}, indent=2))
         state["law_optimizer"] = tr.law_optimizer.state_dict()
     runs.save_state(tmp, state)
@@ -293,7 +292,7 @@ def restore(tr: Trainer, checkpoint: Path) -> int:
     progress = runs.read_progress(checkpoint)
     shadow_cls = type(tr.ema.shadow)
     ema_weights = shadow_cls.from_pretrained(  # type: ignore[attr-defined]
-        checkpoint / DENOISER_EMA / tr.denoiser.trainable_subfolder, **LOAD_KWARGS)
+        checkpoint / runs.DENOISER_EMA / tr.denoiser.trainable_subfolder, **LOAD_KWARGS)
     copy_weights(ema_weights, tr.ema.shadow)
     tr.ema.num_updates = int(progress["ema_updates"])
     state = runs.load_state(checkpoint, map_location=tr.ctx.device)
@@ -303,10 +302,10 @@ def restore(tr: Trainer, checkpoint: Path) -> int:
     tr.lr_schedule.load_state_dict(state["lr_schedule"])
     tr.scaler.load_state_dict(state["scaler"])
     if tr.law is not None and tr.law_optimizer is not None:
-        if not (checkpoint / LAW_WEIGHTS).exists():
+        if not (checkpoint / runs.LAW_WEIGHTS).exists():
             raise UsageError(f"the checkpoint in {checkpoint} was trained with --weighting "
                              f"{progress.get('weighting')}, not law.", "Resume with the same --weighting.")
-        tr.law.load_state_dict(load_file(checkpoint / LAW_WEIGHTS, device=str(tr.ctx.device)))
+        tr.law.load_state_dict(load_file(checkpoint / runs.LAW_WEIGHTS, device=str(tr.ctx.device)))
         if "law_optimizer" in state:
             tr.law_optimizer.load_state_dict(state["law_optimizer"])
     return int(progress["step"])
