@@ -45,9 +45,8 @@ SPACES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "order": {
         "order.rho": {"uniform": [0.1, 0.5]},
-        "order.kv_grid": {"choice": [8, 16, 32]},
-        "order.attn_dim": {"choice": [32, 48, 64]},
-        "order.late_stages": {"choice": [2, 3]},
+        "order.kv_grid": {"choice": [8, 16]},
+        "order.aux_weight": {"uniform": [0.1, 0.4]},
     },
 }
 

@@ -139,3 +139,16 @@ def test_unknown_order_option_in_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(DataError, match="bogus"):
         load_segmenter(tmp_path)
+
+
+def test_a_first_build_order_checkpoint_is_refused_with_a_retrain_hint(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_segmenter(build_segmenter("mkunet-t-order"), tmp_path)
+    # The first ORDER fused [decoder, skip] with a 1×1 conv + BatchNorm instead of keeping the gate.
+    first_build = {k: v for k, v in MKUNet("t").state_dict().items() if not k.startswith("gates.1")}
+    first_build["order_fusions.0.fuse.0.weight"] = torch.zeros(16, 32, 1, 1)
+    save_file(first_build, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(DataError, match="first-build ORDER") as err:
+        load_segmenter(tmp_path)
+    assert "lawder train-order --model mkunet-t-order" in err.value.hint

@@ -17,7 +17,15 @@ def test_parameter_count_matches_the_paper(variant: str) -> None:
 
 
 def test_every_published_variant_is_tested() -> None:
-    assert set(MKUNET_CHANNELS) == set(PUBLISHED_PARAMS)
+    assert set(MKUNET_CHANNELS) == set(PUBLISHED_PARAMS) | {"t-wide"}
+
+
+def test_the_wide_control_matches_order_within_five_percent() -> None:
+    from lawder_core.models.order import MKUNetOrder
+
+    wide = sum(p.numel() for p in MKUNet("t-wide").parameters())
+    order = sum(p.numel() for p in MKUNetOrder("t").parameters())
+    assert abs(wide / order - 1) <= 0.05
 
 
 @pytest.mark.parametrize("size", [256, 352])

@@ -1,4 +1,4 @@
-"""ORDER: size budget, top-ρ selection, attention only at selected pixels, gradients everywhere."""
+"""ORDER revision 2: starts as MK-UNet-T, size budget, top-ρ selection, local + pooled context, gradients everywhere."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lawder_core.errors import UsageError
+from lawder_core.models.mkunet import MKUNet
 from lawder_core.models.order import (
     MKUNetOrder,
     OrderConfig,
@@ -21,10 +22,27 @@ from lawder_core.train.losses import segmentation_loss
 def test_whole_model_fits_the_budget() -> None:
     model = MKUNetOrder("t")
     total = sum(p.numel() for p in model.parameters())
-    assert total <= 45_000
-    assert order_parameter_count(model) > 0
-    # The three replaced gates are gone, not merely unused.
-    assert len(model.gates) == 1 and len(model.order_fusions) == 3
+    assert 40_000 <= total <= 45_000
+    assert order_parameter_count(model) == total - sum(p.numel() for p in MKUNet("t").parameters())
+    # ORDER adds to the grouped gate at the three late fusions; it does not replace it.
+    assert len(model.gates) == 4 and len(model.order_fusions) == 3
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_at_initialisation_order_computes_exactly_mkunet_t(train: bool) -> None:
+    torch.manual_seed(0)
+    plain = MKUNet("t")
+    order = MKUNetOrder("t")
+    missing, unexpected = order.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("order_fusions.") for k in missing)
+    plain.train(train), order.train(train)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, expected_aux = plain(x, return_aux=True)
+        got, got_aux = order(x, return_aux=True)
+    assert torch.equal(got, expected)
+    assert len(got_aux) == len(expected_aux) + 3  # MK-UNet's deep supervision, then ORDER's three region heads
+    assert all(torch.equal(a, b) for a, b in zip(got_aux[:3], expected_aux, strict=True))
 
 
 @pytest.mark.parametrize(("rho", "late_stages"), [(0.25, 3), (0.1, 2), (0.5, 3)])
@@ -54,20 +72,59 @@ def test_the_most_uncertain_pixels_are_selected() -> None:
     logits = torch.full((1, 1, 4, 4), 8.0)
     uncertain = [1, 6, 11, 12]
     logits.view(-1)[uncertain] = torch.tensor([0.0, 0.1, -0.2, 0.3])
-    assert sorted(fusion.select(logits)[0].tolist()) == uncertain
+    assert sorted(fusion.select(uncertainty(logits).flatten(1))[0].tolist()) == uncertain
 
 
-def test_attention_changes_only_selected_pixels() -> None:
+def trained_fusion(channels: int, config: OrderConfig) -> OrderFusion:
+    """A fusion whose zero-initialised output projection has been given weights, as training would."""
     torch.manual_seed(0)
-    fusion = OrderFusion(8, OrderConfig(rho=0.25, kv_grid=4)).eval()
+    fusion = OrderFusion(channels, config).eval()
+    with torch.no_grad():
+        fusion.to_out.weight.normal_()
+    return fusion
+
+
+def fixed_selection(fusion: OrderFusion, decoder: torch.Tensor, selected: list[int]) -> None:
+    """Make the region head certain everywhere except at `selected` (flat indices), whatever the decoder."""
+    with torch.no_grad():
+        fusion.region_head.weight.zero_()
+        fusion.region_head.bias.fill_(8.0)
+    logits = torch.full(decoder.shape[-2:], 8.0).flatten()
+    logits[selected] = 0.0
+
+    def head(_: torch.Tensor) -> torch.Tensor:
+        return logits.view(1, 1, *decoder.shape[-2:]).expand(decoder.shape[0], -1, -1, -1)
+
+    fusion.region_head.forward = head  # type: ignore[method-assign]
+
+
+def test_the_update_touches_only_selected_pixels() -> None:
+    fusion = trained_fusion(8, OrderConfig(rho=0.25, kv_grid=4))
     decoder, skip = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
     with torch.no_grad():
-        new_decoder, new_skip, region, index = fusion.attend(decoder, skip)
-    assert region.shape == (2, 1, 16, 16) and index.shape == (2, 64)
-    for before, after in ((decoder, new_decoder), (skip, new_skip)):
-        changed = (after - before).abs().amax(dim=1).flatten(1) > 0
-        for b in range(2):
-            assert set(changed[b].nonzero().flatten().tolist()) == set(index[b].tolist())
+        update, region = fusion(decoder, skip)
+    assert region.shape == (2, 1, 16, 16) and update.shape == decoder.shape
+    index = fusion.select(uncertainty(region).flatten(1))
+    changed = update.abs().amax(dim=1).flatten(1) > 0
+    for b in range(2):
+        assert set(changed[b].nonzero().flatten().tolist()) == set(index[b].tolist())
+
+
+def test_the_local_neighbourhood_reaches_the_selected_query() -> None:
+    """A change in one skip pixel that leaves every pooled cell as it was reaches only the queries next to it."""
+    fusion = trained_fusion(4, OrderConfig(rho=2 / 256, kv_grid=4))
+    decoder, skip = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    near, far = 5 * 16 + 5, 12 * 16 + 12  # (5, 5) and (12, 12)
+    fixed_selection(fusion, decoder, [near, far])
+    moved = skip.clone()
+    moved[0, :, 5, 6] += 3.0  # a neighbour of (5, 5) ...
+    moved[0, :, 7, 7] -= 3.0  # ... and a pixel of the same 4×4 pooling cell outside every selected window
+    with torch.no_grad():
+        before, _ = fusion(decoder, skip)
+        after, _ = fusion(decoder, moved)
+    delta = (after - before).abs().amax(dim=1).flatten()
+    assert delta[near] > 1e-3
+    assert delta[far] < 1e-5 and delta.sum() == pytest.approx(float(delta[near]), rel=1e-4)
 
 
 def test_aux_outputs_include_region_logits() -> None:
@@ -80,12 +137,18 @@ def test_aux_outputs_include_region_logits() -> None:
 
 
 def test_gradients_reach_every_order_parameter() -> None:
+    """At step 0 only the zero-initialised output projection can learn; after one step every ORDER weight does,
+    the region head through both its auxiliary loss and the uncertainty that scales the update."""
     torch.manual_seed(0)
     model = MKUNetOrder("t").train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(2, 3, 64, 64)
     target = (torch.rand(2, 1, 64, 64) > 0.7).float()
-    logits, aux = model(x, return_aux=True)
-    segmentation_loss(logits, aux, target, aux_weight=0.2).backward()
+    for _ in range(2):
+        optimiser.zero_grad()
+        logits, aux = model(x, return_aux=True)
+        segmentation_loss(logits, aux, target, aux_weight=0.2).backward()
+        optimiser.step()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     # Non-zero, not merely present: every ORDER weight is actually trained. (Some MK-UNet weights can get an
     # exact zero, e.g. the gate's conv bias that a BatchNorm follows, so the check is ORDER's own.)
@@ -93,9 +156,17 @@ def test_gradients_reach_every_order_parameter() -> None:
     assert zero == []
 
 
+def test_the_selection_passes_gradient_to_the_region_head_through_the_main_loss() -> None:
+    fusion = trained_fusion(8, OrderConfig(rho=0.25, kv_grid=4)).train()
+    update, _ = fusion(torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16))
+    update.square().sum().backward()  # the region logits themselves are not in this loss
+    assert fusion.region_head.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [{"rho": 0.0}, {"rho": 1.5}, {"attn_dim": 30, "heads": 4}, {"late_stages": 5}, {"kv_grid": 0}],
+    [{"rho": 0.0}, {"rho": 1.5}, {"attn_dim": 30, "heads": 4}, {"late_stages": 5}, {"kv_grid": 0},
+     {"token_dim": 0}],
 )
 def test_invalid_configs_are_usage_errors(overrides: dict) -> None:
     with pytest.raises(UsageError):

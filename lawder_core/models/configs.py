@@ -19,6 +19,8 @@ MKUNET_CHANNELS: dict[str, tuple[int, int, int, int, int]] = {
     "base": (16, 32, 64, 96, 160),
     "m": (32, 64, 128, 192, 320),
     "l": (64, 128, 256, 384, 512),
+    # Not published: MK-UNet-T widened to mkunet-t-order's parameter count (42,554 vs 42,953), ORDER's fair control.
+    "t-wide": (6, 12, 22, 32, 40),
 }
 
 SMP_MODELS: dict[str, tuple[str, str]] = {
@@ -59,9 +61,10 @@ class OrderConfig:
     """Knobs of the ORDER adapter; all of them are reachable from `lawder tune order`."""
 
     rho: float = 0.25  # share of positions that become queries (sweep 0.1-0.5)
-    kv_grid: int = 16  # keys/values are pooled to kv_grid × kv_grid
-    attn_dim: int = 32  # attention width (sweep 32-64)
-    heads: int = 1  # one head: on the CPU the softmax over (queries × grid²) scores dominates, per head
+    kv_grid: int = 16  # keys/values: the other stream pooled to kv_grid × kv_grid, plus the query's 3×3 window
+    token_dim: int = 24  # both streams are projected to this width before LayerNorm (16-32; H/2 has 4 channels)
+    attn_dim: int = 24  # query/key/value width (sweep 16-32)
+    heads: int = 1  # one head: on the CPU the softmax over (queries × (grid² + 9)) scores dominates, per head
     late_stages: int = 3  # how many of the last skip fusions ORDER replaces: 3 = H/8, H/4, H/2
     aux_weight: float = 0.2  # weight of the auxiliary losses (region heads, deep supervision) in training
 
@@ -70,6 +73,8 @@ class OrderConfig:
             raise UsageError(f"ORDER rho must lie in (0, 1], got {self.rho}.", "Typical values are 0.1-0.5.")
         if self.kv_grid < 1:
             raise UsageError(f"ORDER kv_grid must be at least 1, got {self.kv_grid}.")
+        if self.token_dim < 1:
+            raise UsageError(f"ORDER token_dim must be at least 1, got {self.token_dim}.")
         if self.heads < 1 or self.attn_dim < 1 or self.attn_dim % self.heads:
             raise UsageError(
                 f"ORDER attn_dim ({self.attn_dim}) must be a positive multiple of heads ({self.heads})."

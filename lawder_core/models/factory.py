@@ -161,6 +161,12 @@ def load_segmenter(folder: Path, map_location: str | torch.device = "cpu") -> nn
         state = load_file(str(weights), device=device)
     except (SafetensorError, OSError) as err:
         raise DataError(f"{weights} cannot be read: {err}", CORRUPT_HINT) from err
+    if any(k.startswith("order_fusions.") and ".fuse." in k for k in state):
+        raise DataError(
+            f"{weights} holds a first-build ORDER (a 1×1 fusion in place of the gate), which this version "
+            "replaced by ORDER revision 2 (an update on top of MK-UNet-T's fusion).",
+            f"Retrain it: lawder train-order --model {config['name']} ... (same data and flags).",
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

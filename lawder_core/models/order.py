@@ -1,17 +1,22 @@
-"""ORDER — Optimal Region Detection with Efficient Resolution — on MK-UNet (the design brief §1.2).
+"""ORDER — Optimal Region Detection with Efficient Resolution — on MK-UNet (design brief §1.2, revision 2).
 
-At the late (high-resolution) decoder stages ORDER replaces MK-UNet's gate-then-add skip fusion:
+ORDER starts as MK-UNet-T and adds, at the late (high-resolution) decoder stages, a correction at the pixels
+where the network is unsure:
 
-1. a 1×1 region head on the decoder feature predicts a coarse lesion logit `z` (returned as an auxiliary output,
-   so the training loop supervises it with the mask);
-2. the uncertainty `1 − |2σ(z) − 1|` ranks the pixels; the top-ρ share become queries;
-3. bidirectional attention at those pixels only: decoder queries attend to the skip stream and skip queries
-   attend to the decoder stream, both with keys/values average-pooled to a small fixed grid (the "efficient
-   resolution"), pre-LayerNorm, scaled-dot-product attention;
-4. the attention results are added back at the selected pixels (residual scatter) and the two streams are
-   fused by a 1×1 conv + BatchNorm.
+1. a 1×1 region head on the decoder feature predicts a coarse lesion logit `z` (an auxiliary output, so the
+   training loop supervises it with the mask); the uncertainty `u = 1 − |2σ(z) − 1|` ranks the pixels and the
+   top-ρ share become queries;
+2. both streams are projected to `token_dim`-wide tokens (at H/2 MK-UNet-T has 4 channels: attention on the raw
+   channels would have rank ≤ 4) and layer-normalised;
+3. bidirectional attention at the selected pixels only: decoder queries attend to the skip stream and skip
+   queries to the decoder stream. Each query's keys/values are the other stream pooled to a `kv_grid`² grid
+   (with a learned positional bias on the scores) plus the query's own 3×3 neighbourhood at full resolution, so
+   the fine detail that pooling throws away is still within reach;
+4. the two attention results give one update per selected pixel, scaled by `u` there (so the selection passes
+   gradient to the region head) and added to MK-UNet's own gate-then-add fusion. The output projection starts
+   at zero: at initialisation ORDER computes exactly MK-UNet-T.
 
-Unselected pixels skip attention entirely: the cost grows with ρ·H·W·grid², not (H·W)².
+Unselected pixels skip attention: the cost grows with ρ·H·W·(grid² + 9), not (H·W)².
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lawder_core.models.configs import MKUNET_CHANNELS, SKIP_FUSIONS, OrderConfig
-from lawder_core.models.mkunet import MKUNet, conv_bn
+from lawder_core.models.mkunet import MKUNet
+
+NEIGHBOURHOOD = 9  # the query's own 3×3 window in the other stream
 
 
 def selection_count(rho: float, positions: int) -> int:
@@ -40,97 +47,129 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
-def from_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, H·W, C) -> (B, C, H, W) as a channels_last-strided view."""
-    b, _, c = tokens.shape
-    return tokens.view(b, height, width, c).permute(0, 3, 1, 2)
-
-
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    """(B, N, ...) tokens at `index` (B, k) -> (B, k, ...)."""
+    shape = index.shape + tokens.shape[2:]
+    expanded = index.reshape(*index.shape, *([1] * (tokens.dim() - 2))).expand(shape)
+    return tokens.gather(1, expanded)
 
 
-def scatter_add_tokens(tokens: torch.Tensor, index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    return tokens.scatter_add(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), update)
+def neighbourhoods(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H·W, 9, C): every pixel's 3×3 window (zero-padded at the border)."""
+    b, c, h, w = x.shape
+    return F.unfold(x, 3, padding=1).view(b, c, NEIGHBOURHOOD, h * w).permute(0, 3, 2, 1)
 
 
-class CrossAttention(nn.Module):
-    """Pre-norm multi-head cross-attention from `channels`-wide queries to `channels`-wide keys/values."""
+class LocalGlobalAttention(nn.Module):
+    """Multi-head attention from k queries to a shared pooled grid plus each query's own 3×3 neighbourhood.
 
-    def __init__(self, channels: int, attn_dim: int, heads: int) -> None:
+    The positional bias is one learned score offset per head and key position (grid cell or window offset), so
+    the attention knows where a pooled token came from at the cost of (grid² + 9) numbers per head. A smaller
+    input pools to a smaller grid; its cells take the mean bias of the cells they cover.
+    """
+
+    def __init__(self, token_dim: int, attn_dim: int, heads: int, kv_grid: int) -> None:
         super().__init__()
         self.heads = heads
-        self.norm_query = nn.LayerNorm(channels)
-        self.norm_context = nn.LayerNorm(channels)
-        self.to_q = nn.Linear(channels, attn_dim)
-        self.to_k = nn.Linear(channels, attn_dim)
-        self.to_v = nn.Linear(channels, attn_dim)
-        self.to_out = nn.Linear(attn_dim, channels)
+        self.to_q = nn.Linear(token_dim, attn_dim)
+        self.to_k = nn.Linear(token_dim, attn_dim)
+        self.to_v = nn.Linear(token_dim, attn_dim)
+        self.grid_bias = nn.Parameter(torch.zeros(heads, kv_grid, kv_grid))
+        self.local_bias = nn.Parameter(torch.zeros(heads, NEIGHBOURHOOD))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        """(B, ..., D) -> (B, heads, ..., D/heads)."""
+        return x.unflatten(-1, (self.heads, -1)).movedim(-2, 1)
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = self.split_heads(self.to_q(self.norm_query(query)))
-        context = self.norm_context(context)
-        k = self.split_heads(self.to_k(context))
-        v = self.split_heads(self.to_v(context))
-        attended = F.scaled_dot_product_attention(q, k, v)
-        b, _, n, _ = attended.shape
-        return self.to_out(attended.transpose(1, 2).reshape(b, n, -1))
+    def bias_for(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """(heads, 1, cells) score offsets for a pooled grid of `grid_size`."""
+        bias = self.grid_bias
+        if tuple(bias.shape[-2:]) != grid_size:
+            bias = F.adaptive_avg_pool2d(bias, grid_size)
+        return bias.flatten(1)[:, None]
+
+    def forward(self, query: torch.Tensor, grid: torch.Tensor, grid_size: tuple[int, int],
+                local: torch.Tensor) -> torch.Tensor:
+        """query (B, k, T), grid (B, G, T) shared by all queries, local (B, k, 9, T) -> (B, k, attn_dim)."""
+        q = self.split_heads(self.to_q(query))  # (B, h, k, d)
+        scale = q.shape[-1] ** -0.5
+        k_grid, v_grid = self.split_heads(self.to_k(grid)), self.split_heads(self.to_v(grid))  # (B, h, G, d)
+        k_local, v_local = self.split_heads(self.to_k(local)), self.split_heads(self.to_v(local))  # (B, h, k, 9, d)
+        cells = grid.shape[1]
+        scores = torch.cat([
+            (q @ k_grid.transpose(-1, -2)) * scale + self.bias_for(grid_size),
+            (k_local @ q.unsqueeze(-1)).squeeze(-1) * scale + self.local_bias[:, None],
+        ], dim=-1).softmax(dim=-1)
+        out = scores[..., :cells] @ v_grid + (scores[..., cells:].unsqueeze(-2) @ v_local).squeeze(-2)
+        return out.movedim(1, 2).flatten(2)
 
 
 class OrderFusion(nn.Module):
-    """One ORDER skip fusion on `channels`-wide decoder and skip streams of the same resolution."""
+    """ORDER's update to one skip fusion on `channels`-wide decoder and skip streams of the same resolution.
+
+    `forward(decoder, skip)` returns the update (zero except at the selected pixels, and zero everywhere at
+    initialisation) and the region head's coarse logits; MKUNetOrder adds the update to MK-UNet's fusion.
+    """
 
     def __init__(self, channels: int, config: OrderConfig) -> None:
         super().__init__()
         self.config = config
+        t = config.token_dim
         self.region_head = nn.Conv2d(channels, 1, 1)
-        self.decoder_to_skip = CrossAttention(channels, config.attn_dim, config.heads)
-        self.skip_to_decoder = CrossAttention(channels, config.attn_dim, config.heads)
-        self.fuse = conv_bn(2 * channels, channels)
+        self.project_decoder = nn.Conv2d(channels, t, 1)
+        self.project_skip = nn.Conv2d(channels, t, 1)
+        self.norm_decoder = nn.LayerNorm(t)
+        self.norm_skip = nn.LayerNorm(t)
+        self.decoder_to_skip = LocalGlobalAttention(t, config.attn_dim, config.heads, config.kv_grid)
+        self.skip_to_decoder = LocalGlobalAttention(t, config.attn_dim, config.heads, config.kv_grid)
+        self.to_out = nn.Linear(2 * config.attn_dim, channels)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
         # Filled by each forward so callers (tests, profiling) can see what share of pixels was attended.
         self.last_selected = 0
         self.last_positions = 0
 
-    def select(self, region_logits: torch.Tensor) -> torch.Tensor:
-        """Indices (B, k) of the k most uncertain pixels of each image."""
-        scores = uncertainty(region_logits.detach()).flatten(1)
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Indices (B, k) of the k highest-scoring (most uncertain) pixels of each image; scores (B, N)."""
         k = selection_count(self.config.rho, scores.shape[1])
         self.last_selected, self.last_positions = k, scores.shape[1]
-        return scores.topk(k, dim=1, sorted=False).indices
+        return scores.detach().topk(k, dim=1, sorted=False).indices
 
-    def pooled_context(self, x: torch.Tensor) -> torch.Tensor:
-        grid = (min(self.config.kv_grid, x.shape[2]), min(self.config.kv_grid, x.shape[3]))
-        return to_tokens(F.adaptive_avg_pool2d(x, grid))
+    def stream(self, x: torch.Tensor, project: nn.Module, norm: nn.Module, index: torch.Tensor,
+               grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One stream as tokens: its queries at `index`, its pooled grid, its 3×3 windows at `index`.
 
-    def attend(
-        self, decoder: torch.Tensor, skip: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Both streams after bidirectional attention at the selected pixels, the region logits, the indices."""
-        height, width = decoder.shape[2:]
-        region_logits = self.region_head(decoder)
-        index = self.select(region_logits)
-        decoder_tokens, skip_tokens = to_tokens(decoder), to_tokens(skip)
-        decoder_update = self.decoder_to_skip(gather_tokens(decoder_tokens, index), self.pooled_context(skip))
-        skip_update = self.skip_to_decoder(gather_tokens(skip_tokens, index), self.pooled_context(decoder))
-        decoder = from_tokens(scatter_add_tokens(decoder_tokens, index, decoder_update), height, width)
-        skip = from_tokens(scatter_add_tokens(skip_tokens, index, skip_update), height, width)
-        return decoder, skip, region_logits, index
+        The projection is linear, so pooling the projected map equals projecting the pooled one; the norm comes
+        after both.
+        """
+        projected = project(x)
+        queries = gather_tokens(to_tokens(projected), index)
+        grid = to_tokens(F.adaptive_avg_pool2d(projected, grid_size))
+        windows = gather_tokens(neighbourhoods(projected), index)
+        return norm(queries), norm(grid), norm(windows)
 
     def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the fused stream and the region head's coarse logits (B, 1, H, W)."""
-        decoder, skip, region_logits, _ = self.attend(decoder, skip)
-        return self.fuse(torch.cat([decoder, skip], dim=1)), region_logits
+        b, c, height, width = decoder.shape
+        region_logits = self.region_head(decoder)
+        scores = uncertainty(region_logits).flatten(1)
+        index = self.select(scores)
+        grid_size = (min(self.config.kv_grid, height), min(self.config.kv_grid, width))
+        dq, dgrid, dlocal = self.stream(decoder, self.project_decoder, self.norm_decoder, index, grid_size)
+        sq, sgrid, slocal = self.stream(skip, self.project_skip, self.norm_skip, index, grid_size)
+        attended = torch.cat([self.decoder_to_skip(dq, sgrid, grid_size, slocal),
+                              self.skip_to_decoder(sq, dgrid, grid_size, dlocal)], dim=-1)
+        # Scaling by the uncertainty is what lets the selection train the region head through the main loss.
+        update = self.to_out(attended) * scores.gather(1, index).unsqueeze(-1)
+        flat = update.new_zeros(b, height * width, c).scatter(1, index.unsqueeze(-1).expand(-1, -1, c), update)
+        return flat.view(b, height, width, c).permute(0, 3, 1, 2), region_logits
 
 
 class MKUNetOrder(MKUNet):
-    """MK-UNet whose last `config.late_stages` skip fusions are ORDER fusions.
+    """MK-UNet whose last `config.late_stages` skip fusions get ORDER's update on top of the grouped gate.
 
-    `model(x, return_aux=True)` returns (logits, aux) with aux = MK-UNet's out1..out3 deep-supervision logits
-    followed by the region heads' coarse logits (coarsest first).
+    Every MK-UNet weight keeps its name, so an MK-UNet state dict loads into it (the ORDER weights stay as
+    initialised) and the two compute the same output. `model(x, return_aux=True)` returns (logits, aux) with
+    aux = MK-UNet's out1..out3 deep-supervision logits followed by the region heads' logits (coarsest first).
     """
 
     def __init__(
@@ -141,17 +180,16 @@ class MKUNetOrder(MKUNet):
         self.first_order_fusion = SKIP_FUSIONS - self.order_config.late_stages
         c = MKUNET_CHANNELS[variant]
         skip_widths = (c[3], c[2], c[1], c[0])
-        # The replaced gates must not exist, or they would be counted and saved without being used.
-        self.gates = nn.ModuleList(self.gates[: self.first_order_fusion])
         self.order_fusions = nn.ModuleList(
             OrderFusion(w, self.order_config) for w in skip_widths[self.first_order_fusion :]
         )
 
     def fuse_skip(self, index: int, out: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        fused, aux = super().fuse_skip(index, out, skip)
         if index < self.first_order_fusion:
-            return super().fuse_skip(index, out, skip)
-        fused, region_logits = self.order_fusions[index - self.first_order_fusion](out, skip)
-        return fused, [region_logits]
+            return fused, aux
+        update, region_logits = self.order_fusions[index - self.first_order_fusion](out, skip)
+        return fused + update, [*aux, region_logits]
 
     def selection_counts(self) -> list[tuple[int, int]]:
         """(selected, total) pixels per ORDER fusion in the last forward pass, coarsest first."""
@@ -174,7 +212,7 @@ def expected_selection(rho: float, size: int, late_stages: int) -> list[int]:
 
 
 __all__ = [
-    "CrossAttention",
+    "LocalGlobalAttention",
     "MKUNetOrder",
     "OrderConfig",
     "OrderFusion",
