@@ -104,7 +104,7 @@ def test_existing_run_is_refused_without_resume_or_force(run: tuple[Path, dict],
     assert again.exit_code == 2 and "--resume" in again.output and "--force" in again.output
 
 
-def test_resume_continues_at_the_right_step_with_the_saved_config(ray_local, data: Path, tmp_path: Path) -> None:
+def test_resume_continues_at_the_right_step_with_the_saved_config(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     invoke(train_args(data, out, "--weighting", "ratio", "--json"))
     summary = invoke(["train-law", "--out", str(out), "--resume", "--steps", "4", "--workers", "0", "--json"])
@@ -116,7 +116,7 @@ def test_resume_continues_at_the_right_step_with_the_saved_config(ray_local, dat
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
-def test_best_yaml_of_a_law_sweep_is_accepted_as_config(ray_local, data: Path, tmp_path: Path) -> None:
+def test_best_yaml_of_a_law_sweep_is_accepted_as_config(data: Path, tmp_path: Path) -> None:
     from lawder_core.distributed.tune import write_results
     from lawder_core.tune import LawTuneConfig
 

@@ -29,7 +29,7 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path, args, code, mess
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch, ray_local):
+def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
     from dataclasses import replace
 
     from lawder_core import pipeline

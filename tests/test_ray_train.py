@@ -27,19 +27,19 @@ def cfg(data, out, **kw):
     return SegTrainConfig(**{**base, **kw})
 
 
-def test_in_process_launch_reports_metrics(ray_local, data, tmp_path):
+def test_in_process_launch_reports_metrics(data, tmp_path):
     metrics = launch(train_segmenter, cfg(data, tmp_path / "run"), LaunchConfig(workers=0, name="t0"))
     assert metrics["epoch"] == 0 and 0 <= metrics["val_dice"] <= 1
     assert load_segmenter(tmp_path / "run" / "best") is not None
 
 
-def test_worker_errors_come_back_as_lawder_errors(ray_local, data, tmp_path):
+def test_worker_errors_come_back_as_lawder_errors(data, tmp_path):
     bad = cfg(data, tmp_path / "run", synthetic=str(tmp_path / "missing.h5"))
     with pytest.raises(DataError, match="does not exist"):
         launch(train_segmenter, bad, LaunchConfig(workers=0, name="t1"))
 
 
-def test_cli_train_order_json_and_refusal_to_clobber(ray_local, data, tmp_path):
+def test_cli_train_order_json_and_refusal_to_clobber(data, tmp_path):
     out = tmp_path / "run"
     args = ["train-order", "--data", str(data), "--out", str(out), "--model", "mkunet-t", "--size", "32",
             "--epochs", "1", "--batch-size", "4", "--workers", "0", "--json"]

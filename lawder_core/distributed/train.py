@@ -1,7 +1,7 @@
 """One launcher for every training command: a plain per-worker function run by Ray Train's TorchTrainer.
 
 `--gpus N` gives N GPU workers (NCCL); `--gpus 0` runs on the CPU with `--workers N` gloo workers.
-`workers=0` runs the same function inside this process (Ray's local mode: quick, for tests and debugging).
+`--gpus 0 --workers 0` (the default) runs the same function inside this process: no Ray, no ports, no start-up.
 The training function must live in the installed package (workers import it by name) and take
 `(config, report)`; it writes its own run folder, which must be on storage every worker can reach
 (an NFS path) when the run spans several machines.
@@ -150,6 +150,8 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     The run folder is the record of the run (Train V2 workers cannot hand return values to the driver,
     and it keeps metrics only beside checkpoints): read results from there.
     """
+    if launch.gpus == 0 and launch.workers == 0:
+        return run_here(fn, with_absolute_paths(cfg))
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -172,6 +174,26 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
         raise TrainingError(f"distributed training failed: {err}",
                             "See the worker log above; rerun with --resume to continue from the last epoch.") from err
     return dict(fit.metrics or {})
+
+
+def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
+    """One worker, this process: the CPU default, and what --workers 0 promises. Returns the last report, as
+    Ray's `fit.metrics` would."""
+    last: dict[str, Any] = {}
+
+    def keep_last(metrics: dict[str, Any]) -> None:
+        last.clear()
+        last.update(metrics)
+
+    try:
+        fn(cfg, report=keep_last)
+        return last
+    except LawderError:
+        raise
+    except Exception as err:
+        raise TrainingError(f"training failed: {err}",
+                            "Rerun with --resume to continue from the last checkpoint; --debug shows the traceback."
+                            ) from err
 
 
 def world_size(launch: LaunchConfig) -> int:
