@@ -1,6 +1,8 @@
 """Ray Tune sweeps (slow: each runs real trials through Ray)."""
 
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -15,6 +17,16 @@ from lawder_core.tune import SPACES, apply_params, load_space
 from tests.helpers import synthetic_h5, tiny_fid_weights
 
 runner = CliRunner()
+
+
+class Planted:
+    """A pickle that runs a shell command when it is loaded."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
 
 
 def test_apply_params_sets_nested_fields_and_groups():
@@ -54,10 +66,17 @@ def test_order_sweep_finishes_resumes_and_best_yaml_trains(ray_local, tmp_path):
     stamps = {p: p.stat().st_mtime for p in out.glob("trials/*/metrics.jsonl")}
     assert len(stamps) == 4
 
-    again = runner.invoke(app, [*args, "--resume"])  # the experiment is restored, no trial is redone
+    assert len(list(out.glob("trials/*/trial.json"))) == 4
+
+    # A sweep folder from someone else: Ray's restore would unpickle this and run the command.
+    marker = tmp_path / "planted-code-ran"
+    (out / "experiment" / "tuner.pkl").write_bytes(pickle.dumps(Planted(f"touch {marker}")))
+    again = runner.invoke(app, [*args, "--resume"])  # resumed from lawder's files: no trial is redone
     assert again.exit_code == 0, again.output
+    assert not marker.exists()
     assert json.loads(again.stdout)["trials"] == 4
     assert {p: p.stat().st_mtime for p in out.glob("trials/*/metrics.jsonl")} == stamps
+    assert json.loads(again.stdout)["best"] == summary["best"]
 
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert "out" not in best and best["order"]["rho"] == pytest.approx(summary["best"]["order.rho"])

@@ -2,14 +2,23 @@
 
 Each trial is a Tune function trainable on one worker (with `--gpus-per-trial` / `--cpus-per-trial`) that calls
 `train_segmenter` or `train_diffusion` with the trial's values applied to the base config, and reports the
-objective after every epoch / evaluation so ASHA can stop bad trials early. The experiment lives in
-`OUT/experiment`; running the same command again restores it and never redoes finished trials.
+objective after every epoch / evaluation so ASHA can stop bad trials early.
+
+Resuming never reads Ray's own experiment state: Ray restores a sweep by unpickling `experiment/tuner.pkl` and
+the pickles inside its state files, and a sweep folder copied from someone else would run their code. Instead
+each trial keeps its state in lawder's own files (`trials/NNNNN-HASH/`: the training run folder, its reports as
+JSON lines, `trial.json` once it ended), `--resume` starts a fresh Ray experiment with the same seed (hence the same
+trials in the same order), and each trial replays its recorded reports, returns if it had ended, or continues
+training from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,11 +30,15 @@ from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
 from lawder_core.distributed.train import ensure_ray
 from lawder_core.errors import TrainingError, UsageError
-from lawder_core.files import atomic_save, write_json
+from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
 from lawder_core.tune import apply_params, flatten_params
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "experiment"
+TRIALS = "trials"
+REPORTS = "reports.jsonl"  # every report a trial made, replayed to Tune on --resume
+ENDED = "trial.json"  # written once Tune has finished with a trial (completed or stopped early)
+TRIAL_METRIC = "lawder_trial"
 
 
 @dataclass(frozen=True)
@@ -57,41 +70,78 @@ class Sweep:
     mode: str
 
 
-def trial_folder(out: Path) -> Path:
+def trial_key(index: str, params: dict[str, Any]) -> str:
+    """The trial's number in the sweep and a hash of its values: the same on a resumed sweep with the same seed."""
+    values = json.dumps(flatten_params(params), sort_keys=True, default=str)
+    return f"{index}-{hashlib.sha256(values.encode()).hexdigest()[:10]}"
+
+
+def trial_folder(out: Path, params: dict[str, Any]) -> Path:
     from ray import tune
 
-    return out / "trials" / tune.get_context().get_trial_id()
+    index = tune.get_context().get_trial_id().rsplit("_", 1)[-1]  # Tune's per-experiment counter, 00000…
+    return out / TRIALS / trial_key(index, params)
+
+
+def replaying_reporter(folder: Path) -> tuple[Callable[[dict[str, Any]], None], bool]:
+    """Replay what the trial reported before (a resumed sweep); the reporter records and forwards new reports.
+
+    Returns (reporter, ended): `ended` means Tune had finished with this trial, so it must not train again.
+    """
+    from ray import tune
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for record in read_jsonl(folder / REPORTS):
+        tune.report(record)
+
+    def report(record: dict[str, Any]) -> None:
+        record = {**record, TRIAL_METRIC: folder.name}  # so the results can name the trial's folder
+        append_jsonl(folder / REPORTS, record)
+        tune.report(record)
+
+    return report, (folder / ENDED).exists()
 
 
 def order_trial(params: dict[str, Any], base: Any, out: str) -> None:
     """One ORDER trial: train_segmenter with the trial's knobs; reports validation Dice every epoch."""
-    from ray import tune
-
     from lawder_core.train.seg import train_segmenter
 
-    run = trial_folder(Path(out))
+    run = trial_folder(Path(out), params)
+    report, ended = replaying_reporter(run)
+    if ended:
+        return
     cfg = replace(apply_params(base, params), out=str(run), resume=(run / "last").exists())
-    train_segmenter(cfg, report=lambda m: tune.report({"val_dice": m["val_dice"], "epoch": m["epoch"]}))
+    train_segmenter(cfg, report=lambda m: report({"val_dice": m["val_dice"], "epoch": m["epoch"]}))
 
 
 def law_trial(params: dict[str, Any], base: Any, out: str) -> None:
     """One LAW trial: train_diffusion with a checkpoint per round; each checkpoint is sampled and scored."""
-    from ray import tune
-
     from lawder_core.train.diffusion import train_diffusion
     from lawder_core.tune import evaluation_set, generation_score, scoring_terms, training_config
 
     cfg = apply_params(base, params)
-    run = trial_folder(Path(out))
+    run = trial_folder(Path(out), params)
+    report, ended = replaying_reporter(run)
+    if ended:
+        return
     terms = scoring_terms(cfg)
     images, masks = evaluation_set(cfg)
 
     def score_checkpoint(record: dict[str, Any]) -> None:
         if "checkpoint" in record:
-            tune.report({"step": record["step"], **generation_score(cfg, str(run), terms, images, masks)})
+            report({"step": record["step"], **generation_score(cfg, str(run), terms, images, masks)})
 
     resume = (run / "metrics.jsonl").exists()
     train_diffusion(training_config(cfg, str(run), resume), report=score_checkpoint)
+
+
+def mark_ended(grid: Any, out: Path) -> None:
+    """Record, in lawder's files, which trials Tune finished with, so a resumed sweep does not train them again."""
+    for result in grid:
+        name = (result.metrics or {}).get(TRIAL_METRIC)
+        if result.error is None and name:
+            folder = out / TRIALS / name
+            write_json(folder / ENDED, {"reports": len(read_jsonl(folder / REPORTS))})
 
 
 def sweep_for(kind: str) -> Sweep:
@@ -132,9 +182,6 @@ def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Pat
     sweep = sweep_for(kind)
     trainable = tune.with_resources(tune.with_parameters(sweep.trainable, base=base, out=str(out)),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
-    if Path(out / EXPERIMENT).exists() and tune.Tuner.can_restore(str(out / EXPERIMENT)):
-        log.info("restoring the experiment in %s: finished trials are kept", out / EXPERIMENT)
-        return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, opts.budget), grace_period=1,
                                reduction_factor=2) if opts.scheduler == "asha" else FIFOScheduler())
     grid = grid_size(space, opts.search)
@@ -159,7 +206,7 @@ def results_table(grid: Any, sweep: Sweep) -> list[tuple[dict[str, Any], dict[st
         values = history[sweep.metric].dropna().tolist() if history is not None and sweep.metric in history else []
         best = (max(values) if sweep.mode == "max" else min(values)) if values else None
         row = {
-            "trial": Path(result.path).name if result.path else "",
+            "trial": (result.metrics or {}).get(TRIAL_METRIC) or (Path(result.path).name if result.path else ""),
             **flatten_params(result.config),
             sweep.metric: values[-1] if values else None,
             f"best_{sweep.metric}": best,
@@ -205,11 +252,16 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
     if resume and not force and not (out / EXPERIMENT).exists():
         raise UsageError(f"--resume: {out} holds no sweep to continue.", "Drop --resume to start one.")
     runs.open_run(out, resume=resume, force=force)
+    if resume and (out / EXPERIMENT).exists():
+        # Ray's state is never restored (it is pickles): the trials resume from lawder's own files instead.
+        log.info("resuming from %s; Ray's previous experiment state is discarded, not read", out / TRIALS)
+        shutil.rmtree(out / EXPERIMENT)
     runs.write_config(out, {"kind": kind, "base": to_dict(base), "space": space, "options": to_dict(opts)})
     ensure_ray(opts.ray_address)
     base = with_absolute_paths(base)
     sweep = sweep_for(kind)
     grid = build_tuner(kind, base, space, out, opts).fit()
+    mark_ended(grid, out)
     table = results_table(grid, sweep)
     rows = [row for row, _ in table]
     if not rows or rows[0][f"best_{sweep.metric}"] is None:
