@@ -95,3 +95,16 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
         root.removeHandler(handler)
         for lg, level in zip(touched, levels, strict=True):
             lg.setLevel(level)
+
+
+@pytest.mark.parametrize("command", ["train-order", "train-law"])
+def test_more_gpus_than_the_machine_has_exit_4_before_ray_starts(command, data, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "run"
+    result = runner.invoke(app, [command, "--data", str(data), "--out", str(out), "--gpus", "4", "--batch-size", "1"])
+    assert result.exit_code == 4, result.output
+    assert "this machine has 1" in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()  # refused before the run folder was opened (and before Ray: the fixture refuses it)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lawder_core.distributed.train import ensure_ray, find_lawder_error
+from lawder_core.distributed.train import check_local_gpus, ensure_ray, find_lawder_error
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.sample import SampleConfig, generate_here, sample_pairs, sampling_kwargs
 from lawder_core.sample import run_sample as run_sample_with
@@ -47,6 +47,7 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
     parallel = gpus if gpus > 0 else workers
     if parallel < 1:
         raise UsageError("distributed sampling needs --gpus N or --workers N of at least 1.")
+    check_local_gpus(gpus, ray_address)
     ensure_ray(ray_address)
     task = ray.remote(num_gpus=1 if gpus > 0 else 0, num_cpus=1, max_retries=0)(sample_chunk)
     device = "cuda" if gpus > 0 else "cpu"

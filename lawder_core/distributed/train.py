@@ -128,6 +128,20 @@ def scaling_config(launch: LaunchConfig) -> Any:
     return ScalingConfig(num_workers=launch.workers, use_gpu=False, resources_per_worker=resources)
 
 
+def check_local_gpus(gpus: int | float, ray_address: str | None) -> None:
+    """A local Ray cannot give more GPUs than this machine has: it would wait for them forever."""
+    if ray_address is not None or gpus <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > have:
+        raise EnvironmentProblem(
+            f"--gpus {gpus:g} asks for {gpus:g} GPU(s); this machine has {have}.",
+            (f"Use --gpus {have} or fewer, " if have else "Use --gpus 0 (CPU), ")
+            + "or join a cluster that has them with --ray-address.")
+
+
 def local_cpus_per_worker(launch: LaunchConfig) -> int | None:
     """On a local Ray, give each CPU worker its share of the cores (Ray's default is one CPU, hence one thread).
 
@@ -206,6 +220,7 @@ def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> d
 
     check_seg_config(cfg)
     local_cpus_per_worker(launch_cfg)  # a usage error costs a second, not a Ray start-up (nor a torch import)
+    check_local_gpus(launch_cfg.gpus, launch_cfg.ray_address)
     from lawder_core.train.seg import summarise_run, train_segmenter
 
     runs.open_run(cfg.out, resume=cfg.resume, force=force)
@@ -221,6 +236,7 @@ def train_law(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dic
 
     check_law_config(cfg, world_size(launch_cfg))
     local_cpus_per_worker(launch_cfg)
+    check_local_gpus(launch_cfg.gpus, launch_cfg.ray_address)
     from lawder_core.train.diffusion import summarise_law_run, train_diffusion
 
     runs.open_run(cfg.out, resume=cfg.resume, force=force)

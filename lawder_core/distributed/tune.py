@@ -28,7 +28,7 @@ import yaml
 
 from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
-from lawder_core.distributed.train import ensure_ray
+from lawder_core.distributed.train import check_local_gpus, ensure_ray
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
 from lawder_core.tune import apply_params, flatten_params
@@ -251,6 +251,7 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
                          "Pass --resume to continue it, --force to start over, or choose another --out.")
     if resume and not force and not (out / EXPERIMENT).exists():
         raise UsageError(f"--resume: {out} holds no sweep to continue.", "Drop --resume to start one.")
+    check_local_gpus(opts.gpus_per_trial, opts.ray_address)
     runs.open_run(out, resume=resume, force=force)
     if resume and (out / EXPERIMENT).exists():
         # Ray's state is never restored (it is pickles): the trials resume from lawder's own files instead.
