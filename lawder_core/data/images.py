@@ -1,4 +1,15 @@
-"""Image files on disk: which files in a folder are images, and reading one with a clear error."""
+"""Image files on disk: which files in a folder are images, and reading images and masks by a stated rule.
+
+Images: 8-bit files are read as RGB; files with more than 8 bits (16-bit PNG/TIFF, 32-bit integer or float) are
+rescaled from their own minimum–maximum to 0–255 instead of being clipped at 255.
+
+Masks (binary lesion masks of the folder sources): the value of a pixel is its brightest colour channel (a
+coloured lesion on black counts), or its alpha when an RGBA/LA mask carries one colour everywhere and the lesion
+only in alpha; palette masks use the colour their index shows. A pixel is lesion when its value is at least half
+the SET's full scale: 1 when every mask of the set holds only 0 and 1 (label masks), 255 when the values fit 8
+bits (0/255 masks, JPEG masks with compression noise), 65535 otherwise. The scale is decided once per set, so a
+noisy empty JPEG mask is never read as a 0/1 label mask.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +37,56 @@ def list_images(folder: Path) -> dict[str, Path]:
     return files
 
 
-def read_image(path: Path, mode: str) -> np.ndarray:
+HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def _open(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
+        im = Image.open(path)
+        im.load()
+        return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read {path}: {err}", "The file may be truncated or not an image.") from err
+
+
+def read_image(path: Path, mode: str) -> np.ndarray:
+    """An 8-bit array in `mode` ("RGB" or "L"); high-bit-depth files are rescaled, not clipped."""
+    with _open(path) as im:
+        if im.mode not in HIGH_BIT_MODES:
+            try:
+                return np.asarray(im.convert(mode))
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot read {path}: {err}", "The file may be truncated or not an image.") from err
+        values = np.asarray(im, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    grey = np.zeros(values.shape, np.uint8) if high <= low else np.round(
+        (values - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1) if mode == "RGB" else grey
+
+
+def mask_values(path: Path) -> np.ndarray:
+    """A mask file's pixel values (H, W) in its own range, before thresholding (see the module docstring)."""
+    with _open(path) as im:
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        values = np.asarray(im)
+        bands = im.getbands()
+    if values.ndim == 2:
+        return values.astype(np.int64)
+    if "A" in bands:
+        colour, alpha = values[..., :-1], values[..., -1]
+        if (colour == colour.reshape(-1, colour.shape[-1])[0]).all() and alpha.min() != alpha.max():
+            return alpha.astype(np.int64)
+        values = colour
+    return values.max(axis=-1).astype(np.int64)
+
+
+def mask_scale(maxima: list[int]) -> int:
+    """The full scale of a set of masks from each mask's maximum value: 1 (0/1 labels), 255 or 65535."""
+    top = max(maxima, default=0)
+    return 1 if top <= 1 else 255 if top <= 255 else 65535
+
+
+def binary_mask(values: np.ndarray, scale: int) -> np.ndarray:
+    """Lesion where the value is at least half the full scale (≥ 1 of 1, ≥ 128 of 255, ≥ 32768 of 65535)."""
+    return (values >= (scale + 1) // 2).astype(np.uint8)

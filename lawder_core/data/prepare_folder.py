@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,12 +10,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lawder_core.data.images import IMAGE_SUFFIXES, list_images, read_image
+from lawder_core.data.images import (
+    IMAGE_SUFFIXES,
+    binary_mask,
+    list_images,
+    mask_scale,
+    mask_values,
+    read_image,
+)
 from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, resize_pair, write_dataset
 from lawder_core.errors import DataError
 
+log = logging.getLogger(__name__)
 LABEL_NAMES = ("background", "lesion")
-MASK_THRESHOLD = 128
+MASK_RULE = ("lesion = value >= half the set's full scale (1 for 0/1 masks, 255 for 8-bit, 65535 for 16-bit); "
+             "value = brightest colour channel, or alpha when only alpha varies")
 
 # Folder names the public releases use, matched case-insensitively.
 LAYOUTS = {
@@ -65,9 +75,10 @@ def match_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path
     return [(stem, images[stem], by_stem[stem]) for stem in images]
 
 
-def read_pair(image_path: Path, mask_path: Path, size: int | None, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def read_pair(image_path: Path, mask_path: Path, size: int | None, mode: str,
+              scale: int = 255) -> tuple[np.ndarray, np.ndarray]:
     image = read_image(image_path, "RGB")
-    mask = (read_image(mask_path, "L") >= MASK_THRESHOLD).astype(np.uint8)
+    mask = binary_mask(mask_values(mask_path), scale)
     if image.shape[:2] != mask.shape:
         raise DataError(
             f"{image_path.name} is {image.shape[1]}×{image.shape[0]} but its mask {mask_path} is "
@@ -77,11 +88,21 @@ def read_pair(image_path: Path, mask_path: Path, size: int | None, mode: str) ->
     return resize_pair(image, mask, size, mode)
 
 
-def folder_cases(pairs: list[tuple[str, Path, Path]], size: int | None, mode: str) -> Iterator[PreparedCase]:
+def folder_cases(pairs: list[tuple[str, Path, Path]], size: int | None, mode: str,
+                 scale: int) -> Iterator[PreparedCase]:
     """Every image is its own case: these polyp sets carry no patient id."""
     for stem, image_path, mask_path in pairs:
-        image, mask = read_pair(image_path, mask_path, size, mode)
+        image, mask = read_pair(image_path, mask_path, size, mode, scale)
         yield PreparedCase(case_id=stem, images=image[None], masks=mask[None])
+
+
+def set_mask_scale(pairs: list[tuple[str, Path, Path]]) -> int:
+    """The full scale of this set's masks (images.mask_scale); warns when every mask is empty."""
+    maxima = [int(mask_values(mask_path).max()) for _, _, mask_path in pairs]
+    if max(maxima, default=0) == 0:
+        log.warning("every mask in %s is empty (all pixels 0): the data set has no lesion to learn from. "
+                    "Check --masks.", pairs[0][2].parent if pairs else "the set")
+    return mask_scale(maxima)
 
 
 def check_uniform_size(pairs: list[tuple[str, Path, Path]], size: int | None) -> None:
@@ -113,8 +134,11 @@ def prepare_folder(source: str, in_dir: str | os.PathLike | None, out: str | os.
     images_dir, masks_dir = folder_source(source, in_dir, images, masks)
     pairs = match_pairs(images_dir, masks_dir)
     check_uniform_size(pairs, options.size)
-    preprocessing = {"size": options.size, "resize_mode": options.resize_mode, "mask_threshold": MASK_THRESHOLD,
+    scale = set_mask_scale(pairs)
+    preprocessing = {"size": options.size, "resize_mode": options.resize_mode, "mask_scale": scale,
+                     "mask_threshold": (scale + 1) // 2, "mask_rule": MASK_RULE,
                      "images": str(images_dir), "masks": str(masks_dir)}
-    return write_dataset(out, [stem for stem, _, _ in pairs], folder_cases(pairs, options.size, options.resize_mode),
+    cases = folder_cases(pairs, options.size, options.resize_mode, scale)
+    return write_dataset(out, [stem for stem, _, _ in pairs], cases,
                          label_names=LABEL_NAMES, source=source, preprocessing=preprocessing, options=options,
                          progress=progress)
