@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
@@ -14,7 +16,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lawder_core.errors import EXIT_INTERRUPTED, LawderError
+from lawder_core.errors import (
+    EXIT_INTERRUPTED,
+    DataError,
+    EnvironmentProblem,
+    InternalError,
+    LawderError,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,24 +31,59 @@ err_console = Console(stderr=True)
 
 
 def fail(error: LawderError) -> None:
-    err_console.print(f"[bold red]error:[/] {error.message}", highlight=False, soft_wrap=True)
+    # markup=False: messages and hints carry file names and `pip install 'lawder[fid-offline]'`, not rich markup
+    err_console.print("[bold red]error:[/] ", end="", highlight=False)
+    err_console.print(error.message, markup=False, highlight=False, soft_wrap=True)
     if error.hint:
-        err_console.print(error.hint, highlight=False, soft_wrap=True)
+        err_console.print(error.hint, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 
+def debugging() -> bool:
+    return os.environ.get("LAWDER_DEBUG", "") not in ("", "0")
+
+
+def as_lawder_error(error: Exception) -> LawderError:
+    """What a failure outside lawder's own checks means to the user: full disk, no memory, a path it cannot use."""
+    if isinstance(error, MemoryError):
+        return EnvironmentProblem("out of memory.", "Use a smaller --size or --batch-size, or a larger machine.")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return EnvironmentProblem(f"the disk is full: {error}", "Free space or write --out elsewhere.")
+    if isinstance(error, FileExistsError) and error.filename:
+        return DataError(f"cannot create the folder {error.filename}: a file is in the way.",
+                         "Choose another output path, or move that file.")
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                                                      errno.EISDIR, errno.ENOENT):
+        name = error.filename or ""
+        return DataError(f"cannot use {name}: {error.strerror}." if name else f"{error}",
+                         "Check the path and its permissions.")
+    return InternalError(f"lawder failed unexpectedly: {type(error).__name__}: {error}",
+                         "Rerun with --debug (or LAWDER_DEBUG=1) for the traceback, and please report it.")
+
+
 def handle_errors(fn: F) -> F:
-    """Turn LawderError into one paragraph on stderr and its exit code; Ctrl-C into exit 130."""
+    """The one error boundary: a one-line cause, a hint and the documented exit code; Ctrl-C exits 130.
+
+    `--debug` / LAWDER_DEBUG=1 lets the traceback through instead.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except LawderError as error:
+            if debugging():
+                raise
             fail(error)
         except KeyboardInterrupt:
             err_console.print("interrupted: outputs written so far are complete; rerun with --resume to continue.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as error:
+            if debugging():
+                raise
+            fail(as_lawder_error(error))
 
     return wrapper  # type: ignore[return-value]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from lawder_cli import env_cmd, evaluate, inspect_cmd, pipeline, predict, prepare, sample, train_law, train_order, tune
@@ -25,8 +27,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an error (or LAWDER_DEBUG=1)."),
 ) -> None:
     """lawder: prepare → train-law → sample → train-order → evaluate → tune (or `pipeline` for all)."""
+    if debug:
+        os.environ["LAWDER_DEBUG"] = "1"
 
 
 app.command("prepare")(prepare.prepare)

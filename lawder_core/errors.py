@@ -12,6 +12,7 @@ EXIT_USAGE = 2
 EXIT_DATA = 3
 EXIT_ENVIRONMENT = 4
 EXIT_TRAINING = 5
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a lawder bug, not the user's input
 EXIT_INTERRUPTED = 130
 
 
@@ -51,3 +52,9 @@ class TrainingError(LawderError):
     """Training diverged (NaN loss) or a distributed run failed."""
 
     exit_code = EXIT_TRAINING
+
+
+class InternalError(LawderError):
+    """A failure lawder did not foresee: reported in one line (the traceback with --debug), exit 70."""
+
+    exit_code = EXIT_INTERNAL

