@@ -9,8 +9,11 @@ The training function must live in the installed package (workers import it by n
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +32,6 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
 }
 
 
@@ -44,7 +46,7 @@ class LaunchConfig:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Start (or join) Ray once per process, small and quiet."""
+    """Start (or join) Ray once per process, small, quiet and closed to others (see `start_local_ray`)."""
     import ray
 
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
@@ -52,9 +54,7 @@ def ensure_ray(address: str | None) -> None:
         return
     try:
         if address is None:
-            ray.init(num_cpus=os.cpu_count(), object_store_memory=200 * 2**20, include_dashboard=False,
-                     log_to_driver=True, _temp_dir=short_temp_dir(), configure_logging=False,
-                     runtime_env={"worker_process_setup_hook": "lawder_core.distributed.train.quiet_ray_logs"})
+            start_local_ray()
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -62,11 +62,38 @@ def ensure_ray(address: str | None) -> None:
                                  "Check `ray status` on the head node, or drop --ray-address to run locally.") from err
 
 
-def short_temp_dir() -> str:
-    """Ray's unix sockets must fit in 107 bytes: keep the session folder short."""
-    path = Path(tempfile.gettempdir()) / f"lawder-ray-{os.getuid()}"
-    path.mkdir(exist_ok=True)
-    return str(path)
+def start_local_ray() -> None:
+    """A Ray for this command only.
+
+    - Token authentication on, with a random token for this command (unless the user set RAY_AUTH_MODE): Ray
+      2.60's gRPC servers listen on every interface and Ray turns a 127.0.0.1 node address back into the
+      machine's address (`services.resolve_ip_for_localhost`), so loopback-only is not available; the token is
+      what keeps other machines and other users' processes out.
+    - Its temp tree (sockets, logs, runtime resources) under a fresh folder of mode 0700 — Ray makes its own
+      folder world-writable — removed when the command exits; a second command gets its own, so two local
+      commands never see each other's sockets.
+    """
+    import ray
+
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        refresh_ray_config()
+    private = Path(tempfile.mkdtemp(prefix="lawder-ray-"))  # 0700; short: Ray's socket paths must fit 107 bytes
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    atexit.register(ray.shutdown)  # runs first (atexit is last-in, first-out)
+    ray.init(num_cpus=os.cpu_count(), object_store_memory=200 * 2**20, include_dashboard=False,
+             log_to_driver=True, _temp_dir=str(private / "r"), configure_logging=False,
+             runtime_env={"worker_process_setup_hook": "lawder_core.distributed.train.quiet_ray_logs"})
+
+
+def refresh_ray_config() -> None:
+    """Ray reads RAY_AUTH_MODE into its C++ config when imported; re-read it, as Ray's own token setup does."""
+    try:
+        from ray._raylet import Config
+    except ImportError:  # pragma: no cover - a Ray without token authentication
+        return
+    Config.initialize("")
 
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
