@@ -6,7 +6,19 @@ import os
 
 import typer
 
-from lawder_cli import env_cmd, evaluate, inspect_cmd, pipeline, predict, prepare, sample, train_law, train_order, tune
+from lawder_cli import (
+    env_cmd,
+    evaluate,
+    export,
+    inspect_cmd,
+    pipeline,
+    predict,
+    prepare,
+    sample,
+    train_law,
+    train_order,
+    tune,
+)
 from lawder_core.environment import package_version
 
 app = typer.Typer(
@@ -44,3 +56,4 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("pipeline")(pipeline.pipeline)
 app.command("train-law")(train_law.train_law)
 app.command("sample")(sample.sample)
+app.add_typer(export.app, name="export")

@@ -91,15 +91,19 @@ def input_batches(source: str | os.PathLike, split: str | None,
         yield [stem], read_image(path, "RGB")[None]
 
 
-def predict_to_folder(run: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
+def predict_to_folder(predictor: Predictor | str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
                       split: str | None = "test", mode: str = "auto", force: bool = False) -> dict:
-    """Write masks/NAME.png (0 background, 255 lesion) and overlays/NAME.png; returns counts."""
+    """Write masks/NAME.png (0 background, 255 lesion) and overlays/NAME.png; returns counts.
+
+    `predictor` is a run folder (loaded on its fastest PyTorch path, `mode`) or a Predictor, e.g. ONNX Runtime's.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} is not empty.", "Choose another -o folder, or pass --force to write into it.")
     if not Path(source).exists():
         raise DataError(f"{source} does not exist.", "Give a lawder HDF5 file or a folder of images.")
-    predictor = load_predictor(run, mode=mode)
+    if not isinstance(predictor, Predictor):
+        predictor = load_predictor(predictor, mode=mode)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(exist_ok=True)
     count, lesion_pixels = 0, 0

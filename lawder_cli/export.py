@@ -1,0 +1,38 @@
+"""`lawder export onnx`: hand a trained segmenter to ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lawder_cli.common import err_console, handle_errors, print_json
+from lawder_cli.options import FORCE, JSON
+
+app = typer.Typer(help="Export results to the tools the field uses.", no_args_is_help=True)
+
+
+@app.command("onnx")
+@handle_errors
+def onnx(
+    run: Path = typer.Option(..., "--run", help="Run folder of `lawder train-order` (its best/ checkpoint)."),
+    out: Path = typer.Option(..., "-o", "--out", help="The .onnx file to write."),
+    size: int = typer.Option(0, "--size", help="Input height and width (default: the training size)."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Also free height and width (not ORDER: its "
+                                 "selection depends on the input size). The batch size is always dynamic."),
+    force: bool = FORCE,
+    json_out: bool = JSON,
+) -> None:
+    """Export the best checkpoint to ONNX (BatchNorm folded, opset 18) and check it against PyTorch.
+
+    Needs the onnx extra: pip install 'lawder[onnx]'. Run it with `lawder predict --onnx FILE`.
+    """
+    from lawder_core.export.onnx import export_onnx
+
+    result = export_onnx(run, out, size=size or None, dynamic=dynamic, force=force)
+    if json_out:
+        print_json(result)
+    else:
+        err_console.print(f"wrote {result['out']}: {result['model']} at {result['size']} px, opset {result['opset']}, "
+                          f"{result['batchnorms_folded']} BatchNorms folded, max |ONNX − PyTorch| "
+                          f"{result['max_abs_diff']:.1e}", markup=False)

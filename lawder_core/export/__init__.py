@@ -1,0 +1,1 @@
+"""Hand-offs to the tools the field uses: ONNX Runtime (`onnx.py`)."""

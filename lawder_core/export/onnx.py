@@ -1,0 +1,169 @@
+"""`lawder export onnx`: a trained segmenter as one ONNX file for ONNX Runtime, checked against PyTorch.
+
+The export uses PyTorch's dynamo exporter (ORDER's top-k selection, gathers and scatters become TopK,
+GatherElements and ScatterElements; the TorchScript exporter cannot trace ORDER's selection count). BatchNorm is
+folded into the convolution before it wherever the two sit next to each other in a module (every MK-UNet and
+ORDER BatchNorm, the smp decoders'); ONNX Runtime folds any that remain when it loads the file. The batch size is
+always dynamic; `dynamic=True` also frees the height and width (multiples of 32) for models whose graph allows
+it: ORDER's number of selected pixels and its pooled grid depend on the input size, so an ORDER model keeps the
+exported size and says so. The file's metadata records the model, the size and the classes, which is what
+`lawder predict --onnx` reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lawder_core.data.h5 import refuse_overwrite
+from lawder_core.environment import package_version
+from lawder_core.errors import DataError, EnvironmentProblem, UsageError
+from lawder_core.files import atomic_save
+from lawder_core.predict import Predictor, checkpoint_folder
+
+log = logging.getLogger(__name__)
+OPSET = 18
+EXTRA = "pip install 'lawder[onnx]'"
+METADATA_KEY = "lawder"
+
+
+def require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EnvironmentProblem(f"exporting to and running ONNX needs {', '.join(missing)}, not installed.",
+                                 f"Install the extra: {EXTRA}")
+
+
+def fold_batchnorms(model: Any) -> int:
+    """Fold every BatchNorm that directly follows a convolution in a Sequential into it; returns how many."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            conv, bn = module[i], module[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                module[i] = fuse_conv_bn_eval(conv, bn)
+                module[i + 1] = nn.Identity()
+                folded += 1
+    return folded
+
+
+def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None = None, dynamic: bool = False,
+                force: bool = False, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Export the run's best checkpoint to `out`; returns what was written and the check against PyTorch."""
+    require_onnx()
+    out = Path(out)
+    refuse_overwrite(out, force)
+    import torch
+
+    from lawder_core.models.factory import load_segmenter, read_segmenter_config
+
+    folder = checkpoint_folder(run)
+    config = read_segmenter_config(folder)
+    size = int(size or ((config.get("extra") or {}).get("train_config") or {}).get("size") or 0)
+    if size <= 0 or size % 32:
+        raise UsageError(f"--size {size or '(none recorded)'} must be a positive multiple of 32.",
+                         "Pass --size N (the U-Nets downsample 5 times); the default is the training size.")
+    reference = load_segmenter(folder).eval()
+    model = load_segmenter(folder).eval()
+    folded = fold_batchnorms(model)
+    channels = int(config["in_channels"])
+    x = torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    spatial = dynamic and not config["name"].endswith("-order")
+    if dynamic and not spatial:
+        log.warning("%s: ORDER's selection count and pooled grid depend on the input size, so the height and "
+                    "width stay at %d; the batch size is dynamic.", config["name"], size)
+    metadata = {"model": config["name"], "size": size, "num_classes": int(config["num_classes"]),
+                "in_channels": channels, "dynamic_size": spatial, "checkpoint": str(folder),
+                "lawder": package_version("lawder"), "opset": OPSET}
+    atomic_save(lambda p: write_onnx(model, x, p, spatial, metadata), out)
+    diff = check_against_torch(out, reference, x, size)
+    log.info("wrote %s (opset %d, %d BatchNorms folded); max |ONNX − PyTorch| = %.2e", out, OPSET, folded, diff)
+    return {"out": str(out), **metadata, "batchnorms_folded": folded, "max_abs_diff": diff,
+            "onnxruntime": package_version("onnxruntime")}
+
+
+def write_onnx(model: Any, x: Any, path: Path, spatial: bool, metadata: dict[str, Any]) -> None:
+    import onnx
+    import torch
+    from torch.export import Dim
+
+    shapes: dict[int, Any] = {0: Dim("batch", min=1, max=4096)}
+    if spatial:
+        shapes.update({2: 32 * Dim("h32", min=1, max=128), 3: 32 * Dim("w32", min=1, max=128)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
+        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=OPSET, input_names=["image"],
+                                    output_names=["logits"], dynamic_shapes={"x": shapes}, verbose=False)
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+    onnx.save(proto, str(path))
+
+
+def check_against_torch(path: Path, reference: Any, x: Any, size: int) -> float:
+    """Largest absolute logit difference between ONNX Runtime and PyTorch, on the export batch and one more."""
+    import torch
+
+    session = onnx_session(path)
+    batches = [x, torch.rand(1, *x.shape[1:], generator=torch.Generator().manual_seed(1))]
+    diff = 0.0
+    for batch in batches:
+        got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        with torch.no_grad():
+            expected = reference(batch).numpy()
+        diff = max(diff, float(np.abs(got - expected).max()))
+    return diff
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    require_onnx()
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable files
+        raise DataError(f"cannot load {path} with ONNX Runtime: {err}",
+                        "Point --onnx at a file written by `lawder export onnx`.") from err
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    session = onnx_session(path)
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if raw is None:
+        raise DataError(f"{path} was not written by `lawder export onnx` (no '{METADATA_KEY}' metadata).",
+                        "Export it with: lawder export onnx --run RUN -o model.onnx")
+    return json.loads(raw)
+
+
+def onnx_predictor(path: str | os.PathLike, threads: int | None = None) -> Predictor:
+    """The same Predictor that `load_predictor` gives, backed by ONNX Runtime instead of PyTorch."""
+    import torch
+
+    from lawder_core.metrics.predict import at_size
+
+    session = onnx_session(path, threads)
+    meta = read_metadata(path)
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().contiguous().numpy()})[0])
+
+    info = {"onnx": str(path), "model": meta["model"], "num_classes": int(meta["num_classes"]),
+            "train_size": meta["size"], "inference_mode": "onnxruntime", "checkpoint": meta.get("checkpoint")}
+    # Like load_predictor: images go in at the size the model was trained (and exported) at.
+    return Predictor(predict_fn=at_size(run, int(meta["size"])), at_training_size=run,
+                     size=int(meta["size"]), num_classes=int(meta["num_classes"]), checkpoint=Path(path), info=info)
