@@ -2,8 +2,10 @@
 
 For mkunet-t, mkunet-t-order, mkunet-base and unet-r34 at 256×256, batch 16: parameters, MACs (convolutions,
 matmuls and attention; FLOPs / 2), throughput in every inference mode (best of --repeats timings, so other
-load on a shared machine only ever lowers the figures), and whether each fast mode matches eager. Goals from
-issue 3: ORDER's fastest path ≥ 5× unet-r34's fastest path; ORDER ≤ 1.5× MK-UNet-T's time in the same mode.
+load on a shared machine only ever lowers the figures), and whether each fast mode matches eager. Goals (issue 14):
+ORDER's fastest path ≥ 5× unet-r34's fastest path and ≤ 2× MK-UNet-T's fastest path's time. ONNX Runtime rows
+(issue 17): MK-UNet-T and ORDER exported by `lawder export onnx`'s writer, run by ONNX Runtime with the same batch
+and threads, against their fastest PyTorch path; goal for ORDER ≥ 1.5×.
 
 Usage: python benchmarks/bench_seg_speed.py [--out benchmarks/results/bench_seg_speed.json] [--no-compile]
 """
@@ -26,6 +28,7 @@ from lawder_core.models.factory import build_segmenter
 from lawder_core.models.fast import optimize_for_inference
 
 MODELS = ["mkunet-t", "mkunet-t-order", "mkunet-base", "unet-r34"]
+ONNX_MODELS = ("mkunet-t", "mkunet-t-order")
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_seg_speed.json"
 TOLERANCE = 1e-3  # max |fast − eager| on the logits
 
@@ -39,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on 2 cores)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     return parser.parse_args()
 
 
@@ -86,7 +90,43 @@ def bench_model(name: str, modes: list[str], args) -> dict[str, Any]:
     best = max(correct_fast, key=lambda m: correct_fast[m]["img_per_s"]) if correct_fast else "eager"
     result["fastest_mode"] = best
     result["fastest_img_per_s"] = result["modes"][best]["img_per_s"]
+    if name in ONNX_MODELS and not args.no_onnx:
+        result["onnxruntime"] = measure_onnx(model, x, reference, args)
+        r = result["onnxruntime"]
+        print(f"  {name:15s} {'onnxruntime':14s} {r['img_per_s']:7.1f} img/s  setup {r['setup_s']:6.1f} s  "
+              f"err {r['max_abs_error']:.1e}", flush=True)
     return result
+
+
+def measure_onnx(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor, args) -> dict[str, Any]:
+    """The model as `lawder export onnx` writes it (BatchNorm folded), timed in ONNX Runtime on the same batch."""
+    import copy
+    import tempfile
+
+    import onnxruntime as ort
+
+    from lawder_core.export.onnx import fold_batchnorms, write_onnx
+
+    start = time.perf_counter()
+    folded = copy.deepcopy(model)
+    fold_batchnorms(folded)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        write_onnx(folded, x[:2], path, spatial=False, metadata={"model": "bench"})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+
+    out = run(x)
+    setup_s = time.perf_counter() - start
+    timing = measure_latency(run, args.size, args.batch, args.repeats, warmup=1)
+    error = float((out - reference).abs().max())
+    return {**timing, "setup_s": setup_s, "max_abs_error": error, "matches_eager": error <= TOLERANCE,
+            "onnxruntime": ort.__version__, "threads": args.threads}
 
 
 def ratios(results: dict[str, Any], modes: list[str]) -> dict[str, Any]:
@@ -99,7 +139,12 @@ def ratios(results: dict[str, Any], modes: list[str]) -> dict[str, Any]:
         out["order_time_vs_mkunet_t_time"] = {
             m: tiny["modes"][m]["img_per_s"] / order["modes"][m]["img_per_s"] for m in modes
         }
-        out["goal_time_ratio_at_most"] = 1.5
+        out["order_fastest_time_vs_mkunet_t_fastest_time"] = tiny["fastest_img_per_s"] / order["fastest_img_per_s"]
+        out["goal_fastest_time_ratio_at_most"] = 2.0
+    onnx = {n: r["onnxruntime"]["img_per_s"] / r["fastest_img_per_s"] for n, r in results.items() if "onnxruntime" in r}
+    if onnx:
+        out["onnxruntime_vs_pytorch_fastest_speedup"] = onnx
+        out["goal_onnx_order_speedup_at_least"] = 1.5
     return out
 
 
@@ -114,7 +159,12 @@ def print_table(results: dict[str, Any], modes: list[str], summary: dict[str, An
         print(f"ORDER fastest vs unet-r34 fastest: {summary['order_fastest_vs_unet_r34_fastest_speedup']:.1f}× "
               "(goal ≥ 5×)")
     for mode, ratio in summary.get("order_time_vs_mkunet_t_time", {}).items():
-        print(f"ORDER time / MK-UNet-T time ({mode}): {ratio:.2f} (goal ≤ 1.5)")
+        print(f"ORDER time / MK-UNet-T time ({mode}): {ratio:.2f}")
+    if "order_fastest_time_vs_mkunet_t_fastest_time" in summary:
+        ratio = summary["order_fastest_time_vs_mkunet_t_fastest_time"]
+        print(f"ORDER fastest time / MK-UNet-T fastest time: {ratio:.2f} (goal ≤ 2)")
+    for name, ratio in summary.get("onnxruntime_vs_pytorch_fastest_speedup", {}).items():
+        print(f"{name}: ONNX Runtime vs fastest PyTorch path: {ratio:.2f}× (goal for ORDER ≥ 1.5×)")
 
 
 def main() -> None:
