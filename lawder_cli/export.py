@@ -1,4 +1,4 @@
-"""`lawder export onnx`: hand a trained segmenter to ONNX Runtime."""
+"""`lawder export nnunet` and `lawder export onnx`: hand results to nnU-Net and ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -36,3 +36,28 @@ def onnx(
         err_console.print(f"wrote {result['out']}: {result['model']} at {result['size']} px, opset {result['opset']}, "
                           f"{result['batchnorms_folded']} BatchNorms folded, max |ONNX − PyTorch| "
                           f"{result['max_abs_diff']:.1e}", markup=False)
+
+
+@app.command("nnunet")
+@handle_errors
+def nnunet(
+    data: Path = typer.Argument(..., help="A lawder HDF5 file (real data; its test split becomes imagesTs)."),
+    out: Path = typer.Option(..., "-o", "--out", help="nnU-Net's raw folder (nnUNet_raw)."),
+    dataset_id: int = typer.Option(..., "--dataset-id", help="NNN of DatasetNNN_NAME (1-999)."),
+    name: str = typer.Option(..., "--name", help="NAME of DatasetNNN_NAME."),
+    synthetic: list[Path] = typer.Option(None, "--synthetic", help="`lawder sample` output to add to the "
+                                         "training cases (repeatable); never in a validation fold."),
+    force: bool = FORCE,
+    json_out: bool = JSON,
+) -> None:
+    """Write an nnU-Net v2 raw data set: imagesTr/labelsTr (real + synthetic), imagesTs/labelsTs, dataset.json
+    and splits_final.json (copy it to nnUNet_preprocessed/DatasetNNN_NAME/ after planning)."""
+    from lawder_core.export.nnunet import export_nnunet
+
+    result = export_nnunet(data, out, dataset_id, name, synthetic=[str(p) for p in synthetic or []], force=force)
+    if json_out:
+        print_json(result)
+    else:
+        checked = result["verified_by"] or "not verified (pip install 'lawder[nnunet]' runs nnU-Net's own check)"
+        err_console.print(f"wrote {result['out']}: {result['real']} real + {result['synthetic']} synthetic training "
+                          f"cases, {result['test']} test cases; {checked}", markup=False)
