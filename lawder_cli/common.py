@@ -49,6 +49,10 @@ def as_lawder_error(error: Exception) -> LawderError:
         return EnvironmentProblem("out of memory.", "Use a smaller --size or --batch-size, or a larger machine.")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return EnvironmentProblem(f"the disk is full: {error}", "Free space or write --out elsewhere.")
+    if isinstance(error, OSError) and "filter returned failure" in str(error):
+        # HDF5 chunks carry a Fletcher-32 checksum (lawder writes them with one): changed bytes are caught here
+        return DataError(f"an HDF5 file is corrupt: a chunk failed its checksum or decompression ({error}).",
+                         "Prepare the file again from the raw data (or restore it from a copy).")
     if isinstance(error, FileExistsError) and error.filename:
         return DataError(f"cannot create the folder {error.filename}: a file is in the way.",
                          "Choose another output path, or move that file.")

@@ -53,3 +53,25 @@ def test_an_output_under_a_file_is_a_data_error(tmp_path):
     result = runner.invoke(app, ["prepare", "synthetic", "-o", str(tmp_path / "afile" / "d.h5"), "--n", "4",
                                  "--size", "32"])
     assert result.exit_code == 3 and "a file is in the way" in result.output and "Traceback" not in result.output
+
+
+def test_changed_bytes_in_an_hdf5_chunk_are_caught_by_the_checksum(tmp_path):
+    import h5py
+    import numpy as np
+
+    from lawder_core.data.h5 import H5Writer
+
+    path = tmp_path / "d.h5"
+    with H5Writer(path, height=16, width=16, channels=3, label_names=["background", "lesion"], source="t",
+                  compression=None) as writer:
+        for i in range(4):
+            writer.add(np.full((16, 16, 3), 7 * i, np.uint8), np.eye(16, dtype=np.uint8), f"c{i}", "train")
+    with h5py.File(path) as f:
+        assert f["images"].fletcher32 and f["masks"].fletcher32
+        offset = f["images"].id.get_chunk_info(2).byte_offset  # the third image's bytes on disk
+    raw = bytearray(path.read_bytes())
+    raw[offset + 100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 3, result.output
+    assert "corrupt" in result.output and "Traceback" not in result.output

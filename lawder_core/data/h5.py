@@ -87,11 +87,11 @@ class H5Writer:
         f = self._file
         f.create_dataset(
             "images", shape=(0, height, width, channels), maxshape=(None, height, width, channels),
-            dtype=np.uint8, chunks=(1, height, width, channels), compression=compression,
+            dtype=np.uint8, chunks=(1, height, width, channels), compression=compression, fletcher32=True,
         )
         f.create_dataset(
             "masks", shape=(0, height, width), maxshape=(None, height, width),
-            dtype=np.uint8, chunks=(1, height, width), compression=compression,
+            dtype=np.uint8, chunks=(1, height, width), compression=compression, fletcher32=True,
         )
         f.create_dataset("case_id", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
         f.create_dataset("split", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
