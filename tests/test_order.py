@@ -177,3 +177,13 @@ def test_small_inputs_pool_to_at_most_their_own_size() -> None:
     model = MKUNetOrder("t", config=OrderConfig(kv_grid=64)).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_windows_at_selected_pixels_equal_the_unfolded_map() -> None:
+    from lawder_core.models.order import windows_at
+
+    x = torch.randn(2, 5, 7, 6)
+    index = torch.tensor([[0, 5, 41, 17], [36, 6, 13, 40]])  # corners, borders and the interior
+    unfolded = torch.nn.functional.unfold(x, 3, padding=1).view(2, 5, 9, 42).permute(0, 3, 2, 1)
+    expected = unfolded.gather(1, index[..., None, None].expand(-1, -1, 9, 5))
+    assert torch.equal(windows_at(x, index), expected)

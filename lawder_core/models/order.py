@@ -54,10 +54,20 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, expanded)
 
 
-def neighbourhoods(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H·W, 9, C): every pixel's 3×3 window (zero-padded at the border)."""
+def windows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) and pixel indices (B, k) -> (B, k, 9, C): the 3×3 window around each selected pixel.
+
+    Row-major window order, zero outside the image (F.unfold's order and padding), but only for the k selected
+    pixels: unfolding the whole map would move 9·H·W tokens to use ρ of them.
+    """
     b, c, h, w = x.shape
-    return F.unfold(x, 3, padding=1).view(b, c, NEIGHBOURHOOD, h * w).permute(0, 3, 2, 1)
+    padded = to_tokens(F.pad(x, (1, 1, 1, 1)))  # (B, (H+2)(W+2), C)
+    row, col = index // w, index % w
+    offsets = torch.arange(3, device=index.device)
+    rows = (row[..., None] + offsets)[..., :, None]  # (B, k, 3, 1): padded rows y-1+1 .. y+1+1
+    cols = (col[..., None] + offsets)[..., None, :]  # (B, k, 1, 3)
+    flat = (rows * (w + 2) + cols).flatten(2)  # (B, k, 9)
+    return gather_tokens(padded, flat.flatten(1)).view(b, index.shape[1], NEIGHBOURHOOD, c)
 
 
 class LocalGlobalAttention(nn.Module):
@@ -145,7 +155,7 @@ class OrderFusion(nn.Module):
         projected = project(x)
         queries = gather_tokens(to_tokens(projected), index)
         grid = to_tokens(F.adaptive_avg_pool2d(projected, grid_size))
-        windows = gather_tokens(neighbourhoods(projected), index)
+        windows = windows_at(projected, index)
         return norm(queries), norm(grid), norm(windows)
 
     def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
