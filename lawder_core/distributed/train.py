@@ -241,20 +241,31 @@ def world_size(launch: LaunchConfig) -> int:
     return launch.gpus if launch.gpus > 0 else max(launch.workers, 1)
 
 
+def check_resources(launch_cfg: LaunchConfig) -> None:
+    """Refuse what this machine cannot give before Ray starts: a usage error costs a second, not a Ray start-up."""
+    local_cpus_per_worker(launch_cfg)
+    check_local_gpus(launch_cfg.gpus, launch_cfg.ray_address)
+
+
+def run_and_summarise(fn: Callable[..., dict[str, Any]], summarise: Callable[[Any], dict[str, Any]], cfg: Any,
+                      launch_cfg: LaunchConfig, force: bool) -> dict[str, Any]:
+    """Open the run folder (refuse, resume or force), train on the workers, write summary.json."""
+    runs.open_run(cfg.out, resume=cfg.resume, force=force)
+    launch(fn, cfg, launch_cfg)
+    summary = summarise(cfg.out)
+    runs.write_summary(cfg.out, summary)
+    return summary
+
+
 def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dict[str, Any]:
     """`lawder train-order`: validate, open the run folder, train on the workers, write summary.json."""
     from lawder_core.train.configs import check_seg_config
 
     check_seg_config(cfg)
-    local_cpus_per_worker(launch_cfg)  # a usage error costs a second, not a Ray start-up (nor a torch import)
-    check_local_gpus(launch_cfg.gpus, launch_cfg.ray_address)
+    check_resources(launch_cfg)
     from lawder_core.train.seg import summarise_run, train_segmenter
 
-    runs.open_run(cfg.out, resume=cfg.resume, force=force)
-    launch(train_segmenter, cfg, launch_cfg)
-    summary = summarise_run(cfg.out)
-    runs.write_summary(cfg.out, summary)
-    return summary
+    return run_and_summarise(train_segmenter, summarise_run, cfg, launch_cfg, force)
 
 
 def train_law(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dict[str, Any]:
@@ -262,12 +273,7 @@ def train_law(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dic
     from lawder_core.train.configs import check_law_config
 
     check_law_config(cfg, world_size(launch_cfg))
-    local_cpus_per_worker(launch_cfg)
-    check_local_gpus(launch_cfg.gpus, launch_cfg.ray_address)
+    check_resources(launch_cfg)
     from lawder_core.train.diffusion import summarise_law_run, train_diffusion
 
-    runs.open_run(cfg.out, resume=cfg.resume, force=force)
-    launch(train_diffusion, cfg, launch_cfg)
-    summary = summarise_law_run(cfg.out)
-    runs.write_summary(cfg.out, summary)
-    return summary
+    return run_and_summarise(train_diffusion, summarise_law_run, cfg, launch_cfg, force)
