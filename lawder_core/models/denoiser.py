@@ -34,7 +34,7 @@ from lawder_core.models.configs import BACKBONES, PRESETS, SPEC_FILE, check_pred
 from lawder_core.models.recipe import (
     TIMESTEP_SPACINGS,
     TrainingScheduler,
-    scheduler_class,
+    load_scheduler,
     training_scheduler,
 )
 
@@ -339,7 +339,7 @@ def load_denoiser(folder: str | os.PathLike, pretrained: str | None = None) -> D
     spec = read_spec(folder)
     if pretrained:
         spec = replace(spec, pretrained=str(pretrained))
-    scheduler = scheduler_class(spec.prediction).from_pretrained(folder / "scheduler", local_files_only=True)
+    scheduler = load_scheduler(folder / "scheduler", spec.prediction)
     if spec.backbone == "unet":
         unet = UNet2DModel.from_pretrained(folder / "unet", **LOAD_KWARGS)
         return PixelDenoiser(spec, unet, scheduler)

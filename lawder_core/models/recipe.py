@@ -17,8 +17,11 @@ recorded, so they sample exactly as before.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +69,12 @@ def training_scheduler(prediction: str, beta_schedule: str = "squaredcos_cap_v2"
 def scheduler_class(prediction: str) -> type[TrainingScheduler]:
     """Which class reads a saved run's scheduler/ folder back."""
     return FlowMatchEulerDiscreteScheduler if check_prediction(prediction) == "flow" else DDPMScheduler
+
+
+def load_scheduler(folder: str | os.PathLike, prediction: str) -> TrainingScheduler:
+    """A scheduler that `save_pretrained` wrote to `folder`, read from its JSON there: never a hub lookup."""
+    cls = scheduler_class(prediction)
+    return cls.from_config(json.loads((Path(folder) / cls.config_name).read_text()))
 
 
 # ---------------------------------------------------------------- training side
