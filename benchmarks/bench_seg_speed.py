@@ -105,7 +105,7 @@ def measure_onnx(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tenso
 
     import onnxruntime as ort
 
-    from lawder_core.export.onnx import fold_batchnorms, write_onnx
+    from lawder_core.export.onnx import fold_batchnorms, onnx_session, write_onnx
 
     start = time.perf_counter()
     folded = copy.deepcopy(model)
@@ -113,9 +113,7 @@ def measure_onnx(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tenso
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         write_onnx(folded, x[:2], path, spatial=False, metadata={"model": "bench"})
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path, args.threads)
     name = session.get_inputs()[0].name
 
     def run(batch: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ exported size and says so. The file's metadata records the model, the size and t
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -76,7 +77,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
         raise UsageError(f"--size {size or '(none recorded)'} must be a positive multiple of 32.",
                          "Pass --size N (the U-Nets downsample 5 times); the default is the training size.")
     reference = load_segmenter(folder).eval()
-    model = load_segmenter(folder).eval()
+    model = copy.deepcopy(reference)  # folded for export; the reference stays as trained, to check against
     folded = fold_batchnorms(model)
     channels = int(config["in_channels"])
     x = torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
