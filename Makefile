@@ -21,17 +21,21 @@ install: $(STAMP)
 
 # The whole loop on the built-in synthetic data (the README gives its measured time); rerunning resumes.
 demo: $(STAMP)
-	$(BIN)/lawder pipeline --preset cpu-small --out demo --resume
+	$(BIN)/lawder pipeline --preset cpu-small --out demo $(if $(wildcard demo/config.json),--resume)
 	@echo "demo: open demo/report.html (or read demo/report.md)"
+
+# One pytest worker per core (tests/conftest.py keeps Ray tests on one worker and module fixtures together);
+# PARALLEL= runs in one process.
+PARALLEL ?= -n auto --dist loadgroup
 
 test: $(STAMP)
 	$(BIN)/ruff check lawder_core lawder_cli tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PARALLEL)
 
 # No Ray, no end-to-end runs: the inner loop while editing.
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow and not ray"
+	$(BIN)/pytest -q $(PARALLEL) -m "not slow and not ray"
 
 lint: $(STAMP)
 	$(BIN)/ruff check lawder_core lawder_cli tests benchmarks

@@ -18,6 +18,12 @@ JSON = typer.Option(False, "--json", help="Print only the result as JSON on stdo
 # silently replace that seed.
 SEED = typer.Option(None, "--seed", help="Random seed (default 0; --config or a resumed run keeps its own). "
                                          "The same seed and inputs give the same result.")
+LABELS = typer.Option(None, "--labels", help="Classes to learn, by name or number: ',' between classes, '+' merges "
+                      "labels into one (KiTS default kidney,tumor,cyst; 'tumor+cyst' trains one binary class). "
+                      "Default: every foreground label of the data set.")
+LESION_LABELS = typer.Option(None, "--lesion-labels",
+                             help="Labels LAW treats as lesion, by name or number, '+'-separated (KiTS default "
+                                  "tumor+cyst; other data: every label > 0). The model is conditioned on every label.")
 FORCE = typer.Option(False, "--force", help="Replace what --out already holds (a run, a sweep, a file) and start over.")
 RESUME = typer.Option(False, "--resume", help="Continue what --out already holds from where it stopped.")
 # min=0: a negative count is refused by the option parser, before anything is imported or started.

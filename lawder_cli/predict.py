@@ -1,4 +1,4 @@
-"""`lawder predict`: segment an HDF5 split or a folder of images with a trained run."""
+"""`lawder predict`: segment an HDF5 split, a folder of images or CT volumes (NIfTI) with a trained run."""
 
 from __future__ import annotations
 
@@ -6,39 +6,54 @@ from pathlib import Path
 
 import typer
 
-from lawder_cli.common import err_console, handle_errors, print_json
+from lawder_cli.common import err_console, handle_errors, print_json, setup_logging
 from lawder_cli.options import FORCE, JSON
 
 
 @handle_errors
 def predict(
-    input: Path = typer.Argument(..., help="An HDF5 file (with --split) or a folder of images."),
+    input: Path = typer.Argument(None, help="An HDF5 file (with --split), a folder of images, or CT volumes: a "
+                                 ".nii/.nii.gz file, a KiTS case folder or a folder of volumes.", show_default=False),
+    input_option: Path = typer.Option(None, "--in", help="The same as the INPUT argument.", show_default=False),
     run: Path = typer.Option(None, "--run", help="Run folder of `lawder train-order` (its best/ checkpoint)."),
     onnx: Path = typer.Option(None, "--onnx", help="Instead of --run: a file of `lawder export onnx`, run by "
                               "ONNX Runtime (pip install 'lawder[onnx]')."),
     threads: int = typer.Option(0, "--threads", help="--onnx: ONNX Runtime threads (0: its default)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder: masks/ and overlays/ PNGs."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder: masks/ and overlays/ PNGs; for CT volumes "
+                             "CASE_seg.nii.gz and overlays/."),
     split: str = typer.Option("test", help="HDF5 input: train, val, test or all."),
+    window: str = typer.Option(None, "--window", help="CT volumes: window LOW,HIGH in HU (default: the training "
+                               "data's, else -79,304).", show_default=False),
     mode: str = typer.Option("auto", help="Inference path: auto, eager, channels_last or compile."),
     force: bool = FORCE,
     json_out: bool = JSON,
 ) -> None:
-    """Predict lesion masks; writes masks/NAME.png (255 = lesion) and overlays/NAME.png.
+    """Predict masks; writes masks/NAME.png (255 = lesion; label values for multi-class runs) and overlays/NAME.png.
 
+    CT volumes are segmented axial slice by slice, as `prepare kits` made the training slices, into
+    OUT/CASE_seg.nii.gz (uint8 labels on the input's voxel grid: same shape and affine) and overlays/CASE_zNNN.png.
     --force writes into an output folder that is not empty.
     """
     from lawder_core.errors import UsageError
     from lawder_core.predict import predict_to_folder
 
+    if input is None and input_option is None:
+        raise UsageError("Missing argument 'INPUT': the images or volumes to segment.",
+                         "Give it as the INPUT argument or as --in INPUT.")
+    if input is not None and input_option is not None:
+        raise UsageError("give the input once: as the INPUT argument or as --in INPUT.")
     if (run is None) == (onnx is None):
         raise UsageError("give exactly one of --run RUN and --onnx FILE.")
+    setup_logging()
     if onnx is not None:
         from lawder_core.export.onnx import onnx_predictor
 
         predictor = onnx_predictor(onnx, threads or None)
-    result = predict_to_folder(predictor if onnx is not None else run, input, out, split=split, mode=mode,
-                               force=force)
+    result = predict_to_folder(predictor if onnx is not None else run, input or input_option, out, split=split,
+                               mode=mode, force=force, window=window)
     if json_out:
         print_json(result)
+    elif "volumes" in result:
+        err_console.print(f"segmented {result['volumes']} CT volume(s) with {result['checkpoint']} -> {out}")
     else:
         err_console.print(f"segmented {result['images']} images with {result['checkpoint']} -> {out}")

@@ -28,6 +28,8 @@ def prepare(
     jobs: int = typer.Option(1, help="kits: cases converted in parallel."),
     channels: int = typer.Option(1, help="kits: 1 (grey) or 3 (grey repeated, for RGB backbones)."),
     skip_incomplete: bool = typer.Option(False, help="kits: leave out cases without segmentation.nii.gz."),
+    spacing: float | None = typer.Option(None, metavar="MM", help="kits: resample slices to MM mm per pixel "
+                                         "(from the NIfTI voxel size) before --size; default: each case's own."),
     compression: str = typer.Option("lzf", help="HDF5 compression: lzf, none (fastest reads) or gzip (smallest)."),
     force: bool = FORCE,
     json_out: bool = JSON,
@@ -36,7 +38,7 @@ def prepare(
     from lawder_core.data.sources import SourceOptions, check_source, prepare_source
 
     extra = SourceOptions(images=images, masks=masks, n=n, window=window, empty_share=empty_share, jobs=jobs,
-                          channels=channels, skip_incomplete=skip_incomplete)
+                          channels=channels, skip_incomplete=skip_incomplete, spacing=spacing)
     check_source(source, in_dir, extra)  # before numpy and h5py load: a usage error comes back at once
     from lawder_core.data.prepare import PrepareOptions
     from lawder_core.data.splits import parse_fractions

@@ -24,6 +24,10 @@ def sample(
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | dpm"),
     guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1: none)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
+    lesion_labels: str = typer.Option(None, "--lesion-labels",
+                                      help="Labels the synthetic file records as lesion (what mask adherence judges), "
+                                           "by name or number, '+'-separated (default: the run's LAW lesion labels; "
+                                           "KiTS tumor+cyst, other data every label > 0). Masks keep every label."),
     seed: int = SEED,
     gpus: int = GPUS,
     workers: int = WORKERS,
@@ -41,7 +45,7 @@ def sample(
     setup_logging()
     cfg = SampleConfig(run=run, masks=masks, out=str(out), split=split, n=n, mask_aug=mask_aug, steps=steps,
                        scheduler=scheduler, guidance=guidance, batch_size=batch_size, seed=seed or 0, gpus=gpus,
-                       workers=workers, ray_address=ray_address, force=force)
+                       workers=workers, ray_address=ray_address, force=force, lesion_labels=lesion_labels)
     with ExitStack() as stack:
         stack.enter_context(quiet_stdout())
         advance: list = []

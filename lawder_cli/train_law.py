@@ -12,6 +12,7 @@ from lawder_cli.options import (
     FORCE,
     GPUS,
     JSON,
+    LESION_LABELS,
     RAY_ADDRESS,
     RESUME,
     SEED,
@@ -38,6 +39,7 @@ def train_law(
     w_max: float = typer.Option(None, "--w-max", help="Highest factor LAW may put on the prior (default 5.0)."),
     gamma: float = typer.Option(None, "--gamma",
                                 help="Prior exponent: lesion weight ∝ (lesion share)^-γ (default 0.5; 0: uniform)."),
+    lesion_labels: str = LESION_LABELS,
     prediction: str = typer.Option(None, "--prediction",
                                    help="unet target: v (default) | flow (rectified flow) | epsilon."),
     hflip: bool = typer.Option(None, "--hflip/--no-hflip",
@@ -73,9 +75,9 @@ def train_law(
     # Absolute paths: Ray workers on other machines (or another working directory) must find the same files.
     cfg = law_config(config, {"objective": objective, "w_min": w_min, "w_max": w_max, "gamma": gamma},
                      data=absolute(data), out=str(out.resolve()), size=size, steps=steps, batch_size=batch_size,
-                     lr=lr, weighting=weighting, preset=preset, backbone=backbone, pretrained=absolute(pretrained),
-                     prompt=prompt, prediction=prediction, hflip=hflip, save_every=save_every,
-                     sample_every=sample_every, log_every=log_every, seed=seed, resume=resume)
+                     lr=lr, weighting=weighting, lesion_labels=lesion_labels, preset=preset, backbone=backbone,
+                     pretrained=absolute(pretrained), prompt=prompt, prediction=prediction, hflip=hflip,
+                     save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed, resume=resume)
     launch_cfg = launch_config(gpus, workers, ray_address, storage, out)
     with quiet_stdout():
         result = run_train_law(cfg, launch_cfg, force=force)

@@ -12,6 +12,7 @@ from lawder_cli.options import (
     FORCE,
     GPUS,
     JSON,
+    LABELS,
     RAY_ADDRESS,
     RESUME,
     SEED,
@@ -33,6 +34,7 @@ def train_order(
     batch_size: int = typer.Option(None, "--batch-size", help="Per-worker batch size."),
     lr: float = typer.Option(None, "--lr"),
     encoder_weights: str = typer.Option(None, "--encoder-weights", help="smp baselines: e.g. imagenet (downloads)."),
+    labels: str = LABELS,
     seed: int = SEED,
     gpus: int = GPUS,
     workers: int = WORKERS,
@@ -54,7 +56,7 @@ def train_order(
         config = config_path(out)  # a resumed run continues with the config it was started with
     cfg = build_config(SegTrainConfig, config, data=data, out=str(out), model=model, synthetic=synthetic,
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                       encoder_weights=encoder_weights, seed=seed, resume=resume)
+                       encoder_weights=encoder_weights, labels=labels, seed=seed, resume=resume)
     with quiet_stdout():
         result = run_train_order(cfg, launch_config(gpus, workers, ray_address, storage, out), force=force)
     if json_out:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
-from lawder_cli.options import CONFIG, FORCE, JSON, RAY_ADDRESS, RESUME, SEED
+from lawder_cli.options import CONFIG, FORCE, JSON, LESION_LABELS, RAY_ADDRESS, RESUME, SEED
 
 
 class SweepKind(str, Enum):
@@ -32,6 +32,7 @@ def tune(
     space: Path = typer.Option(None, "--space", help="YAML search space replacing the built-in one."),
     segmenter: str = typer.Option(None, "--segmenter", help="law sweeps: a real-data run for mask adherence."),
     fid_weights: str = typer.Option(None, "--fid-weights", help="law sweeps: FID Inception weights for KID."),
+    lesion_labels: str = LESION_LABELS,
     seed: int = SEED,
     ray_address: str = RAY_ADDRESS,
     config: Path = CONFIG,
@@ -49,7 +50,7 @@ def tune(
     setup_logging()
     opts = TuneOptions(trials=trials, budget=budget, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                        scheduler=scheduler, search=search, seed=seed or 0, ray_address=ray_address)
-    base = base_config(kind, data, out, config, budget, seed, segmenter, fid_weights)
+    base = base_config(kind, data, out, config, budget, seed, segmenter, fid_weights, lesion_labels)
     with quiet_stdout():
         result = run_tune(kind.value, base, load_space(kind.value, space), out, opts, resume=resume, force=force)
     if json_out:
@@ -59,17 +60,24 @@ def tune(
 
 
 def base_config(kind: SweepKind, data: str, out: Path, config: Path | None, budget: int, seed: int,
-                segmenter: str | None, fid_weights: str | None):
+                segmenter: str | None, fid_weights: str | None, lesion_labels: str | None = None):
     from lawder_core.config import build_config
 
     if kind is SweepKind.order:
+        if lesion_labels is not None:
+            from lawder_core.errors import UsageError
+
+            raise UsageError("--lesion-labels applies to the LAW sweeps only.", "Drop it for `lawder tune order`.")
         from lawder_core.train.configs import SegTrainConfig
 
         return build_config(SegTrainConfig, config, data=data, out=str(out), epochs=budget, seed=seed)
-    from lawder_core.tune import LawTuneConfig
+    from lawder_core.tune import LawTuneConfig, tune_lesion_labels
 
-    return build_config(LawTuneConfig, config, data=data, out=str(out), rounds=budget, seed=seed,
-                        segmenter=segmenter, fid_weights=fid_weights)
+    base = build_config(LawTuneConfig, config, data=data, out=str(out), rounds=budget, seed=seed,
+                        segmenter=segmenter, fid_weights=fid_weights, lesion_labels=lesion_labels)
+    if base.lesion_labels is not None:
+        tune_lesion_labels(base)  # a bad name is refused here, before Ray starts
+    return base
 
 
 def show_results(result: dict) -> None:

@@ -239,6 +239,7 @@ def dice_for_run(run: str | os.PathLike, data: str | os.PathLike, split: str | N
 
     segmenter = load_predictor(run, mode, device)
     report = segmenter_dice(segmenter.predict_fn, data, split, num_classes=segmenter.num_classes,
+                            label_map=segmenter.label_map,
                             batch_size=batch_size, empty_policy=empty_policy, device=device)
     return report, segmenter.info
 
@@ -252,7 +253,8 @@ def adherence_for_run(segmenter_run: str | os.PathLike, synthetic: str | os.Path
 
     segmenter = load_predictor(segmenter_run, mode, device)
     result = adherence_on_h5(segmenter.predict_fn, synthetic, split, batch_size=batch_size,
-                             empty_policy=empty_policy, device=device)
+                             empty_policy=empty_policy, device=device, classes=segmenter.label_map,
+                             num_classes=segmenter.num_classes)
     result["segmenter"] = segmenter.info
     return result
 

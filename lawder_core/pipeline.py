@@ -202,7 +202,7 @@ class Stages:
                                    weighting=weighting, preset=self.preset.denoiser, seed=self.cfg.seed,
                                    save_every=max(1, self.preset.law_steps // 3),
                                    sample_every=max(1, self.preset.law_steps // self.preset.previews),
-                                   log_every=max(1, self.preset.law_steps // 20), resume=True)
+                                   log_every=max(1, self.preset.law_steps // 20), resume=runs.has_run(run))
         train_law(cfg, self.launch_config(f"law-{weighting}"))
 
     def sample_count(self) -> int | None:
@@ -239,7 +239,7 @@ class Stages:
         cfg = SegTrainConfig(data=str(self.data), out=str(run), model=model, synthetic=synthetic,
                              synthetic_ratio=1.0, size=self.preset.seg_size or self.preset.size,
                              epochs=self.preset.seg_epochs,
-                             batch_size=self.preset.seg_batch, seed=seed, resume=True,
+                             batch_size=self.preset.seg_batch, seed=seed, resume=runs.has_run(run),
                              max_steps_per_epoch=self.preset.max_steps_per_epoch)
         train_order(cfg, self.launch_config(run.name))
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from lawder_core.errors import UsageError
 from lawder_core.files import append_jsonl, read_jsonl, write_json, write_jsonl
+from lawder_core.locks import hold_output_lock
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -50,8 +51,16 @@ def has_run(out: str | os.PathLike) -> bool:
 
 
 def open_run(out: str | os.PathLike, *, resume: bool, force: bool) -> Path:
-    """The run folder, ready to write: --resume keeps an earlier run, --force deletes it, neither refuses."""
+    """The run folder, ready to write and locked for this process (a second writer exits 3 at once).
+
+    --resume continues an earlier run (and is refused where there is none: a mistyped --out must not start a
+    fresh run silently), --force deletes it, neither refuses to touch it.
+    """
     out = Path(out)
+    hold_output_lock(out)
+    if resume and not has_run(out):
+        raise UsageError(f"--resume: {out} holds no run to continue.",
+                         "Check --out, or drop --resume to start a new run there.")
     if has_run(out) and not resume:
         if not force:
             raise UsageError(f"{out} already holds a run.",

@@ -9,11 +9,17 @@ batches (`distributed/sample.py`) gives the same images.
 With `mask_aug`, mask j's k-th use gets the k-th of the 8 dihedral transforms (flips and 90° rotations) in a
 seeded order of its own, so up to 8 uses of one mask are 8 different layouts and N may exceed the mask count.
 Case ids record the origin: `syn_<case>`, or `syn_<case>_r<use>_t<transform>` with augmentation.
+
+The pairs keep every label of the masks they were conditioned on (KiTS: 0–3, with the source's `label_names`),
+so synthetic KiTS pairs train multi-class segmenters; the denoiser sees each label as its own one-hot channel.
+The file also records which labels are the lesion (`lesion_labels`, `lesion_names`: the run's LAW lesion set, or
+`--lesion-labels`), which is what mask adherence judges.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lawder_core import runs
-from lawder_core.data.h5 import H5Writer, load_arrays, refuse_overwrite
+from lawder_core.data.h5 import H5Writer, load_arrays, read_info, refuse_overwrite
+from lawder_core.data.labels import default_lesion_labels, lesion_labels, lesion_names
 from lawder_core.environment import package_version, pick_device
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.configs import SAMPLERS, SPEC_FILE, check_sampler, default_sampler
@@ -39,6 +46,8 @@ if TYPE_CHECKING:
 
 Generator = Callable[["SampleConfig", np.ndarray, "Callable[[int], None] | None"], np.ndarray]
 
+log = logging.getLogger(__name__)
+
 
 # ---------------------------------------------------------------- the trained run
 
@@ -50,6 +59,7 @@ class RunInfo:
     model_folder: Path  # the EMA denoiser, loadable with load_denoiser
     step: int
     spec: DenoiserSpec
+    lesion_labels: tuple[int, ...] | None = None  # LAW's lesion set; None: not recorded (older run, bare model)
 
 
 def run_info(run: str | os.PathLike) -> RunInfo:
@@ -65,8 +75,10 @@ def run_info(run: str | os.PathLike) -> RunInfo:
                         "Train one with `lawder train-law --out RUN`, then pass --run RUN.")
     from lawder_core.models.denoiser import read_spec
 
-    step = runs.read_progress(checkpoint)["step"] if (checkpoint / runs.PROGRESS).exists() else -1
-    return RunInfo(model_folder=model, step=int(step), spec=read_spec(model))
+    progress = runs.read_progress(checkpoint) if (checkpoint / runs.PROGRESS).exists() else {}
+    recorded = progress.get("lesion_labels")
+    return RunInfo(model_folder=model, step=int(progress.get("step", -1)), spec=read_spec(model),
+                   lesion_labels=tuple(int(k) for k in recorded) if recorded is not None else None)
 
 
 # ---------------------------------------------------------------- generation
@@ -219,6 +231,7 @@ class SampleConfig:
     workers: int = 0  # with gpus == 0: N CPU Ray workers; 0 samples in this process
     ray_address: str | None = None
     force: bool = False
+    lesion_labels: str | None = None  # recorded in the file for adherence; None: the run's LAW lesion set
 
     def __post_init__(self) -> None:
         if self.scheduler is not None and self.scheduler not in SAMPLERS:
@@ -238,8 +251,34 @@ def run_weighting(run: RunInfo) -> str | None:
     return None
 
 
+def source_labels(cfg: SampleConfig, info: RunInfo) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The label names of --masks (what the synthetic file stores) and the lesion labels it records.
+
+    The masks must speak the model's labels: one-hot channel k of the condition is label k. The lesion set is
+    `--lesion-labels` (a bad name is a UsageError here, before the model loads), else the run's LAW set, else
+    the data set's default (KiTS tumor+cyst, other data every label > 0).
+    """
+    if not Path(cfg.masks).exists():
+        raise DataError(f"--masks {cfg.masks} does not exist.", "Pass a file written by `lawder prepare`.")
+    names = tuple(read_info(cfg.masks).label_names)
+    model_names = tuple(info.spec.label_names)
+    if len(names) > len(model_names):
+        raise DataError(f"--masks {cfg.masks} has labels {list(names)}; the model was trained on {list(model_names)}.",
+                        "Condition on masks of the data set the run was trained on.")
+    if [n.lower() for n in names] != [n.lower() for n in model_names[:len(names)]]:
+        log.warning("--masks %s names its labels %s; the model was trained on %s (label k is condition channel k).",
+                    cfg.masks, list(names), list(model_names))
+    if cfg.lesion_labels is not None:
+        lesion = lesion_labels(names, cfg.lesion_labels)
+    elif info.lesion_labels is not None and all(0 < k < len(names) for k in info.lesion_labels):
+        lesion = info.lesion_labels
+    else:
+        lesion = default_lesion_labels(names)
+    return names, lesion
+
+
 def load_plan(cfg: SampleConfig, size: int) -> tuple[MaskPlan, tuple[int, int]]:
-    """The masks to condition on, and the size they were stored at."""
+    """The masks to condition on (every label kept), and the size they were stored at."""
     if not Path(cfg.masks).exists():
         raise DataError(f"--masks {cfg.masks} does not exist.", "Pass a file written by `lawder prepare`.")
     _, masks, cases = load_arrays(cfg.masks, cfg.split)
@@ -261,14 +300,17 @@ def generate_here(cfg: SampleConfig, masks: np.ndarray, progress: Callable[[int]
     return sample_pairs(cfg.run, masks, progress=progress, **sampling_kwargs(cfg))
 
 
-def provenance(cfg: SampleConfig, info: RunInfo, plan: MaskPlan, masks_size: tuple[int, int]) -> dict[str, Any]:
+def provenance(cfg: SampleConfig, info: RunInfo, plan: MaskPlan, masks_size: tuple[int, int],
+               label_names: Sequence[str] | None = None, lesion: Sequence[int] | None = None) -> dict[str, Any]:
+    labels = {} if label_names is None or lesion is None else {
+        "lesion_labels": [int(k) for k in lesion], "lesion_names": lesion_names(label_names, lesion)}
     return {
         "run": str(Path(cfg.run).resolve()), "step": info.step, "weighting": run_weighting(info),
         "model": str(info.model_folder.resolve()), "prediction": info.spec.prediction,
         "scheduler": cfg.scheduler or default_sampler(info.spec.prediction), "steps": cfg.steps,
         "guidance": cfg.guidance, "seed": cfg.seed, "masks": str(Path(cfg.masks).resolve()), "split": cfg.split,
         "masks_size": list(masks_size), "n": len(plan.masks), "mask_aug": cfg.mask_aug,
-        "lawder_version": package_version("lawder"),
+        "lawder_version": package_version("lawder"), **labels,
     }
 
 
@@ -281,15 +323,15 @@ def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
     info = run_info(cfg.run)
     if cfg.scheduler is not None:
         check_sampler(info.spec.prediction, cfg.scheduler)
+    label_names, lesion = source_labels(cfg, info)
     plan, masks_size = load_plan(cfg, info.spec.size)
     if on_plan is not None:
         on_plan(len(plan.masks))
     tic = time.perf_counter()
     images = generate_images(cfg, plan.masks, progress)
     seconds = time.perf_counter() - tic
-    prov = provenance(cfg, info, plan, masks_size)
-    write_synthetic_h5(out, images, plan.masks, plan.case_ids, prov, force=cfg.force,
-                       label_names=info.spec.label_names)
+    prov = provenance(cfg, info, plan, masks_size, label_names, lesion)
+    write_synthetic_h5(out, images, plan.masks, plan.case_ids, prov, force=cfg.force, label_names=label_names)
     return {"out": str(out), "grid": str(out.with_suffix(".png")), "n": len(images), "size": info.spec.size,
             "seconds": round(seconds, 3), "images_per_s": round(len(images) / max(seconds, 1e-9), 3),
             **prov, "config": asdict(cfg)}

@@ -13,6 +13,7 @@ KID uses the FID Inception features (`--fid-weights` or any file `lawder evaluat
 the synthetic images with a segmenter trained on real data (`--segmenter RUN`) and scores them against the
 masks they were generated from. With only one of the two available, the score is that term alone; with
 neither, the sweep refuses to start. 100 · KID and 1 − Dice both fall roughly in [0, 1] on small sets.
+Adherence is judged on the lesion labels the trials train LAW with (`--lesion-labels`; KiTS: tumour and cyst).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 import yaml
 
 from lawder_core.config import from_dict, to_dict
-from lawder_core.data.h5 import load_arrays
+from lawder_core.data.h5 import load_arrays, read_info
+from lawder_core.data.labels import lesion_labels
 from lawder_core.errors import EnvironmentProblem, UsageError
 from lawder_core.train.configs import DiffusionTrainConfig
 
@@ -127,6 +129,12 @@ def training_config(cfg: LawTuneConfig, out: str, resume: bool) -> DiffusionTrai
     return DiffusionTrainConfig(**data)
 
 
+def tune_lesion_labels(cfg: LawTuneConfig) -> tuple[int, ...]:
+    """The lesion labels every trial trains LAW with and adherence judges; a bad --lesion-labels is a UsageError
+    (the command calls this before the sweep starts)."""
+    return lesion_labels(read_info(cfg.data).label_names, cfg.lesion_labels)
+
+
 def scoring_terms(cfg: LawTuneConfig) -> dict[str, bool]:
     """Which terms can be computed here; refuse a sweep that could score nothing."""
     from lawder_core.metrics.fid import resolve_fid_weights
@@ -169,11 +177,13 @@ def generation_score(cfg: LawTuneConfig, run: str, terms: dict[str, bool], image
         result["val_kid"] = kid
         score += KID_SCALE * kid
     if terms["adherence"]:
-        from lawder_core.metrics.adherence import mask_adherence
+        from lawder_core.metrics.adherence import mask_adherence, segmenter_classes
         from lawder_core.predict import load_predictor
 
         predictor = load_predictor(cfg.segmenter)  # type: ignore[arg-type]
-        adherence = mask_adherence(predictor.predict_fn, synthetic, masks)["dice_mean"]
+        classes = segmenter_classes(predictor.label_map, predictor.num_classes, read_info(cfg.data).label_names)
+        adherence = mask_adherence(predictor.predict_fn, synthetic, masks, lesion_labels=tune_lesion_labels(cfg),
+                                   classes=classes)["dice_mean"]
         result["val_adherence"] = adherence
         score += 1.0 - adherence
     result["val_score"] = score

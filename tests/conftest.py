@@ -8,11 +8,33 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores, so two
+# workers do not each start a thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+# Tests of one model family that export or train a model each: spread over the workers one by one.
+SPREAD_ONE_BY_ONE = ("test_every_factory_model_exports",)
+
+
 def pytest_collection_modifyitems(items):
-    """A test that needs a Ray instance says so by asking for `ray_local`; it is marked `ray` for `-m`."""
+    """A test that needs a Ray instance says so by asking for `ray_local`; it is marked `ray` for `-m`.
+
+    xdist groups (`--dist loadgroup`): every Ray test runs on one worker, one after another (one local Ray per
+    process, never two at once); other tests stay with their module so module fixtures are built once.
+    """
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray"):
+            group = "ray"
+        elif item.originalname in SPREAD_ONE_BY_ONE:
+            group = item.nodeid
+        else:
+            group = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

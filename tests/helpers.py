@@ -43,3 +43,31 @@ def tiny_fid_weights(path: Path) -> Path:
     """A TorchScript file usable as `--fid-weights`, created by the test (nothing downloaded)."""
     torch.jit.script(PooledColours().eval()).save(str(path))
     return path
+
+
+KITS_LABELS = ("background", "kidney", "tumor", "cyst")
+
+
+def kits_like_h5(path: Path, cases: int = 6, slices: int = 6, size: int = 32, seed: int = 0) -> Path:
+    """A small KiTS stand-in (the idea of tests/test_multiclass.py's builder): a bright kidney disc with a darker
+    tumour and a brighter cyst inside it; the last two cases validate and test, the others train. Some slices
+    have no tumour or no cyst."""
+    from lawder_core.data.h5 import H5Writer
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    writer = H5Writer(path, height=size, width=size, channels=1, label_names=KITS_LABELS, source="test")
+    for case in range(cases):
+        split = "train" if case < cases - 2 else ("val" if case == cases - 2 else "test")
+        for z in range(slices):
+            cy, cx = rng.integers(10, size - 10, 2)
+            mask = np.zeros((size, size), np.uint8)
+            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= 49] = 1
+            if z % 3:
+                mask[(yy - cy) ** 2 + (xx - cx + 2) ** 2 <= 4] = 2
+            if z % 2:
+                mask[(yy - cy - 3) ** 2 + (xx - cx - 2) ** 2 <= 2] = 3
+            image = np.choose(mask, [40, 150, 90, 230]).astype(np.float64) + rng.normal(0, 12, (size, size))
+            writer.add(np.clip(image, 0, 255).astype(np.uint8), mask, f"case_{case:05d}", split)
+    writer.close()
+    return path

@@ -32,7 +32,7 @@ USAGE_ERRORS: list[tuple[list[str], int, str]] = [
     (["train-order", "--data", "d.h5", "--out", "{tmp}/o", "--workers", "-1"], EXIT_USAGE, "--workers"),
     (["train-law", "--data", "d.h5", "--out", "{tmp}/o", "--gpus", "-2"], EXIT_USAGE, "--gpus"),
     (["sample", "--masks", "m.h5", "-o", "{tmp}/s.h5"], EXIT_USAGE, "--run"),
-    (["predict", "--run", "r", "-o", "{tmp}/p"], EXIT_USAGE, "Missing argument 'input'"),
+    (["predict", "--run", "r", "-o", "{tmp}/p"], EXIT_USAGE, "Missing argument 'INPUT'"),
     (["tune", "everything", "--data", "d.h5", "--out", "{tmp}/t"], EXIT_USAGE, "everything"),
     (["evaluate", "-o", "{tmp}/e"], EXIT_USAGE, "Nothing to evaluate"),
     (["evaluate", "--fid", "--real", "r", "--synthetic", "s", "--min-dice", "0.8", "-o", "{tmp}/e"], EXIT_USAGE,

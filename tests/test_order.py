@@ -63,7 +63,7 @@ def test_selection_count_rounds_and_never_drops_to_zero() -> None:
 
 
 def test_uncertainty_peaks_at_half_probability() -> None:
-    u = uncertainty(torch.tensor([-10.0, 0.0, 10.0]))
+    u = uncertainty(torch.tensor([-10.0, 0.0, 10.0]).view(1, 1, 1, 3)).flatten()
     assert u[1] == pytest.approx(1.0) and u[0] < 1e-3 and u[2] < 1e-3
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from lawder_core import runs
@@ -76,3 +77,50 @@ def test_read_jsonl_skips_a_line_torn_by_a_kill(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"a": 1}\n{"a": 2')
     assert read_jsonl(path) == [{"a": 1}]
+
+
+def test_resume_on_a_folder_without_a_run_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="holds no run"):
+        runs.open_run(tmp_path / "typo", resume=True, force=False)
+
+
+HOLD = """
+import sys, time
+from lawder_core.locks import hold_output_lock
+hold_output_lock(sys.argv[1])
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["run folder", "hdf5"])
+def test_a_second_writer_of_the_same_output_is_refused_at_once_and_told_who(tmp_path, kind):
+    import subprocess
+    import sys
+
+    from lawder_core.data.h5 import H5Writer
+    from lawder_core.errors import DataError
+
+    out = tmp_path / ("run" if kind == "run folder" else "data.h5")
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        with pytest.raises(DataError, match=f"pid {first.pid}") as refused:
+            if kind == "run folder":
+                runs.open_run(out, resume=False, force=True)
+            else:
+                H5Writer(out, height=4, width=4, channels=1, label_names=("background", "lesion"), source="t",
+                         force=True)
+        assert refused.value.exit_code == 3
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel dropped the killed holder's lock: the output is free again, stale lock file or not
+    if kind == "run folder":
+        runs.open_run(out, resume=False, force=True)
+        assert out.is_dir()
+    else:
+        writer = H5Writer(out, height=4, width=4, channels=1, label_names=("background", "lesion"), source="t")
+        writer.add(np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8), "c0", "train")
+        writer.close()
+        assert out.exists()

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import lawder_core.train.seg as seg
+from lawder_core.data.labels import label_map
 from lawder_core.errors import TrainingError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics
-from lawder_core.train.seg import SegTrainConfig, binary_target, dice_per_image, train_segmenter
+from lawder_core.train.seg import SegTrainConfig, class_target, dice_per_image, model_target, train_segmenter
 from tests.helpers import synthetic_h5
 
 
@@ -61,7 +62,11 @@ def test_nan_loss_stops_with_a_training_error(data, tmp_path, monkeypatch):
 
 def test_dice_and_binary_target_by_hand():
     mask = torch.tensor([[[0, 1], [2, 0]]])
-    assert binary_target(mask, None).sum() == 2 and binary_target(mask, (2,)).sum() == 1
+    names = ("background", "kidney", "tumor")
+    every = torch.from_numpy(label_map(names, "kidney+tumor").class_lookup())
+    tumour = torch.from_numpy(label_map(names, "tumor").class_lookup())
+    assert model_target(class_target(mask, every), 1).sum() == 2
+    assert model_target(class_target(mask, tumour), 1).sum() == 1
     target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
     logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]]])
     assert dice_per_image(logits, target).item() == pytest.approx(2 * 1 / 4)

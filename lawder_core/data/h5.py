@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from lawder_core.errors import DataError, UsageError
+from lawder_core.locks import hold_output_lock
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -78,6 +79,7 @@ class H5Writer:
         if compression not in COMPRESSIONS:
             raise DataError(f"unknown compression {compression!r}; choose one of {sorted(map(str, COMPRESSIONS))}.")
         self.path = Path(path)
+        hold_output_lock(self.path)  # before the overwrite check: a second writer must not even look
         refuse_overwrite(self.path, force)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = self.path.with_name(self.path.name + ".partial")

@@ -13,11 +13,22 @@ through exactly the same function, so they stay aligned.
 
 Labels are kept as they are: 0 background, 1 kidney, 2 tumour, 3 cyst. The file always carries the four
 KiTS23 label names, for KiTS19 too (which simply never uses 3), so every KiTS file has the same classes and a
-model trained on one version reads the other.
+model trained on one version reads the other. Downsampled label maps are resampled by area with the priority
+tumour > cyst > kidney (`resize.resize_mask_priority`): nearest neighbour drops tumours of a few voxels.
+
+Slices. Train and val cases keep the slices with any label plus `--empty-share` of the others (the model
+should not spend its epochs on empty abdomen); test cases keep every axial slice, so per-case Dice on the test
+split is a volume Dice. The case split is therefore drawn (from --seed or --split-file, by patient) before any
+slice is chosen.
+
+Size. Each slice is resized to fit --size (pad: longest side = size, aspect kept, then zero-padded and centred;
+stretch: size×size). With --spacing MM it is first brought to MM millimetres per pixel from the header's voxel
+size, in the same single resampling, so the physical aspect ratio is right even when rows and columns differ.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import zlib
@@ -30,8 +41,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, resize_pair, write_dataset
+from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, write_dataset
+from lawder_core.data.resize import resize_image, resize_mask_priority
+from lawder_core.data.splits import splits_for
 from lawder_core.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
 
 LABEL_NAMES = ("background", "kidney", "tumor", "cyst")
 MAX_LABEL = len(LABEL_NAMES) - 1
@@ -40,6 +55,13 @@ SEGMENTATION = "segmentation.nii.gz"
 CASE_PREFIX = "case_"
 AFFINE_TOLERANCE_MM = 1e-3
 ORIENTATION = "RAS canonical; axial slices in increasing z; radiological view (anterior up, patient right on left)"
+LABEL_PRIORITY = (2, 3, 1)  # tumour > cyst > kidney: the smaller, rarer class takes a pixel it shares
+MASK_RESIZE = ("area with priority tumour > cyst > kidney: when downsampling, the first of these labels covering at "
+               "least half an input voxel of an output pixel (at most 1/4 of the pixel) takes it, else the label "
+               "covering the most area (background included); nearest-exact along an upsampled axis")
+KEPT_SLICES = ("train/val cases: label > 0, plus round(empty_share * labelled slices) random empty ones per case; "
+               "test cases: every axial slice")
+SAME_SPACING = 0.01  # relative difference under which two voxel sizes count as equal (old-KiTS19 check)
 
 
 @dataclass(frozen=True)
@@ -51,6 +73,7 @@ class KitsOptions:
     jobs: int = 1  # cases converted in parallel
     channels: int = 1  # 1: grey CT (H,W,1); 3: the same grey repeated, for RGB-pretrained models
     skip_incomplete: bool = False  # leave out case folders without imaging/segmentation instead of failing
+    spacing: float | None = None  # mm per pixel in-plane before the resize to --size; None: each case's own
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,7 @@ class SliceSettings:
     resize_mode: str
     seed: int
     kits: KitsOptions
+    test_cases: frozenset[str] = frozenset()  # these keep every axial slice
 
 
 def check_kits_options(options: PrepareOptions, kits: KitsOptions) -> None:
@@ -81,6 +105,11 @@ def check_kits_options(options: PrepareOptions, kits: KitsOptions) -> None:
         raise UsageError(f"--jobs {kits.jobs} must be at least 1.")
     if kits.channels not in (1, 3):
         raise UsageError(f"--channels {kits.channels} must be 1 or 3.")
+    if kits.spacing is not None and not kits.spacing > 0:  # `not >` also refuses NaN
+        raise UsageError(f"--spacing {kits.spacing} must be > 0 (millimetres per pixel), e.g. 0.8.")
+    if kits.spacing is not None and options.resize_mode == "stretch":
+        raise UsageError("--spacing keeps the physical aspect ratio, which --resize stretch would undo.",
+                         "Use --resize pad with --spacing.")
     if options.size is None:
         raise UsageError("KiTS needs --size: cases differ in in-plane resolution, so slices must be resized.",
                          "For the native KiTS resolution pass --size 512.")
@@ -157,6 +186,43 @@ def canonical_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
                         "It may be truncated or corrupt: download or unpack it again.") from err
 
 
+def canonical_zooms(image: nib.Nifti1Image) -> tuple[float, float, float]:
+    """Voxel sizes (mm) along the RAS axes, i.e. `as_closest_canonical(image).header.get_zooms()`, from the
+    header alone (reorienting the image itself would read the whole volume)."""
+    axes = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)
+    zooms = [0.0, 0.0, 0.0]
+    for stored_axis, ras_axis in enumerate(axes):
+        zooms[ras_axis] = float(image.header.get_zooms()[stored_axis])
+    return zooms[0], zooms[1], zooms[2]
+
+
+def _same_size(a: float, b: float) -> bool:
+    return abs(a - b) <= SAME_SPACING * max(a, b)
+
+
+def looks_like_old_kits19(zooms: tuple[float, float, float]) -> bool:
+    """True for the voxel sizes of the first KiTS19 release, whose affine is diag(slice thickness, pixel, pixel).
+
+    Its arrays are (slices, rows, cols), as in the current release, but the affine does not say so: after RAS
+    reorientation the square CT pixel lies on axes y, z instead of x, y, and the "axial" slices are sagittal.
+    The heuristic: y and z share a voxel size while x differs. CT pixels are square in-plane, so a correctly
+    oriented volume (x = y) never matches; one whose slices are exactly as thick as its pixels is missed.
+    """
+    x, y, z = zooms
+    return _same_size(y, z) and not _same_size(x, y)
+
+
+def warn_old_kits19(suspects: Sequence[str]) -> None:
+    """One warning for all suspect cases: the conversion goes on (the heuristic can be wrong), but says why."""
+    if not suspects:
+        return
+    shown = ", ".join(suspects[:5]) + (f" ... ({len(suspects)} in all)" if len(suspects) > 5 else "")
+    log.warning("%d case(s) look like the first KiTS19 release (affine diag(slice thickness, pixel, pixel): the "
+                "slices would come out sagittal, not axial): %s. Re-download the current KiTS19 release "
+                "(git pull, then python3 -m starter_code.get_imaging) or check these volumes' orientation in a viewer.",
+                len(suspects), shown)
+
+
 def label_volume(segmentation: nib.Nifti1Image, case: KitsCase) -> np.ndarray:
     """Canonical uint8 labels; anything but the integers 0..3 is a DataError."""
     labels = canonical_array(segmentation, case.segmentation)
@@ -177,8 +243,12 @@ def case_seed(seed: int, case_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
 
 
-def select_slices(labels: np.ndarray, empty_share: float, rng: np.random.Generator) -> np.ndarray:
-    """Axial indices with kidney (any label > 0), plus round(empty_share * count) others, sorted."""
+def select_slices(labels: np.ndarray, empty_share: float, rng: np.random.Generator,
+                  keep_all: bool = False) -> np.ndarray:
+    """Axial indices with kidney (any label > 0), plus round(empty_share * count) others, sorted; every
+    index when `keep_all` (test cases: a volume Dice needs the whole volume)."""
+    if keep_all:
+        return np.arange(labels.shape[2], dtype=np.int64)
     has_kidney = labels.reshape(-1, labels.shape[2]).any(axis=0)
     kidney = np.flatnonzero(has_kidney)
     empty = np.flatnonzero(~has_kidney)
@@ -199,21 +269,57 @@ def radiological_view(axial: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(axial.T[::-1, ::-1])
 
 
+def display_shape(canonical_shape: tuple[int, ...], zooms: tuple[float, float, float],
+                  spacing: float | None) -> tuple[float, float]:
+    """(rows, cols) of a displayed slice, at `spacing` mm per pixel when given (rows run along y, cols along x)."""
+    rows, cols = canonical_shape[1], canonical_shape[0]
+    if spacing is None:
+        return float(rows), float(cols)
+    return rows * zooms[1] / spacing, cols * zooms[0] / spacing
+
+
+def fit_to_size(shape: tuple[float, float], size: int, mode: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The resized (rows, cols) and its (top, left) offset on the size×size canvas.
+
+    pad: the longest side becomes `size`, the other keeps the aspect ratio and is centred between zeros;
+    stretch: size×size. Resizing before padding keeps the black border out of the antialiasing filter.
+    """
+    if mode == "stretch":
+        return (size, size), (0, 0)
+    scale = size / max(shape)
+    rows, cols = (min(size, max(1, round(n * scale))) for n in shape)
+    return (rows, cols), ((size - rows) // 2, (size - cols) // 2)
+
+
+def convert_slice(hu: np.ndarray, labels: np.ndarray, target: tuple[int, int], offset: tuple[int, int],
+                  size: int, window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """One canonical axial slice -> (image (size,size) uint8, mask (size,size) uint8) in radiological view."""
+    image = resize_image(window_to_uint8(radiological_view(hu), window), target)
+    mask = resize_mask_priority(radiological_view(labels), target, LABEL_PRIORITY)
+    top, left = offset
+    canvas_image, canvas_mask = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8)
+    canvas_image[top:top + target[0], left:left + target[1]] = image
+    canvas_mask[top:top + target[0], left:left + target[1]] = mask
+    return canvas_image, canvas_mask
+
+
 def convert_case(case: KitsCase, settings: SliceSettings) -> PreparedCase:
     """One case -> its kept slices, windowed and resized. Runs in a worker when --jobs > 1."""
     imaging, segmentation = check_pair(case)
     labels = label_volume(segmentation, case)
     kits = settings.kits
-    indices = select_slices(labels, kits.empty_share, case_seed(settings.seed, case.case_id))
+    indices = select_slices(labels, kits.empty_share, case_seed(settings.seed, case.case_id),
+                            keep_all=case.case_id in settings.test_cases)
     size, channels = settings.size, kits.channels
+    shape = display_shape(labels.shape, canonical_zooms(imaging), kits.spacing)
+    target, offset = fit_to_size(shape, size, settings.resize_mode)
     images = np.zeros((len(indices), size, size, channels), np.uint8)
     masks = np.zeros((len(indices), size, size), np.uint8)
     if len(indices):
         volume = canonical_array(imaging, case.imaging)
         for i, z in enumerate(indices):
-            image = window_to_uint8(radiological_view(volume[:, :, z]), kits.window)[..., None]
-            image, masks[i] = resize_pair(image, radiological_view(labels[:, :, z]), size, settings.resize_mode)
-            images[i] = image  # broadcasts the grey channel when channels == 3
+            image, masks[i] = convert_slice(volume[:, :, z], labels[:, :, z], target, offset, size, kits.window)
+            images[i] = image[..., None]  # broadcasts the grey channel when channels == 3
     return PreparedCase(case.case_id, images, masks)
 
 
@@ -238,14 +344,22 @@ def converted_cases(cases: Sequence[KitsCase], settings: SliceSettings) -> Itera
         yield pool.imap(_convert_task, tasks, chunksize=1)
 
 
-def preprocessing_record(options: PrepareOptions, kits: KitsOptions, skipped: list[str]) -> dict[str, Any]:
+def preprocessing_record(options: PrepareOptions, kits: KitsOptions, skipped: list[str],
+                         suspects: list[str]) -> dict[str, Any]:
     record = asdict(kits)
     record.pop("jobs")  # does not change the output
     record.update(window=list(kits.window), size=options.size, resize_mode=options.resize_mode,
-                  image_resize="bilinear", mask_resize="nearest", seed=options.seed, orientation=ORIENTATION,
-                  kept_slices="label > 0, plus round(empty_share * kidney slices) random empty ones per case",
-                  skipped_cases=skipped)
+                  resize_order="in-plane spacing and --size in one resampling, then zero padding",
+                  image_resize="bilinear (antialiased)", mask_resize=MASK_RESIZE, seed=options.seed,
+                  orientation=ORIENTATION, kept_slices=KEPT_SLICES, test_cases_keep_all_slices=True,
+                  skipped_cases=skipped, old_kits19_suspects=suspects)
     return record
+
+
+def held_out_test_cases(case_ids: Sequence[str], options: PrepareOptions) -> frozenset[str]:
+    """The test split, drawn exactly as `write_dataset` will draw it (same ids, fractions, seed, split file)."""
+    mapping = splits_for(case_ids, options.fractions, options.seed, options.split_file)
+    return frozenset(case for case in case_ids if mapping[case] == "test")
 
 
 def prepare_kits(
@@ -258,12 +372,18 @@ def prepare_kits(
     """Convert a KiTS19/KiTS23 folder to `out` (HDF5 + fingerprint + splits); returns the fingerprint."""
     check_kits_options(options, kits)
     cases, skipped = find_cases(Path(in_dir), kits.skip_incomplete)
+    suspects = []
     for case in cases:  # headers only: a bad pair fails in seconds, not after hours of conversion
-        check_pair(case)
-    settings = SliceSettings(options.size, options.resize_mode, options.seed, kits)  # type: ignore[arg-type]
+        imaging, _ = check_pair(case)
+        if looks_like_old_kits19(canonical_zooms(imaging)):
+            suspects.append(case.case_id)
+    warn_old_kits19(suspects)
+    case_ids = [case.case_id for case in cases]
+    settings = SliceSettings(options.size, options.resize_mode, options.seed, kits,  # type: ignore[arg-type]
+                             held_out_test_cases(case_ids, options))
+    record = preprocessing_record(options, kits, skipped, suspects)
     with converted_cases(cases, settings) as stream:
         return write_dataset(
-            out, [case.case_id for case in cases], stream,
-            label_names=LABEL_NAMES, source="kits", preprocessing=preprocessing_record(options, kits, skipped),
+            out, case_ids, stream, label_names=LABEL_NAMES, source="kits", preprocessing=record,
             options=options, progress=progress,
         )

@@ -33,6 +33,7 @@ class SourceOptions:
     jobs: int = 1  # kits: cases converted in parallel
     channels: int = 1  # kits: 1 (grey) or 3 (grey repeated)
     skip_incomplete: bool = False  # kits: leave out cases without segmentation.nii.gz
+    spacing: float | None = None  # kits: in-plane mm per pixel before --size; None keeps each case's own
 
 
 def check_source(source: str, in_dir: str | Path | None, source_options: SourceOptions | None = None) -> None:
@@ -73,7 +74,7 @@ def prepare_source(source: str, in_dir: str | Path | None, out: str | Path, opti
 
         assert in_dir is not None  # check_source
         kits = KitsOptions(window=parse_window(extra.window), empty_share=extra.empty_share, jobs=extra.jobs,
-                           channels=extra.channels, skip_incomplete=extra.skip_incomplete)
+                           channels=extra.channels, skip_incomplete=extra.skip_incomplete, spacing=extra.spacing)
         return prepare_kits(Path(in_dir), out, options, kits, progress=progress)
     from lawder_core.data.prepare_folder import prepare_folder
 

@@ -27,7 +27,7 @@ from lawder_core.data.h5 import refuse_overwrite
 from lawder_core.environment import package_version
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
 from lawder_core.files import atomic_save
-from lawder_core.predict import Predictor, checkpoint_folder
+from lawder_core.predict import Predictor, checkpoint_folder, read_label_map
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -87,7 +87,8 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
                     "width stay at %d; the batch size is dynamic.", config["name"], size)
     metadata = {"model": config["name"], "size": size, "num_classes": int(config["num_classes"]),
                 "in_channels": channels, "dynamic_size": spatial, "checkpoint": str(folder),
-                "lawder": package_version("lawder"), "opset": OPSET}
+                "lawder": package_version("lawder"), "opset": OPSET,
+                "label_map": (config.get("extra") or {}).get("label_map")}
     atomic_save(lambda p: write_onnx(model, x, p, spatial, metadata), out)
     diff = check_against_torch(out, reference, x, size)
     log.info("wrote %s (opset %d, %d BatchNorms folded); max |ONNX − PyTorch| = %.2e", out, OPSET, folded, diff)
@@ -105,8 +106,12 @@ def write_onnx(model: Any, x: Any, path: Path, spatial: bool, metadata: dict[str
         shapes.update({2: 32 * Dim("h32", min=1, max=128), 3: 32 * Dim("w32", min=1, max=128)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
+        # optimize=False: ONNX Runtime folds and fuses the graph itself when it loads it; the exporter's own
+        # optimiser doubled the export time and its graph ran no faster (MK-UNet-T 33 vs 18 ms, ORDER 101 vs
+        # 91 ms per batch of 8 at 128 px, one thread).
         program = torch.onnx.export(model, (x,), dynamo=True, opset_version=OPSET, input_names=["image"],
-                                    output_names=["logits"], dynamic_shapes={"x": shapes}, verbose=False)
+                                    output_names=["logits"], dynamic_shapes={"x": shapes}, optimize=False,
+                                    verbose=False)
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
     onnx.save(proto, str(path))
@@ -167,4 +172,5 @@ def onnx_predictor(path: str | os.PathLike, threads: int | None = None) -> Predi
             "train_size": meta["size"], "inference_mode": "onnxruntime", "checkpoint": meta.get("checkpoint")}
     # Like load_predictor: images go in at the size the model was trained (and exported) at.
     return Predictor(predict_fn=at_size(run, int(meta["size"])), at_training_size=run,
-                     size=int(meta["size"]), num_classes=int(meta["num_classes"]), checkpoint=Path(path), info=info)
+                     size=int(meta["size"]), num_classes=int(meta["num_classes"]), checkpoint=Path(path), info=info,
+                     label_map=read_label_map(meta))

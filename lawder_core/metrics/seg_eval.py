@@ -8,8 +8,9 @@ import os
 import torch
 
 from lawder_core.data.h5 import load_arrays, read_info
+from lawder_core.data.labels import LabelMap
 from lawder_core.errors import DataError
-from lawder_core.metrics.dice import FOREGROUND, DiceReport, EmptyPolicy, regions_for, segmentation_metrics
+from lawder_core.metrics.dice import FOREGROUND, DiceReport, EmptyPolicy, Region, regions_for, segmentation_metrics
 from lawder_core.metrics.predict import PredictFn, predict_labels
 
 logger = logging.getLogger(__name__)
@@ -26,22 +27,35 @@ def segmenter_dice(
     empty_policy: EmptyPolicy = "one",
     device: str | torch.device = "cpu",
     limit: int | None = None,
+    label_map: LabelMap | None = None,
 ) -> DiceReport:
     """Dice/IoU of `predict_fn` (float B×3×H×W in [0,1] -> logits B×num_classes×H×W) on one split of `data`.
 
-    A one-channel segmenter on multi-label data (e.g. KiTS trained on foreground only) is scored on the
-    foreground region (every label > 0), since it cannot tell kidney from tumour; a multi-class one gets the
-    data set's regions (nested regions for KiTS). Cases come from the file's case ids.
+    Predicted classes become stored labels through the checkpoint's `label_map`; the data set's regions (nested
+    regions for KiTS) are scored where the map can tell them apart (a model that merged tumour and cyst is not
+    scored on tumour). A one-channel segmenter without a label map (before issue 15) on multi-label data is
+    scored on the foreground region only. Cases come from the file's case ids.
     """
     info = read_info(data)
     images, masks, cases = load_arrays(data, split, limit)
     if len(images) == 0:
         raise DataError(f"{data} has no images in split {split!r}.", "Check --split (train, val, test or all).")
-    regions = regions_for(info.label_names)
-    if num_classes == 1 and len(info.label_names) > 2:
-        logger.warning("one-channel segmenter on %d labels: scoring the foreground region only",
-                       len(info.label_names))
-        regions = (FOREGROUND,)
+    regions = scored_regions(info.label_names, num_classes, label_map)
     predicted = predict_labels(predict_fn, images, batch_size=batch_size, threshold=threshold, device=device)
+    if label_map is not None and not label_map.is_identity():
+        predicted = label_map.label_lookup()[predicted]
     return segmentation_metrics(masks, predicted, cases, info.label_names, empty_policy=empty_policy,
                                 regions=regions)
+
+
+def scored_regions(label_names: tuple[str, ...], num_classes: int, label_map: LabelMap | None) -> tuple[Region, ...]:
+    """The data set's regions that a segmenter's predictions can score."""
+    regions = regions_for(label_names)
+    if label_map is None:
+        if num_classes == 1 and len(label_names) > 2:
+            logger.warning("one-channel segmenter on %d labels: scoring the foreground region only",
+                           len(label_names))
+            return (FOREGROUND,)
+        return regions
+    kept = tuple(r for r in regions if label_map.separates(r.labels))
+    return kept or tuple(Region(name, group) for name, group in zip(label_map.names, label_map.groups, strict=True))

@@ -24,6 +24,7 @@ to be measured against: its optimum is inverse-variance weighting (weight flows 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,18 @@ def per_sample_mean(x: Tensor) -> Tensor:
     return x.flatten(1).mean(dim=1)
 
 
-def lesion_at(masks: Tensor, size: tuple[int, int]) -> Tensor:
+def lesion_at(masks: Tensor, size: tuple[int, int], labels: Sequence[int] | None = None) -> Tensor:
     """Integer label masks (B,H,W) → lesion fraction per loss-space pixel (B,1,h,w) in [0, 1].
 
-    Area pooling keeps small lesions visible at latent resolution instead of letting nearest sampling drop them.
+    `labels` are the stored labels that count as lesion (`data/labels.py: lesion_labels`; KiTS: tumour and cyst,
+    not the kidney around them); None: every label > 0 (a run from before `--lesion-labels`). Area pooling keeps
+    small lesions visible at latent resolution instead of letting nearest sampling drop them.
     """
-    lesion = (masks > 0).float()[:, None]
+    if labels is None:
+        lesion = (masks > 0).float()[:, None]
+    else:
+        wanted = torch.as_tensor(list(labels), dtype=masks.dtype, device=masks.device)
+        lesion = torch.isin(masks, wanted).float()[:, None]
     if tuple(lesion.shape[-2:]) == tuple(size):
         return lesion
     return F.adaptive_avg_pool2d(lesion, size)

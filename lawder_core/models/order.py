@@ -5,7 +5,8 @@ where the network is unsure:
 
 1. a 1×1 region head on the decoder feature predicts a coarse lesion logit `z` (an auxiliary output, so the
    training loop supervises it with the mask); the uncertainty `u = 1 − |2σ(z) − 1|` ranks the pixels and the
-   top-ρ share become queries;
+   top-ρ share become queries (a multi-class model's head predicts every class and `u` is one minus the margin
+   between its two most probable classes);
 2. both streams are projected to `token_dim`-wide tokens (at H/2 MK-UNet-T has 4 channels: attention on the raw
    channels would have rank ≤ 4) and layer-normalised;
 3. bidirectional attention at the selected pixels only: decoder queries attend to the skip stream and skip
@@ -37,8 +38,15 @@ def selection_count(rho: float, positions: int) -> int:
 
 
 def uncertainty(logits: torch.Tensor) -> torch.Tensor:
-    """1 at σ(z) = 0.5, 0 where the region head is certain either way."""
-    return 1.0 - (2.0 * torch.sigmoid(logits) - 1.0).abs()
+    """(B,1,H,W) in [0, 1]: 1 where the region head cannot decide, 0 where it is certain.
+
+    One channel: 1 − |2σ(z) − 1|. Several classes: 1 − (p₁ − p₂), the margin between the two most probable
+    classes of the softmax (the same number as the one-channel form for two classes).
+    """
+    if logits.shape[1] == 1:
+        return 1.0 - (2.0 * torch.sigmoid(logits) - 1.0).abs()
+    top2 = logits.softmax(dim=1).topk(2, dim=1).values
+    return 1.0 - (top2[:, :1] - top2[:, 1:])
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -121,11 +129,11 @@ class OrderFusion(nn.Module):
     initialisation) and the region head's coarse logits; MKUNetOrder adds the update to MK-UNet's fusion.
     """
 
-    def __init__(self, channels: int, config: OrderConfig) -> None:
+    def __init__(self, channels: int, config: OrderConfig, classes: int = 1) -> None:
         super().__init__()
         self.config = config
         t = config.token_dim
-        self.region_head = nn.Conv2d(channels, 1, 1)
+        self.region_head = nn.Conv2d(channels, classes, 1)
         self.project_decoder = nn.Conv2d(channels, t, 1)
         self.project_skip = nn.Conv2d(channels, t, 1)
         self.norm_decoder = nn.LayerNorm(t)
@@ -191,7 +199,7 @@ class MKUNetOrder(MKUNet):
         c = MKUNET_CHANNELS[variant]
         skip_widths = (c[3], c[2], c[1], c[0])
         self.order_fusions = nn.ModuleList(
-            OrderFusion(w, self.order_config) for w in skip_widths[self.first_order_fusion :]
+            OrderFusion(w, self.order_config, num_classes) for w in skip_widths[self.first_order_fusion :]
         )
 
     def fuse_skip(self, index: int, out: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

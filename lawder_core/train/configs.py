@@ -11,8 +11,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lawder_core import runs
 from lawder_core.config import build_config
 from lawder_core.data.h5 import read_info, split_indices
+from lawder_core.data.labels import label_map, lesion_labels
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.configs import PRESETS, WEIGHTINGS, LAWConfig, OrderConfig, check_model_name, check_prediction
 
@@ -38,7 +40,7 @@ class SegTrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     augment: bool = True
-    foreground_labels: tuple[int, ...] | None = None  # None: every label > 0
+    labels: str | None = None  # --labels: classes by name/number, ',' between classes, '+' merges (data/labels.py)
     order: OrderConfig = field(default_factory=OrderConfig)
     encoder_weights: str | None = None
     loader_workers: int = 0  # lzf HDF5 reads are fast; extra DataLoader processes are slower on 2 cores
@@ -54,7 +56,8 @@ def check_seg_config(cfg: SegTrainConfig) -> None:
         raise UsageError(f"--size {cfg.size} must be divisible by 32 (the U-Nets downsample 5 times).")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1.")
-    read_info(cfg.data)
+    info = read_info(cfg.data)
+    label_map(info.label_names, cfg.labels)
     if cfg.synthetic:
         read_info(cfg.synthetic)
 
@@ -76,6 +79,10 @@ class DiffusionTrainConfig:
     max_grad_norm: float = 1.0
     weighting: str = "law"  # 'uniform' | 'ratio' | 'law'
     law: LAWConfig = field(default_factory=LAWConfig)
+    # --lesion-labels: the stored labels LAW's lesion/background prior and statistics treat as lesion, by name or
+    # number joined by '+'; None: the data set's default (KiTS tumor+cyst, other data every label > 0). The
+    # denoiser is conditioned on every label whatever this says (data/labels.py: lesion_labels).
+    lesion_labels: str | None = None
     # the pixel backbone's recipe (design brief §1.1 rev. 2); ControlNet keeps its checkpoint's epsilon and schedule
     prediction: str | None = None  # 'v' (the unet's default) | 'flow' (rectified flow) | 'epsilon' (controlnet's)
     beta_schedule: str = "squaredcos_cap_v2"  # cosine; 'linear' was the first build's
@@ -151,6 +158,7 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
     if n == 0:
         raise DataError(f"{cfg.data} has no samples in split {cfg.split!r}.", "Check the split, or prepare the data.")
     check_size(cfg)
+    run_lesion_labels(cfg, info.label_names)
     per_worker = n // max(world_size, 1)
     if per_worker < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {per_worker} training samples each of "
@@ -158,3 +166,22 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
     if cfg.size > max(info.height, info.width):
         log.warning("--size %d is larger than the data (%d×%d): images are upsampled.", cfg.size, info.height,
                     info.width)
+
+
+def run_lesion_labels(cfg: DiffusionTrainConfig, label_names: tuple[str, ...] | list[str]) -> tuple[int, ...]:
+    """The lesion labels this run trains with: `cfg.lesion_labels` against the data's label names, or on --resume
+    the set the checkpoint recorded (a checkpoint from before --lesion-labels: every label > 0, as it trained).
+
+    A bad name, or a resume that would change the set mid-run, is a UsageError before any worker starts.
+    """
+    wanted = lesion_labels(label_names, cfg.lesion_labels)
+    checkpoint = runs.find_checkpoint(Path(cfg.out)) if cfg.resume and cfg.out else None
+    if checkpoint is None:
+        return wanted
+    recorded = runs.read_progress(checkpoint).get("lesion_labels")
+    trained = tuple(recorded) if recorded is not None else tuple(range(1, len(label_names)))
+    if cfg.lesion_labels is not None and wanted != trained:
+        raise UsageError(f"the checkpoint in {checkpoint} trained LAW with lesion labels {list(trained)}, "
+                         f"not {list(wanted)}.",
+                         "Resume without --lesion-labels (or with the same labels), or use a new --out.")
+    return trained

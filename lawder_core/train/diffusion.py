@@ -56,7 +56,7 @@ from lawder_core.models.law import (
     weighted_diffusion_loss,
 )
 from lawder_core.models.recipe import generate, initial_noise, noised_batch
-from lawder_core.train.configs import DiffusionTrainConfig
+from lawder_core.train.configs import DiffusionTrainConfig, run_lesion_labels
 from lawder_core.train.runtime import (
     Reporter,
     WorkerContext,
@@ -73,7 +73,7 @@ from lawder_core.viz import save_weight_preview
 log = logging.getLogger(__name__)
 
 SAMPLES = "samples"
-LAW_STATS = ("w_lesion", "w_background", "w_max", "law_objective", "law_active")
+LAW_STATS = ("w_lesion", "w_background", "w_max", "law_objective", "law_active", "lesion_frac")
 
 
 # ---------------------------------------------------------------- setup
@@ -145,6 +145,9 @@ class Trainer:
     law_model: nn.Module | None = None
     law_optimizer: torch.optim.Optimizer | None = None
     grabber: FeatureGrabber | None = None
+    # The stored labels that are lesion for LAW's prior, map and statistics (run_lesion_labels); the denoiser's
+    # condition is every label, one-hot, whatever this says.
+    lesion_labels: tuple[int, ...] | None = None
 
     @property
     def out(self) -> Path:
@@ -152,7 +155,7 @@ class Trainer:
 
 
 def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserSpec,
-                  checkpoint: Path | None) -> tuple[Trainer, int]:
+                  checkpoint: Path | None, lesion_labels: tuple[int, ...] | None = None) -> tuple[Trainer, int]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     if checkpoint is not None:
         denoiser = load_denoiser(checkpoint / runs.DENOISER, pretrained=cfg.pretrained)
@@ -172,7 +175,7 @@ def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserS
     use_amp, amp_dtype = amp_settings(cfg, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     trainer = Trainer(cfg, ctx, denoiser, denoiser, ema, optimizer, lr_schedule, scaler, law, law, law_optimizer,
-                      grabber)
+                      grabber, lesion_labels)
     start = restore(trainer, checkpoint) if checkpoint is not None else 0
     trainer.model = wrap_model(denoiser, ctx)
     trainer.law_model = wrap_model(law, ctx) if law is not None else None
@@ -206,7 +209,7 @@ def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Loss
     active = tr.law is not None and law_active(step, cfg.steps, cfg.law)
     features = tr.grabber.take(size) if tr.grabber is not None and active else None  # type: ignore[arg-type]
     terms = weighted_diffusion_loss(pred, batch.target, weighting=cfg.weighting,
-                                    lesion=lesion_at(masks, size),  # type: ignore[arg-type]
+                                    lesion=lesion_at(masks, size, tr.lesion_labels),  # type: ignore[arg-type]
                                     law=tr.law_model, features=features, timesteps=batch.model_timesteps,
                                     active=active, config=cfg.law, keep=~drop,
                                     time_weight=None if uses_uniform_time(cfg) else batch.time_weight)
@@ -231,7 +234,9 @@ def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Loss
 class Window:
     """Running sums of the logged quantities between two log lines (NaN entries are skipped)."""
 
-    KEYS = ("loss", "law_objective", "w_lesion", "w_background")  # averaged; w_max is the largest weight seen
+    # averaged; w_max is the largest weight seen. lesion_frac: the share of loss-space pixels that are lesion
+    # (the lesion labels'), what LAW's ratio prior is computed from.
+    KEYS = ("loss", "law_objective", "w_lesion", "w_background", "lesion_frac")
 
     def __init__(self) -> None:
         self.sums = dict.fromkeys(self.KEYS, 0.0)
@@ -245,7 +250,7 @@ class Window:
         self.w_max = max(self.w_max, stats.pop("w_max"))
         values = {"loss": float(terms.loss.detach()),
                   "law_objective": float(terms.law_objective.detach()) if terms.law_objective is not None
-                  else float("nan"), **stats}
+                  else float("nan"), **stats, "lesion_frac": float(lesion.float().mean())}
         for k, v in values.items():
             if np.isfinite(v):
                 self.sums[k] += v
@@ -283,8 +288,10 @@ def save_checkpoint(tr: Trainer, step: int) -> Path:
             {"feature_channels": tr.law.feature_channels, "config": asdict(tr.law.config)}, indent=2))
         state["law_optimizer"] = tr.law_optimizer.state_dict()
     runs.save_state(tmp, state)
-    return runs.commit_checkpoint(tmp, tr.out, runs.LAST,
-                                  {"step": step, "ema_updates": tr.ema.num_updates, "weighting": tr.cfg.weighting})
+    progress: dict[str, Any] = {"step": step, "ema_updates": tr.ema.num_updates, "weighting": tr.cfg.weighting}
+    if tr.lesion_labels is not None:
+        progress["lesion_labels"] = list(tr.lesion_labels)  # what a resume and `lawder sample` read back
+    return runs.commit_checkpoint(tmp, tr.out, runs.LAST, progress)
 
 
 def restore(tr: Trainer, checkpoint: Path) -> int:
@@ -323,7 +330,7 @@ def weight_maps(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Tensor
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
     batch = noised_batch(denoiser.scheduler, denoiser.spec.prediction, x0, noise, level=0.5)
     pred = denoiser(batch.noisy, batch.model_timesteps, denoiser.condition(masks))
-    lesion = lesion_at(masks, tuple(pred.shape[-2:]))  # type: ignore[arg-type]
+    lesion = lesion_at(masks, tuple(pred.shape[-2:]), tr.lesion_labels)  # type: ignore[arg-type]
     if cfg.weighting == "uniform":
         return torch.ones_like(lesion)
     if cfg.weighting == "ratio" or tr.law is None or tr.grabber is None:
@@ -395,8 +402,10 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
     if checkpoint is not None and not cfg.resume:
         raise UsageError(f"{out} already holds a checkpoint.",
                          "Pass --resume to continue it, or choose another --out.")
-    tr, start = build_trainer(cfg, ctx, denoiser_spec(cfg, dataset), checkpoint if cfg.resume else None)
+    lesion = run_lesion_labels(cfg, dataset.info.label_names)
+    tr, start = build_trainer(cfg, ctx, denoiser_spec(cfg, dataset), checkpoint if cfg.resume else None, lesion)
     if ctx.is_main:
+        log.info("LAW lesion labels: %s", "+".join(dataset.info.label_names[k] for k in lesion))
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, to_dict(replace(cfg, resume=False)))
         runs.trim_metrics(out, "step", start)
@@ -409,7 +418,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
         images, masks = next(data)
         terms = training_step(tr, images, masks, step)
         map_size = terms.weights.shape[-2:] if terms.weights is not None else masks.shape[-2:]
-        window.add(terms, lesion_at(masks.to(ctx.device), tuple(map_size)))
+        window.add(terms, lesion_at(masks.to(ctx.device), tuple(map_size), tr.lesion_labels))
         done = step + 1
         saved = due(done, cfg.save_every, cfg.steps)
         if not (saved or due(done, cfg.log_every, cfg.steps)):
@@ -440,6 +449,11 @@ def latest_preview(out: Path) -> str | None:
     return str(previews[-1]) if previews else None
 
 
+def recorded_lesion_labels(checkpoint: Path) -> list[int] | None:
+    """The lesion labels a checkpoint trained with (None: from before --lesion-labels, every label > 0)."""
+    return runs.read_progress(checkpoint).get("lesion_labels")
+
+
 def summarise_law_run(out: str | Path) -> dict[str, Any]:
     """Final step, last loss, LAW's weight statistics, the checkpoint and the newest preview grid."""
     out = Path(out)
@@ -454,6 +468,7 @@ def summarise_law_run(out: str | Path) -> dict[str, Any]:
         "step": int(last.get("step", 0)),
         "loss": last.get("loss"),
         "law": {k: last.get(k) for k in LAW_STATS},
+        "lesion_labels": recorded_lesion_labels(checkpoint) if checkpoint is not None else None,
         "sec_per_step": last.get("sec_per_step"),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "checkpoint_step": runs.read_progress(checkpoint)["step"] if checkpoint is not None else None,

@@ -1,8 +1,10 @@
-"""Segmentation losses: the MK-UNet/PraNet "structure loss" and its deep-supervision sum.
+"""Segmentation losses: the MK-UNet/PraNet "structure loss", the multi-class loss, and their deep-supervision sum.
 
-The structure loss weights each pixel by `1 + 5·|avgpool31(mask) − mask|`: pixels near a boundary (where the
-31×31 neighbourhood is mixed) count up to six times more, in both the BCE and the soft-IoU term. With several
-output channels each channel is treated as its own one-vs-rest binary problem (sigmoid per channel).
+Binary (one output channel): the structure loss weights each pixel by `1 + 5·|avgpool31(mask) − mask|`: pixels
+near a boundary (where the 31×31 neighbourhood is mixed) count up to six times more, in both the BCE and the
+soft-IoU term. Several classes (background + one channel per class, softmax): cross-entropy + soft Dice over the
+foreground classes, computed over the whole batch (nnU-Net's batch Dice: a class absent from one image does not
+turn that image's Dice into noise).
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (weighted_bce + weighted_iou).mean()
 
 
+def multiclass_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + (1 − soft Dice of the foreground classes); logits (B,C,H,W), classes (B,H,W) in [0, C)."""
+    ce = F.cross_entropy(logits, classes)
+    prob = logits.softmax(dim=1)[:, 1:]
+    one_hot = F.one_hot(classes, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(prob.dtype)
+    intersection = (prob * one_hot).sum(dim=(0, 2, 3))
+    total = prob.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+    soft_dice = (2 * intersection + 1.0) / (total + 1.0)
+    return ce + (1.0 - soft_dice).mean()
+
+
+def resize_classes(classes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B,H,W) class indices at a coarser `size`: the class covering most of each output pixel's area."""
+    if tuple(classes.shape[-2:]) == tuple(size):
+        return classes
+    one_hot = F.one_hot(classes, int(classes.max()) + 1).permute(0, 3, 1, 2).float()
+    return F.interpolate(one_hot, size=size, mode="area").argmax(dim=1)
+
+
 def resize_target(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Area-average a float target to `size`, then threshold at 0.5 so it stays a mask."""
     if tuple(target.shape[-2:]) == tuple(size):
@@ -59,23 +80,50 @@ def segmentation_loss(
     target: torch.Tensor,
     aux_weight: float | Sequence[float] = 0.0,
 ) -> torch.Tensor:
-    """Structure loss of the main logits + `aux_weight` × structure loss of each auxiliary output.
+    """The main output's loss + `aux_weight` × the loss of each auxiliary output.
 
-    Auxiliary outputs (deep-supervision heads, ORDER's region heads) may have any resolution and one or
-    `logits.shape[1]` channels; the target is resized to each. `aux_weight` is one weight for all of them or
-    one per auxiliary output.
+    One channel: structure loss on a float mask target. Several channels with an integer class target (B,H,W):
+    the multi-class loss (`multiclass_segmentation_loss`). Auxiliary outputs (deep-supervision heads, ORDER's
+    region heads) may have any resolution and one or `logits.shape[1]` channels; the target is resized to each.
+    `aux_weight` is one weight for all of them or one per auxiliary output.
     """
     channels = logits.shape[1]
+    if channels > 1 and target.dtype in (torch.int64, torch.int32, torch.uint8):
+        return multiclass_segmentation_loss(logits, aux_list, target.reshape(-1, *target.shape[-2:]).long(),
+                                            aux_weights(aux_weight, aux_list))
     full = as_channel_target(target, channels)
     loss = structure_loss(logits, full)
-    weights = [aux_weight] * len(aux_list) if isinstance(aux_weight, (int, float)) else list(aux_weight)
-    if len(weights) != len(aux_list):
-        raise ValueError(f"{len(weights)} aux weights for {len(aux_list)} auxiliary outputs")
-    for aux, weight in zip(aux_list, weights, strict=True):
+    for aux, weight in zip(aux_list, aux_weights(aux_weight, aux_list), strict=True):
         if weight == 0:
             continue
         aux_target = full if aux.shape[1] == channels else foreground(full)
         loss = loss + weight * structure_loss(aux, resize_target(aux_target, aux.shape[-2:]))
+    return loss
+
+
+def aux_weights(aux_weight: float | Sequence[float], aux_list: Sequence[torch.Tensor]) -> list[float]:
+    weights = [aux_weight] * len(aux_list) if isinstance(aux_weight, (int, float)) else list(aux_weight)
+    if len(weights) != len(aux_list):
+        raise ValueError(f"{len(weights)} aux weights for {len(aux_list)} auxiliary outputs")
+    return weights
+
+
+def multiclass_segmentation_loss(logits: torch.Tensor, aux_list: Sequence[torch.Tensor], classes: torch.Tensor,
+                                 weights: Sequence[float]) -> torch.Tensor:
+    """Multi-class loss of the main logits + weighted losses of the auxiliary outputs at their resolution.
+
+    An auxiliary output with the main output's channels gets the multi-class loss; a one-channel one (a binary
+    region head) gets the structure loss on "any foreground class".
+    """
+    loss = multiclass_loss(logits, classes)
+    for aux, weight in zip(aux_list, weights, strict=True):
+        if weight == 0:
+            continue
+        small = resize_classes(classes, aux.shape[-2:])
+        if aux.shape[1] == logits.shape[1]:
+            loss = loss + weight * multiclass_loss(aux, small)
+        else:
+            loss = loss + weight * structure_loss(aux, (small > 0).float().unsqueeze(1))
     return loss
 
 

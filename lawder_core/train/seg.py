@@ -1,7 +1,8 @@
 """Segmenter training: one plain-PyTorch loop per worker, for every model the factory builds.
 
-Binary segmentation: the target is `mask ∈ foreground_labels` (default: any label > 0, i.e. the lesion
-for polyps, kidney+masses for KiTS). Rank 0 validates, keeps `best/` (highest validation Dice) and `last/`
+The label map (`data/labels.py`, `--labels`) turns the stored labels into classes: one foreground class gives a
+binary segmenter (polyps), several a multi-class one (KiTS: kidney, tumour, cyst); the map is saved with every
+checkpoint. Rank 0 validates, keeps `best/` (highest validation Dice) and `last/`
 (with optimiser and scheduler state for --resume), and appends one JSON line per epoch to metrics.jsonl.
 """
 
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader
 from lawder_core import runs
 from lawder_core.config import to_dict
 from lawder_core.data.dataset import SegDataset, to_model_input, with_synthetic
+from lawder_core.data.h5 import read_info
+from lawder_core.data.labels import LabelMap, label_map
 from lawder_core.errors import DataError
 from lawder_core.models.factory import build_segmenter, load_segmenter, save_segmenter
 from lawder_core.train.configs import SegTrainConfig
@@ -41,35 +44,50 @@ from lawder_core.train.runtime import (
 log = logging.getLogger(__name__)
 
 
-def binary_target(mask: torch.Tensor, labels: tuple[int, ...] | None) -> torch.Tensor:
-    """(B,H,W) int labels -> (B,1,H,W) float foreground."""
-    if labels is None:
-        fg = mask > 0
+def class_target(mask: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+    """(B,H,W) stored labels -> (B,H,W) int64 class indices through the label map's table."""
+    return lookup.to(mask.device)[mask.long()].long()
+
+
+def model_target(classes: torch.Tensor, outputs: int) -> torch.Tensor:
+    """What the loss takes: a (B,1,H,W) float mask for a binary model, the class indices otherwise."""
+    return (classes > 0).float().unsqueeze(1) if outputs == 1 else classes
+
+
+def dice_per_image(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Mean Dice over the foreground classes, per image; a class empty in both target and prediction scores 1.
+
+    One channel: sigmoid > 0.5 against classes > 0; several: argmax against the class indices.
+    """
+    if classes.dim() == 4:  # a binary (B,1,H,W) mask
+        classes = classes[:, 0].long()
+    if logits.shape[1] == 1:
+        pred, count = (logits[:, 0] > 0).long(), 2
     else:
-        fg = torch.zeros_like(mask, dtype=torch.bool)
-        for label in labels:
-            fg |= mask == label
-    return fg.unsqueeze(1).float()
-
-
-def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice at threshold 0.5; an image with empty target and empty prediction scores 1."""
-    pred = (logits > 0).float()
-    inter = (pred * target).sum(dim=(1, 2, 3))
-    total = pred.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1e-9), torch.ones_like(total))
+        pred, count = logits.argmax(dim=1), logits.shape[1]
+    scores = []
+    for k in range(1, count):
+        p, t = pred == k, classes == k
+        inter = (p & t).sum(dim=(1, 2)).float()
+        total = (p.sum(dim=(1, 2)) + t.sum(dim=(1, 2))).float()
+        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1e-9), torch.ones_like(total)))
+    return torch.stack(scores).mean(dim=0)
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, loader: DataLoader, cfg: SegTrainConfig, device: torch.device) -> float:
+def validate(model: torch.nn.Module, loader: DataLoader, lookup: torch.Tensor, device: torch.device) -> float:
     model.eval()
     scores = []
     for batch in loader:
         image, mask = to_model_input(*batch, device)
-        logits = model(image)
-        scores.append(dice_per_image(logits.float(), binary_target(mask, cfg.foreground_labels)))
+        scores.append(dice_per_image(model(image).float(), class_target(mask, lookup)))
     model.train()
     return float(torch.cat(scores).mean()) if scores else float("nan")
+
+
+def run_label_map(cfg: SegTrainConfig) -> LabelMap:
+    """The classes this run learns, from the data set's label names and --labels."""
+    return label_map(read_info(cfg.data).label_names, cfg.labels)
 
 
 def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader, DataLoader, Any]:
@@ -104,16 +122,16 @@ def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, cfg: SegTrainConfig, ctx: WorkerContext,
-                    aux_weight: float, epoch: int) -> float:
+                    aux_weight: float, epoch: int, lookup: torch.Tensor) -> float:
     total, steps = 0.0, 0
     use_amp = cfg.amp and ctx.device.type == "cuda"
     for step, (image, mask) in enumerate(loader):
         if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
             break
         image, mask = to_model_input(image, mask, ctx.device)
-        target = binary_target(mask, cfg.foreground_labels)
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits, aux = model(image, return_aux=True)
+        target = model_target(class_target(mask, lookup), logits.shape[1])
         loss = segmentation_loss(logits.float(), [a.float() for a in aux], target, aux_weight)
         check_finite(loss, epoch * len(loader) + step)
         optimizer.zero_grad(set_to_none=True)
@@ -132,8 +150,10 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
     out = Path(cfg.out)
     train_loader, val_loader, sampler = build_loaders(cfg, ctx)
     channels = train_loader.dataset[0][0].shape[0]
-    model = build_segmenter(cfg.model, num_classes=1, in_channels=channels, encoder_weights=cfg.encoder_weights,
-                            order=cfg.order)
+    labels = run_label_map(cfg)
+    lookup = torch.from_numpy(labels.class_lookup())
+    model = build_segmenter(cfg.model, num_classes=labels.outputs, in_channels=channels,
+                            encoder_weights=cfg.encoder_weights, order=cfg.order)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     start, best = restore(out, model, optimizer, scheduler) if cfg.resume else (0, -1.0)
@@ -145,13 +165,14 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
     for epoch in range(start, cfg.epochs):
         set_sampler_epoch(sampler, epoch, cfg.seed)
         tic = time.perf_counter()
-        loss = train_one_epoch(model, train_loader, optimizer, scheduler, cfg, ctx, cfg.order.aux_weight, epoch)
+        loss = train_one_epoch(model, train_loader, optimizer, scheduler, cfg, ctx, cfg.order.aux_weight, epoch,
+                               lookup)
         loss = mean_across_workers(loss, ctx)
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
         if ctx.is_main:
             plain = unwrap_model(model)
-            dice = validate(plain, val_loader, cfg, ctx.device)
-            best = save_epoch(out, plain, optimizer, scheduler, cfg, epoch, dice, best)
+            dice = validate(plain, val_loader, lookup, ctx.device)
+            best = save_epoch(out, plain, optimizer, scheduler, cfg, epoch, dice, best, labels)
             metrics.update(val_dice=dice, best_dice=best, seconds=time.perf_counter() - tic)
             runs.append_metrics(out, metrics)
             plot_curves(out / runs.METRICS, out / "curves.png", ["train_loss", "val_dice"])
@@ -163,8 +184,8 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
 
 
 def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: SegTrainConfig, epoch: int,
-               dice: float, best: float) -> float:
-    extra = {"epoch": epoch, "val_dice": dice, "train_config": to_dict(cfg)}
+               dice: float, best: float, labels: LabelMap) -> float:
+    extra = {"epoch": epoch, "val_dice": dice, "train_config": to_dict(cfg), "label_map": labels.to_dict()}
     if dice > best:
         best = dice
         tmp = runs.new_checkpoint(out, runs.BEST)
