@@ -44,6 +44,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _coerce(tp: Any, value: Any) -> Any:
     """Turn YAML lists into tuples for tuple-typed fields and build nested dataclasses."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()  # a NumPy scalar from a search space: a plain int/float/bool
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return from_dict(tp, value)
@@ -66,7 +68,52 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     if unknown:
         raise UsageError(f"unknown option(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})  # type: ignore[call-arg]
+    values = {k: _coerce(hints[k], v) for k, v in data.items()}
+    for key, value in values.items():
+        _check_type(cls.__name__, key, hints[key], value)
+    return cls(**values)  # type: ignore[call-arg]
+
+
+SIMPLE_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_type(owner: str, key: str, tp: Any, value: Any) -> None:
+    """Refuse `size: "abc"` or `size: [64]` in a config file before any work (not a TypeError mid-run)."""
+    if _matches(tp, value):
+        return
+    raise UsageError(f"option {key!r} of {owner} must be {_describe(tp)}, not {value!r} ({type(value).__name__}).",
+                     "Fix the value in the config file or on the command line.")
+
+
+def _matches(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(arg, value) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return isinstance(value, tuple) and all(any(_matches(a, v) for a in args) for v in value)
+    return True  # nested dataclasses (checked by their own from_dict), Literal, Any, ...
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return "empty (null)"
+    if origin is tuple:
+        return "a list"
+    return SIMPLE_TYPES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def build_config(cls: type[C], config_file: str | Path | None = None, **overrides: Any) -> C:
