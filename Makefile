@@ -37,6 +37,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q $(PARALLEL) -m "not slow and not ray"
 
+# The reliability probes of RELIABILITY.md only (also part of `make test`).
+test-faults: $(STAMP)
+	$(BIN)/pytest -q -m faults
+
 lint: $(STAMP)
 	$(BIN)/ruff check lawder_core lawder_cli tests benchmarks
 	$(BIN)/lint-imports

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lawder_core.errors import UsageError
+from lawder_core.errors import DataError, UsageError
 from lawder_core.files import append_jsonl, read_jsonl, write_json, write_jsonl
 from lawder_core.locks import hold_output_lock
 
@@ -155,4 +155,12 @@ def load_state(checkpoint: Path, map_location: Any = "cpu") -> dict[str, Any] | 
     import torch
 
     path = checkpoint / STATE
-    return torch.load(path, map_location=map_location, weights_only=True) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError for planted code, RuntimeError/EOFError for a torn or foreign file
+        raise DataError(f"{path} is not a training state lawder wrote ({type(err).__name__}); it was not loaded, "
+                        "and no code in it ran.",
+                        "Start the run over with --force (or move the run folder away); --resume cannot use it.",
+                        ) from err

@@ -27,6 +27,7 @@ USAGE_ERRORS: list[tuple[list[str], int, str]] = [
     (["prepare", "kits", "-o", "{tmp}/x.h5"], EXIT_USAGE, "needs the KiTS folder"),
     (["prepare", "kits", "{tmp}", "-o", "{tmp}/x.h5", "--window=300,-79"], EXIT_USAGE, "LOW must be below HIGH"),
     (["prepare", "synthetic", "-o", "{tmp}/x.h5", "--resize", "crop"], EXIT_USAGE, "--resize must be one of"),
+    (["prepare", "folder", "--images", "{tmp}", "-o", "{tmp}/x.h5"], EXIT_USAGE, "needs --images DIR and --masks DIR"),
     (["inspect", "{tmp}/missing.h5"], EXIT_DATA, "missing.h5"),
     (["env", "--nope"], EXIT_USAGE, "No such option"),
     (["train-order", "--data", "d.h5", "--out", "{tmp}/o", "--workers", "-1"], EXIT_USAGE, "--workers"),

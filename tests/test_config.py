@@ -12,6 +12,8 @@ from lawder_core.errors import EXIT_USAGE, UsageError
 from lawder_core.train.configs import SegTrainConfig
 from tests.helpers import synthetic_h5
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.mark.parametrize(("bad", "message"), [
     ({"size": "abc"}, "'size' of SegTrainConfig must be an integer"),

@@ -15,6 +15,8 @@ from lawder_core.data.h5 import load_arrays
 from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_folder import prepare_folder
 
+pytestmark = pytest.mark.faults
+
 
 def grey(lesion: np.ndarray, on: int, dtype=np.uint8) -> Image.Image:
     return Image.fromarray((lesion.astype(np.int64) * on).astype(dtype))

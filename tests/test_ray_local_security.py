@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.faults
+
 DRIVER = textwrap.dedent("""
     import json, os, stat, sys
     from pathlib import Path

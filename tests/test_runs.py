@@ -79,6 +79,7 @@ def test_read_jsonl_skips_a_line_torn_by_a_kill(tmp_path):
     assert read_jsonl(path) == [{"a": 1}]
 
 
+@pytest.mark.faults
 def test_resume_on_a_folder_without_a_run_is_refused(tmp_path):
     with pytest.raises(UsageError, match="holds no run"):
         runs.open_run(tmp_path / "typo", resume=True, force=False)
@@ -93,6 +94,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("kind", ["run folder", "hdf5"])
 def test_a_second_writer_of_the_same_output_is_refused_at_once_and_told_who(tmp_path, kind):
     import subprocess

@@ -19,7 +19,7 @@ from lawder_core.data.images import (
     read_image,
 )
 from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, resize_pair, write_dataset
-from lawder_core.errors import DataError
+from lawder_core.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 LABEL_NAMES = ("background", "lesion")
@@ -122,7 +122,8 @@ def folder_source(source: str, in_dir: str | os.PathLike | None, images: str | N
                   masks: str | None) -> tuple[Path, Path]:
     if source == "folder":
         if not images or not masks:
-            raise DataError("`prepare folder` needs --images DIR and --masks DIR.")
+            raise UsageError("`prepare folder` needs --images DIR and --masks DIR.",
+                             "e.g. lawder prepare folder --images data/images --masks data/masks -o data.h5")
         return Path(images), Path(masks)
     return layout_folders(source, Path(in_dir or "."))
 
