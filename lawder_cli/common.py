@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import json
 import logging
 import os
@@ -71,6 +72,9 @@ def handle_errors(fn: F) -> F:
     `--debug` / LAWDER_DEBUG=1 lets the traceback through instead.
     """
 
+    # only commands that have --resume may suggest it (`prepare` has none)
+    resume_hint = "; rerun with --resume to continue" if "resume" in inspect.signature(fn).parameters else ""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -80,7 +84,7 @@ def handle_errors(fn: F) -> F:
                 raise
             fail(error)
         except KeyboardInterrupt:
-            err_console.print("interrupted: outputs written so far are complete; rerun with --resume to continue.")
+            err_console.print(f"interrupted: outputs written so far are complete{resume_hint}.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise

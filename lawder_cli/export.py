@@ -25,7 +25,7 @@ def onnx(
 ) -> None:
     """Export the best checkpoint to ONNX (BatchNorm folded, opset 18) and check it against PyTorch.
 
-    Needs the onnx extra: pip install 'lawder[onnx]'. Run it with `lawder predict --onnx FILE`.
+    Needs the onnx extra: pip install 'lawder\\[onnx]'. Run it with `lawder predict --onnx FILE`.
     """
     from lawder_core.export.onnx import export_onnx
 

@@ -17,7 +17,7 @@ def predict(
     input_option: Path = typer.Option(None, "--in", help="The same as the INPUT argument.", show_default=False),
     run: Path = typer.Option(None, "--run", help="Run folder of `lawder train-order` (its best/ checkpoint)."),
     onnx: Path = typer.Option(None, "--onnx", help="Instead of --run: a file of `lawder export onnx`, run by "
-                              "ONNX Runtime (pip install 'lawder[onnx]')."),
+                              "ONNX Runtime (pip install 'lawder\\[onnx]')."),
     threads: int = typer.Option(0, "--threads", help="--onnx: ONNX Runtime threads (0: its default)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: masks/ and overlays/ PNGs; for CT volumes "
                              "CASE_seg.nii.gz and overlays/."),
@@ -25,6 +25,9 @@ def predict(
     window: str = typer.Option(None, "--window", help="CT volumes: window LOW,HIGH in HU (default: the training "
                                "data's, else -79,304).", show_default=False),
     mode: str = typer.Option("auto", help="Inference path: auto, eager, channels_last or compile."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Input folders: also read symbolic "
+                                         "links that lead outside the folder (by default they are left out and "
+                                         "listed)."),
     force: bool = FORCE,
     json_out: bool = JSON,
 ) -> None:
@@ -32,10 +35,14 @@ def predict(
 
     CT volumes are segmented axial slice by slice, as `prepare kits` made the training slices, into
     OUT/CASE_seg.nii.gz (uint8 labels on the input's voxel grid: same shape and affine) and overlays/CASE_zNNN.png.
-    --force writes into an output folder that is not empty.
+    Names come from the input (file stems; INDEX_CASE for HDF5) with anything outside [A-Za-z0-9._-] replaced
+    by _. --force writes into an output folder that is not empty, but never through a symbolic link (exit 3).
+    An image or volume that cannot be read or segmented is skipped and the others are written;
+    OUT/predict_summary.json lists what was written and skipped (with reasons), and any skip exits 3.
     """
     from lawder_core.errors import UsageError
     from lawder_core.predict import predict_to_folder
+    from lawder_core.predict_output import SUMMARY, SkippedInputs
 
     if input is None and input_option is None:
         raise UsageError("Missing argument 'INPUT': the images or volumes to segment.",
@@ -49,11 +56,26 @@ def predict(
         from lawder_core.export.onnx import onnx_predictor
 
         predictor = onnx_predictor(onnx, threads or None)
-    result = predict_to_folder(predictor if onnx is not None else run, input or input_option, out, split=split,
-                               mode=mode, force=force, window=window)
+    try:
+        result = predict_to_folder(predictor if onnx is not None else run, input or input_option, out,
+                                   split=split, mode=mode, force=force, window=window,
+                                   follow_symlinks=follow_symlinks)
+    except SkippedInputs as partial:  # the summary first (stdout with --json), then the error and exit 3
+        report(partial.result, out / SUMMARY, json_out)
+        raise
+    report(result, out / SUMMARY, json_out)
+
+
+def report(result: dict, summary: Path, json_out: bool) -> None:
+    """The result as JSON on stdout, or one line on stderr."""
     if json_out:
         print_json(result)
-    elif "volumes" in result:
-        err_console.print(f"segmented {result['volumes']} CT volume(s) with {result['checkpoint']} -> {out}")
-    else:
-        err_console.print(f"segmented {result['images']} images with {result['checkpoint']} -> {out}")
+        return
+    kind = "CT volume(s)" if "volumes" in result else "images"
+    total = result.get("volumes", result.get("images", 0))
+    line = f"segmented {result['written']} of {total} {kind} with {result['checkpoint']} -> {result['out']}"
+    if result.get("skipped"):
+        line += f"; {result['skipped']} skipped (see {summary})"
+    if result.get("links_not_followed"):
+        line += f"; {len(result['links_not_followed'])} link(s) out of the input folder not followed"
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)

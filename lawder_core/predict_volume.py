@@ -2,7 +2,8 @@
 
 Input: a `.nii`/`.nii.gz` file, a KiTS case folder (`case_XXXXX/imaging.nii.gz`), or a folder of volumes (NIfTI
 files in it and `*/imaging.nii.gz` case folders). Output, for each volume named CASE (the file name without
-`.nii[.gz]`; for `imaging.nii.gz`, its folder's name): `OUT/CASE_seg.nii.gz` and `OUT/overlays/CASE_zNNN.png`.
+`.nii[.gz]`; for `imaging.nii.gz`, its folder's name; made safe and unique by `paths.unique_names`):
+`OUT/CASE_seg.nii.gz` and `OUT/overlays/CASE_zNNN.png`, and `OUT/predict_summary.json`.
 
 Geometry. Each volume goes through `prepare_kits`'s own functions: reoriented to RAS+ (`canonical_array`), cut
 into axial slices `volume[:, :, z]`, shown in radiological view, windowed to uint8 and fitted onto the
@@ -17,8 +18,9 @@ Settings come from the training HDF5's `preprocessing` record (the run's `train_
 there and was made by `prepare kits`; otherwise the KiTS defaults (window -79,304 HU, 1 channel, pad to the
 training size, each case's own spacing). `--window` overrides the window. The log says which were used.
 
-`lawder_core.predict.predict_to_folder` loads the run, applies the output-folder rule (no writing into a
-non-empty folder without --force) and dispatches here for NIfTI input.
+`lawder_core.predict.predict_to_folder` loads the run, applies the output-folder rules (no writing into a
+non-empty folder without --force, never through a symbolic link: `predict_output.py`) and dispatches here for
+NIfTI input. A volume that cannot be read or segmented is skipped; the run then exits 3 after the summary.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ import logging
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
 
 from lawder_core.data.h5 import read_info
 from lawder_core.data.labels import LabelMap
@@ -51,7 +52,19 @@ from lawder_core.data.prepare_kits import (
 from lawder_core.data.resize import resize_image
 from lawder_core.data.sources import parse_window
 from lawder_core.errors import DataError, UsageError
-from lawder_core.files import atomic_save
+from lawder_core.paths import unique_names, write_safely
+from lawder_core.predict_output import (
+    SUMMARY,
+    Outcome,
+    finish,
+    input_failure,
+    keep_inside,
+    make_output,
+    nothing_found,
+    refuse_links,
+    summary_on_abort,
+    write_png,
+)
 from lawder_core.viz import overlay
 
 if TYPE_CHECKING:
@@ -252,13 +265,14 @@ def segmentation_image(labels: np.ndarray, like: nib.Nifti1Image, description: s
 
 
 def write_nifti(image: nib.Nifti1Image, path: Path) -> Path:
-    """Atomically (`files.atomic_save`); the temporary name has no .nii.gz, so the bytes are gzipped here."""
+    """Atomically and never through a link (`paths.write_safely`); the temporary name has no .nii.gz, so the
+    bytes are gzipped here."""
 
-    def save(tmp: Path) -> None:
-        with gzip.open(tmp, "wb", compresslevel=6) as f:
-            f.write(image.to_bytes())
+    def write(f: BinaryIO) -> None:
+        with gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=f) as gz:
+            gz.write(image.to_bytes())
 
-    return atomic_save(save, path)
+    return write_safely(path, write)
 
 
 def overlay_slices(labels: np.ndarray, count: int = OVERLAY_SLICES) -> list[int]:
@@ -269,41 +283,61 @@ def overlay_slices(labels: np.ndarray, count: int = OVERLAY_SLICES) -> list[int]
 
 
 def predict_volumes(predictor: VolumePredictor, source: str | os.PathLike, out: str | os.PathLike,
-                    window: tuple[float, float] | str | None = None) -> dict[str, Any]:
-    """Write OUT/CASE_seg.nii.gz and OUT/overlays/CASE_zNNN.png for every volume in `source`; returns a summary.
+                    window: tuple[float, float] | str | None = None,
+                    follow_symlinks: bool = False) -> dict[str, Any]:
+    """Write OUT/CASE_seg.nii.gz and OUT/overlays/CASE_zNNN.png for every volume in `source`, and
+    OUT/predict_summary.json; returns the summary.
 
-    The caller (`predict_to_folder`) has already refused a non-empty `out` without --force.
+    CASE is made safe (`paths.safe_name`) and unique in the run. In a folder, links that lead outside it are
+    followed only with `follow_symlinks`; a volume that cannot be read or segmented is skipped, and
+    `SkippedInputs` (exit 3) reports it after the summary is written (`predict_output.py`). The caller
+    (`predict_to_folder`) has already refused a non-empty `out` without --force, and a linked `out`.
     """
+    source, out = Path(source), Path(out)
+    outcome = Outcome("volumes")
     volumes = find_volumes(source)
+    if source.is_dir():
+        volumes = keep_inside(source, volumes, follow_symlinks, outcome)
     if not volumes:
-        raise DataError(f"no NIfTI volumes (.nii, .nii.gz) in {source}.")
+        raise nothing_found("NIfTI volumes (.nii, .nii.gz)", source, outcome)
+    names = unique_names(name for name, _ in volumes)
     settings = volume_settings(predictor.info, predictor.size, window)
     log.info("CT slices as in training: window %g,%g HU, %d channel(s), %s, spacing %s; from %s",
              *settings.window, settings.channels,
              f"{settings.resize_mode} to {settings.size}" if settings.size else "native size",
              f"{settings.spacing} mm" if settings.spacing else "each case's own", settings.origin)
-    out = Path(out)
-    (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
+    refuse_links([out / SUMMARY] + [out / f"{name}{SEG_SUFFIX}" for name in names])
+    make_output(out, (OVERLAYS,))
+    outcome.total = len(volumes)
     run = predictor.info.get("run") or predictor.info.get("onnx") or predictor.checkpoint
     description = f"lawder predict labels: {Path(str(run)).name}"
-    cases = []
-    for name, path in volumes:
-        image = load_header(path)  # a DataError for an unreadable or non-3D file
-        zooms = canonical_zooms(image)
-        if looks_like_old_kits19(zooms):
-            log.warning("%s looks like a first-release KiTS19 volume (affine diag(slice thickness, pixel, pixel)): "
-                        "its 'axial' slices would be sagittal; check its orientation in a viewer", path)
-        hu = canonical_array(image, path)
-        labels = segment_volume(predictor, hu, zooms, settings)
-        stored = canonical_to_stored(labels, image.affine)
-        seg_path = write_nifti(segmentation_image(stored, image, description), out / f"{name}{SEG_SUFFIX}")
-        for z in overlay_slices(labels):
-            view = window_to_uint8(radiological_view(hu[:, :, z]), settings.window)
-            tinted = overlay(view, radiological_view(labels[:, :, z]))
-            Image.fromarray(tinted).save(out / OVERLAYS / f"{name}_z{z:03d}.png")
-        values, counts = np.unique(stored, return_counts=True)
-        cases.append({"case": name, "input": str(path), "segmentation": str(seg_path), "shape": list(stored.shape),
-                      "voxels": {int(v): int(c) for v, c in zip(values, counts, strict=True)}})
-        log.info("%s: %d axial slices -> %s", name, labels.shape[2], seg_path)
-    return {"volumes": len(cases), "out": str(out), "checkpoint": str(predictor.checkpoint),
-            "preprocessing": {**asdict(settings), "window": list(settings.window)}, "cases": cases}
+    cases: list[dict[str, Any]] = []
+    result = {"out": str(out), "checkpoint": str(predictor.checkpoint),
+              "preprocessing": {**asdict(settings), "window": list(settings.window)}, "cases": cases}
+    with summary_on_abort(out, outcome, result):
+        for name, (_, path) in zip(names, volumes, strict=True):
+            try:
+                image = load_header(path)  # a DataError for an unreadable or non-3D file
+                zooms = canonical_zooms(image)
+                if looks_like_old_kits19(zooms):
+                    log.warning("%s looks like a first-release KiTS19 volume (affine diag(slice thickness, pixel, "
+                                "pixel)): its 'axial' slices would be sagittal; check its orientation in a viewer",
+                                path)
+                hu = canonical_array(image, path)
+                labels = segment_volume(predictor, hu, zooms, settings)
+                stored = canonical_to_stored(labels, image.affine)
+            except Exception as error:
+                if not input_failure(error):
+                    raise
+                outcome.skip(str(path.relative_to(source)) if source.is_dir() else path.name, error)
+                continue
+            seg_path = write_nifti(segmentation_image(stored, image, description), out / f"{name}{SEG_SUFFIX}")
+            for z in overlay_slices(labels):
+                view = window_to_uint8(radiological_view(hu[:, :, z]), settings.window)
+                write_png(overlay(view, radiological_view(labels[:, :, z])), out / OVERLAYS / f"{name}_z{z:03d}.png")
+            values, counts = np.unique(stored, return_counts=True)
+            cases.append({"case": name, "input": str(path), "segmentation": str(seg_path), "shape": list(stored.shape),
+                          "voxels": {int(v): int(c) for v, c in zip(values, counts, strict=True)}})
+            outcome.written += 1
+            log.info("%s: %d axial slices -> %s", name, labels.shape[2], seg_path)
+    return finish(out, outcome, result)

@@ -71,3 +71,30 @@ def kits_like_h5(path: Path, cases: int = 6, slices: int = 6, size: int = 32, se
             writer.add(np.clip(image, 0, 255).astype(np.uint8), mask, f"case_{case:05d}", split)
     writer.close()
     return path
+
+
+def write_kits_folder(root: Path, cases: int = 6, shape: tuple[int, int, int] = (32, 32, 8), seed: int = 0) -> Path:
+    """A raw KiTS folder, `case_XXXXX/imaging.nii.gz` + `segmentation.nii.gz` (nibabel, RAS, 0.8×0.8×2.5 mm):
+    in each case a kidney on the middle slices (HU 150) with a tumour (HU 60) and a cyst (HU 10) inside it, soft
+    tissue (HU 40) and noise around; the first and last slices hold no kidney."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    xx, yy = np.mgrid[:nx, :ny]
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    for case in range(cases):
+        labels = np.zeros(shape, np.uint8)
+        cx, cy = rng.integers(nx // 3, 2 * nx // 3, 2)
+        for z in range(1, nz - 1):
+            labels[..., z][(xx - cx) ** 2 + (yy - cy) ** 2 <= 36] = 1
+            if z % 3:
+                labels[..., z][(xx - cx) ** 2 + (yy - cy - 2) ** 2 <= 4] = 2
+            if z % 2:
+                labels[..., z][(xx - cx - 3) ** 2 + (yy - cy + 2) ** 2 <= 2] = 3
+        hu = np.choose(labels, [40, 150, 60, 10]) + rng.normal(0, 15, shape)
+        folder = root / f"case_{case:05d}"
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), folder / "imaging.nii.gz")
+        nib.save(nib.Nifti1Image(labels, affine), folder / "segmentation.nii.gz")
+    return root

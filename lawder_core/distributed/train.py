@@ -14,7 +14,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +209,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
         run_config=RunConfig(storage_path=storage, name=launch.name),
     )
     try:
-        fit = trainer.fit()
+        fit = fit_interruptibly(trainer)
     except Exception as err:  # Ray wraps worker errors; surface ours, explain the rest
         found = find_lawder_error(err)
         if found is not None:
@@ -215,6 +217,50 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
         raise TrainingError(f"distributed training failed: {err}",
                             "See the worker log above; rerun with --resume to continue from the last epoch.") from err
     return dict(fit.metrics or {})
+
+
+def fit_interruptibly(trainer: Any) -> Any:
+    """`trainer.fit()`, with Ctrl-C and SIGTERM ending the command the documented way (exit 130).
+
+    Ray Train installs its own SIGINT handler when `fit` runs in the main thread, and after it the driver exits 1
+    without a word. In a helper thread it installs none, so the signal reaches lawder here: Ray is shut down (its
+    workers stop; checkpoints are committed atomically, so `last/` is the last complete epoch) and
+    KeyboardInterrupt goes up to the CLI's error boundary. Off the main thread (Ray Tune trials, tests) there is
+    no signal to handle and `fit` runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="lawder-fit", daemon=True)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping the Ray workers (the last complete checkpoint stays)")
+        import ray
+
+        ray.shutdown()
+        thread.join(30)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a training like Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""Ctrl-C or SIGTERM during a Ray training: workers stop, the last epoch stays, exit 130, --resume goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lawder_core.errors import EXIT_INTERRUPTED
+from tests.helpers import synthetic_h5
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.ray]
+
+LAWDER = str(Path(sys.executable).with_name("lawder"))
+
+
+def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the training ended (exit {process.returncode}) before {text!r}:\n{path.read_text()}")
+        time.sleep(0.5)
+    raise AssertionError(f"no {text!r} after {timeout} s")
+
+
+def test_ctrl_c_during_a_ray_training_exits_130_and_resume_continues(tmp_path: Path) -> None:
+    data = synthetic_h5(tmp_path / "s.h5", n=16, size=32)
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    args = [LAWDER, "train-order", "--data", str(data), "--out", str(out), "--size", "32", "--batch-size", "8",
+            "--workers", "1", "--model", "mkunet-t"]
+    with log.open("w") as sink:
+        training = subprocess.Popen([*args, "--epochs", "50"], stdout=sink, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+        try:
+            wait_for(log, "epoch 0:", training)
+            training.send_signal(signal.SIGINT)
+            code = training.wait(timeout=120)
+        finally:
+            training.kill()
+    output = log.read_text()
+    assert code == EXIT_INTERRUPTED, output[-3000:]
+    assert "interrupted" in output and "--resume" in output and "Traceback" not in output
+    done = json.loads((out / "last" / "progress.json").read_text())["epoch"]
+    resumed = subprocess.run([*args, "--epochs", str(done + 2), "--resume", "--json"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(done + 2))  # every epoch once: nothing lost, nothing repeated
