@@ -51,7 +51,12 @@ def nnunet(
     json_out: bool = JSON,
 ) -> None:
     """Write an nnU-Net v2 raw data set: imagesTr/labelsTr (real + synthetic), imagesTs/labelsTs, dataset.json
-    and splits_final.json (copy it to nnUNet_preprocessed/DatasetNNN_NAME/ after planning)."""
+    and splits_final.json (copy it to nnUNet_preprocessed/DatasetNNN_NAME/ after planning).
+
+    2D sets become one PNG per sample. A `prepare kits` set becomes one NIfTI
+    volume per case (its kept slices, scanner geometry, HU scaling in the
+    header; synthetic slices as one-slice volumes): train nnU-Net's 2d
+    configuration, as train/val cases keep only kidney and a few empty slices."""
     from lawder_core.export.nnunet import export_nnunet
 
     result = export_nnunet(data, out, dataset_id, name, synthetic=[str(p) for p in synthetic or []], force=force)
@@ -60,4 +65,6 @@ def nnunet(
     else:
         checked = result["verified_by"] or "not verified (pip install 'lawder[nnunet]' runs nnU-Net's own check)"
         err_console.print(f"wrote {result['out']}: {result['real']} real + {result['synthetic']} synthetic training "
-                          f"cases, {result['test']} test cases; {checked}", markup=False)
+                          f"cases, {result['test']} test cases ({result['file_ending']}); {checked}", markup=False)
+        if "geometry" in result:
+            err_console.print(f"geometry: {result['geometry']}", markup=False)

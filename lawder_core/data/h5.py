@@ -5,6 +5,12 @@ Datasets (N = number of 2D samples):
   masks    (N, H, W)    uint8   integer labels (0 = background)
   case_id  (N,)         str     patient / case; splits never cut a case
   split    (N,)         str     "train" | "val" | "test"
+Optional (absent from files written before them; readers must not require them):
+  slice_index    (N,) int32     the sample's index along its source volume's slice axis (`prepare kits`: the
+                                canonical axial z), so a case's slices can be stacked back into a volume
+  case_geometry  scalar str     JSON {case_id: {...}}: per-case geometry of the source volume (`prepare kits`:
+                                see `prepare_kits.slice_geometry`); a dataset, not an attribute, because
+                                HDF5 attributes stop at 64 KiB and a KiTS set has hundreds of cases
 File attributes: schema_version, source, label_names (JSON list), preprocessing (JSON), created_by,
 and any extra provenance (JSON values).
 
@@ -26,7 +32,7 @@ import h5py
 import numpy as np
 
 from lawder_core.errors import DataError, UsageError
-from lawder_core.locks import hold_output_lock
+from lawder_core.locks import hold_output_lock, release_output_lock
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -75,6 +81,7 @@ class H5Writer:
         extra_attrs: Mapping[str, Any] | None = None,
         force: bool = False,
         compression: str | None = "lzf",
+        slice_index: bool = False,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise DataError(f"unknown compression {compression!r}; choose one of {sorted(map(str, COMPRESSIONS))}.")
@@ -97,6 +104,9 @@ class H5Writer:
         )
         f.create_dataset("case_id", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
         f.create_dataset("split", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        if slice_index:
+            f.create_dataset("slice_index", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1024,))
+        self.geometry: dict[str, Any] = {}
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["source"] = source
         f.attrs["label_names"] = json.dumps(list(label_names))
@@ -105,7 +115,8 @@ class H5Writer:
         for key, value in (extra_attrs or {}).items():
             f.attrs[key] = json.dumps(value)
 
-    def add(self, image: np.ndarray, mask: np.ndarray, case_id: str, split: str) -> None:
+    def add(self, image: np.ndarray, mask: np.ndarray, case_id: str, split: str,
+            slice_index: int | None = None) -> None:
         if image.ndim == 2:
             image = image[..., None]
         if image.shape != self.shape or image.dtype != np.uint8:
@@ -115,18 +126,31 @@ class H5Writer:
             raise DataError(f"mask for case {case_id!r} has shape {mask.shape}, expected {self.shape[:2]}")
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
-        self.add_batch(image[None], mask[None].astype(np.uint8), [case_id], [split])
+        self.add_batch(image[None], mask[None].astype(np.uint8), [case_id], [split],
+                       None if slice_index is None else [slice_index])
 
-    def add_batch(self, images: np.ndarray, masks: np.ndarray, case_ids: list[str], splits: list[str]) -> None:
+    def add_batch(self, images: np.ndarray, masks: np.ndarray, case_ids: list[str], splits: list[str],
+                  slice_indices: np.ndarray | list[int] | None = None) -> None:
         k = len(images)
         f = self._file
-        for name in ("images", "masks", "case_id", "split"):
+        has_index = "slice_index" in f
+        if (slice_indices is not None) != has_index:
+            raise DataError("slice indices must be given for every sample of a file created with slice_index=True, "
+                            "and only there.")
+        names = ("images", "masks", "case_id", "split") + (("slice_index",) if has_index else ())
+        for name in names:
             f[name].resize(self.n + k, axis=0)
         f["images"][self.n:self.n + k] = images
         f["masks"][self.n:self.n + k] = masks
         f["case_id"][self.n:self.n + k] = case_ids
         f["split"][self.n:self.n + k] = splits
+        if has_index:
+            f["slice_index"][self.n:self.n + k] = np.asarray(slice_indices, dtype=np.int32)
         self.n += k
+
+    def add_case_geometry(self, case_id: str, geometry: Mapping[str, Any]) -> None:
+        """A case's source geometry (JSON values), written as the `case_geometry` dataset on close."""
+        self.geometry[case_id] = dict(geometry)
 
     def close(self) -> Path:
         """Finish the file and move it into place atomically."""
@@ -134,8 +158,11 @@ class H5Writer:
             self.abort()
             raise DataError("no samples were written: the data set is empty.",
                             "Check the input folder and the filters (e.g. --empty-share for KiTS).")
+        if self.geometry:
+            self._file.create_dataset("case_geometry", data=json.dumps(self.geometry), dtype=_STR)
         self._file.close()
         os.replace(self.tmp_path, self.path)
+        release_output_lock(self.path)  # the file is complete: a later writer now meets it (and --force)
         return self.path
 
     def abort(self) -> None:
@@ -143,6 +170,7 @@ class H5Writer:
             self._file.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
+            release_output_lock(self.path)
 
     def __enter__(self) -> H5Writer:
         return self
@@ -209,6 +237,24 @@ def read_info(path: str | os.PathLike) -> H5Info:
 
 def read_strings(f: h5py.File, name: str) -> np.ndarray:
     return np.array([s.decode() if isinstance(s, bytes) else s for s in f[name][:]], dtype=object)
+
+
+def read_slice_index(path: str | os.PathLike, split: str | None = None) -> np.ndarray | None:
+    """The `slice_index` of the samples in `split` (in file order, as `load_arrays`); None when not recorded."""
+    idx = split_indices(path, split)
+    with open_h5(path) as f:
+        if "slice_index" not in f:
+            return None
+        return read_rows(f["slice_index"], idx).astype(np.int64)
+
+
+def read_case_geometry(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The `case_geometry` record ({case_id: {...}}); empty when the file has none."""
+    with open_h5(path) as f:
+        if "case_geometry" not in f:
+            return {}
+        value = f["case_geometry"][()]
+    return json.loads(value.decode() if isinstance(value, bytes) else value)
 
 
 def split_indices(path: str | os.PathLike, split: str | None) -> np.ndarray:

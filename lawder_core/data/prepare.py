@@ -27,11 +27,15 @@ RESIZE_MODES = ("pad", "stretch")
 
 @dataclass(frozen=True)
 class PreparedCase:
-    """All 2D samples of one case: images (k,H,W,C) uint8 and label masks (k,H,W) uint8."""
+    """All 2D samples of one case: images (k,H,W,C) uint8 and label masks (k,H,W) uint8; for slices of a volume
+    also each one's index along the volume's slice axis (k,) and the volume's geometry (JSON values), which the
+    HDF5 keeps as `slice_index` and `case_geometry` (`h5.py`)."""
 
     case_id: str
     images: np.ndarray
     masks: np.ndarray
+    slice_index: np.ndarray | None = None
+    geometry: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,13 @@ def write_dataset(
                 _, h, w, c = case.images.shape
                 writer = H5Writer(out, height=h, width=w, channels=c, label_names=label_names, source=source,
                                   preprocessing=preprocessing, extra_attrs=options.extra, force=options.force,
-                                  compression=options.compression)
+                                  compression=options.compression, slice_index=case.slice_index is not None)
             if len(case.images):
                 split = mapping[case.case_id]
                 writer.add_batch(case.images, case.masks, [case.case_id] * len(case.images),
-                                 [split] * len(case.images))
+                                 [split] * len(case.images), case.slice_index)
+            if case.geometry is not None:
+                writer.add_case_geometry(case.case_id, case.geometry)
             if progress is not None:
                 progress(1)
         if writer is None:

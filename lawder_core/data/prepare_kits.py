@@ -24,6 +24,11 @@ slice is chosen.
 Size. Each slice is resized to fit --size (pad: longest side = size, aspect kept, then zero-padded and centred;
 stretch: size×size). With --spacing MM it is first brought to MM millimetres per pixel from the header's voxel
 size, in the same single resampling, so the physical aspect ratio is right even when rows and columns differ.
+
+Geometry. Each sample records its canonical axial index z (the HDF5's `slice_index`) and each case its source
+geometry (`case_geometry`, see `slice_geometry`): the canonical shape and affine, where the resized slice lies
+on the canvas, and `canvas_affine`, which takes a canvas voxel back to the scanner's world coordinates (mm).
+With them a case's slices stack back into a NIfTI volume that overlays the original CT (`lawder export nnunet`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ LABEL_PRIORITY = (2, 3, 1)  # tumour > cyst > kidney: the smaller, rarer class t
 MASK_RESIZE = ("area with priority tumour > cyst > kidney: when downsampling, the first of these labels covering at "
                "least half an input voxel of an output pixel (at most 1/4 of the pixel) takes it, else the label "
                "covering the most area (background included); nearest-exact along an upsampled axis")
+GEOMETRY = ("slice_index: canonical axial z of each sample; case_geometry: per case canonical shape and affine, "
+            "resized slice (rows, cols) and its (top, left) on the canvas, and canvas_affine (voxel (i, j, z) of "
+            "the canvas in RAS order, i.e. canvas[size-1-j, size-1-i] of slice z, to world mm)")
 KEPT_SLICES = ("train/val cases: label > 0, plus round(empty_share * labelled slices) random empty ones per case; "
                "test cases: every axial slice")
 SAME_SPACING = 0.01  # relative difference under which two voxel sizes count as equal (old-KiTS19 check)
@@ -257,6 +265,47 @@ def select_slices(labels: np.ndarray, empty_share: float, rng: np.random.Generat
     return np.sort(np.concatenate([kidney, chosen]).astype(np.int64))
 
 
+def canonical_geometry(image: nib.Nifti1Image) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of `nib.as_closest_canonical(image)`, from the header alone (no voxel is read)."""
+    ornt = nib.orientations.io_orientation(image.affine)
+    shape = [0, 0, 0]
+    for stored_axis, ras_axis in enumerate(ornt[:, 0].astype(int)):
+        shape[ras_axis] = int(image.shape[stored_axis])
+    affine = image.affine @ nib.orientations.inv_ornt_aff(ornt, image.shape)
+    return (shape[0], shape[1], shape[2]), affine
+
+
+def canvas_affine(affine: np.ndarray, shape: tuple[int, ...], target: tuple[int, int], offset: tuple[int, int],
+                  size: int) -> np.ndarray:
+    """World (mm) coordinates of canvas voxels, for a canonical volume of `shape` with `affine`.
+
+    The canvas voxel (i, j, z) is `canvas[size-1-j, size-1-i]` of axial slice z (the radiological view undone,
+    `predict_volume.from_radiological_view`, so i runs along canonical x and j along y). The resized
+    slice (rows, cols) = `target` sits at (top, left) = `offset`; pixel centres map as in PIL's resize
+    (centre c of the output <-> (c + 0.5) * input/output - 0.5 of the input), so canonical
+    x = sx * i + X - 0.5 - (size - 0.5 - left) * sx with sx = X / cols, and likewise y with rows and top.
+    The in-plane voxel size is therefore the native one times X / cols and Y / rows; z keeps the native one.
+    """
+    x, y = shape[0], shape[1]
+    rows, cols = target
+    top, left = offset
+    sx, sy = x / cols, y / rows
+    to_canonical = np.array([[sx, 0.0, 0.0, x - 0.5 - (size - 0.5 - left) * sx],
+                             [0.0, sy, 0.0, y - 0.5 - (size - 0.5 - top) * sy],
+                             [0.0, 0.0, 1.0, 0.0],
+                             [0.0, 0.0, 0.0, 1.0]])
+    return affine @ to_canonical
+
+
+def slice_geometry(image: nib.Nifti1Image, target: tuple[int, int], offset: tuple[int, int],
+                   size: int) -> dict[str, Any]:
+    """A case's `case_geometry` record (JSON values): canonical shape and affine, target, offset, canvas_affine."""
+    shape, affine = canonical_geometry(image)
+    return {"shape": list(shape), "affine": affine.tolist(), "target": [int(v) for v in target],
+            "offset": [int(v) for v in offset], "size": int(size),
+            "canvas_affine": canvas_affine(affine, shape, target, offset, size).tolist()}
+
+
 def window_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Clip to the HU window and map it linearly onto 0..255 (low -> 0, high -> 255)."""
     low, high = window
@@ -320,7 +369,8 @@ def convert_case(case: KitsCase, settings: SliceSettings) -> PreparedCase:
         for i, z in enumerate(indices):
             image, masks[i] = convert_slice(volume[:, :, z], labels[:, :, z], target, offset, size, kits.window)
             images[i] = image[..., None]  # broadcasts the grey channel when channels == 3
-    return PreparedCase(case.case_id, images, masks)
+    return PreparedCase(case.case_id, images, masks, slice_index=indices,
+                        geometry=slice_geometry(imaging, target, offset, size))
 
 
 def _convert_task(task: tuple[KitsCase, SliceSettings]) -> PreparedCase:
@@ -351,7 +401,7 @@ def preprocessing_record(options: PrepareOptions, kits: KitsOptions, skipped: li
     record.update(window=list(kits.window), size=options.size, resize_mode=options.resize_mode,
                   resize_order="in-plane spacing and --size in one resampling, then zero padding",
                   image_resize="bilinear (antialiased)", mask_resize=MASK_RESIZE, seed=options.seed,
-                  orientation=ORIENTATION, kept_slices=KEPT_SLICES, test_cases_keep_all_slices=True,
+                  orientation=ORIENTATION, kept_slices=KEPT_SLICES, geometry=GEOMETRY, test_cases_keep_all_slices=True,
                   skipped_cases=skipped, old_kits19_suspects=suspects)
     return record
 
