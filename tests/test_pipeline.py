@@ -78,3 +78,48 @@ def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
     assert (out / "seg" / "mkunet-t__real__s0" / "last" / "model.safetensors").stat().st_mtime == stamp
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2 and "--resume" in refused.output
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_on_kits_reports_the_three_nested_regions(tmp_path, monkeypatch, request):
+    """`--source kits --in DIR`: multi-class segmenters scored per case volume on kidney_and_masses, masses and
+    tumor, in every segmenter's summary.json, in the claims and in both reports (issue 15)."""
+    from dataclasses import replace
+
+    import torch
+
+    from lawder_core import pipeline
+    from tests.helpers import write_kits_folder
+
+    # one torch thread: toy-sized steps gain nothing from two, and beside other jobs two are several times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    monkeypatch.setitem(pipeline.PRESETS, "tiny", replace(pipeline.PRESETS["tiny"], sample_limit=4,
+                                                          profile_repeats=1))
+    monkeypatch.setattr(pipeline, "PROFILE_SIZE", 32)
+    regions = ["kidney_and_masses", "masses", "tumor"]
+    raw = write_kits_folder(tmp_path / "kits")
+    out = tmp_path / "pipe"
+    weights = tiny_fid_weights(tmp_path / "fid.pt")
+    result = runner.invoke(app, ["pipeline", "--source", "kits", "--in", str(raw), "--out", str(out),
+                                 "--preset", "tiny", "--fid-weights", str(weights), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+
+    for path in (out / "evaluate").glob("seg-*/summary.json"):
+        evaluation = json.loads(path.read_text())
+        assert list(evaluation["mean"]) == regions, path
+        assert evaluation["metadata"]["segmenter"]["num_classes"] == 4  # background, kidney, tumour, cyst
+        assert evaluation["metric_per_case"] and all(list(c["metrics"]) == regions
+                                                     for c in evaluation["metric_per_case"])
+        assert evaluation["dice_settings"]["n_cases"] == len(evaluation["metric_per_case"])
+    by_region = summary["claims"]["test_dice_by_region"]
+    assert set(by_region) == {"mkunet-t", "mkunet-t-order"}
+    assert all(list(scores) == regions and all(0 <= v <= 1 for v in scores.values())
+               for by_data in by_region.values() for scores in by_data.values())
+
+    report, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    header = "| model | training data | kidney_and_masses | masses | tumor | mean |"
+    assert "Test Dice per region" in report and header in report
+    assert all(f"<th>{region}</th>" in html for region in regions) and "Test Dice per region" in html
