@@ -62,7 +62,13 @@ def ray_local():
 
     ensure_ray(None)
     yield
-    # A leaked placement group would make the next Ray call wait forever: all CPUs must be free again.
+    # A leaked placement group would make the next Ray call wait forever: all CPUs must be free again. Ray Train
+    # removes a finished run's group asynchronously, so a loaded machine gets a bounded wait for it.
+    import time
+
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) != ray.cluster_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU")
 
 

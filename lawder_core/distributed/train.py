@@ -84,7 +84,10 @@ def start_local_ray() -> None:
     private = Path(tempfile.mkdtemp(prefix="lawder-ray-"))  # 0700; short: Ray's socket paths must fit 107 bytes
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     atexit.register(ray.shutdown)  # runs first (atexit is last-in, first-out)
-    ray.init(num_cpus=os.cpu_count(), object_store_memory=200 * 2**20, include_dashboard=False,
+    # A new Ray even where RAY_ADDRESS is set (a parent lawder's Ray exports it to its children, and Ray's own
+    # actors would read it); joining a running cluster is what --ray-address is for.
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=200 * 2**20, include_dashboard=False,
              log_to_driver=True, _temp_dir=str(private / "r"), configure_logging=False,
              runtime_env={"worker_process_setup_hook": "lawder_core.distributed.train.quiet_ray_logs"})
 
@@ -248,6 +251,7 @@ def fit_interruptibly(trainer: Any) -> Any:
         log.warning("interrupted: stopping the Ray workers (the last complete checkpoint stays)")
         import ray
 
+        stop_forwarding_worker_logs()
         ray.shutdown()
         thread.join(30)
         raise
@@ -256,6 +260,18 @@ def fit_interruptibly(trainer: Any) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def stop_forwarding_worker_logs() -> None:
+    """After Ctrl-C, Ray's actors (Ray Train's placement-group cleaner among them) print tracebacks about the
+    shutdown itself to this terminal; the user asked to stop and gets one line. Ray's own shutdown removes the
+    same handler a moment later."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    except (ImportError, AttributeError, KeyError, ValueError):  # another Ray version: the tracebacks stay
+        pass
 
 
 def interrupt(signum: int, frame: Any) -> None:
