@@ -54,7 +54,10 @@ def hold_output_lock(output: str | os.PathLike) -> Path:
 
 def release_output_lock(output: str | os.PathLike) -> None:
     """Give the lock back before exit (tests, long-lived processes); unlinking first keeps waiters correct."""
-    lock = lock_path(output)
+    _release(lock_path(output))
+
+
+def _release(lock: Path) -> None:
     fd = _HELD.pop(lock, None)
     if fd is None:
         return
@@ -72,9 +75,7 @@ def _same_file(path: Path, fd: int) -> bool:
 @atexit.register
 def _release_all() -> None:
     for lock in list(_HELD):
-        fd = _HELD.pop(lock)
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+        _release(lock)
 
 
 __all__ = ["hold_output_lock", "lock_path", "release_output_lock"]

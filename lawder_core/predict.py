@@ -12,7 +12,7 @@ import numpy as np
 
 from lawder_core.data.h5 import open_h5, read_rows, read_strings, split_indices
 from lawder_core.data.images import list_images, read_image
-from lawder_core.data.labels import LabelMap
+from lawder_core.data.labels import LabelMap, stored_labels
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.configs import CHECKPOINT_CONFIG, check_mode
 from lawder_core.paths import safe_name, unique_names
@@ -102,9 +102,7 @@ def predict_images(predictor: Predictor, images: np.ndarray, batch_size: int = 1
     data's label values."""
     from lawder_core.metrics.predict import predict_labels
 
-    classes = predict_labels(predictor.predict_fn, images, batch_size=batch_size)
-    labels = predictor.label_map
-    return classes if labels is None or labels.is_identity() else labels.label_lookup()[classes]
+    return stored_labels(predictor.label_map, predict_labels(predictor.predict_fn, images, batch_size=batch_size))
 
 
 @dataclass(frozen=True)

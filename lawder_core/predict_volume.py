@@ -36,7 +36,7 @@ import nibabel as nib
 import numpy as np
 
 from lawder_core.data.h5 import read_info
-from lawder_core.data.labels import LabelMap
+from lawder_core.data.labels import LabelMap, stored_labels
 from lawder_core.data.prepare_kits import (
     IMAGING,
     KitsOptions,
@@ -227,8 +227,6 @@ def segment_volume(predictor: VolumePredictor, hu: np.ndarray, zooms: tuple[floa
         target, (top, left) = fit_to_size(display_shape(hu.shape, zooms, settings.spacing), settings.size,
                                           settings.resize_mode)
     whole = tuple(target) == canvas_side  # no padding: the logits cover the slice
-    label_map = predictor.label_map  # classes -> the training data's labels, as predict_images does
-    lookup = label_map.label_lookup() if label_map is not None and not label_map.is_identity() else None
     labels = np.zeros(hu.shape, np.uint8)
     with torch.inference_mode():
         for start in range(0, z_count, BATCH):
@@ -244,7 +242,7 @@ def segment_volume(predictor: VolumePredictor, hu: np.ndarray, zooms: tuple[floa
                                                              align_corners=False)
                 logits = logits[..., top:top + target[0], left:left + target[1]]
             classes = logits_to_labels(logits, size=native).cpu().numpy()
-            display = classes if lookup is None else lookup[classes]
+            display = stored_labels(predictor.label_map, classes)  # the training data's labels
             for i, z in enumerate(zs):
                 labels[:, :, z] = from_radiological_view(display[i])
     return labels

@@ -180,10 +180,10 @@ def test_small_inputs_pool_to_at_most_their_own_size() -> None:
 
 
 def test_windows_at_selected_pixels_equal_the_unfolded_map() -> None:
-    from lawder_core.models.order import windows_at
+    from lawder_core.models.order import to_tokens, window_tokens
 
     x = torch.randn(2, 5, 7, 6)
     index = torch.tensor([[0, 5, 41, 17], [36, 6, 13, 40]])  # corners, borders and the interior
     unfolded = torch.nn.functional.unfold(x, 3, padding=1).view(2, 5, 9, 42).permute(0, 3, 2, 1)
     expected = unfolded.gather(1, index[..., None, None].expand(-1, -1, 9, 5))
-    assert torch.equal(windows_at(x, index), expected)
+    assert torch.equal(window_tokens(to_tokens(x).view(2, 7, 6, 5), index), expected)

@@ -53,6 +53,10 @@ class LabelMap:
         """uint8 table: class index -> the stored label written back (the first label of its group)."""
         return np.array([0, *(group[0] for group in self.groups)], np.uint8)
 
+    def to_stored(self, classes: np.ndarray) -> np.ndarray:
+        """Predicted class indices -> the training data's label values (unchanged where class k is label k)."""
+        return classes if self.is_identity() else self.label_lookup()[classes]
+
     def is_identity(self) -> bool:
         """Class k is stored label k for every label of the data set (KiTS's default, polyps)."""
         return list(self.groups) == [(k,) for k in range(1, len(self.stored_names))]
@@ -71,6 +75,11 @@ class LabelMap:
     def from_dict(cls, data: dict[str, Any]) -> LabelMap:
         return cls(tuple(tuple(int(v) for v in g) for g in data["groups"]), tuple(data["names"]),
                    tuple(data["stored_names"]))
+
+
+def stored_labels(label_map: LabelMap | None, classes: np.ndarray) -> np.ndarray:
+    """`label_map.to_stored(classes)`; a run from before label maps (None) predicted stored labels directly."""
+    return classes if label_map is None else label_map.to_stored(classes)
 
 
 def default_spec(stored_names: Sequence[str]) -> str:

@@ -89,7 +89,7 @@ def lesion_masks(masks: np.ndarray, predicted: np.ndarray, lesion_labels: Sequen
                              f"({lesion_names(classes.stored_names, lesion_labels)}) from the rest of the mask.",
                              "Judge adherence with a segmenter trained with --labels that keep the lesion labels "
                              "apart (KiTS: the default kidney,tumor,cyst), or pass matching --lesion-labels.")
-        predicted = classes.label_lookup()[predicted]
+        predicted = classes.to_stored(predicted)
     wanted = np.asarray(list(lesion_labels))
     return np.isin(masks, wanted).astype(np.uint8), np.isin(predicted, wanted).astype(np.uint8)
 

@@ -8,7 +8,7 @@ import os
 import torch
 
 from lawder_core.data.h5 import load_arrays, read_info
-from lawder_core.data.labels import LabelMap
+from lawder_core.data.labels import LabelMap, stored_labels
 from lawder_core.errors import DataError
 from lawder_core.metrics.dice import FOREGROUND, DiceReport, EmptyPolicy, Region, regions_for, segmentation_metrics
 from lawder_core.metrics.predict import PredictFn, predict_labels
@@ -42,10 +42,8 @@ def segmenter_dice(
         raise DataError(f"{data} has no images in split {split!r}.", "Check --split (train, val, test or all).")
     regions = scored_regions(info.label_names, num_classes, label_map)
     predicted = predict_labels(predict_fn, images, batch_size=batch_size, threshold=threshold, device=device)
-    if label_map is not None and not label_map.is_identity():
-        predicted = label_map.label_lookup()[predicted]
-    return segmentation_metrics(masks, predicted, cases, info.label_names, empty_policy=empty_policy,
-                                regions=regions)
+    return segmentation_metrics(masks, stored_labels(label_map, predicted), cases, info.label_names,
+                                empty_policy=empty_policy, regions=regions)
 
 
 def scored_regions(label_names: tuple[str, ...], num_classes: int, label_map: LabelMap | None) -> tuple[Region, ...]:

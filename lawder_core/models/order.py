@@ -64,18 +64,12 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tokens[batch, index]
 
 
-def windows_at(x: torch.Tensor, index: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, C, H, W) and pixel indices (B, k) -> (B, k, 9, C): the 3×3 window around each selected pixel.
-
-    Row-major window order, `fill` (default zero) outside the image (F.unfold's order and padding), but only for
-    the k selected pixels: unfolding the whole map would move 9·H·W tokens to use ρ of them.
-    """
-    b, c, h, w = x.shape
-    return window_tokens(to_tokens(x).view(b, h, w, c), index, fill)
-
-
 def window_tokens(tokens: torch.Tensor, index: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, W, C) token map and pixel indices (B, k) -> (B, k, 9, C) windows, `fill` (C,) outside the map."""
+    """(B, H, W, C) token map and pixel indices (B, k) -> (B, k, 9, C): the 3×3 window around each selected pixel.
+
+    Row-major window order, `fill` (C,) (default zero) outside the map (F.unfold's order and padding), but only
+    for the k selected pixels: unfolding the whole map would move 9·H·W tokens to use ρ of them.
+    """
     b, h, w, c = tokens.shape
     padded = tokens.new_zeros(b, h + 2, w + 2, c) if fill is None else fill.expand(b, h + 2, w + 2, c).clone()
     padded[:, 1:-1, 1:-1] = tokens
