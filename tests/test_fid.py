@@ -390,3 +390,16 @@ def test_a_synthetic_folder_of_mixed_sizes_is_refused(sets, net, tmp_path):
     Image.fromarray(synthetic[0][:16, :16]).save(folder / "zz_small.png")
     with pytest.raises(DataError, match="differ in size"):
         compute_fid_kid(real, folder, feature_extractor=net, kid=False)
+
+
+@pytest.mark.parametrize("n_real, n_synthetic, dim", [(300, 250, 32), (12, 9, 64)])
+def test_frechet_distance_equals_clean_fids_on_both_branches(n_real, n_synthetic, dim):
+    """More images than dimensions (symmetric form) and fewer (nuclear-norm form): clean-fid's value either way."""
+    from cleanfid.fid import fid_from_feats
+
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(n_real, dim))
+    synthetic = rng.normal(0.5, 1.0, size=(n_synthetic, dim)) @ rng.normal(size=(dim, dim)) * 0.3
+    expected = fid_from_feats(real, synthetic)
+    assert fidmod.frechet_distance_from_features(real, synthetic) == pytest.approx(expected, rel=1e-7)
+    assert fidmod.frechet_distance_from_features(real, real) == pytest.approx(0.0, abs=1e-9)
