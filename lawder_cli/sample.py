@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json, progress_bar, quiet_stdout, setup_logging
-from lawder_cli.options import FORCE, GPUS, JSON, RAY_ADDRESS, SEED, WORKERS
+from lawder_cli.options import FORCE, GPUS, JSON, RAY_ADDRESS, SEED, WAIT_FOR_RESOURCES, WORKERS
 
 
 @handle_errors
@@ -32,6 +32,7 @@ def sample(
     gpus: int = GPUS,
     workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
+    wait_for_resources: float = WAIT_FOR_RESOURCES,
     force: bool = FORCE,
     json_out: bool = JSON,
 ) -> None:
@@ -45,7 +46,8 @@ def sample(
     setup_logging()
     cfg = SampleConfig(run=run, masks=masks, out=str(out), split=split, n=n, mask_aug=mask_aug, steps=steps,
                        scheduler=scheduler, guidance=guidance, batch_size=batch_size, seed=seed or 0, gpus=gpus,
-                       workers=workers, ray_address=ray_address, force=force, lesion_labels=lesion_labels)
+                       workers=workers, ray_address=ray_address,
+                       wait_for_resources=wait_for_resources, force=force, lesion_labels=lesion_labels)
     with ExitStack() as stack:
         stack.enter_context(quiet_stdout())
         advance: list = []

@@ -17,6 +17,7 @@ from lawder_cli.options import (
     RESUME,
     SEED,
     STORAGE,
+    WAIT_FOR_RESOURCES,
     WORKERS,
     launch_config,
 )
@@ -55,6 +56,7 @@ def train_law(
     gpus: int = GPUS,
     workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
+    wait_for_resources: float = WAIT_FOR_RESOURCES,
     storage: str = STORAGE,
     config: Path = CONFIG,
     resume: bool = RESUME,
@@ -78,7 +80,7 @@ def train_law(
                      lr=lr, weighting=weighting, lesion_labels=lesion_labels, preset=preset, backbone=backbone,
                      pretrained=absolute(pretrained), prompt=prompt, prediction=prediction, hflip=hflip,
                      save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed, resume=resume)
-    launch_cfg = launch_config(gpus, workers, ray_address, storage, out)
+    launch_cfg = launch_config(gpus, workers, ray_address, storage, out, wait_for_resources)
     with quiet_stdout():
         result = run_train_law(cfg, launch_cfg, force=force)
     if json_out:

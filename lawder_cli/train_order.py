@@ -17,6 +17,7 @@ from lawder_cli.options import (
     RESUME,
     SEED,
     STORAGE,
+    WAIT_FOR_RESOURCES,
     WORKERS,
     launch_config,
 )
@@ -39,6 +40,7 @@ def train_order(
     gpus: int = GPUS,
     workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
+    wait_for_resources: float = WAIT_FOR_RESOURCES,
     storage: str = STORAGE,
     config: Path = CONFIG,
     resume: bool = RESUME,
@@ -58,7 +60,8 @@ def train_order(
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                        encoder_weights=encoder_weights, labels=labels, seed=seed, resume=resume)
     with quiet_stdout():
-        result = run_train_order(cfg, launch_config(gpus, workers, ray_address, storage, out), force=force)
+        launch_cfg = launch_config(gpus, workers, ray_address, storage, out, wait_for_resources)
+        result = run_train_order(cfg, launch_cfg, force=force)
     if json_out:
         print_json(result)
     else:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
-from lawder_cli.options import CONFIG, FORCE, JSON, LESION_LABELS, RAY_ADDRESS, RESUME, SEED
+from lawder_cli.options import CONFIG, FORCE, JSON, LESION_LABELS, RAY_ADDRESS, RESUME, SEED, WAIT_FOR_RESOURCES
 
 
 class SweepKind(str, Enum):
@@ -35,6 +35,7 @@ def tune(
     lesion_labels: str = LESION_LABELS,
     seed: int = SEED,
     ray_address: str = RAY_ADDRESS,
+    wait_for_resources: float = WAIT_FOR_RESOURCES,
     config: Path = CONFIG,
     resume: bool = RESUME,
     force: bool = FORCE,
@@ -49,7 +50,8 @@ def tune(
 
     setup_logging()
     opts = TuneOptions(trials=trials, budget=budget, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-                       scheduler=scheduler, search=search, seed=seed or 0, ray_address=ray_address)
+                       scheduler=scheduler, search=search, seed=seed or 0, ray_address=ray_address,
+                       wait_for_resources=wait_for_resources)
     base = base_config(kind, data, out, config, budget, seed, segmenter, fid_weights, lesion_labels)
     with quiet_stdout():
         result = run_tune(kind.value, base, load_space(kind.value, space), out, opts, resume=resume, force=force)

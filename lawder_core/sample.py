@@ -230,6 +230,7 @@ class SampleConfig:
     gpus: int = 0  # > 0: spread chunks over N GPU workers
     workers: int = 0  # with gpus == 0: N CPU Ray workers; 0 samples in this process
     ray_address: str | None = None
+    wait_for_resources: float = 300.0  # a joined cluster: seconds to wait for free workers (distributed.train)
     force: bool = False
     lesion_labels: str | None = None  # recorded in the file for adherence; None: the run's LAW lesion set
 

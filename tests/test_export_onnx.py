@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from lawder_core.models.factory import build_segmenter, save_segmenter
 from tests.helpers import synthetic_h5
 
 runner = CliRunner()
-# float32 with BatchNorm folded and ONNX Runtime's own kernel order: 11 of 13 models stay under 1e-4, two reach
-# 1.15e-4 and 1.25e-4 (measured); 2e-4 still catches any real mismatch (a wrong op gives 1e-2 and more).
-TOLERANCE = 2e-4
+# ONNX Runtime must agree with PyTorch to 1e-4 of the logit scale beyond PyTorch's own float32 rounding on the
+# model (measured against the same model in float64): two float32 implementations cannot agree more closely than
+# either is exact. That own error is 2e-5–9e-5 here (mkunet-l, unet-mbv2 at 96 px: 6.2e-5, 9.1e-5), so a wrong op,
+# which gives 1e-2 and more, still fails.
+TOLERANCE = 1e-4
 
 
 def saved_run(tmp_path: Path, name: str, size: int = 64) -> Path:
@@ -43,15 +46,18 @@ def saved_run(tmp_path: Path, name: str, size: int = 64) -> Path:
 
 
 def onnx_vs_torch(path: Path, run: Path, size: int) -> float:
-    """Largest |ONNX − PyTorch| logit difference, relative to the logit scale when that exceeds 1."""
+    """|ONNX − PyTorch| beyond PyTorch's own float32 error (|float32 − float64|), relative to the logit scale."""
     from lawder_core.models.factory import load_segmenter
 
     x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(size))
     session = onnx_session(path)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    model = load_segmenter(run / "best").eval()
     with torch.no_grad():
-        expected = load_segmenter(run / "best")(x).numpy()
-    return float(np.abs(got - expected).max() / max(1.0, np.abs(expected).max()))
+        expected = model(x).numpy()
+        exact = model.double()(x.double()).numpy()
+    scale = max(1.0, float(np.abs(exact).max()))
+    return float(np.abs(got - expected).max() - np.abs(expected - exact).max()) / scale
 
 
 def check_model(tmp_path: Path, name: str) -> dict[int, Path]:
@@ -73,10 +79,16 @@ def check_model(tmp_path: Path, name: str) -> dict[int, Path]:
     return {64: out, 96: out}
 
 
-@pytest.fixture(scope="module")
-def order_files(tmp_path_factory) -> tuple[Path, dict[int, Path]]:
-    root = tmp_path_factory.mktemp("order")
+@functools.cache
+def exported_order(root: Path) -> tuple[Path, dict[int, Path]]:
+    root.mkdir()
     return root / "mkunet-t-order", check_model(root, "mkunet-t-order")
+
+
+@pytest.fixture
+def order_files(tmp_path_factory) -> tuple[Path, dict[int, Path]]:
+    """Exported once per test process: an xdist worker may tear module fixtures down between tests."""
+    return exported_order(tmp_path_factory.getbasetemp() / "order-onnx")
 
 
 def test_mkunet_t_onnx_equals_pytorch_at_two_sizes_from_one_dynamic_file(tmp_path):
@@ -94,14 +106,15 @@ def test_every_factory_model_exports(tmp_path, name):
     check_model(tmp_path, name)
 
 
-def test_cli_export_metadata_overwrite_and_size_rules(order_files, tmp_path):
-    run, _ = order_files
+def test_cli_export_metadata_overwrite_and_size_rules(tmp_path):
+    run = saved_run(tmp_path, "mkunet-t")
     out = tmp_path / "m.onnx"
     exported = runner.invoke(app, ["export", "onnx", "--run", str(run), "-o", str(out), "--json"])
     assert exported.exit_code == 0, exported.output
-    assert json.loads(exported.stdout)["max_abs_diff"] < TOLERANCE
+    assert json.loads(exported.stdout)["max_abs_diff"] < 1e-3  # absolute, on logits up to ~10
     meta = read_metadata(out)
-    assert meta["model"] == "mkunet-t-order" and meta["size"] == 64 and meta["num_classes"] == 1
+    assert meta["model"] == "mkunet-t" and meta["size"] == 64 and meta["num_classes"] == 1
+    assert meta["dynamic_size"] is False  # the default: the training size
     again = runner.invoke(app, ["export", "onnx", "--run", str(run), "-o", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
     with pytest.raises(UsageError, match="multiple of 32"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -57,10 +56,7 @@ def test_ctrl_c_during_a_ray_training_exits_130_and_resume_continues(tmp_path: P
     output = log.read_text()
     assert code == EXIT_INTERRUPTED, output[-3000:]
     assert "interrupted" in output and "--resume" in output
-    # Lines from Ray's own actors carry a "(Name pid=N)" prefix: Ray Train's placement-group cleaner prints a
-    # traceback of its own when the state API (the dashboard, not started locally) is missing. lawder's lines: none.
-    own = [line for line in output.splitlines() if not re.search(r"\(\w+ pid=\d+\)", line)]
-    assert not any("Traceback" in line for line in own), "\n".join(own[-40:])
+    assert "Traceback" not in output, output[-4000:]  # lawder's lines and those Ray forwards from its actors
     done = json.loads((out / "last" / "progress.json").read_text())["epoch"]
     resumed = subprocess.run([*args, "--epochs", str(done + 2), "--resume", "--json"], capture_output=True, text=True,
                              timeout=300, env=shell_environment())

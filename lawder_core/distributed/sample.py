@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from lawder_core.distributed.train import check_local_gpus, ensure_ray, find_lawder_error
+from lawder_core.distributed.train import (
+    DEFAULT_WAIT_S,
+    check_local_gpus,
+    ensure_ray,
+    find_lawder_error,
+    wait_for_resources,
+)
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.sample import SampleConfig, generate_here, sample_pairs, sampling_kwargs
 from lawder_core.sample import run_sample as run_sample_with
@@ -38,6 +44,7 @@ def sample_chunk(run: str, masks: np.ndarray, first_index: int, device: str, kwa
 
 def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, workers: int,
                        ray_address: str | None = None, progress: Callable[[int], None] | None = None,
+                       wait: float = DEFAULT_WAIT_S,
                        **kwargs: Any) -> np.ndarray:
     """`sample_pairs` over `gpus` GPU workers, or `workers` CPU workers when gpus == 0."""
     import ray
@@ -49,6 +56,7 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
         raise UsageError("distributed sampling needs --gpus N or --workers N of at least 1.")
     check_local_gpus(gpus, ray_address)
     ensure_ray(ray_address)
+    wait_for_resources(ray_address, {"GPU": 1.0} if gpus > 0 else {"CPU": 1.0}, wait)
     task = ray.remote(num_gpus=1 if gpus > 0 else 0, num_cpus=1, max_retries=0)(sample_chunk)
     device = "cuda" if gpus > 0 else "cpu"
     chunks = chunk_ranges(len(masks), parallel, int(kwargs.get("batch_size", 16)))
@@ -82,7 +90,7 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
 
 def generate_on_workers(cfg: SampleConfig, masks: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
     return sample_distributed(cfg.run, masks, gpus=cfg.gpus, workers=cfg.workers, ray_address=cfg.ray_address,
-                              progress=progress, **sampling_kwargs(cfg))
+                              progress=progress, wait=cfg.wait_for_resources, **sampling_kwargs(cfg))
 
 
 def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,

@@ -17,6 +17,8 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,11 @@ RAY_ENV = {
 }
 
 
+# On a joined cluster, how long a command waits for the resources it asks for before it gives up (exit 4): long
+# enough for another job's trial to end or an autoscaler to add a node, short enough that a wrong request ends.
+DEFAULT_WAIT_S = 300.0
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     gpus: int = 0
@@ -45,6 +52,17 @@ class LaunchConfig:
     storage: str | None = None  # Ray's storage_path (shared for multi-node: NFS path or s3://)
     name: str = "lawder"
     cpus_per_worker: float | None = None  # None: a local CPU run shares this machine's cores among its workers
+    wait_for_resources: float = DEFAULT_WAIT_S  # a joined cluster: how long to wait for free GPUs/CPUs
+
+    def __post_init__(self) -> None:
+        if self.wait_for_resources < 0:
+            raise UsageError("--wait-for-resources must be 0 or more seconds.")
+
+    def needs(self) -> dict[str, float]:
+        """What the worker group asks the cluster for."""
+        if self.gpus > 0:
+            return {"GPU": float(self.gpus)}
+        return {"CPU": float(max(self.workers, 1)) * (self.cpus_per_worker or 1.0)}
 
 
 def ensure_ray(address: str | None) -> None:
@@ -62,6 +80,38 @@ def ensure_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise EnvironmentProblem(f"cannot start or join Ray at {address or 'a local instance'}: {err}",
                                  "Check `ray status` on the head node, or drop --ray-address to run locally.") from err
+
+
+def wait_for_resources(address: str | None, needs: dict[str, float], seconds: float) -> None:
+    """On a joined cluster, wait (bounded, and saying so) until `needs` is free; a local Ray was sized up front.
+
+    Ray itself would queue the request forever when the cluster cannot meet it (too few GPUs, all taken).
+    """
+    if address is None:
+        return
+    import ray
+
+    deadline = time.monotonic() + seconds
+    said = False
+    while True:
+        free = ray.available_resources()
+        if all(free.get(name, 0.0) >= amount for name, amount in needs.items()):
+            return
+        if time.monotonic() >= deadline:
+            raise EnvironmentProblem(
+                f"the Ray cluster at {address} has {describe(free, needs)} free "
+                f"({describe(ray.cluster_resources(), needs)} in all); this run needs {describe(needs, needs)}.",
+                "Ask for less (--gpus, --workers, --gpus-per-trial), wait longer with --wait-for-resources SECONDS, "
+                "or see what holds the cluster with `ray status`.")
+        if not said:
+            log.warning("waiting up to %.0f s for %s on the Ray cluster at %s (free now: %s)", seconds,
+                        describe(needs, needs), address, describe(free, needs))
+            said = True
+        time.sleep(max(0.0, min(2.0, deadline - time.monotonic())))
+
+
+def describe(resources: dict[str, float], names: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(name, 0.0):g} {name}" for name in names)
 
 
 def start_local_ray() -> None:
@@ -115,6 +165,22 @@ def quiet_ray_logs() -> None:
     logging.getLogger().setLevel(logging.WARNING)  # Ray's workers start with the root logger at INFO
     logging.getLogger("lawder_core").setLevel(logging.INFO)
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    threading.excepthook = quiet_cleaner_crash(threading.excepthook)
+
+
+def quiet_cleaner_crash(default: Callable[[Any], None]) -> Callable[[Any], None]:
+    """The cleaner's monitor thread dies with a traceback when Ray shuts down under it (an interrupted run): the
+    state API it polls is gone. Nothing is lost (a local Ray's shutdown removes the group), so that one thread's
+    death is logged at DEBUG; every other thread keeps Python's default report."""
+
+    def hook(args: Any) -> None:
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if any(frame.filename.endswith("placement_group_cleaner.py") for frame in frames):
+            logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).debug("cleaner thread ended: %r", args.exc_value)
+            return
+        default(args)
+
+    return hook
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
@@ -202,6 +268,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(launch.ray_address)
+    wait_for_resources(launch.ray_address, launch.needs(), launch.wait_for_resources)
     cfg = with_absolute_paths(cfg)
     storage = launch.storage or str(Path(getattr(cfg, "out", ".")).resolve() / "ray")
     trainer = TorchTrainer(

@@ -28,7 +28,7 @@ import yaml
 
 from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
-from lawder_core.distributed.train import check_local_gpus, ensure_ray
+from lawder_core.distributed.train import DEFAULT_WAIT_S, check_local_gpus, ensure_ray, wait_for_resources
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
 from lawder_core.tune import apply_params, flatten_params
@@ -51,6 +51,7 @@ class TuneOptions:
     search: str = "random"  # "random" | "grid"
     seed: int = 0
     ray_address: str | None = None
+    wait_for_resources: float = DEFAULT_WAIT_S  # a joined cluster: seconds to wait for one trial's resources
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("asha", "none") or self.search not in ("random", "grid"):
@@ -59,6 +60,8 @@ class TuneOptions:
             raise UsageError("--trials and --budget must be at least 1.")
         if self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
             raise UsageError("--gpus-per-trial must be non-negative and --cpus-per-trial positive.")
+        if self.wait_for_resources < 0:
+            raise UsageError("--wait-for-resources must be 0 or more seconds.")
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,8 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
         shutil.rmtree(out / EXPERIMENT)
     runs.write_config(out, {"kind": kind, "base": to_dict(base), "space": space, "options": to_dict(opts)})
     ensure_ray(opts.ray_address)
+    trial_needs = {"CPU": opts.cpus_per_trial, **({"GPU": opts.gpus_per_trial} if opts.gpus_per_trial else {})}
+    wait_for_resources(opts.ray_address, trial_needs, opts.wait_for_resources)
     base = with_absolute_paths(base)
     sweep = sweep_for(kind)
     grid = build_tuner(kind, base, space, out, opts).fit()

@@ -12,7 +12,6 @@ exported size and says so. The file's metadata records the model, the size and t
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import logging
@@ -42,24 +41,6 @@ def require_onnx() -> None:
                                  f"Install the extra: {EXTRA}")
 
 
-def fold_batchnorms(model: Any) -> int:
-    """Fold every BatchNorm that directly follows a convolution in a Sequential into it; returns how many."""
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = 0
-    for module in model.modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        for i in range(len(module) - 1):
-            conv, bn = module[i], module[i + 1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                module[i] = fuse_conv_bn_eval(conv, bn)
-                module[i + 1] = nn.Identity()
-                folded += 1
-    return folded
-
-
 def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None = None, dynamic: bool = False,
                 force: bool = False, batch: int = 2, seed: int = 0) -> dict[str, Any]:
     """Export the run's best checkpoint to `out`; returns what was written and the check against PyTorch."""
@@ -69,6 +50,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
     import torch
 
     from lawder_core.models.factory import load_segmenter, read_segmenter_config
+    from lawder_core.models.fast import fold_batchnorms
 
     folder = checkpoint_folder(run)
     config = read_segmenter_config(folder)
@@ -77,8 +59,8 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
         raise UsageError(f"--size {size or '(none recorded)'} must be a positive multiple of 32.",
                          "Pass --size N (the U-Nets downsample 5 times); the default is the training size.")
     reference = load_segmenter(folder).eval()
-    model = copy.deepcopy(reference)  # folded for export; the reference stays as trained, to check against
-    folded = fold_batchnorms(model)
+    model = fold_batchnorms(reference)  # a folded copy; the reference stays as trained, to check against
+    folded = count_batchnorms(reference) - count_batchnorms(model)
     channels = int(config["in_channels"])
     x = torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
     spatial = dynamic and not config["name"].endswith("-order")
@@ -94,6 +76,12 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
     log.info("wrote %s (opset %d, %d BatchNorms folded); max |ONNX − PyTorch| = %.2e", out, OPSET, folded, diff)
     return {"out": str(out), **metadata, "batchnorms_folded": folded, "max_abs_diff": diff,
             "onnxruntime": package_version("onnxruntime")}
+
+
+def count_batchnorms(model: Any) -> int:
+    from torch import nn
+
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 def write_onnx(model: Any, x: Any, path: Path, spatial: bool, metadata: dict[str, Any]) -> None:
