@@ -58,10 +58,14 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, N, ...) tokens at `index` (B, k) -> (B, k, ...).
 
-    Indexing whole tokens: `gather` would need the index expanded to every channel (C times the integers).
+    Rows of the flattened (B·N, ...) tokens: `gather` would need the index expanded to every channel, and
+    `tokens[batch, index]` exports to ONNX as GatherND between two transposes of the whole map; a row
+    `index_select` is one contiguous copy per token in both.
     """
-    batch = torch.arange(tokens.shape[0], device=index.device).unsqueeze(1)
-    return tokens[batch, index]
+    b, n = tokens.shape[:2]
+    rows = index + torch.arange(b, device=index.device).unsqueeze(1) * n
+    return tokens.reshape(b * n, *tokens.shape[2:]).index_select(0, rows.flatten()).view(*index.shape,
+                                                                                          *tokens.shape[2:])
 
 
 def window_tokens(tokens: torch.Tensor, index: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,14 +75,23 @@ def window_tokens(tokens: torch.Tensor, index: torch.Tensor, fill: torch.Tensor 
     for the k selected pixels: unfolding the whole map would move 9·H·W tokens to use ρ of them.
     """
     b, h, w, c = tokens.shape
-    padded = tokens.new_zeros(b, h + 2, w + 2, c) if fill is None else fill.expand(b, h + 2, w + 2, c).clone()
-    padded[:, 1:-1, 1:-1] = tokens
+    padded = pad_with(tokens, tokens.new_zeros(c) if fill is None else fill)
     row, col = index // w, index % w
     offsets = torch.arange(3, device=index.device)
     rows = (row[..., None] + offsets)[..., :, None]  # (B, k, 3, 1): padded rows y-1+1 .. y+1+1
     cols = (col[..., None] + offsets)[..., None, :]  # (B, k, 1, 3)
     flat = (rows * (w + 2) + cols).flatten(2)  # (B, k, 9)
     return gather_tokens(padded.view(b, -1, c), flat.flatten(1)).view(b, index.shape[1], NEIGHBOURHOOD, c)
+
+
+def pad_with(tokens: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H+2, W+2, C) with a one-token border of `fill` (C,). Concatenation, not an in-place
+    write into a filled tensor: that exports to ONNX as ScatterND between transposes of the whole map."""
+    b, h, w, c = tokens.shape
+    side = fill.expand(b, h, 1, c)
+    rows = torch.cat([side, tokens, side], dim=2)
+    edge = fill.expand(b, 1, w + 2, c)
+    return torch.cat([edge, rows, edge], dim=1)
 
 
 class LocalGlobalAttention(nn.Module):
