@@ -75,10 +75,38 @@ def run_info(run: str | os.PathLike) -> RunInfo:
                         "Train one with `lawder train-law --out RUN`, then pass --run RUN.")
     from lawder_core.models.denoiser import read_spec
 
-    progress = runs.read_progress(checkpoint) if (checkpoint / runs.PROGRESS).exists() else {}
+    progress = read_run_progress(checkpoint)
     recorded = progress.get("lesion_labels")
-    return RunInfo(model_folder=model, step=int(progress.get("step", -1)), spec=read_spec(model),
-                   lesion_labels=tuple(int(k) for k in recorded) if recorded is not None else None)
+    return RunInfo(model_folder=model, step=progress.get("step", -1), spec=read_spec(model),
+                   lesion_labels=tuple(recorded) if recorded is not None else None)
+
+
+def read_run_progress(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's progress record ({} when absent), refused as a DataError when damaged: sampling reads
+    only `step` and `lesion_labels` from it, so those two are checked."""
+    path = checkpoint / runs.PROGRESS
+    if not path.exists():
+        return {}
+    hint = "Train the run again (`lawder train-law --out RUN --force`), or restore it from a copy."
+    try:
+        progress = runs.read_progress(checkpoint)
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise DataError(f"{path} is damaged: not valid JSON ({err}).", hint) from err
+    problem = _progress_problem(progress)
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}.", hint)
+    return progress
+
+
+def _progress_problem(progress: Any) -> str | None:
+    if not isinstance(progress, dict):
+        return "expected a JSON object"
+    step, labels = progress.get("step", -1), progress.get("lesion_labels")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"'step' is {step!r}, not an integer"
+    if labels is not None and not (isinstance(labels, list) and all(type(k) is int for k in labels)):
+        return f"'lesion_labels' is {labels!r}, not a list of integers"
+    return None
 
 
 # ---------------------------------------------------------------- generation

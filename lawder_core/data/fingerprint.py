@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from lawder_core.data.h5 import SPLITS, open_h5, read_info, read_strings
+from lawder_core.data.h5 import SPLITS, open_h5, read_info, read_splits, read_strings
 
 PERCENTILES = (0, 5, 25, 50, 75, 95, 100)
 
@@ -28,7 +28,7 @@ def compute_fingerprint(path: str | os.PathLike, max_intensity_samples: int = 51
     """Read every mask once, in blocks, and an evenly spaced subset of the images, and summarise them."""
     info = read_info(path)
     with open_h5(path) as f:
-        splits = read_strings(f, "split")
+        splits = read_splits(f)
         cases = read_strings(f, "case_id")
         masks = f["masks"]
         fractions = np.empty(info.n, np.float64)

@@ -196,17 +196,87 @@ def open_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
             "It may be truncated or corrupt: prepare it again with `lawder prepare ... --force`.",
         ) from err
     try:
-        missing = [k for k in ("images", "masks", "case_id", "split") if k not in f]
-        if missing:
-            raise DataError(f"{path} is not a lawder data file: missing datasets {missing}.",
-                            "Create it with `lawder prepare`.")
-        version = int(f.attrs.get("schema_version", -1))
-        if version != SCHEMA_VERSION:
-            raise DataError(f"{path} has schema version {version}; this lawder reads version {SCHEMA_VERSION}.",
-                            "Prepare it again with this version of lawder.")
+        check_schema(path, f)
         yield f
     finally:
         f.close()
+
+
+REQUIRED = ("images", "masks", "case_id", "split")
+RECREATE = "Re-create it with `lawder prepare ... -o FILE.h5 --force`."
+
+
+def check_schema(path: Path, f: h5py.File) -> None:
+    """Refuse a file that breaks the schema above, from shapes, dtypes and attributes alone (no pixel is read).
+
+    Every reader passes through `open_h5`, so a hand-made or damaged file stops here with one DataError naming
+    the dataset, instead of an IndexError or a shape mismatch deep inside training or `inspect`.
+    """
+    missing = [k for k in REQUIRED if k not in f]
+    if missing:
+        raise DataError(f"{path} is not a lawder data file: missing datasets {missing}.", RECREATE)
+    version = _schema_version(f)
+    if version != SCHEMA_VERSION:
+        raise DataError(f"{path} has schema version {version}; this lawder reads version {SCHEMA_VERSION}.",
+                        "Re-create it with this version of lawder: `lawder prepare ... -o FILE.h5 --force`.")
+    # Each dataset is opened once: h5py's f[name] costs a lookup every time, and this runs on every open.
+    found = {name: f[name] for name in (*REQUIRED, "slice_index", "case_geometry") if name in f}
+    problem = _dataset_problem(found) or _length_problem(found) or _attribute_problem(f)
+    if problem:
+        raise DataError(f"{path} is not a valid lawder data file: {problem}.", RECREATE)
+
+
+def _schema_version(f: h5py.File) -> int | str:
+    value = _json_attr(f.attrs.get("schema_version", -1))
+    return value if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+
+
+def _dataset_problem(found: dict[str, Any]) -> str | None:
+    """The first dataset whose kind, rank or dtype is wrong (None: all fine)."""
+    for name, item in found.items():
+        if not isinstance(item, h5py.Dataset):
+            return f"'{name}' is a group, not a dataset"
+    images, masks = found["images"], found["masks"]
+    shape, dtype, mask_shape, mask_dtype = images.shape, images.dtype, masks.shape, masks.dtype
+    if len(shape) != 4 or dtype != np.uint8 or 0 in shape[1:]:
+        return (f"dataset 'images' is {shape} {dtype}; expected (N, H, W, C) uint8 "
+                "(grey images too keep a channel axis, C = 1)")
+    if len(mask_shape) != 3 or mask_dtype != np.uint8:
+        return f"dataset 'masks' is {mask_shape} {mask_dtype}; expected (N, H, W) uint8 labels"
+    if mask_shape[1:] != shape[1:3]:
+        return f"masks are {mask_shape[1]}×{mask_shape[2]} but images {shape[1]}×{shape[2]}"
+    for name in ("case_id", "split", "slice_index"):
+        if name not in found:
+            continue
+        column = found[name]
+        want_strings = name != "slice_index"
+        kind_ok = (h5py.check_string_dtype(column.dtype) is not None if want_strings
+                   else column.dtype.kind in "iu")
+        if column.ndim != 1 or not kind_ok:
+            return (f"dataset '{name}' is {column.shape} {column.dtype}; expected (N,) "
+                    f"{'strings' if want_strings else 'integers'}")
+    return None
+
+
+def _length_problem(found: dict[str, Any]) -> str | None:
+    """Every per-sample dataset must hold one row per sample: a short one would index out of range later."""
+    lengths = {name: found[name].shape[0] for name in (*REQUIRED, "slice_index") if name in found}
+    if len(set(lengths.values())) > 1:
+        return "datasets have different lengths (" + ", ".join(f"{k} {v}" for k, v in lengths.items()) + ")"
+    if lengths["images"] == 0:
+        return "it holds no samples"
+    return None
+
+
+def _attribute_problem(f: h5py.File) -> str | None:
+    """The JSON attributes `read_info` relies on, when present, must have the types it expects."""
+    names = _json_attr(f.attrs.get("label_names", "[]"))
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"attribute 'label_names' is {names!r}; expected a JSON list of strings"
+    preprocessing = _json_attr(f.attrs.get("preprocessing", "{}"))
+    if not isinstance(preprocessing, dict):
+        return f"attribute 'preprocessing' is {preprocessing!r}; expected a JSON object"
+    return None
 
 
 def _json_attr(value: Any) -> Any:
@@ -254,13 +324,31 @@ def read_case_geometry(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         if "case_geometry" not in f:
             return {}
         value = f["case_geometry"][()]
-    return json.loads(value.decode() if isinstance(value, bytes) else value)
+    geometry = _json_attr(value)
+    if not isinstance(geometry, dict):
+        raise DataError(f"{path} is not a valid lawder data file: dataset 'case_geometry' is not a JSON object.",
+                        RECREATE)
+    return geometry
+
+
+def read_splits(f: h5py.File) -> np.ndarray:
+    """The `split` column, refused if it holds a value other than SPLITS.
+
+    Checked here rather than in `check_schema` because it reads N strings: readers that need the splits pay for
+    it once, and a misspelt split ("trian") no longer drops its samples silently.
+    """
+    splits = read_strings(f, "split")
+    unknown = sorted(set(np.unique(splits).tolist()) - set(SPLITS))
+    if unknown:
+        raise DataError(f"{f.filename} is not a valid lawder data file: dataset 'split' holds {unknown[:5]}; "
+                        f"expected only {list(SPLITS)}.", RECREATE)
+    return splits
 
 
 def split_indices(path: str | os.PathLike, split: str | None) -> np.ndarray:
     """Indices of the samples in `split` (all samples when split is None or 'all')."""
     with open_h5(path) as f:
-        splits = read_strings(f, "split")
+        splits = read_splits(f)
     if split in (None, "all"):
         return np.arange(len(splits))
     if split not in SPLITS:

@@ -21,7 +21,7 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
-from lawder_core.errors import DataError, EnvironmentProblem, UsageError
+from lawder_core.errors import DataError, EnvironmentProblem, LawderError, UsageError
 from lawder_core.models.configs import BACKBONES, PRESETS, SPEC_FILE, check_prediction
 from lawder_core.models.recipe import (
     TIMESTEP_SPACINGS,
@@ -41,6 +41,10 @@ from lawder_core.models.recipe import (
 # Without accelerate, diffusers warns on every load unless told not to try its low-memory path.
 LOAD_KWARGS: dict[str, Any] = {"local_files_only": True,
                                "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+# What lawder saved itself is always safetensors: refusing anything else means a planted pickle is never opened.
+SAVED_LOAD_KWARGS: dict[str, Any] = {**LOAD_KWARGS, "use_safetensors": True}
+DAMAGED_RUN = ("The run folder is damaged or was not written by lawder: train it again "
+               "(`lawder train-law --out RUN --force`) or restore the folder from a copy.")
 
 
 
@@ -328,22 +332,80 @@ def read_spec(folder: str | os.PathLike) -> DenoiserSpec:
     if not path.exists():
         raise DataError(f"{folder} is not a saved lawder denoiser (no {SPEC_FILE}).",
                         "Point at a run folder written by `lawder train-law`.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or bytes that are not UTF-8
+        raise DataError(f"{path} is not valid JSON ({err}).", DAMAGED_RUN) from err
+    problem = _spec_problem(data)
+    if problem:
+        raise DataError(f"{path} is not a denoiser spec lawder wrote: {problem}.", DAMAGED_RUN)
     data["label_names"] = tuple(data.get("label_names", ("background", "lesion")))
-    return DenoiserSpec(**data)
+    try:
+        return DenoiserSpec(**data)
+    except LawderError as err:  # a value refused as a command-line option (UsageError) is a damaged file here
+        raise DataError(f"{path}: {err.message}", DAMAGED_RUN) from err
+
+
+def _spec_problem(data: Any) -> str | None:
+    """What is wrong with a spec file's JSON (None: nothing): each field must have its default's type.
+
+    Checked before `DenoiserSpec(**data)` so a wrong type is named here, not met later as a TypeError.
+    """
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found {type(data).__name__}"
+    defaults = {f.name: f.default for f in fields(DenoiserSpec)}
+    unknown = sorted(set(data) - set(defaults))
+    if unknown:
+        return f"unknown fields {unknown} (written by another version of lawder?)"
+    for name, value in data.items():
+        want = type(defaults[name])
+        if want is tuple:
+            ok, wanted = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+        else:  # a bool is an int to Python but never a number here; a float field may be written as `2`
+            accepted = (int, float) if want is float else want
+            ok, wanted = isinstance(value, accepted) and not isinstance(value, bool), f"a JSON {want.__name__}"
+        if not ok:
+            return f"field {name!r} is {value!r}; expected {wanted}"
+    for name in ("size", "image_channels", "num_train_timesteps"):
+        if data.get(name, 1) < 1:
+            return f"field {name!r} is {data[name]}; expected a positive integer"
+    return None
+
+
+def load_saved_module(cls: Any, folder: Path) -> Any:
+    """A module lawder saved (`folder` is e.g. RUN/last/denoiser_ema/unet): safetensors only, never a pickle."""
+    if not any(folder.glob("*.safetensors")):  # said here: diffusers would log its own lookup failure first
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        why = f" (only pickled weights {pickles}, which lawder never loads)" if pickles else ""
+        raise DataError(f"{folder} holds no safetensors weights{why}.", DAMAGED_RUN)
+    try:
+        return cls.from_pretrained(folder, **SAVED_LOAD_KWARGS)
+    except (OSError, ValueError, RuntimeError) as err:  # torn weights, bad config.json, shapes that do not match
+        why = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])  # a state-dict error runs long
+        raise DataError(f"cannot load the denoiser weights in {folder}: {why}", DAMAGED_RUN) from err
+
+
+def _load_saved_scheduler(folder: Path, prediction: str) -> TrainingScheduler:
+    try:
+        return load_scheduler(folder, prediction)
+    except (OSError, ValueError, TypeError) as err:  # missing file, bad JSON, a config of the wrong shape
+        raise DataError(f"cannot read the scheduler saved in {folder}: {err}", DAMAGED_RUN) from err
 
 
 def load_denoiser(folder: str | os.PathLike, pretrained: str | None = None) -> Denoiser:
-    """Read back what `save_pretrained` wrote; `pretrained` relocates a moved Stable Diffusion folder."""
+    """Read back what `save_pretrained` wrote; `pretrained` relocates a moved Stable Diffusion folder.
+
+    Any damaged file of the run is a DataError naming it; weights are read from safetensors only.
+    """
     folder = Path(folder)
     spec = read_spec(folder)
     if pretrained:
         spec = replace(spec, pretrained=str(pretrained))
-    scheduler = load_scheduler(folder / "scheduler", spec.prediction)
+    scheduler = _load_saved_scheduler(folder / "scheduler", spec.prediction)
     if spec.backbone == "unet":
-        unet = UNet2DModel.from_pretrained(folder / "unet", **LOAD_KWARGS)
+        unet = load_saved_module(UNet2DModel, folder / "unet")
         return PixelDenoiser(spec, unet, scheduler)
-    controlnet = ControlNetModel.from_pretrained(folder / "controlnet", **LOAD_KWARGS)
+    controlnet = load_saved_module(ControlNetModel, folder / "controlnet")
     denoiser = ControlNetDenoiser(spec, controlnet)
     denoiser.scheduler = scheduler
     return denoiser

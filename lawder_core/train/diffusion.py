@@ -35,12 +35,12 @@ from lawder_core.config import build_config, to_dict
 from lawder_core.data.dataset import SegDataset
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.denoiser import (
-    LOAD_KWARGS,
     Denoiser,
     DenoiserSpec,
     build_denoiser,
     copy_weights,
     load_denoiser,
+    load_saved_module,
 )
 from lawder_core.models.ema import EMA
 from lawder_core.models.law import (
@@ -298,8 +298,7 @@ def restore(tr: Trainer, checkpoint: Path) -> int:
     """Load EMA, LAW and optimiser state into a trainer built from the checkpoint's weights; returns the step."""
     progress = runs.read_progress(checkpoint)
     shadow_cls = type(tr.ema.shadow)
-    ema_weights = shadow_cls.from_pretrained(  # type: ignore[attr-defined]
-        checkpoint / runs.DENOISER_EMA / tr.denoiser.trainable_subfolder, **LOAD_KWARGS)
+    ema_weights = load_saved_module(shadow_cls, checkpoint / runs.DENOISER_EMA / tr.denoiser.trainable_subfolder)
     copy_weights(ema_weights, tr.ema.shadow)
     tr.ema.num_updates = int(progress["ema_updates"])
     state = runs.load_state(checkpoint, map_location=tr.ctx.device)
