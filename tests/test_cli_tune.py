@@ -46,3 +46,23 @@ def test_resume_without_a_sweep_is_a_usage_error(tmp_path, data):
     result = runner.invoke(app, ["tune", "order", "--data", str(data), "--out", str(tmp_path / "t"), "--resume"])
     assert result.exit_code == EXIT_USAGE
     assert "holds no sweep" in " ".join(result.output.split())
+
+
+def test_a_sweep_killed_before_its_first_trial_resumes(tmp_path, data, monkeypatch):
+    """Killed after config.json, before Ray made experiment/: neither a plain rerun nor --resume may dead-end."""
+    from lawder_core import runs
+
+    out = tmp_path / "t"
+    runs.write_config(out, {"kind": "order"})
+    plain = runner.invoke(app, ["tune", "order", "--data", str(data), "--out", str(out)])
+    assert plain.exit_code == EXIT_USAGE and "already holds a sweep" in " ".join(plain.output.split())
+
+    class ReachedRay(Exception):
+        pass
+
+    def reached(address):
+        raise ReachedRay
+
+    monkeypatch.setattr(distributed_tune, "ensure_ray", reached)
+    resumed = runner.invoke(app, ["tune", "order", "--data", str(data), "--out", str(out), "--resume"])
+    assert "ReachedRay" in resumed.output, resumed.output  # past every check, about to start the trials

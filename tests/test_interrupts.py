@@ -1,4 +1,4 @@
-"""Ctrl-C or SIGTERM during a Ray training: workers stop, the last epoch stays, exit 130, --resume goes on."""
+"""Ctrl-C or SIGTERM during a training (Ray or in-process): the last epoch stays, exit 130, --resume goes on."""
 
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ def shell_environment() -> dict[str, str]:
     return {**clean, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
-def test_ctrl_c_during_a_ray_training_exits_130_and_resume_continues(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "0"], ids=["ray", "in-process"])
+def test_ctrl_c_during_a_training_exits_130_and_resume_continues(tmp_path: Path, workers: str) -> None:
     data = synthetic_h5(tmp_path / "s.h5", n=16, size=32)
     out, log = tmp_path / "run", tmp_path / "train.log"
     args = [LAWDER, "train-order", "--data", str(data), "--out", str(out), "--size", "32", "--batch-size", "8",
-            "--workers", "1", "--model", "mkunet-t"]
+            "--workers", workers, "--model", "mkunet-t"]
     with log.open("w") as sink:
         # a pytest-xdist worker ignores SIGINT and a child would inherit that: give it a terminal's default
         training = subprocess.Popen([*args, "--epochs", "50"], stdout=sink, stderr=subprocess.STDOUT,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -85,7 +85,11 @@ def test_every_mask_format_prepares_to_its_lesion(fmt, tmp_path):
         np.testing.assert_array_equal(mask, by_case[case])
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 20 cases on every run, so CI cannot flake; @example pins a case a random run once found
+# (an empty mask drawn in alpha only is fully transparent and must prepare to an empty mask, not a full one).
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(fmt="RGBA alpha lesion", seed=1954, size=4, n=1)
 @given(fmt=st.sampled_from(sorted(FORMATS)), seed=st.integers(0, 2**16), size=st.integers(4, 20),
        n=st.integers(1, 4))
 def test_any_lossless_mask_round_trips(fmt, seed, size, n, tmp_path_factory):

@@ -75,7 +75,9 @@ def mask_values(path: Path) -> np.ndarray:
         return values.astype(np.int64)
     if "A" in bands:
         colour, alpha = values[..., :-1], values[..., -1]
-        if (colour == colour.reshape(-1, colour.shape[-1])[0]).all() and alpha.min() != alpha.max():
+        # One colour everywhere: the drawing is in the alpha channel, and a fully transparent mask is empty.
+        if (colour == colour.reshape(-1, colour.shape[-1])[0]).all() and (alpha.min() != alpha.max()
+                                                                           or alpha.max() == 0):
             return alpha.astype(np.int64)
         values = colour
     return values.max(axis=-1).astype(np.int64)

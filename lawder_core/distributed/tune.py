@@ -249,10 +249,12 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
              opts: TuneOptions, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Run a sweep, or resume it with `resume`; writes config.json, results.csv/json, best.yaml, summary.json."""
     out = Path(out).resolve()
-    if (out / EXPERIMENT).exists() and not (resume or force):
+    # A sweep killed between writing its config and Ray's first trial holds only config.json: still a sweep.
+    holds_sweep = (out / EXPERIMENT).exists() or (out / TRIALS).exists() or runs.config_path(out) is not None
+    if holds_sweep and not (resume or force):
         raise UsageError(f"{out} already holds a sweep.",
                          "Pass --resume to continue it, --force to start over, or choose another --out.")
-    if resume and not force and not (out / EXPERIMENT).exists():
+    if resume and not force and not holds_sweep:
         raise UsageError(f"--resume: {out} holds no sweep to continue.", "Drop --resume to start one.")
     check_local_gpus(opts.gpus_per_trial, opts.ray_address)
     runs.open_run(out, resume=resume, force=force)
