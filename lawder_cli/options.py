@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from lawder_core.environment import DEFAULT_WAIT_S
+
 if TYPE_CHECKING:
     from lawder_core.distributed.train import LaunchConfig
 
@@ -32,7 +34,7 @@ WORKERS = typer.Option(0, "--workers", min=0,
                        help="With --gpus 0: 0 runs in this process; N starts N Ray CPU workers (gloo).")
 RAY_ADDRESS = typer.Option(None, "--ray-address",
                            help="Join a Ray cluster ('auto' or host:port); default: start a local Ray when needed.")
-WAIT_FOR_RESOURCES = typer.Option(300.0, "--wait-for-resources", min=0, metavar="SECONDS",
+WAIT_FOR_RESOURCES = typer.Option(DEFAULT_WAIT_S, "--wait-for-resources", min=0, metavar="SECONDS",
                                   help="With --ray-address: how long to wait for the cluster to have the GPUs/CPUs "
                                        "asked for before giving up (exit 4).")
 STORAGE = typer.Option(None, "--storage", help="Ray storage path (shared for multi-node: NFS or s3://).")
@@ -40,7 +42,7 @@ CONFIG = typer.Option(None, "--config", help="YAML/TOML/JSON config; command-lin
 
 
 def launch_config(gpus: int, workers: int, ray_address: str | None, storage: str | None, out: Path,
-                  wait_for_resources: float = 300.0) -> LaunchConfig:
+                  wait_for_resources: float) -> LaunchConfig:
     """Where a training runs (the launcher is imported only when a command runs, never for --help)."""
     from lawder_core.distributed.train import LaunchConfig
 

@@ -11,6 +11,10 @@ from lawder_core.errors import EnvironmentProblem
 if TYPE_CHECKING:
     import torch
 
+# On a joined Ray cluster, how long a command waits for the resources it asks for before it gives up (exit 4):
+# long enough for another job's trial to end or an autoscaler to add a node, short enough that a wrong request ends.
+DEFAULT_WAIT_S = 300.0
+
 PACKAGES = ("lawder", "torch", "torchvision", "ray", "diffusers", "segmentation-models-pytorch", "h5py",
             "torchmetrics", "clean-fid", "nibabel", "numpy")
 

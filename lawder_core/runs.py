@@ -141,8 +141,14 @@ def commit_checkpoint(tmp: Path, out: str | os.PathLike, name: str, progress: di
     return final
 
 
-def read_progress(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / PROGRESS).read_text())
+def read_progress(checkpoint: Path,
+                  hint: str = "Start the run over with --force, or restore the folder from a copy.") -> dict[str, Any]:
+    """The checkpoint's progress record; a torn or foreign one is a DataError, for every command that reads it."""
+    path = checkpoint / PROGRESS
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise DataError(f"{path} is damaged: not valid JSON ({err}).", hint) from err
 
 
 def save_state(checkpoint: Path, state: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 from lawder_core import runs
 from lawder_core.data.h5 import H5Writer, load_arrays, read_info, refuse_overwrite
 from lawder_core.data.labels import default_lesion_labels, lesion_labels, lesion_names
-from lawder_core.environment import package_version, pick_device
+from lawder_core.environment import DEFAULT_WAIT_S, package_version, pick_device
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.configs import SAMPLERS, SPEC_FILE, check_sampler, default_sampler
 from lawder_core.viz import save_pair_grid
@@ -82,16 +82,13 @@ def run_info(run: str | os.PathLike) -> RunInfo:
 
 
 def read_run_progress(checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint's progress record ({} when absent), refused as a DataError when damaged: sampling reads
-    only `step` and `lesion_labels` from it, so those two are checked."""
+    """The checkpoint's progress record ({} when absent); sampling reads `step` and `lesion_labels` from it, so
+    those two are checked too."""
     path = checkpoint / runs.PROGRESS
     if not path.exists():
         return {}
     hint = "Train the run again (`lawder train-law --out RUN --force`), or restore it from a copy."
-    try:
-        progress = runs.read_progress(checkpoint)
-    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
-        raise DataError(f"{path} is damaged: not valid JSON ({err}).", hint) from err
+    progress = runs.read_progress(checkpoint, hint)
     problem = _progress_problem(progress)
     if problem:
         raise DataError(f"{path} is damaged: {problem}.", hint)
@@ -258,7 +255,7 @@ class SampleConfig:
     gpus: int = 0  # > 0: spread chunks over N GPU workers
     workers: int = 0  # with gpus == 0: N CPU Ray workers; 0 samples in this process
     ray_address: str | None = None
-    wait_for_resources: float = 300.0  # a joined cluster: seconds to wait for free workers (distributed.train)
+    wait_for_resources: float = DEFAULT_WAIT_S  # a joined cluster: seconds to wait for a free worker
     force: bool = False
     lesion_labels: str | None = None  # recorded in the file for adherence; None: the run's LAW lesion set
 

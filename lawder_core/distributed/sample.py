@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from lawder_core.distributed.train import (
-    DEFAULT_WAIT_S,
     check_local_gpus,
     ensure_ray,
     find_lawder_error,
     wait_for_resources,
 )
+from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.sample import SampleConfig, generate_here, sample_pairs, sampling_kwargs
 from lawder_core.sample import run_sample as run_sample_with

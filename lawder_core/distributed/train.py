@@ -26,6 +26,7 @@ from typing import Any
 
 from lawder_core import runs
 from lawder_core.config import with_absolute_paths
+from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,6 @@ RAY_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-
-
-# On a joined cluster, how long a command waits for the resources it asks for before it gives up (exit 4): long
-# enough for another job's trial to end or an autoscaler to add a node, short enough that a wrong request ends.
-DEFAULT_WAIT_S = 300.0
 
 
 @dataclass(frozen=True)

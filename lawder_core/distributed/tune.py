@@ -28,7 +28,8 @@ import yaml
 
 from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
-from lawder_core.distributed.train import DEFAULT_WAIT_S, check_local_gpus, ensure_ray, wait_for_resources
+from lawder_core.distributed.train import check_local_gpus, ensure_ray, wait_for_resources
+from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
 from lawder_core.tune import apply_params, flatten_params
