@@ -186,4 +186,5 @@ def test_windows_at_selected_pixels_equal_the_unfolded_map() -> None:
     index = torch.tensor([[0, 5, 41, 17], [36, 6, 13, 40]])  # corners, borders and the interior
     unfolded = torch.nn.functional.unfold(x, 3, padding=1).view(2, 5, 9, 42).permute(0, 3, 2, 1)
     expected = unfolded.gather(1, index[..., None, None].expand(-1, -1, 9, 5))
-    assert torch.equal(window_tokens(to_tokens(x).view(2, 7, 6, 5), index), expected)
+    padded = torch.nn.functional.pad(to_tokens(x).view(2, 7, 6, 5), (0, 0, 1, 1, 1, 1))
+    assert torch.equal(window_tokens(padded, index), expected)

@@ -68,30 +68,22 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                                                                                           *tokens.shape[2:])
 
 
-def window_tokens(tokens: torch.Tensor, index: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, W, C) token map and pixel indices (B, k) -> (B, k, 9, C): the 3×3 window around each selected pixel.
-
-    Row-major window order, `fill` (C,) (default zero) outside the map (F.unfold's order and padding), but only
-    for the k selected pixels: unfolding the whole map would move 9·H·W tokens to use ρ of them.
-    """
-    b, h, w, c = tokens.shape
-    padded = pad_with(tokens, tokens.new_zeros(c) if fill is None else fill)
-    row, col = index // w, index % w
+def window_index(index: torch.Tensor, width: int) -> torch.Tensor:
+    """Pixel indices (B, k) of a map `width` wide -> (B, k·9) indices of their 3×3 windows in the same map padded
+    by one token on every side, row-major within each window (F.unfold's order); the centre is entry 4."""
+    row, col = index // width, index % width
     offsets = torch.arange(3, device=index.device)
     rows = (row[..., None] + offsets)[..., :, None]  # (B, k, 3, 1): padded rows y-1+1 .. y+1+1
     cols = (col[..., None] + offsets)[..., None, :]  # (B, k, 1, 3)
-    flat = (rows * (w + 2) + cols).flatten(2)  # (B, k, 9)
-    return gather_tokens(padded.view(b, -1, c), flat.flatten(1)).view(b, index.shape[1], NEIGHBOURHOOD, c)
+    return (rows * (width + 2) + cols).flatten(1)
 
 
-def pad_with(tokens: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) -> (B, H+2, W+2, C) with a one-token border of `fill` (C,). Concatenation, not an in-place
-    write into a filled tensor: that exports to ONNX as ScatterND between transposes of the whole map."""
-    b, h, w, c = tokens.shape
-    side = fill.expand(b, h, 1, c)
-    rows = torch.cat([side, tokens, side], dim=2)
-    edge = fill.expand(b, 1, w + 2, c)
-    return torch.cat([edge, rows, edge], dim=1)
+def window_tokens(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Padded (B, H+2, W+2, C) token map and pixel indices (B, k) of the unpadded map -> (B, k, 9, C): the 3×3
+    window around each selected pixel, gathered for the k selected pixels only (unfolding the whole map would
+    move 9·H·W tokens to use ρ of them)."""
+    b, h2, w2, c = padded.shape
+    return gather_tokens(padded.view(b, -1, c), window_index(index, w2 - 2)).view(*index.shape, NEIGHBOURHOOD, c)
 
 
 class LocalGlobalAttention(nn.Module):
@@ -100,6 +92,10 @@ class LocalGlobalAttention(nn.Module):
     The positional bias is one learned score offset per head and key position (grid cell or window offset), so
     the attention knows where a pooled token came from at the cost of (grid² + 9) numbers per head. A smaller
     input pools to a smaller grid; its cells take the mean bias of the cells they cover.
+
+    The local keys and values are never projected: a score q·(W_k n + b_k) is (W_kᵀ q)·n + q·b_k and a weighted
+    sum of values Σ w (W_v n + b_v) is W_v (Σ w n) + b_v Σ w, so the query moves into token space instead of
+    9 tokens per query (or the whole map) moving into attention space. Same function, a third of the work.
     """
 
     def __init__(self, token_dim: int, attn_dim: int, heads: int, kv_grid: int) -> None:
@@ -115,6 +111,10 @@ class LocalGlobalAttention(nn.Module):
         """(B, ..., D) -> (B, heads, ..., D/heads)."""
         return x.unflatten(-1, (self.heads, -1)).movedim(-2, 1)
 
+    def per_head(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's weight as (heads, d, T) and its bias as (heads, 1, d)."""
+        return linear.weight.view(self.heads, -1, linear.in_features), linear.bias.view(self.heads, 1, -1)
+
     def bias_for(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """(heads, 1, cells) score offsets for a pooled grid of `grid_size`."""
         bias = self.grid_bias
@@ -122,43 +122,39 @@ class LocalGlobalAttention(nn.Module):
             bias = F.adaptive_avg_pool2d(bias, grid_size)
         return bias.flatten(1)[:, None]
 
-    def local_keys_values(self, tokens: torch.Tensor, index: torch.Tensor,
-                          fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every query's 3×3 window, from the other stream's normalised (B, H, W, T) map.
-
-        Projecting the whole map once and gathering the projected windows costs H·W projections instead of
-        9·ρ·H·W (ρ = 0.25: 2.25 H·W) and equals projecting each window (the projection is per token); outside the
-        map the window holds what the unprojected zero padding becomes, the projection of `fill`.
-        """
-        keys = window_tokens(self.to_k(tokens), index, self.to_k(fill))
-        values = window_tokens(self.to_v(tokens), index, self.to_v(fill))
-        return keys, values
-
     def forward(self, query: torch.Tensor, grid: torch.Tensor, grid_size: tuple[int, int],
-                local: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """query (B, k, T), grid (B, G, T) shared by all queries, local keys and values (B, k, 9, A)
-        -> (B, k, attn_dim)."""
+                window: torch.Tensor) -> torch.Tensor:
+        """query (B, k, T), grid (B, G, T) shared by all queries, each query's 3×3 window of the other stream
+        (B, k, 9, T), all layer-normalised tokens -> (B, k, attn_dim)."""
         q = self.split_heads(self.to_q(query))  # (B, h, k, d)
         q = q * q.shape[-1] ** -0.5  # scaled once here: k·d numbers instead of the k·G scores
         k_grid, v_grid = self.split_heads(self.to_k(grid)), self.split_heads(self.to_v(grid))  # (B, h, G, d)
-        k_local, v_local = (self.split_heads(t) for t in local)  # (B, h, k, 9, d)
+        (w_k, b_k), (w_v, b_v) = self.per_head(self.to_k), self.per_head(self.to_v)
         b, h, k, d = q.shape
         cells = grid.shape[1]
-        # Grid scores plus positional bias in one baddbmm; the 9 local scores per query as a multiply-and-sum
-        # (as a matmul they would be k tiny (9×d)·(d×1) products, run one by one on the CPU).
-        bias = self.bias_for(grid_size).repeat(b, 1, 1)  # (B·h, 1, G)
-        grid_scores = torch.baddbmm(bias, q.reshape(b * h, k, d), k_grid.reshape(b * h, cells, d).transpose(1, 2))
-        local_scores = (k_local * q.unsqueeze(-2)).sum(-1) + self.local_bias[:, None]  # (B, h, k, 9)
-        # One softmax over the G + 9 keys without concatenating them: shift by the shared maximum, exponentiate
-        # in place, and divide the (k, d) output instead of the (k, G + 9) weights.
-        grid_scores = grid_scores.view(b, h, k, cells)
-        with torch.no_grad():  # the shift cancels out of the softmax: no gradient, and the scores stay free to edit
-            top = torch.maximum(grid_scores.amax(-1, keepdim=True), local_scores.amax(-1, keepdim=True))
-        grid_weights = grid_scores.sub_(top).exp_()
-        local_weights = (local_scores - top).exp_()
-        total = grid_weights.sum(-1, keepdim=True) + local_weights.sum(-1, keepdim=True)
-        out = grid_weights @ v_grid + (local_weights.unsqueeze(-1) * v_local).sum(-2)
-        return (out / total).movedim(1, 2).flatten(2)
+        # The positional bias rides in the score matmul as one more key dimension against a constant 1 in the
+        # query: a separate add would be one more pass over the (k, G) scores.
+        bias = self.bias_for(grid_size).transpose(1, 2).expand(b, h, cells, 1)  # (B, h, G, 1)
+        q_ext = torch.cat([q, q.new_ones(b, h, k, 1)], dim=-1)
+        grid_scores = q_ext @ torch.cat([k_grid, bias], dim=-1).transpose(-1, -2)  # (B, h, k, G)
+        # Local scores (W_kᵀ q)·n + q·b_k and the values' weighted token sum, both as batches of tiny matmuls:
+        # ONNX Runtime and PyTorch run these faster than a broadcast multiply and a sum over the token axis.
+        q_tokens = (q @ w_k).unsqueeze(-1)  # (B, h, k, T, 1)
+        local_scores = (window.unsqueeze(1) @ q_tokens).squeeze(-1) + (q * b_k).sum(-1, keepdim=True) \
+            + self.local_bias[:, None]  # (B, h, k, 9)
+        # One softmax over the G + 9 keys without concatenating them: the grid's own softmax (one fused kernel in
+        # both runtimes) and its log-sum-exp, read off its largest weight (log Σ e^s = max s − log max p: no
+        # second pass of exponentials), then the grid's total weight against the 9 local ones.
+        grid_weights = grid_scores.softmax(dim=-1)
+        grid_lse = grid_scores.amax(-1, keepdim=True) - grid_weights.amax(-1, keepdim=True).log()
+        top = torch.maximum(grid_lse, local_scores.amax(-1, keepdim=True))
+        grid_share = (grid_lse - top).exp()  # (B, h, k, 1)
+        local_weights = (local_scores - top).exp()  # (B, h, k, 9)
+        local_share = local_weights.sum(-1, keepdim=True)
+        local_sum = (local_weights.unsqueeze(-2) @ window.unsqueeze(1)).squeeze(-2)  # (B, h, k, T)
+        out = grid_share * (grid_weights @ v_grid) + local_sum @ w_v.transpose(1, 2) + local_share * b_v
+        out = out / (grid_share + local_share)
+        return out.movedim(1, 2).flatten(2)
 
 
 class OrderFusion(nn.Module):
@@ -193,19 +189,21 @@ class OrderFusion(nn.Module):
         return scores.detach().topk(k, dim=1, sorted=False).indices
 
     def stream(self, x: torch.Tensor, project: nn.Module, norm: nn.LayerNorm, index: torch.Tensor,
-               grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One stream as tokens: its queries at `index`, its pooled grid, its whole normalised (B, H, W, T) map
-        (the other direction's local keys and values come from it) and what the map's zero padding normalises to.
+               grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stream as layer-normalised tokens: its pooled (B, G, T) grid and the (B, k, 9, T) 3×3 windows
+        around the selected pixels; a window's centre is the stream's own query token there, its other eight
+        are the local keys and values of the other direction.
 
-        The projection is linear, so pooling the projected map equals projecting the pooled one; the norm comes
-        after both.
+        The 1×1 projection runs on pixel tokens (as a linear layer on the channels-last input, whose channels
+        are few) so the wide projected map never needs a layout change, and it commutes with average pooling, so
+        the grid pools the narrow input instead. The map is zero-padded before the norm, so outside the map a
+        window holds LayerNorm's image of a zero token (its bias).
         """
-        projected = project(x)
-        b, t, h, w = projected.shape
-        normed = norm(to_tokens(projected))  # (B, H·W, T)
-        grid = norm(to_tokens(F.adaptive_avg_pool2d(projected, grid_size)))
-        fill = norm.bias if norm.bias is not None else projected.new_zeros(t)  # LayerNorm of a zero token
-        return gather_tokens(normed, index), grid, normed.view(b, h, w, t), fill
+        weight, bias = project.weight.flatten(1), project.bias
+        grid = norm(F.linear(to_tokens(F.adaptive_avg_pool2d(x, grid_size)), weight, bias))
+        tokens = F.linear(x.permute(0, 2, 3, 1), weight, bias)  # (B, H, W, T)
+        padded = norm(F.pad(tokens, (0, 0, 1, 1, 1, 1)))  # (B, H+2, W+2, T)
+        return grid, window_tokens(padded, index)
 
     def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, height, width = decoder.shape
@@ -213,12 +211,11 @@ class OrderFusion(nn.Module):
         scores = uncertainty(region_logits).flatten(1)
         index = self.select(scores)
         grid_size = (min(self.config.kv_grid, height), min(self.config.kv_grid, width))
-        dq, dgrid, dmap, dfill = self.stream(decoder, self.project_decoder, self.norm_decoder, index, grid_size)
-        sq, sgrid, smap, sfill = self.stream(skip, self.project_skip, self.norm_skip, index, grid_size)
-        to_skip, to_decoder = self.decoder_to_skip, self.skip_to_decoder
-        attended = torch.cat([to_skip(dq, sgrid, grid_size, to_skip.local_keys_values(smap, index, sfill)),
-                              to_decoder(sq, dgrid, grid_size, to_decoder.local_keys_values(dmap, index, dfill))],
-                             dim=-1)
+        dgrid, dwindow = self.stream(decoder, self.project_decoder, self.norm_decoder, index, grid_size)
+        sgrid, swindow = self.stream(skip, self.project_skip, self.norm_skip, index, grid_size)
+        centre = NEIGHBOURHOOD // 2
+        attended = torch.cat([self.decoder_to_skip(dwindow[:, :, centre], sgrid, grid_size, swindow),
+                              self.skip_to_decoder(swindow[:, :, centre], dgrid, grid_size, dwindow)], dim=-1)
         # Scaling by the uncertainty is what lets the selection train the region head through the main loss.
         update = self.to_out(attended) * scores.gather(1, index).unsqueeze(-1)
         flat = update.new_zeros(b, height * width, c).scatter(1, index.unsqueeze(-1).expand(-1, -1, c), update)
