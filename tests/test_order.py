@@ -188,3 +188,37 @@ def test_windows_at_selected_pixels_equal_the_unfolded_map() -> None:
     expected = unfolded.gather(1, index[..., None, None].expand(-1, -1, 9, 5))
     padded = torch.nn.functional.pad(to_tokens(x).view(2, 7, 6, 5), (0, 0, 1, 1, 1, 1))
     assert torch.equal(window_tokens(padded, index), expected)
+
+
+def textbook_attention(attn, query, grid, grid_size, window):
+    """The same attention written directly: project every key and value, concatenate, one softmax."""
+    def heads(x):
+        return attn.split_heads(x)  # (B, h, ..., d)
+
+    q = heads(attn.to_q(query))  # (B, h, k, d)
+    keys = torch.cat([heads(attn.to_k(grid)).unsqueeze(2).expand(-1, -1, q.shape[2], -1, -1),
+                      heads(attn.to_k(window))], dim=3)  # (B, h, k, G + 9, d)
+    values = torch.cat([heads(attn.to_v(grid)).unsqueeze(2).expand(-1, -1, q.shape[2], -1, -1),
+                        heads(attn.to_v(window))], dim=3)
+    bias = torch.cat([attn.bias_for(grid_size)[:, 0], attn.local_bias], dim=-1)[:, None]  # (h, 1, G + 9)
+    scores = (keys @ q.unsqueeze(-1)).squeeze(-1) * q.shape[-1] ** -0.5 + bias
+    out = (scores.softmax(-1).unsqueeze(-2) @ values).squeeze(-2)  # (B, h, k, d)
+    return out.movedim(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_the_fast_attention_equals_the_textbook_attention(heads: int) -> None:
+    from lawder_core.models.order import LocalGlobalAttention
+
+    torch.manual_seed(heads)
+    attn = LocalGlobalAttention(token_dim=6, attn_dim=8, heads=heads, kv_grid=4).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p)  # non-zero biases: the rewrite moves b_k and b_v out of the local keys/values
+    query, grid, window = torch.randn(2, 5, 6), torch.randn(2, 16, 6), torch.randn(2, 5, 9, 6)
+    args = [t.double().requires_grad_() for t in (query, grid, window)]
+    got, expected = attn(args[0], args[1], (4, 4), args[2]), textbook_attention(attn, args[0], args[1], (4, 4), args[2])
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got.square().sum(), [*args, *attn.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [*args, *attn.parameters()])
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)

@@ -86,6 +86,21 @@ def window_tokens(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return gather_tokens(padded.view(b, -1, c), window_index(index, w2 - 2)).view(*index.shape, NEIGHBOURHOOD, c)
 
 
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(rows, h, a) @ (h, a, c) -> (rows, h, c), one matmul per head (views, not copies, for one head)."""
+    return (x.transpose(0, 1) @ weight).transpose(0, 1)
+
+
+def per_query(x: torch.Tensor) -> torch.Tensor:
+    """(B, h, k, c) -> (B·k, h, c)."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])
+
+
+def unflatten_rows(x: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """(B·k, h, c) -> (B, h, k, c)."""
+    return x.reshape(b, k, *x.shape[1:]).transpose(1, 2)
+
+
 class LocalGlobalAttention(nn.Module):
     """Multi-head attention from k queries to a shared pooled grid plus each query's own 3×3 neighbourhood.
 
@@ -112,8 +127,8 @@ class LocalGlobalAttention(nn.Module):
         return x.unflatten(-1, (self.heads, -1)).movedim(-2, 1)
 
     def per_head(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """A projection's weight as (heads, d, T) and its bias as (heads, 1, d)."""
-        return linear.weight.view(self.heads, -1, linear.in_features), linear.bias.view(self.heads, 1, -1)
+        """A projection's weight as (heads, d, T) and its bias as (heads, d)."""
+        return linear.weight.view(self.heads, -1, linear.in_features), linear.bias.view(self.heads, -1)
 
     def bias_for(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """(heads, 1, cells) score offsets for a pooled grid of `grid_size`."""
@@ -126,35 +141,41 @@ class LocalGlobalAttention(nn.Module):
                 window: torch.Tensor) -> torch.Tensor:
         """query (B, k, T), grid (B, G, T) shared by all queries, each query's 3×3 window of the other stream
         (B, k, 9, T), all layer-normalised tokens -> (B, k, attn_dim)."""
-        q = self.split_heads(self.to_q(query))  # (B, h, k, d)
+        b, k, t = query.shape
+        h = self.heads
+        q = self.to_q(query).view(b * k, h, -1)  # (B·k, h, d): one row per query
         q = q * q.shape[-1] ** -0.5  # scaled once here: k·d numbers instead of the k·G scores
-        k_grid, v_grid = self.split_heads(self.to_k(grid)), self.split_heads(self.to_v(grid))  # (B, h, G, d)
+        grid_scores = self.grid_scores(q.view(b, k, h, -1).transpose(1, 2), grid, grid_size)  # (B, h, k, G)
+        # Local scores (W_kᵀ q)·n + q·b_k per query as a tiny matmul with the heads as the narrow side (faster
+        # than a broadcast multiply and a sum over the token axis in both runtimes; no head is broadcast to a copy).
         (w_k, b_k), (w_v, b_v) = self.per_head(self.to_k), self.per_head(self.to_v)
+        rows = window.reshape(b * k, NEIGHBOURHOOD, t)
+        local_scores = (rows @ head_matmul(q, w_k).transpose(1, 2)).transpose(1, 2) \
+            + (q * b_k).sum(-1, keepdim=True) + self.local_bias  # (B·k, h, 9)
+        # One softmax over the G + 9 keys of each query. The values are the grid's followed by 9 zero rows, so the
+        # weights multiply them whole (a slice of the (k, G + 9) weights would be a copy); the local values enter
+        # as W_v (Σ w n) + b_v Σ w.
+        weights = torch.cat([grid_scores, unflatten_rows(local_scores, b, k)], dim=-1).softmax(dim=-1)
+        local_weights = per_query(weights[..., -NEIGHBOURHOOD:])  # (B·k, h, 9)
+        local_out = head_matmul(local_weights @ rows, w_v.transpose(1, 2)) \
+            + local_weights.sum(-1, keepdim=True) * b_v
+        return (per_query(weights @ self.grid_values(grid)) + local_out).reshape(b, k, -1)
+
+    def grid_scores(self, q: torch.Tensor, grid: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Queries (B, h, k, d) against the shared (B, G, T) grid -> scores (B, h, k, G), positional bias included.
+
+        The bias rides in the matmul as one more key dimension against a constant 1 in the query: a separate add
+        would be one more pass over the (k, G) scores.
+        """
         b, h, k, d = q.shape
-        cells = grid.shape[1]
-        # The positional bias rides in the score matmul as one more key dimension against a constant 1 in the
-        # query: a separate add would be one more pass over the (k, G) scores.
-        bias = self.bias_for(grid_size).transpose(1, 2).expand(b, h, cells, 1)  # (B, h, G, 1)
-        q_ext = torch.cat([q, q.new_ones(b, h, k, 1)], dim=-1)
-        grid_scores = q_ext @ torch.cat([k_grid, bias], dim=-1).transpose(-1, -2)  # (B, h, k, G)
-        # Local scores (W_kᵀ q)·n + q·b_k and the values' weighted token sum, both as batches of tiny matmuls:
-        # ONNX Runtime and PyTorch run these faster than a broadcast multiply and a sum over the token axis.
-        q_tokens = (q @ w_k).unsqueeze(-1)  # (B, h, k, T, 1)
-        local_scores = (window.unsqueeze(1) @ q_tokens).squeeze(-1) + (q * b_k).sum(-1, keepdim=True) \
-            + self.local_bias[:, None]  # (B, h, k, 9)
-        # One softmax over the G + 9 keys without concatenating them: the grid's own softmax (one fused kernel in
-        # both runtimes) and its log-sum-exp, read off its largest weight (log Σ e^s = max s − log max p: no
-        # second pass of exponentials), then the grid's total weight against the 9 local ones.
-        grid_weights = grid_scores.softmax(dim=-1)
-        grid_lse = grid_scores.amax(-1, keepdim=True) - grid_weights.amax(-1, keepdim=True).log()
-        top = torch.maximum(grid_lse, local_scores.amax(-1, keepdim=True))
-        grid_share = (grid_lse - top).exp()  # (B, h, k, 1)
-        local_weights = (local_scores - top).exp()  # (B, h, k, 9)
-        local_share = local_weights.sum(-1, keepdim=True)
-        local_sum = (local_weights.unsqueeze(-2) @ window.unsqueeze(1)).squeeze(-2)  # (B, h, k, T)
-        out = grid_share * (grid_weights @ v_grid) + local_sum @ w_v.transpose(1, 2) + local_share * b_v
-        out = out / (grid_share + local_share)
-        return out.movedim(1, 2).flatten(2)
+        keys = self.split_heads(self.to_k(grid))  # (B, h, G, d)
+        bias = self.bias_for(grid_size).transpose(1, 2).expand(b, h, grid.shape[1], 1)  # (B, h, G, 1)
+        return torch.cat([q, q.new_ones(b, h, k, 1)], dim=-1) @ torch.cat([keys, bias], dim=-1).transpose(2, 3)
+
+    def grid_values(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, G, T) -> (B, h, G + 9, d): the grid's values and a zero row for each local key."""
+        values = self.split_heads(self.to_v(grid))
+        return F.pad(values, (0, 0, 0, NEIGHBOURHOOD))
 
 
 class OrderFusion(nn.Module):
