@@ -16,6 +16,7 @@ Usage: python benchmarks/bench_seg_quality.py --size 128 --epochs 30 --shard 0/2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -27,6 +28,7 @@ import torch
 from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_folder import prepare_folder
 from lawder_core.evaluate import dice_for_run
+from lawder_core.models.configs import OrderConfig
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
 
 MODELS = ("mkunet-t", "mkunet-t-wide", "mkunet-t-order", "mkunet-base", "unet-r34")
@@ -43,7 +45,8 @@ def prepared(data: Path, size: int, work: Path) -> Path:
 def one_run(h5: Path, model: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     run = work / "runs" / f"{model}-s{seed}"
     cfg = SegTrainConfig(data=str(h5), out=str(run), model=model, size=args.size, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, seed=seed, resume=(run / "last").exists())
+                         batch_size=args.batch_size, lr=args.lr, seed=seed, resume=(run / "last").exists(),
+                         order=order_config(args.order))
     tic = time.perf_counter()
     train_segmenter(cfg)
     seconds = time.perf_counter() - tic
@@ -74,6 +77,13 @@ def paired_gains(rows: list[dict], model: str, other: str) -> dict[int, float]:
             for (m, seed) in sorted(by) if m == model and (other, seed) in by}
 
 
+def order_config(overrides: list[str]) -> OrderConfig:
+    """OrderConfig from KEY=VALUE strings (e.g. rho=0.15 kv_grid=8); the defaults where none are given."""
+    types = {"rho": float, "aux_weight": float}
+    pairs = (item.split("=", 1) for item in overrides)
+    return OrderConfig(**{key: types.get(key, int)(value) for key, value in pairs})
+
+
 def shard_of(pairs: list[tuple[int, str]], shard: str) -> list[tuple[int, str]]:
     index, count = (int(v) for v in shard.split("/"))
     return pairs[index::count]
@@ -85,6 +95,7 @@ def write_result(args: argparse.Namespace, rows: list[dict]) -> None:
                          "optimizer": "AdamW + cosine", "loss": "structure loss (+0.2 aux for ORDER)",
                          "augmentation": "flips, 90° rotations, scale/crop"},
               "machine": f"{platform.machine()}, {args.threads} torch thread(s) per process, shared 2-core CPU",
+              "order_config": args.order_record,
               "runs": sorted(rows, key=lambda r: (r["seed"], r["model"])), "summary": summarise(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -103,15 +114,19 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/seg_quality"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_seg_quality.json"))
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--order", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="ORDER settings other than the defaults, e.g. rho=0.15 kv_grid=8 (recorded in --out).")
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th (seed, model) pair from the I-th.")
     parser.add_argument("--merge", type=Path, nargs="+", help="Join shard results into --out; trains nothing.")
     args = parser.parse_args()
     if args.merge:
         shards = [json.loads(p.read_text()) for p in args.merge]
         args.size, args.epochs = shards[0]["size"], shards[0]["recipe"]["epochs"]
+        args.order_record = shards[0].get("order_config")
         write_result(args, [r for s in shards for r in s["runs"]])
         print(json.dumps(summarise([r for s in shards for r in s["runs"]]), indent=1))
         return
+    args.order_record = dataclasses.asdict(order_config(args.order))
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     h5 = prepared(args.data, args.size, args.work)
