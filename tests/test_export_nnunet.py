@@ -6,7 +6,9 @@ CT has it (checked on organ centroids in world millimetres, with the raw volumes
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 from pathlib import Path
 
 import h5py
@@ -27,9 +29,13 @@ runner = CliRunner()
 
 
 def verify(folder: Path) -> None:
+    """nnU-Net's own check, called directly (not through lawder), in a spawned process: nnU-Net forks a pool, and
+    a fork of this test worker (which may hold a connected Ray from an earlier test) can hang."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-    verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(verify_dataset_integrity, str(folder), 1).result()  # raises on any problem
 
 
 def kits_like(path: Path, n: int = 10) -> Path:

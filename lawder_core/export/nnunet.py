@@ -32,9 +32,11 @@ of the real training volumes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib.util
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -314,15 +316,26 @@ def volume_notes(info: H5Info, missing: int, scale: tuple[float, float] | None,
 
 
 def verify(root: Path) -> str | None:
-    """nnU-Net's own integrity check when nnunetv2 is installed (lawder[nnunet]); its version, or None."""
+    """nnU-Net's own integrity check when nnunetv2 is installed (lawder[nnunet]); its version, or None.
+
+    The check runs in a freshly spawned process: nnU-Net forks a multiprocessing pool, and a fork of a process
+    with live threads (a connected Ray, a notebook's) can hang for ever on the pool's exit.
+    """
     if importlib.util.find_spec("nnunetv2") is None:
         return None
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            pool.submit(nnunet_integrity_check, str(root)).result()
+        except (AssertionError, RuntimeError, ValueError) as err:
+            raise DataError(f"nnU-Net's integrity check rejected {root}: {err}",
+                            "This is a lawder bug; please report it with the data set's fingerprint.") from err
+    return f"nnunetv2 {package_version('nnunetv2')}"
+
+
+def nnunet_integrity_check(root: str) -> None:
+    """nnU-Net's verify_dataset_integrity, its progress on stderr (stdout is for --json); run by `verify`."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints its progress; stdout is for --json
-            verify_dataset_integrity(str(root), num_processes=1)
-    except (AssertionError, RuntimeError, ValueError) as err:
-        raise DataError(f"nnU-Net's integrity check rejected {root}: {err}",
-                        "This is a lawder bug; please report it with the data set's fingerprint.") from err
-    return f"nnunetv2 {package_version('nnunetv2')}"
+    with contextlib.redirect_stdout(sys.stderr):
+        verify_dataset_integrity(root, num_processes=1)
