@@ -110,7 +110,7 @@ class LocalGlobalAttention(nn.Module):
 
     The local keys and values are never projected: a score q·(W_k n + b_k) is (W_kᵀ q)·n + q·b_k and a weighted
     sum of values Σ w (W_v n + b_v) is W_v (Σ w n) + b_v Σ w, so the query moves into token space instead of
-    9 tokens per query (or the whole map) moving into attention space. Same function, a third of the work.
+    9 tokens per query (or the whole map) moving into attention space: the same function for less work.
     """
 
     def __init__(self, token_dim: int, attn_dim: int, heads: int, kv_grid: int) -> None:
