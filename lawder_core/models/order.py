@@ -142,10 +142,9 @@ class LocalGlobalAttention(nn.Module):
         """query (B, k, T), grid (B, G, T) shared by all queries, each query's 3×3 window of the other stream
         (B, k, 9, T), all layer-normalised tokens -> (B, k, attn_dim)."""
         b, k, t = query.shape
-        h = self.heads
-        q = self.to_q(query).view(b * k, h, -1)  # (B·k, h, d): one row per query
+        q = self.to_q(query).view(b * k, self.heads, -1)  # (B·k, h, d): one row per query
         q = q * q.shape[-1] ** -0.5  # scaled once here: k·d numbers instead of the k·G scores
-        grid_scores = self.grid_scores(q.view(b, k, h, -1).transpose(1, 2), grid, grid_size)  # (B, h, k, G)
+        grid_scores = self.grid_scores(unflatten_rows(q, b, k), grid, grid_size)  # (B, h, k, G)
         # Local scores (W_kᵀ q)·n + q·b_k per query as a tiny matmul with the heads as the narrow side (faster
         # than a broadcast multiply and a sum over the token axis in both runtimes; no head is broadcast to a copy).
         (w_k, b_k), (w_v, b_v) = self.per_head(self.to_k), self.per_head(self.to_v)

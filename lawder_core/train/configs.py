@@ -58,8 +58,8 @@ def check_seg_config(cfg: SegTrainConfig) -> None:
         raise UsageError("--epochs and --batch-size must be at least 1.")
     info = read_info(cfg.data)
     label_map(info.label_names, cfg.labels)
-    real_train = len(split_indices(cfg.data, "train"))  # reading the splits refuses a misspelt value
-    if not real_train and not cfg.synthetic:
+    # Reading the splits also refuses a misspelt value before the run folder exists.
+    if not len(split_indices(cfg.data, "train")) and not cfg.synthetic:
         raise DataError(f"{cfg.data} has no training samples.", "Check the split with `lawder inspect`.")
     if cfg.synthetic:
         read_info(cfg.synthetic)
