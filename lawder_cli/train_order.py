@@ -35,6 +35,19 @@ def train_order(
     batch_size: int = typer.Option(None, "--batch-size", help="Per-worker batch size."),
     lr: float = typer.Option(None, "--lr"),
     encoder_weights: str = typer.Option(None, "--encoder-weights", help="smp baselines: e.g. imagenet (downloads)."),
+    steps: int = typer.Option(None, "--steps", help="Optimiser steps in all (equal budgets across compared runs); "
+                              "the epochs follow from it. Default: --epochs full epochs."),
+    folds: int = typer.Option(None, "--folds", help="K-fold cross-validation over the non-test cases (with --fold); "
+                              "folds are drawn by case once per data file and kept beside it (DATA.foldsK.json)."),
+    fold: int = typer.Option(None, "--fold", help="With --folds: the held-out fold (0..K-1) to validate on; the "
+                             "run trains on the other folds. `lawder evaluate` then scores that fold."),
+    select: str = typer.Option(None, "--select", help="Checkpoint that evaluate/predict use: best (validation "
+                               "Dice, default) or last."),
+    init_from: str = typer.Option(None, "--init-from", help="Start from this run's selected checkpoint (ORDER: the "
+                                  "trunk of an MK-UNet run of the same width; ORDER's own weights start at zero)."),
+    freeze_trunk: bool = typer.Option(None, "--freeze-trunk/--train-trunk",
+                                      help="With --init-from and an ORDER model: train ORDER's parameters only "
+                                           "(two-stage ORDER); the start is scored first and kept unless beaten."),
     labels: str = LABELS,
     seed: int = SEED,
     gpus: int = GPUS,
@@ -58,12 +71,15 @@ def train_order(
         config = config_path(out)  # a resumed run continues with the config it was started with
     cfg = build_config(SegTrainConfig, config, data=data, out=str(out), model=model, synthetic=synthetic,
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                       encoder_weights=encoder_weights, labels=labels, seed=seed, resume=resume)
+                       encoder_weights=encoder_weights, labels=labels, seed=seed, resume=resume, steps=steps,
+                       folds=folds, fold=fold, select=select, init_from=init_from, freeze_trunk=freeze_trunk)
     with quiet_stdout():
         launch_cfg = launch_config(gpus, workers, ray_address, storage, out, wait_for_resources)
         result = run_train_order(cfg, launch_cfg, force=force)
     if json_out:
         print_json(result)
     else:
-        err_console.print(f"trained {cfg.model}: best validation Dice {result['best_dice']:.4f} "
-                          f"(epoch {result['best_epoch']}); checkpoints in {out}/best and {out}/last")
+        where = "the starting model" if result["best_epoch"] == -1 else f"epoch {result['best_epoch']}"
+        err_console.print(f"trained {cfg.model} for {result['steps']} steps: best validation Dice "
+                          f"{result['best_dice']:.4f} ({where}); checkpoints in {out}/best and {out}/last "
+                          f"(evaluate and predict use {result['select']}/)")

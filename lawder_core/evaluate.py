@@ -66,7 +66,7 @@ class Inputs:
     fid_weights: str | None = None  # Inception TorchScript file; None: looked up (see metrics/fid.py)
     run: str | None = None  # Dice: a `train-order` run folder ...
     data: str | None = None  # ... scored on this HDF5 file's
-    split: str = "test"  # ... split
+    split: str | None = None  # ... split; None: the run's held-out fold for a --folds run, else "test"
     segmenter: str | None = None  # adherence: a segmenter run trained on real data
     model: str | None = None  # profile: a model name or a run folder ...
     size: int = 256  # ... at size×size
@@ -185,10 +185,12 @@ def evaluate(request: EvaluateRequest, *, real_features: dict[tuple[str, str | N
         parts["fid"] = fid_kid(inputs, metrics, options, device, real_features)
     seg_options = {"mode": options.mode, "device": device, "batch_size": options.batch_size,
                    "empty_policy": options.empty_policy}
+    split = inputs.split
     if metrics.dice:
         assert inputs.run is not None and inputs.data is not None  # check_request
-        parts["dice"], metadata["segmenter"] = dice_for_run(inputs.run, inputs.data, inputs.split, **seg_options)
-        metadata["inputs"]["split"] = inputs.split
+        split = dice_split(inputs.run, inputs.split)
+        parts["dice"], metadata["segmenter"] = dice_for_run(inputs.run, inputs.data, split, **seg_options)
+        metadata["inputs"]["split"] = split
     if metrics.adherence:
         assert inputs.segmenter is not None and inputs.synthetic is not None
         parts["adherence"] = adherence_for_run(inputs.segmenter, inputs.synthetic, inputs.synthetic_split,
@@ -196,7 +198,7 @@ def evaluate(request: EvaluateRequest, *, real_features: dict[tuple[str, str | N
     if metrics.profile:
         assert inputs.model is not None
         parts["profile"] = profile_model(inputs.model, inputs.size, repeats=options.repeats, mode=options.mode)
-    summary = build_summary(**parts, reference=f"{inputs.data}:{inputs.split}", prediction=str(inputs.run),
+    summary = build_summary(**parts, reference=f"{inputs.data}:{split}", prediction=str(inputs.run),
                             metadata=metadata)
     summary["gates"] = to_jsonable(gate_table(summary, **request.gates.thresholds()))
     summary["metadata"]["summary_file"] = str(summary_path(request.out))
@@ -230,17 +232,50 @@ def fid_kid(inputs: Inputs, metrics: Metrics, options: EvaluateOptions, device: 
     return result
 
 
+FOLD_SPLIT = "fold"  # --split fold: the cases a cross-validation run held out
+
+
+def dice_split(run: str | os.PathLike, split: str | None) -> str:
+    """The split to score a run on: as asked, else its held-out fold for a --folds run, else the test split."""
+    folds = run_folds(run)
+    if split is None:
+        return FOLD_SPLIT if folds else "test"
+    if split == FOLD_SPLIT and not folds:
+        raise UsageError(f"--split fold: {run} was not trained with --folds.", "Use --split test (or val, train).")
+    return split
+
+
+def run_folds(run: str | os.PathLike) -> tuple[int, int] | None:
+    """(K, I) of a run trained with --folds K --fold I; None otherwise (or for a bare checkpoint folder)."""
+    from lawder_core import runs
+
+    if runs.config_path(run) is None:
+        return None
+    config = runs.read_config(run)
+    if not config.get("folds"):
+        return None
+    return int(config["folds"]), int(config["fold"])
+
+
 def dice_for_run(run: str | os.PathLike, data: str | os.PathLike, split: str | None = "test", *,
                  mode: str = "auto", device: str = "cpu", batch_size: int = 16,
                  empty_policy: EmptyPolicy = "one") -> tuple[DiceReport, dict[str, Any]]:
-    """Dice/IoU of a run's best checkpoint on one split of an HDF5 file, and the run's description."""
+    """Dice/IoU of a run's selected checkpoint on one split of an HDF5 file (`fold`: the cases a --folds run held
+    out), and the run's description."""
+    from lawder_core.data.splits import fold_indices
     from lawder_core.metrics.seg_eval import segmenter_dice
     from lawder_core.predict import load_predictor
 
+    indices = None
+    if split == FOLD_SPLIT:
+        folds = run_folds(run)
+        if folds is None:
+            raise UsageError(f"--split fold: {run} was not trained with --folds.", "Use --split test.")
+        indices = fold_indices(data, folds[0], folds[1], "val")
     segmenter = load_predictor(run, mode, device)
     report = segmenter_dice(segmenter.predict_fn, data, split, num_classes=segmenter.num_classes,
-                            label_map=segmenter.label_map,
-                            batch_size=batch_size, empty_policy=empty_policy, device=device)
+                            label_map=segmenter.label_map, batch_size=batch_size, empty_policy=empty_policy,
+                            device=device, indices=indices)
     return report, segmenter.info
 
 

@@ -227,21 +227,35 @@ class Stages:
                  f"DDIM {self.preset.sample_steps} steps")
         run_sample(cfg)
 
-    def train_order(self, model: str, data: str, seed: int) -> None:
+    def seg_config(self, model: str, data: str, seed: int) -> Any:
         from lawder_core.train.configs import SegTrainConfig
 
         run = self.seg_run(model, data, seed)
-        records = runs.read_metrics(run)
-        if records and records[-1]["epoch"] + 1 >= self.preset.seg_epochs:
-            return
         synthetic = None if data == "real" else str(self.synthetic(data.split("+")[1]))
-        self.say(f"train-order {model} on {data}, seed {seed}: {self.preset.seg_epochs} epochs")
-        cfg = SegTrainConfig(data=str(self.data), out=str(run), model=model, synthetic=synthetic,
-                             synthetic_ratio=1.0, size=self.preset.seg_size or self.preset.size,
-                             epochs=self.preset.seg_epochs,
-                             batch_size=self.preset.seg_batch, seed=seed, resume=runs.has_run(run),
-                             max_steps_per_epoch=self.preset.max_steps_per_epoch)
-        train_order(cfg, self.launch_config(run.name))
+        return SegTrainConfig(data=str(self.data), out=str(run), model=model, synthetic=synthetic,
+                              synthetic_ratio=1.0, size=self.preset.seg_size or self.preset.size,
+                              epochs=self.preset.seg_epochs, steps=self.seg_steps(), batch_size=self.preset.seg_batch,
+                              seed=seed, resume=runs.has_run(run), max_steps_per_epoch=self.preset.max_steps_per_epoch)
+
+    def seg_steps(self) -> int:
+        """One optimiser-step budget for every segmenter of a comparison: the preset's epochs over the largest
+        training set (real + synthetic). Real-only arms then run more epochs, not fewer steps."""
+        from lawder_core.train.configs import SegTrainConfig, planned_steps_per_epoch
+
+        largest = max(
+            planned_steps_per_epoch(SegTrainConfig(
+                data=str(self.data), out="", synthetic=None if data == "real" else str(self.synthetic(data[5:])),
+                batch_size=self.preset.seg_batch, max_steps_per_epoch=self.preset.max_steps_per_epoch))
+            for data in SEG_DATA)
+        return self.preset.seg_epochs * largest
+
+    def train_order(self, model: str, data: str, seed: int) -> None:
+        cfg = self.seg_config(model, data, seed)
+        records = runs.read_metrics(cfg.out)
+        if records and records[-1].get("steps", 0) >= cfg.steps:
+            return
+        self.say(f"train-order {model} on {data}, seed {seed}: {cfg.steps} optimiser steps")
+        train_order(cfg, self.launch_config(Path(cfg.out).name))
 
     # ---------------------------------------------------------------- evaluate: one `lawder evaluate` each
     def evaluate_once(self, name: str, metrics: Metrics, inputs: Inputs, options: EvaluateOptions | None = None,
@@ -276,7 +290,9 @@ class Stages:
     def evaluate_segmenter(self, model: str, data: str, seed: int) -> SegScore:
         inputs = Inputs(run=str(self.seg_run(model, data, seed)), data=str(self.data), split="test")
         summary = self.evaluate_once(f"seg-{seg_name(model, data, seed)}", Metrics(dice=True), inputs)
-        return SegScore(model=model, data=data, seed=seed, summary=summary)
+        records = runs.read_metrics(self.seg_run(model, data, seed))
+        steps = records[-1].get("steps") if records else None
+        return SegScore(model=model, data=data, seed=seed, summary=summary, steps=steps)
 
     def evaluate_profile(self, model: str) -> dict[str, Any]:
         options = EvaluateOptions(seed=self.cfg.seed, repeats=self.preset.profile_repeats)
@@ -298,8 +314,9 @@ class Stages:
         p = self.preset
         limit = f" for at most {p.sample_limit} training masks per synthetic set" if p.sample_limit else ""
         return (f"Preset `{self.cfg.preset}`: {p.size} px, diffusion {p.law_steps} steps ({p.denoiser} UNet), "
-                f"DDIM {p.sample_steps} steps{limit}, segmenters {p.seg_epochs} epochs (real + synthetic: every "
-                f"synthetic image once per epoch), seeds {list(p.seeds)}. Data: `{self.data}`.")
+                f"DDIM {p.sample_steps} steps{limit}, segmenters {self.seg_steps()} optimiser steps each (the preset's "
+                f"{p.seg_epochs} epochs over the largest training set, real + synthetic; real-only arms run the same "
+                f"steps in more epochs), seeds {list(p.seeds)}. Data: `{self.data}`.")
 
     # ---------------------------------------------------------------- all
     def run_all(self) -> dict[str, Any]:

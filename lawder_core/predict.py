@@ -14,7 +14,7 @@ from lawder_core.data.h5 import open_h5, read_rows, read_strings, split_indices
 from lawder_core.data.images import list_images, read_image
 from lawder_core.data.labels import LabelMap, stored_labels
 from lawder_core.errors import DataError, UsageError
-from lawder_core.models.configs import CHECKPOINT_CONFIG, check_mode
+from lawder_core.models.configs import check_mode
 from lawder_core.paths import safe_name, unique_names
 from lawder_core.predict_output import (
     SUMMARY,
@@ -30,6 +30,7 @@ from lawder_core.predict_output import (
     write_png,
 )
 from lawder_core.predict_volume import OVERLAYS, check_window, is_volume_source, predict_volumes
+from lawder_core.runs import segmenter_checkpoint
 from lawder_core.viz import overlay
 
 # torch and the models load inside the functions that use them: a wrong request is refused before they do
@@ -61,13 +62,9 @@ class Predictor:
 
 
 def checkpoint_folder(run: str | os.PathLike) -> Path:
-    """A run folder's best/ checkpoint, or a checkpoint folder given directly."""
-    run = Path(run)
-    for candidate in (run / "best", run):
-        if (candidate / CHECKPOINT_CONFIG).exists():
-            return candidate
-    raise DataError(f"{run} holds no segmenter checkpoint (expected {run}/best/{CHECKPOINT_CONFIG}).",
-                    "Pass the --out folder of `lawder train-order`.")
+    """The checkpoint a run folder selects (best/ unless it was trained with --select last), or a checkpoint
+    folder given directly."""
+    return segmenter_checkpoint(run)
 
 
 def load_predictor(run: str | os.PathLike, mode: str = "auto", device: str = "cpu") -> Predictor:

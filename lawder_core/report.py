@@ -42,6 +42,7 @@ class SegScore:
     data: str  # what it was trained on: real, real+law or real+uniform
     seed: int
     summary: Mapping[str, Any]
+    steps: int | None = None  # optimiser steps it trained for (every arm of a comparison gets the same)
 
     @property
     def dice(self) -> float | None:
@@ -151,9 +152,13 @@ def synthetic_data_table(inputs: ReportInputs) -> Table:
     for model in ("mkunet-t-order", "mkunet-t"):
         for data in ("real", "real+uniform", "real+law"):
             paper = PAPER["dice_synthetic"].get(data) if model == "mkunet-t-order" else None
-            rows.append([model, data, mean_sd(dice_values(inputs, model, data)), fmt(paper, 1)])
-    title = "Claim 2 — LAW's synthetic images help segmenters (test Dice ×100, mean ± sd over seeds)"
-    return title, ["model", "training data", "Dice", "paper Dice"], rows
+            steps = sorted({s.steps for s in inputs.segmentation if s.model == model and s.data == data},
+                           key=lambda v: -1 if v is None else v)
+            rows.append([model, data, mean_sd(dice_values(inputs, model, data)),
+                         ", ".join("?" if v is None else str(v) for v in steps), fmt(paper, 1)])
+    title = ("Claim 2 — LAW's synthetic images help segmenters (test Dice ×100, mean ± sd over seeds; every arm "
+             "trains for the same optimiser steps)")
+    return title, ["model", "training data", "Dice", "optimiser steps", "paper Dice"], rows
 
 
 def order_table(inputs: ReportInputs) -> Table:

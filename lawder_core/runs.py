@@ -81,6 +81,20 @@ def config_path(out: str | os.PathLike) -> Path | None:
     return None
 
 
+def read_config(out: str | os.PathLike) -> dict[str, Any]:
+    """The run's config.json (or a pre-contract name), refused with a DataError when unreadable."""
+    path = config_path(out)
+    if path is None:
+        raise DataError(f"{out} holds no {CONFIG}.", "Pass the --out folder of a lawder run.")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} cannot be read: {err}", "The run folder is damaged; start it again.") from err
+    if not isinstance(config, dict):
+        raise DataError(f"{path} does not hold a config object.", "The run folder is damaged; start it again.")
+    return config
+
+
 def write_config(out: str | os.PathLike, config: dict[str, Any]) -> Path:
     return write_json(Path(out) / CONFIG, config)
 
@@ -116,6 +130,35 @@ def find_checkpoint(out: str | os.PathLike, name: str = LAST) -> Path | None:
             if (folder / PROGRESS).exists():
                 return folder
     return None
+
+
+SELECTIONS = (BEST, LAST)
+
+
+def selected_name(run: str | os.PathLike) -> str:
+    """The checkpoint a segmenter run's `select` names for evaluate/predict: best (default) or last."""
+    path = Path(run) / CONFIG
+    try:
+        select = json.loads(path.read_text()).get("select", BEST) if path.exists() else BEST
+    except (OSError, ValueError, AttributeError):
+        select = BEST
+    return select if select in SELECTIONS else BEST
+
+
+def segmenter_checkpoint(run: str | os.PathLike) -> Path:
+    """The checkpoint folder a run's `select` names (best/ unless trained with --select last); a checkpoint
+    folder given directly is itself."""
+    from lawder_core.models.configs import CHECKPOINT_CONFIG
+
+    run = Path(run)
+    name = selected_name(run)
+    for candidate in (find_checkpoint(run, name), run / name):
+        if candidate is not None and (candidate / CHECKPOINT_CONFIG).exists():
+            return candidate
+    if (run / CHECKPOINT_CONFIG).exists() and not (run / METRICS).exists():  # a checkpoint, not a run folder
+        return run
+    raise DataError(f"{run} holds no segmenter checkpoint (expected {run}/{name}/{CHECKPOINT_CONFIG}).",
+                    "Pass the --out folder of `lawder train-order`.")
 
 
 def new_checkpoint(out: str | os.PathLike, name: str = LAST) -> Path:

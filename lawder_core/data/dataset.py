@@ -33,17 +33,19 @@ class SegDataset(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, split: str | None = "train", size: int | None = None,
-                 augment: bool = False, seed: int = 0, cache: bool | None = None, raw: bool = False) -> None:
+                 augment: bool = False, seed: int = 0, cache: bool | None = None, raw: bool = False,
+                 indices: np.ndarray | None = None) -> None:
         self.path = Path(path)
         self.info = read_info(self.path)
-        self.indices = split_indices(self.path, split)
+        # `indices` (e.g. a cross-validation fold's samples) replaces the split's
+        self.indices = split_indices(self.path, split) if indices is None else np.asarray(indices, dtype=np.int64)
         self.split = split
         self.size = size
         self.augment = augment
         self.seed = seed
         self.raw = raw
+        self.epoch = 0
         self._file: h5py.File | None = None
-        self._calls = 0
         self.cache = split_bytes(self.info.height, self.info.width, self.info.channels,
                                  len(self.indices)) <= cache_limit() if cache is None else cache
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -104,11 +106,23 @@ class SegDataset(Dataset):
         return image.contiguous(), mask.contiguous()
 
     def _rng(self, i: int) -> np.random.Generator:
-        # Fresh randomness per call, reproducible per (seed, worker, call).
-        self._calls += 1
-        worker = torch.utils.data.get_worker_info()
-        wid = worker.id if worker is not None else 0
-        return np.random.default_rng([self.seed, wid, self._calls, i])
+        # Keyed on (seed, epoch, sample) only: the same augmentation whichever loader worker serves the sample,
+        # and a resumed run (whose counters would restart) draws exactly what the uninterrupted run drew.
+        return np.random.default_rng([self.seed, self.epoch, i])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
+    """Tell every SegDataset inside `dataset` (a ConcatDataset of real and synthetic, a Subset) the epoch."""
+    if isinstance(dataset, SegDataset):
+        dataset.set_epoch(epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            set_dataset_epoch(part, epoch)
+    elif isinstance(dataset, Subset):
+        set_dataset_epoch(dataset.dataset, epoch)
 
 
 def split_bytes(height: int, width: int, channels: int, n: int) -> int:

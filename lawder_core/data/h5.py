@@ -345,6 +345,12 @@ def read_splits(f: h5py.File) -> np.ndarray:
     return splits
 
 
+def read_case_splits(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample's case id and split, in file order (k-fold cross-validation draws its folds from these)."""
+    with open_h5(path) as f:
+        return read_strings(f, "case_id"), read_splits(f)
+
+
 def split_indices(path: str | os.PathLike, split: str | None) -> np.ndarray:
     """Indices of the samples in `split` (all samples when split is None or 'all')."""
     with open_h5(path) as f:
@@ -372,10 +378,11 @@ def read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
 
 
 def load_arrays(
-    path: str | os.PathLike, split: str | None = None, limit: int | None = None
+    path: str | os.PathLike, split: str | None = None, limit: int | None = None, indices: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images (N,H,W,C), masks (N,H,W) and case ids of one split, in memory: for evaluation and sampling."""
-    idx = split_indices(path, split)
+    """Images (N,H,W,C), masks (N,H,W) and case ids of one split (or of the given sample indices, e.g. a
+    cross-validation fold), in memory: for evaluation and sampling."""
+    idx = split_indices(path, split) if indices is None else np.asarray(indices, dtype=np.int64)
     if limit is not None:
         idx = idx[:limit]
     with open_h5(path) as f:

@@ -1,15 +1,17 @@
-"""Case-level train/val/test splits: a case (patient) never lands in two splits."""
+"""Case-level train/val/test splits and k cross-validation folds: a case (patient) never lands in two of them."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lawder_core.data.h5 import SPLITS
+from lawder_core.data.h5 import SPLITS, read_case_splits
 from lawder_core.errors import DataError, UsageError
+from lawder_core.files import write_json
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
@@ -79,3 +81,66 @@ def splits_for(case_ids: Iterable[str], fractions: Sequence[float], seed: int,
         raise UsageError(f"split file {split_file} does not list {len(missing)} case(s), e.g. {missing[:5]}.",
                          "Regenerate it, or drop --split-file to draw a new split.")
     return mapping
+
+
+# ---------------------------------------------------------------- k folds (cross-validation over non-test cases)
+
+FOLD_SEED = 0  # one fixed draw per data file: every arm and every seed of a comparison sees the same folds
+
+
+def folds_path(data: str | os.PathLike, k: int) -> Path:
+    """`<data stem>.folds<k>.json`, beside the HDF5 file like its splits.json."""
+    stem = Path(data).with_suffix("")
+    return Path(f"{stem}.folds{k}.json")
+
+
+def draw_folds(case_ids: Iterable[str], k: int, seed: int = FOLD_SEED) -> list[list[str]]:
+    """The unique cases shuffled with `seed` and cut into k near-equal folds (sizes differ by at most one)."""
+    cases = sorted(set(case_ids))
+    if k < 2:
+        raise UsageError(f"--folds {k}: cross-validation needs at least 2 folds.")
+    if len(cases) < k:
+        raise DataError(f"{len(cases)} non-test case(s) cannot fill {k} folds.", "Use fewer --folds.")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    return [sorted(cases[i] for i in chunk) for chunk in np.array_split(order, k)]
+
+
+def fold_cases(data: str | os.PathLike, k: int) -> list[list[str]]:
+    """The k folds of `data`'s non-test cases: read from the folds file, or drawn once and written there.
+
+    A folds file that no longer covers the data's non-test cases exactly once (the data were prepared again with
+    another split) is refused rather than silently redrawn: runs trained on the old folds would be scored on
+    cases they saw.
+    """
+    case_ids, splits = read_case_splits(data)
+    pool = set(case_ids[splits != "test"].tolist())
+    path = folds_path(data, k)
+    if path.exists():
+        try:
+            folds = [[str(c) for c in fold] for fold in json.loads(path.read_text())["folds"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"the folds file {path} cannot be read: {err}",
+                            "Delete it to draw the folds again (runs trained on it then no longer match).") from err
+        flat = [c for fold in folds for c in fold]
+        if len(folds) != k or len(flat) != len(set(flat)) or set(flat) != pool:
+            raise DataError(f"the folds file {path} does not split {data}'s non-test cases into {k} disjoint folds.",
+                            "The data were prepared again: delete the folds file and retrain every fold run.")
+        return folds
+    folds = draw_folds(pool, k)
+    write_json(path, {"k": k, "seed": FOLD_SEED, "data": Path(data).name,
+                      "note": "cross-validation folds over the train+val cases; the test split is untouched",
+                      "folds": folds})
+    return folds
+
+
+def fold_indices(data: str | os.PathLike, k: int, fold: int, role: str) -> np.ndarray:
+    """Sample indices of fold `fold` ('val': its held-out cases) or of every other non-test case ('train')."""
+    if not 0 <= fold < k:
+        raise UsageError(f"--fold {fold} is outside 0..{k - 1} for --folds {k}.")
+    if role not in ("train", "val"):
+        raise ValueError(f"role must be 'train' or 'val', not {role!r}")
+    held_out = set(fold_cases(data, k)[fold])
+    case_ids, splits = read_case_splits(data)
+    inside = np.array([c in held_out for c in case_ids.tolist()], dtype=bool)
+    keep = inside if role == "val" else (~inside & (splits != "test"))
+    return np.flatnonzero(keep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
 from lawder_core.data.h5 import load_arrays, read_info
@@ -28,16 +29,18 @@ def segmenter_dice(
     device: str | torch.device = "cpu",
     limit: int | None = None,
     label_map: LabelMap | None = None,
+    indices: np.ndarray | None = None,
 ) -> DiceReport:
     """Dice/IoU of `predict_fn` (float B×3×H×W in [0,1] -> logits B×num_classes×H×W) on one split of `data`.
 
     Predicted classes become stored labels through the checkpoint's `label_map`; the data set's regions (nested
     regions for KiTS) are scored where the map can tell them apart (a model that merged tumour and cyst is not
     scored on tumour). A one-channel segmenter without a label map (before issue 15) on multi-label data is
-    scored on the foreground region only. Cases come from the file's case ids.
+    scored on the foreground region only. Cases come from the file's case ids. `indices` (a cross-validation
+    fold's samples) replaces the split.
     """
     info = read_info(data)
-    images, masks, cases = load_arrays(data, split, limit)
+    images, masks, cases = load_arrays(data, split, limit, indices=indices)
     if len(images) == 0:
         raise DataError(f"{data} has no images in split {split!r}.", "Check --split (train, val, test or all).")
     regions = scored_regions(info.label_names, num_classes, label_map)

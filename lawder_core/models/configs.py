@@ -66,7 +66,10 @@ class OrderConfig:
     attn_dim: int = 24  # query/key/value width (sweep 16-32)
     heads: int = 1  # one head: on the CPU the softmax over (queries × (grid² + 9)) scores dominates, per head
     late_stages: int = 3  # how many of the last skip fusions ORDER replaces: 3 = H/8, H/4, H/2
-    aux_weight: float = 0.2  # weight of the auxiliary losses (region heads, deep supervision) in training
+    aux_weight: float = 0.2  # weight of the region heads' losses in training (ORDER's own; not MK-UNet's heads)
+    # The region heads (and so the uncertainty that selects queries) read the decoder through a stop-gradient:
+    # their losses train the heads, never the trunk, so the trunk's gradient at step 0 is MK-UNet-T's.
+    detach_heads: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rho <= 1.0:

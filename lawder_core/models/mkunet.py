@@ -137,6 +137,8 @@ class DecoderStage(nn.Module):
 class MKUNet(nn.Module):
     """MK-UNet. `forward(x)` gives full-resolution logits; `return_aux=True` adds the out1..out3 head logits."""
 
+    deep_supervision_heads = 3  # out1..out3 come first in the auxiliary outputs (ORDER appends its region heads)
+
     def __init__(self, variant: str = "t", num_classes: int = 1, in_channels: int = 3) -> None:
         super().__init__()
         if variant not in MKUNET_CHANNELS:

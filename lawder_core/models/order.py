@@ -227,7 +227,7 @@ class OrderFusion(nn.Module):
 
     def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, height, width = decoder.shape
-        region_logits = self.region_head(decoder)
+        region_logits = self.region_head(decoder.detach() if self.config.detach_heads else decoder)
         scores = uncertainty(region_logits).flatten(1)
         index = self.select(scores)
         grid_size = (min(self.config.kv_grid, height), min(self.config.kv_grid, width))
@@ -278,6 +278,11 @@ class MKUNetOrder(MKUNet):
         return sum(s for s, _ in counts) / max(1, sum(t for _, t in counts))
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """True for ORDER's own parameters (state-dict names under `order_fusions`), False for the MK-UNet trunk."""
+    return name.startswith("order_fusions.") or ".order_fusions." in name
+
+
 def order_parameter_count(model: MKUNetOrder) -> int:
     """Parameters that belong to the ORDER adapter itself (for reports)."""
     return sum(p.numel() for p in model.order_fusions.parameters())
@@ -295,6 +300,7 @@ __all__ = [
     "OrderConfig",
     "OrderFusion",
     "expected_selection",
+    "is_adapter_parameter",
     "order_parameter_count",
     "selection_count",
     "uncertainty",

@@ -7,14 +7,18 @@ The training loops (`seg.py`, `diffusion.py`) take these configs as they are.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lawder_core import runs
 from lawder_core.config import build_config
 from lawder_core.data.h5 import read_info, split_indices
 from lawder_core.data.labels import label_map, lesion_labels
+from lawder_core.data.splits import fold_indices
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.configs import PRESETS, WEIGHTINGS, LAWConfig, OrderConfig, check_model_name, check_prediction
 
@@ -42,6 +46,17 @@ class SegTrainConfig:
     augment: bool = True
     labels: str | None = None  # --labels: classes by name/number, ',' between classes, '+' merges (data/labels.py)
     order: OrderConfig = field(default_factory=OrderConfig)
+    # MK-UNet's out1..out3 deep-supervision heads: one weight for every MK-UNet, ORDER included (ORDER's region
+    # heads have their own, order.aux_weight), so the models of a comparison differ only in ORDER itself.
+    deep_supervision: float = 0.2
+    steps: int | None = None  # optimiser steps in all (equal budgets across arms); None: epochs × steps per epoch
+    folds: int = 0  # k-fold cross-validation over the non-test cases; 0: train on train, validate on val
+    fold: int | None = None  # with folds: the held-out fold (validated on), trained on the other folds
+    select: str = "best"  # the checkpoint evaluate/predict use: best (validation Dice) or last
+    init_from: str | None = None  # a run whose selected checkpoint starts this one (ORDER: an MK-UNet's trunk)
+    freeze_trunk: bool = False  # ORDER two-stage: train ORDER's parameters only, the trunk's BatchNorm in eval
+    adapter_lr_scale: float = 0.5  # joint ORDER training: the adapter's lr is lr × this ...
+    adapter_warmup_epochs: int = 2  # ... reached by a linear warm-up over these epochs
     encoder_weights: str | None = None
     loader_workers: int = 0  # lzf HDF5 reads are fast; extra DataLoader processes are slower on 2 cores
     amp: bool = True  # bf16 autocast on GPUs only
@@ -56,13 +71,76 @@ def check_seg_config(cfg: SegTrainConfig) -> None:
         raise UsageError(f"--size {cfg.size} must be divisible by 32 (the U-Nets downsample 5 times).")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1.")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UsageError(f"--steps {cfg.steps} must be at least 1.")
+    if cfg.select not in runs.SELECTIONS:
+        raise UsageError(f"--select {cfg.select!r}: expected one of {', '.join(runs.SELECTIONS)}.")
+    if cfg.deep_supervision < 0 or cfg.adapter_lr_scale <= 0 or cfg.adapter_warmup_epochs < 0:
+        raise UsageError("deep_supervision and adapter_warmup_epochs must be ≥ 0 and adapter_lr_scale > 0.")
+    check_folds(cfg)
+    check_init(cfg)
     info = read_info(cfg.data)
     label_map(info.label_names, cfg.labels)
     # Reading the splits also refuses a misspelt value before the run folder exists.
-    if not len(split_indices(cfg.data, "train")) and not cfg.synthetic:
+    if not len(training_indices(cfg)) and not cfg.synthetic:
         raise DataError(f"{cfg.data} has no training samples.", "Check the split with `lawder inspect`.")
     if cfg.synthetic:
         read_info(cfg.synthetic)
+
+
+def check_folds(cfg: SegTrainConfig) -> None:
+    if cfg.folds == 0 and cfg.fold is None:
+        return
+    if cfg.folds < 2 or cfg.fold is None:
+        raise UsageError("--folds K (at least 2) and --fold I go together.",
+                         "e.g. --folds 5 --fold 0 trains on folds 1-4 and validates on fold 0.")
+    if not 0 <= cfg.fold < cfg.folds:
+        raise UsageError(f"--fold {cfg.fold} is outside 0..{cfg.folds - 1} for --folds {cfg.folds}.")
+
+
+def check_init(cfg: SegTrainConfig) -> None:
+    """--init-from names a finished run; --freeze-trunk needs it and a model with an adapter to train."""
+    if cfg.freeze_trunk and not cfg.init_from:
+        raise UsageError("--freeze-trunk needs --init-from RUN: a frozen random trunk learns nothing.")
+    if cfg.freeze_trunk and not cfg.model.endswith("-order"):
+        raise UsageError(f"--freeze-trunk trains ORDER's parameters only; {cfg.model} has none.",
+                         "Use an ORDER model (e.g. mkunet-t-order), or drop --freeze-trunk.")
+    if cfg.init_from:
+        runs.segmenter_checkpoint(cfg.init_from)  # a DataError naming the folder if it holds no checkpoint
+        if Path(cfg.init_from).resolve() == Path(cfg.out).resolve():
+            raise UsageError("--init-from names the run's own --out folder.", "Use --resume to continue a run.")
+
+
+def training_indices(cfg: SegTrainConfig) -> np.ndarray:
+    """The real samples this run trains on: the train split, or with --folds every non-test case outside --fold."""
+    if cfg.folds:
+        assert cfg.fold is not None  # check_folds
+        return fold_indices(cfg.data, cfg.folds, cfg.fold, "train")
+    return split_indices(cfg.data, "train")
+
+
+def validation_indices(cfg: SegTrainConfig) -> np.ndarray:
+    """The samples this run validates (and selects best/) on: the val split, or with --folds its held-out fold."""
+    if cfg.folds:
+        assert cfg.fold is not None
+        return fold_indices(cfg.data, cfg.folds, cfg.fold, "val")
+    return split_indices(cfg.data, "val")
+
+
+def planned_steps_per_epoch(cfg: SegTrainConfig, world_size: int = 1) -> int:
+    """Optimiser steps one epoch takes (what the training loader yields), from the data's sizes alone.
+
+    The pipeline gives every arm of a comparison the same number of optimiser steps with this: an arm with
+    synthetic images has more samples per epoch, so it gets fewer epochs.
+    """
+    n = len(training_indices(cfg))
+    if cfg.synthetic and cfg.synthetic_ratio > 0:
+        n += min(len(split_indices(cfg.synthetic, None)), int(round(cfg.synthetic_ratio * n)))
+    per_worker = math.ceil(n / world_size)
+    steps = per_worker // cfg.batch_size if n > cfg.batch_size * world_size else math.ceil(per_worker / cfg.batch_size)
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    return max(steps, 1)
 
 
 # ---------------------------------------------------------------- diffusion

@@ -1,8 +1,10 @@
 """Segmentation losses: the MK-UNet/PraNet "structure loss", the multi-class loss, and their deep-supervision sum.
 
-Binary (one output channel): the structure loss weights each pixel by `1 + 5·|avgpool31(mask) − mask|`: pixels
-near a boundary (where the 31×31 neighbourhood is mixed) count up to six times more, in both the BCE and the
-soft-IoU term. Several classes (background + one channel per class, softmax): cross-entropy + soft Dice over the
+Binary (one output channel): the structure loss weights each pixel by `1 + 5·|avgpool_k(mask) − mask|`: pixels
+near a boundary (where the k×k neighbourhood is mixed) count up to six times more, in both the BCE and the
+soft-IoU term. k is 31 at 352 px, the size the loss was designed for, and scales with the training size
+(`boundary_kernel`): a fixed 31 px window covers a quarter of a 128 px image and the weighting degenerates.
+Several classes (background + one channel per class, softmax): cross-entropy + soft Dice over the
 foreground classes, computed over the whole batch (nnU-Net's batch Dice: a class absent from one image does not
 turn that image's Dice into noise).
 """
@@ -14,8 +16,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-BOUNDARY_KERNEL = 31
+BOUNDARY_KERNEL = 31  # at BOUNDARY_REFERENCE_SIZE
+BOUNDARY_REFERENCE_SIZE = 352
 BOUNDARY_GAIN = 5.0
+
+
+def boundary_kernel(size: int | None) -> int:
+    """The structure loss's pooling window for size×size training images: 31 px at 352 px, scaled, odd, ≥ 3."""
+    if size is None:
+        return BOUNDARY_KERNEL
+    k = int(round(BOUNDARY_KERNEL * size / BOUNDARY_REFERENCE_SIZE))
+    return max(3, k if k % 2 else k + 1)
 
 
 def as_channel_target(target: torch.Tensor, channels: int) -> torch.Tensor:
@@ -30,15 +41,15 @@ def as_channel_target(target: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"a target with {target.shape[1]} channels cannot supervise {channels} output channels")
 
 
-def boundary_weight(target: torch.Tensor) -> torch.Tensor:
-    local_mean = F.avg_pool2d(target, BOUNDARY_KERNEL, stride=1, padding=BOUNDARY_KERNEL // 2)
+def boundary_weight(target: torch.Tensor, kernel: int = BOUNDARY_KERNEL) -> torch.Tensor:
+    local_mean = F.avg_pool2d(target, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
     return 1.0 + BOUNDARY_GAIN * (local_mean - target).abs()
 
 
-def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def structure_loss(logits: torch.Tensor, target: torch.Tensor, kernel: int = BOUNDARY_KERNEL) -> torch.Tensor:
     """Boundary-weighted BCE + boundary-weighted soft IoU, averaged over images and channels."""
     target = as_channel_target(target, logits.shape[1])
-    weight = boundary_weight(target)
+    weight = boundary_weight(target, kernel)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     weighted_bce = (weight * bce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
     prob = torch.sigmoid(logits)
@@ -79,25 +90,27 @@ def segmentation_loss(
     aux_list: Sequence[torch.Tensor],
     target: torch.Tensor,
     aux_weight: float | Sequence[float] = 0.0,
+    kernel: int = BOUNDARY_KERNEL,
 ) -> torch.Tensor:
     """The main output's loss + `aux_weight` × the loss of each auxiliary output.
 
-    One channel: structure loss on a float mask target. Several channels with an integer class target (B,H,W):
-    the multi-class loss (`multiclass_segmentation_loss`). Auxiliary outputs (deep-supervision heads, ORDER's
-    region heads) may have any resolution and one or `logits.shape[1]` channels; the target is resized to each.
-    `aux_weight` is one weight for all of them or one per auxiliary output.
+    One channel: structure loss on a float mask target (pooling window `kernel`, see `boundary_kernel`). Several
+    channels with an integer class target (B,H,W): the multi-class loss (`multiclass_segmentation_loss`).
+    Auxiliary outputs (deep-supervision heads, ORDER's region heads) may have any resolution and one or
+    `logits.shape[1]` channels; the target is resized to each. `aux_weight` is one weight for all of them or one
+    per auxiliary output. A weight of 0 still enters the sum (as 0 × its loss): every head then takes part in
+    the backward pass, which DistributedDataParallel requires of every parameter.
     """
     channels = logits.shape[1]
     if channels > 1 and target.dtype in (torch.int64, torch.int32, torch.uint8):
         return multiclass_segmentation_loss(logits, aux_list, target.reshape(-1, *target.shape[-2:]).long(),
-                                            aux_weights(aux_weight, aux_list))
+                                            aux_weights(aux_weight, aux_list), kernel)
     full = as_channel_target(target, channels)
-    loss = structure_loss(logits, full)
+    loss = structure_loss(logits, full, kernel)
     for aux, weight in zip(aux_list, aux_weights(aux_weight, aux_list), strict=True):
-        if weight == 0:
-            continue
         aux_target = full if aux.shape[1] == channels else foreground(full)
-        loss = loss + weight * structure_loss(aux, resize_target(aux_target, aux.shape[-2:]))
+        loss = loss + weight * structure_loss(aux, resize_target(aux_target, aux.shape[-2:]),
+                                              scaled_kernel(kernel, aux, logits))
     return loss
 
 
@@ -108,8 +121,13 @@ def aux_weights(aux_weight: float | Sequence[float], aux_list: Sequence[torch.Te
     return weights
 
 
+def scaled_kernel(kernel: int, aux: torch.Tensor, logits: torch.Tensor) -> int:
+    """The boundary window for a coarser auxiliary output: the same share of the image as `kernel` at full size."""
+    return max(3, (kernel * aux.shape[-1] // max(1, logits.shape[-1])) | 1)
+
+
 def multiclass_segmentation_loss(logits: torch.Tensor, aux_list: Sequence[torch.Tensor], classes: torch.Tensor,
-                                 weights: Sequence[float]) -> torch.Tensor:
+                                 weights: Sequence[float], kernel: int = BOUNDARY_KERNEL) -> torch.Tensor:
     """Multi-class loss of the main logits + weighted losses of the auxiliary outputs at their resolution.
 
     An auxiliary output with the main output's channels gets the multi-class loss; a one-channel one (a binary
@@ -117,13 +135,12 @@ def multiclass_segmentation_loss(logits: torch.Tensor, aux_list: Sequence[torch.
     """
     loss = multiclass_loss(logits, classes)
     for aux, weight in zip(aux_list, weights, strict=True):
-        if weight == 0:
-            continue
         small = resize_classes(classes, aux.shape[-2:])
         if aux.shape[1] == logits.shape[1]:
             loss = loss + weight * multiclass_loss(aux, small)
         else:
-            loss = loss + weight * structure_loss(aux, (small > 0).float().unsqueeze(1))
+            region = (small > 0).float().unsqueeze(1)
+            loss = loss + weight * structure_loss(aux, region, scaled_kernel(kernel, aux, logits))
     return loss
 
 

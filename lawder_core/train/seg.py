@@ -9,8 +9,9 @@ checkpoint. Rank 0 validates, keeps `best/` (highest validation Dice) and `last/
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,14 @@ from torch.utils.data import DataLoader
 
 from lawder_core import runs
 from lawder_core.config import to_dict
-from lawder_core.data.dataset import SegDataset, to_model_input, with_synthetic
+from lawder_core.data.dataset import SegDataset, set_dataset_epoch, to_model_input, with_synthetic
 from lawder_core.data.h5 import read_info
 from lawder_core.data.labels import LabelMap, label_map
 from lawder_core.errors import DataError
 from lawder_core.models.factory import build_segmenter, load_segmenter, save_segmenter
-from lawder_core.train.configs import SegTrainConfig
-from lawder_core.train.losses import segmentation_loss
+from lawder_core.models.order import is_adapter_parameter
+from lawder_core.train.configs import SegTrainConfig, training_indices, validation_indices
+from lawder_core.train.losses import boundary_kernel, segmentation_loss
 from lawder_core.train.plots import plot_curves
 from lawder_core.train.runtime import (
     Reporter,
@@ -92,9 +94,10 @@ def run_label_map(cfg: SegTrainConfig) -> LabelMap:
 
 def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader, DataLoader, Any]:
     # uint8 batches: a quarter of the bytes through loader workers and to the GPU (converted on the device)
-    real = SegDataset(cfg.data, "train", size=cfg.size, augment=cfg.augment, seed=cfg.seed + ctx.rank, raw=True)
+    real = SegDataset(cfg.data, "train", size=cfg.size, augment=cfg.augment, seed=cfg.seed + ctx.rank, raw=True,
+                      indices=training_indices(cfg))
     train_set = with_synthetic(real, cfg.synthetic, cfg.synthetic_ratio, cfg.size, cfg.augment, cfg.seed)
-    val_set = SegDataset(cfg.data, "val", size=cfg.size, raw=True)
+    val_set = SegDataset(cfg.data, "val", size=cfg.size, raw=True, indices=validation_indices(cfg))
     if len(train_set) == 0:
         raise DataError(f"{cfg.data} has no training samples.", "Check the split with `lawder inspect`.")
     if len(val_set) == 0:
@@ -108,39 +111,141 @@ def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader, 
     return train_loader, val_loader, sampler
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How long a run trains: `epochs` epochs of at most `per_epoch` optimiser steps, `total` steps in all."""
+
+    epochs: int
+    per_epoch: int
+    total: int
+
+    def steps_in(self, epoch: int) -> int:
+        return max(0, min(self.per_epoch, self.total - epoch * self.per_epoch))
+
+
+def training_budget(cfg: SegTrainConfig, loader: DataLoader) -> Budget:
+    """--steps fixes the optimiser steps (the epochs follow, the last one cut short); else --epochs does."""
+    per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    per_epoch = max(per_epoch, 1)
+    if cfg.steps is None:
+        return Budget(cfg.epochs, per_epoch, cfg.epochs * per_epoch)
+    return Budget(math.ceil(cfg.steps / per_epoch), per_epoch, cfg.steps)
+
+
 def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
-    """Load `last/` into model, optimiser and scheduler; returns (next epoch, best Dice so far)."""
+    """Load `last/` into model, optimiser and scheduler; returns (next epoch, best Dice so far).
+
+    The model must already be on its device: the optimiser's state is loaded onto its parameters' devices.
+    """
     checkpoint = runs.find_checkpoint(out, runs.LAST)
     state = runs.load_state(checkpoint) if checkpoint is not None else None
     if checkpoint is None or state is None:
         return 0, -1.0
     model.load_state_dict(load_segmenter(checkpoint).state_dict())
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if "lr_lambdas" in state["scheduler"]:
+        scheduler.load_state_dict(state["scheduler"])
+    else:  # a checkpoint from the per-epoch CosineAnnealingLR: the same curve, continued at its epoch
+        scheduler.last_epoch = int(state["scheduler"]["last_epoch"])
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
     return int(state["epoch"]) + 1, float(state["best_dice"])
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, cfg: SegTrainConfig, ctx: WorkerContext,
-                    aux_weight: float, epoch: int, lookup: torch.Tensor) -> float:
-    total, steps = 0.0, 0
+def aux_loss_weights(model: torch.nn.Module, count: int, cfg: SegTrainConfig) -> list[float]:
+    """MK-UNet's deep-supervision heads get `deep_supervision` in every model; ORDER's region heads (after them)
+    get `order.aux_weight`."""
+    heads = getattr(model, "deep_supervision_heads", 0)
+    return [cfg.deep_supervision] * min(heads, count) + [cfg.order.aux_weight] * max(0, count - heads)
+
+
+def train_one_epoch(model, loader, optimizer, cfg: SegTrainConfig, ctx: WorkerContext, epoch: int,
+                    lookup: torch.Tensor, steps: int, kernel: int) -> float:
+    """`steps` optimiser steps over `loader`; returns the mean loss (accumulated on the device: no host sync
+    per step; a non-finite loss is caught once per epoch, before the checkpoint is written)."""
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    done = 0
     use_amp = cfg.amp and ctx.device.type == "cuda"
+    weights: list[float] | None = None
+    train_mode(model, cfg)
     for step, (image, mask) in enumerate(loader):
-        if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
+        if step >= steps:
             break
         image, mask = to_model_input(image, mask, ctx.device)
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits, aux = model(image, return_aux=True)
+        if weights is None:
+            weights = aux_loss_weights(unwrap_model(model), len(aux), cfg)
         target = model_target(class_target(mask, lookup), logits.shape[1])
-        loss = segmentation_loss(logits.float(), [a.float() for a in aux], target, aux_weight)
-        check_finite(loss, epoch * len(loader) + step)
+        loss = segmentation_loss(logits.float(), [a.float() for a in aux], target, weights, kernel)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-    scheduler.step()
-    return total / max(steps, 1)
+        total += loss.detach()
+        done += 1
+    mean = total / max(done, 1)
+    check_finite(mean, epoch * steps + done)
+    return float(mean)
+
+
+def train_mode(model: torch.nn.Module, cfg: SegTrainConfig) -> None:
+    """Training mode, except a frozen trunk: its BatchNorm keeps the statistics of the run it came from."""
+    model.train()
+    if cfg.freeze_trunk:
+        for name, module in unwrap_model(model).named_modules():
+            if name and not is_adapter_parameter(name + "."):
+                module.eval()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: SegTrainConfig, epochs: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a per-epoch cosine decay. ORDER's adapter has its own group: a lower lr reached by a linear
+    warm-up (its attention should not learn at full rate while its queries and keys are still random); with a
+    frozen trunk it is the only group."""
+    trunk, adapter = [], []
+    for name, param in model.named_parameters():
+        (adapter if is_adapter_parameter(name) else trunk).append(param)
+    if cfg.freeze_trunk:
+        for param in trunk:
+            param.requires_grad_(False)
+    groups: list[dict[str, Any]] = []
+    if trunk and not cfg.freeze_trunk:
+        groups.append({"params": trunk, "lr": cfg.lr})
+    if adapter:
+        scale = 1.0 if cfg.freeze_trunk else cfg.adapter_lr_scale
+        groups.append({"params": adapter, "lr": cfg.lr * scale, "adapter": True})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def cosine(epoch: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
+
+    def warm(epoch: int) -> float:
+        return cosine(epoch) * min(1.0, (epoch + 1) / (cfg.adapter_warmup_epochs + 1))
+
+    warmed = not cfg.freeze_trunk and cfg.adapter_warmup_epochs > 0
+    lambdas = [warm if group.get("adapter") and warmed else cosine for group in groups]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def start_from(model: torch.nn.Module, run: str) -> dict[str, Any]:
+    """Load the selected checkpoint of `run` into `model`: every tensor of the source must fit, and only ORDER's
+    own parameters may be missing (they keep their zero-initialised start, so the model starts as the source)."""
+    folder = runs.segmenter_checkpoint(run)
+    state = load_segmenter(folder).state_dict()
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state) if not is_adapter_parameter(k))
+    misfit = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if unexpected or missing or misfit:
+        first = (unexpected or missing or misfit)[0]
+        raise DataError(f"--init-from {run}: its weights do not fit {type(model).__name__} "
+                        f"({len(unexpected)} unexpected, {len(missing)} missing, {len(misfit)} of another shape; "
+                        f"e.g. {first}).",
+                        "Start ORDER from an MK-UNet run of the same width and classes (mkunet-t-order from "
+                        "mkunet-t).")
+    model.load_state_dict(state, strict=False)
+    return {"run": str(run), "checkpoint": str(folder), "tensors": len(state)}
 
 
 def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[str, Any]:
@@ -149,26 +254,40 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     train_loader, val_loader, sampler = build_loaders(cfg, ctx)
+    budget = training_budget(cfg, train_loader)
     channels = train_loader.dataset[0][0].shape[0]
     labels = run_label_map(cfg)
-    lookup = torch.from_numpy(labels.class_lookup())
+    lookup = torch.from_numpy(labels.class_lookup()).to(ctx.device)
     model = build_segmenter(cfg.model, num_classes=labels.outputs, in_channels=channels,
                             encoder_weights=cfg.encoder_weights, order=cfg.order)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    started = start_from(model, cfg.init_from) if cfg.init_from else None
+    if started is not None:
+        log.info("started from %s (%d tensors)", started["checkpoint"], started["tensors"])
+    # On its device before the optimiser exists: restored optimiser state lands on the parameters' device.
+    model = model.to(ctx.device)
+    optimizer, scheduler = build_optimizer(model, cfg, budget.epochs)
     start, best = restore(out, model, optimizer, scheduler) if cfg.resume else (0, -1.0)
     model = wrap_model(model, ctx)
+    kernel = boundary_kernel(cfg.size)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, to_dict(replace(cfg, resume=False)))
+        log.info("budget: %d epochs, %d optimiser steps (%d per epoch); structure-loss window %d px",
+                 budget.epochs, budget.total, budget.per_epoch, kernel)
+        if started is not None and start == 0:
+            best = evaluate_start(out, unwrap_model(model), val_loader, lookup, ctx, cfg, labels)
     result: dict[str, Any] = {"best_dice": best, "epochs": start}
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, budget.epochs):
         set_sampler_epoch(sampler, epoch, cfg.seed)
+        set_dataset_epoch(train_loader.dataset, epoch)
         tic = time.perf_counter()
-        loss = train_one_epoch(model, train_loader, optimizer, scheduler, cfg, ctx, cfg.order.aux_weight, epoch,
-                               lookup)
+        steps = budget.steps_in(epoch)
+        loss = train_one_epoch(model, train_loader, optimizer, cfg, ctx, epoch, lookup, steps, kernel)
+        scheduler.step()
         loss = mean_across_workers(loss, ctx)
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
+        done = min(budget.total, (epoch + 1) * budget.per_epoch)
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
+                                   "steps": done}
         if ctx.is_main:
             plain = unwrap_model(model)
             dice = validate(plain, val_loader, lookup, ctx.device)
@@ -181,6 +300,24 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
         result = {"best_dice": best, "epochs": epoch + 1}
         barrier(ctx)
     return {**result, "out": str(out)}
+
+
+START_EPOCH = -1  # metrics.jsonl's record of a started-from model, scored before any step
+
+
+def evaluate_start(out: Path, model: torch.nn.Module, val_loader: DataLoader, lookup: torch.Tensor,
+                   ctx: WorkerContext, cfg: SegTrainConfig, labels: LabelMap) -> float:
+    """Score the --init-from model before any step and keep it as best/: a run can then only select a model
+    that beats where it started."""
+    dice = validate(model, val_loader, lookup, ctx.device)
+    extra = {"epoch": START_EPOCH, "val_dice": dice, "train_config": to_dict(cfg), "label_map": labels.to_dict()}
+    tmp = runs.new_checkpoint(out, runs.BEST)
+    save_segmenter(model, tmp, extra=extra)
+    runs.commit_checkpoint(tmp, out, runs.BEST, {"epoch": START_EPOCH, "val_dice": dice})
+    runs.append_metrics(out, {"epoch": START_EPOCH, "val_dice": dice, "best_dice": dice, "steps": 0,
+                              "started_from": str(runs.segmenter_checkpoint(cfg.init_from))})
+    log.info("start (from %s): val Dice %.4f", cfg.init_from, dice)
+    return dice
 
 
 def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: SegTrainConfig, epoch: int,
@@ -204,9 +341,15 @@ def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Seg
 
 
 def summarise_run(out: str | Path) -> dict[str, Any]:
+    """best_epoch -1 means the --init-from model itself was never beaten."""
     records = runs.read_metrics(out)
+    config = runs.read_config(out) if runs.config_path(out) else {}
+    start = next((r for r in records if r.get("epoch") == START_EPOCH), {})
+    common = {"out": str(out), "select": config.get("select", runs.BEST), "folds": config.get("folds"),
+              "fold": config.get("fold"), "started_from": start.get("started_from"),
+              "start_dice": start.get("val_dice")}
     if not records:
-        return {"out": str(out), "epochs": 0, "best_dice": None, "best_epoch": None}
+        return {**common, "epochs": 0, "steps": 0, "best_dice": None, "best_epoch": None}
     best = max(records, key=lambda r: r.get("val_dice", -1))
-    return {"out": str(out), "epochs": records[-1]["epoch"] + 1, "best_dice": best.get("val_dice"),
-            "best_epoch": best["epoch"], "last": records[-1]}
+    return {**common, "epochs": records[-1]["epoch"] + 1, "steps": records[-1].get("steps"),
+            "best_dice": best.get("val_dice"), "best_epoch": best["epoch"], "last": records[-1]}
