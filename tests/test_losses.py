@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lawder_core.train.losses import boundary_weight, resize_target, segmentation_loss, structure_loss
+from lawder_core.train.losses import (
+    boundary_kernel,
+    boundary_weight,
+    resize_target,
+    segmentation_loss,
+    structure_loss,
+)
 
 
 def square_mask(size: int = 64) -> torch.Tensor:
@@ -53,8 +59,9 @@ def test_aux_outputs_add_weighted_losses_at_their_resolution() -> None:
     main = segmentation_loss(logits, [], mask)
     assert segmentation_loss(logits, aux, mask, aux_weight=0.0) == main
     with_aux = segmentation_loss(logits, aux, mask, aux_weight=0.5)
-    expected = main + 0.5 * (structure_loss(aux[0], resize_target(mask, (8, 8)))
-                             + structure_loss(aux[1], resize_target(mask, (32, 32))))
+    # each coarser head's boundary window covers the share of the image that 31 px covers at 64 px: 3 and 15 px
+    expected = main + 0.5 * (structure_loss(aux[0], resize_target(mask, (8, 8)), 3)
+                             + structure_loss(aux[1], resize_target(mask, (32, 32)), 15))
     torch.testing.assert_close(with_aux, expected)
     per_output = segmentation_loss(logits, aux, mask, aux_weight=[0.5, 0.0])
     assert main < per_output < with_aux
@@ -69,3 +76,12 @@ def test_one_channel_region_heads_of_a_multiclass_model_see_any_lesion() -> None
     logits = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 40 - 20
     region = ((labels > 0).float().unsqueeze(1) * 40 - 20)[:, :, ::2, ::2]
     assert segmentation_loss(logits, [region], labels, aux_weight=1.0) < 0.02
+
+
+def test_boundary_window_scales_with_the_training_size() -> None:
+    assert boundary_kernel(352) == 31
+    assert boundary_kernel(128) == 11
+    assert boundary_kernel(64) == 7  # round(5.6) = 6, made odd
+    assert boundary_kernel(256) == 23
+    assert boundary_kernel(32) == 3
+    assert all(boundary_kernel(s) % 2 == 1 for s in range(8, 1025, 8))

@@ -200,9 +200,9 @@ def train_mode(model: torch.nn.Module, cfg: SegTrainConfig) -> None:
 
 def build_optimizer(model: torch.nn.Module, cfg: SegTrainConfig, epochs: int
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with a per-epoch cosine decay. ORDER's adapter has its own group: a lower lr reached by a linear
-    warm-up (its attention should not learn at full rate while its queries and keys are still random); with a
-    frozen trunk it is the only group."""
+    """AdamW with a per-epoch cosine decay. ORDER's adapter has its own group, reached by a linear warm-up (its
+    attention should not learn at full rate while its queries and keys are still random), at a lower lr when the
+    trunk trains with it; with a frozen trunk it is the only group, at the run's lr."""
     trunk, adapter = [], []
     for name, param in model.named_parameters():
         (adapter if is_adapter_parameter(name) else trunk).append(param)
@@ -223,8 +223,7 @@ def build_optimizer(model: torch.nn.Module, cfg: SegTrainConfig, epochs: int
     def warm(epoch: int) -> float:
         return cosine(epoch) * min(1.0, (epoch + 1) / (cfg.adapter_warmup_epochs + 1))
 
-    warmed = not cfg.freeze_trunk and cfg.adapter_warmup_epochs > 0
-    lambdas = [warm if group.get("adapter") and warmed else cosine for group in groups]
+    lambdas = [warm if group.get("adapter") else cosine for group in groups]
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 

@@ -1,0 +1,209 @@
+"""ORDER revision 3 on K folds of Kvasir-SEG: two-stage and joint ORDER against MK-UNet-T, its extended-training
+control, its widened control and a replicate of T with another seed (the noise floor).
+
+Arms (every one on the same folds, the same batch size, learning rate, augmentation and structure loss; MK-UNet's
+deep supervision at the same weight in every model; ORDER's region-head weight on ORDER's heads only):
+
+    t             MK-UNet-T, E epochs, seed 0
+    t-rep         MK-UNet-T, E epochs, seed 1                      (A/A: the replicate spread is the noise floor)
+    order-2stage  ORDER from that fold's `t` run, E2 epochs, trunk frozen (BatchNorm in eval), adapter only
+    t-ext         MK-UNet-T, E + E2 epochs, seed 0                  (the control for the extra training)
+    order-joint   ORDER trained jointly (detached region heads, adapter group with warm-up), E + E2 epochs
+    wide          mkunet-t-wide (ORDER's parameter count), E + E2 epochs
+    order-2stage-fast  as order-2stage with the cheaper attention budget (rho 0.15, kv_grid 8)   [opt-in]
+
+Every run trains with `--folds K --fold I` (validation = the held-out fold) and `--select last`: the held-out fold
+is then an unbiased score of the last checkpoint (selecting on the fold and scoring on it would flatter whichever
+arm is selected more). Each run is scored with `lawder evaluate` twice: on its held-out fold (per image: the
+paired data of `lawder compare`) and on the untouched test split. order-2stage is also scored on the test split
+with its best checkpoint, which keeps the trunk unless ORDER beat it on the held-out fold (that selection is
+unbiased on the test split only).
+
+The work goes fold by fold (t first, since order-2stage starts from it), so a partial run compares complete
+folds. Everything is resumable: a finished run is skipped, an interrupted one resumes from its last epoch
+(bit-exact), a written summary is never recomputed. `--shard I/N` takes every N-th fold, so one single-thread
+process per core can share the work.
+
+Usage (the revision-3 comparison: one process, one thread, about 9 core-hours at 128 px):
+    python benchmarks/bench_order_folds.py --size 128 --epochs 30 --extra 15 --work /work/bench/order_folds
+then `lawder compare --arms WORK/arms.yaml` (written by this script) for the paired table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lawder_core import runs
+from lawder_core.data.prepare import PrepareOptions
+from lawder_core.data.prepare_folder import prepare_folder
+from lawder_core.evaluate import EvaluateRequest, Inputs, Metrics, evaluate
+from lawder_core.files import write_json, write_text
+from lawder_core.models.configs import OrderConfig
+from lawder_core.train.configs import SegTrainConfig, check_seg_config
+from lawder_core.train.seg import summarise_run, train_segmenter
+
+
+@dataclass(frozen=True)
+class Arm:
+    model: str
+    seed: int = 0
+    extended: bool = False  # E + E2 epochs instead of E
+    stage_two_of: str | None = None  # E2 epochs from this arm's run of the same fold, trunk frozen
+    order: dict[str, Any] = field(default_factory=dict)
+
+
+ARMS = {
+    "t": Arm("mkunet-t"),
+    "t-rep": Arm("mkunet-t", seed=1),
+    "order-2stage": Arm("mkunet-t-order", stage_two_of="t"),
+    "t-ext": Arm("mkunet-t", extended=True),
+    "order-joint": Arm("mkunet-t-order", extended=True),
+    "wide": Arm("mkunet-t-wide", extended=True),
+    "order-2stage-fast": Arm("mkunet-t-order", stage_two_of="t", order={"rho": 0.15, "kv_grid": 8}),
+}
+DEFAULT_ARMS = ("t", "order-2stage", "t-rep", "t-ext", "order-joint", "wide")
+REPLICATES = {"t-rep": "t"}
+
+
+def prepared(data: Path, size: int, work: Path) -> Path:
+    out = work / f"kvasir-{size}.h5"
+    if not out.exists():
+        prepare_folder("kvasir", data, out, PrepareOptions(size=size, seed=0))
+    return out
+
+
+def run_folder(work: Path, arm: str, fold: int) -> Path:
+    return work / "runs" / arm / f"fold{fold}"
+
+
+def train_config(args: argparse.Namespace, h5: Path, arm_name: str, fold: int) -> SegTrainConfig:
+    arm = ARMS[arm_name]
+    epochs = args.extra if arm.stage_two_of else args.epochs + (args.extra if arm.extended else 0)
+    out = run_folder(args.work, arm_name, fold)
+    cfg = SegTrainConfig(data=str(h5), out=str(out), model=arm.model, size=args.size, epochs=epochs,
+                         batch_size=args.batch_size, lr=args.lr, seed=arm.seed, folds=args.folds, fold=fold,
+                         select="last", order=OrderConfig(**arm.order), resume=runs.has_run(out))
+    if arm.stage_two_of:
+        cfg = replace(cfg, init_from=str(run_folder(args.work, arm.stage_two_of, fold)), freeze_trunk=True)
+    return cfg
+
+
+def finished(cfg: SegTrainConfig) -> bool:
+    records = [r for r in runs.read_metrics(cfg.out) if r.get("epoch", -1) >= 0]
+    return bool(records) and records[-1]["epoch"] + 1 >= cfg.epochs
+
+
+def train(cfg: SegTrainConfig) -> float:
+    """Train (or resume) one run; returns the seconds it took in this invocation."""
+    if finished(cfg):
+        return 0.0
+    check_seg_config(cfg)
+    runs.open_run(cfg.out, resume=cfg.resume, force=False)
+    tic = time.perf_counter()
+    train_segmenter(cfg)
+    runs.write_summary(cfg.out, summarise_run(cfg.out))
+    return time.perf_counter() - tic
+
+
+def score(run: Path, h5: Path, split: str, out: Path, note: str) -> dict[str, Any]:
+    """`lawder evaluate --dice` of `run` (a run folder or one of its checkpoint folders), once."""
+    path = out / "summary.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    request = EvaluateRequest(out=str(path), metrics=Metrics(dice=True),
+                              inputs=Inputs(run=str(run), data=str(h5), split=split),
+                              metadata={"command": "benchmarks/bench_order_folds.py", "note": note})
+    return evaluate(request)
+
+
+def one_unit(args: argparse.Namespace, h5: Path, arm: str, fold: int) -> dict[str, Any]:
+    cfg = train_config(args, h5, arm, fold)
+    seconds = train(cfg)
+    run = Path(cfg.out)
+    evals = args.work / "evaluate"
+    held_out = score(run, h5, "fold", evals / arm / f"fold{fold}", f"{arm}, fold {fold}: held-out fold, last/")
+    test = score(run, h5, "test", evals / f"{arm}.test" / f"fold{fold}", f"{arm}, fold {fold}: test split, last/")
+    row = {"arm": arm, "fold": fold, "model": cfg.model, "seed": cfg.seed, "epochs": cfg.epochs,
+           "steps": summarise_run(run)["steps"], "fold_dice": held_out["foreground_mean"]["Dice"],
+           "test_dice": test["foreground_mean"]["Dice"], "train_seconds_this_invocation": round(seconds, 1)}
+    if ARMS[arm].stage_two_of:
+        best = score(run / runs.BEST, h5, "test", evals / f"{arm}.test-best" / f"fold{fold}",
+                     f"{arm}, fold {fold}: test split, best/ (the trunk unless ORDER beat it on the fold)")
+        row["test_dice_best"] = best["foreground_mean"]["Dice"]
+        row["best_epoch"] = summarise_run(run)["best_epoch"]
+    return row
+
+
+def write_arms_file(args: argparse.Namespace) -> None:
+    """The `lawder compare --arms` file: held-out-fold summaries per arm, and the replicate."""
+    arms = {arm: [str(args.work / "evaluate" / arm / "fold*" / "summary.json")] for arm in args.arms}
+    arms.update({f"{arm}.test": [str(args.work / "evaluate" / f"{arm}.test" / "fold*" / "summary.json")]
+                 for arm in args.arms})
+    replicates = {rep: orig for rep, orig in REPLICATES.items() if rep in args.arms and orig in args.arms}
+    replicates.update({f"{rep}.test": f"{orig}.test" for rep, orig in replicates.items()})
+    text = json.dumps({"arms": arms, "replicates": replicates}, indent=1)  # JSON is YAML
+    write_text(args.work / "arms.yaml", text + "\n")
+
+
+def write_result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    result = {"benchmark": "order_folds", "data": str(args.data), "size": args.size, "folds": args.folds,
+              "recipe": {"E": args.epochs, "E2": args.extra, "batch_size": args.batch_size, "lr": args.lr,
+                         "optimizer": "AdamW, per-epoch cosine; ORDER's adapter its own group (joint: lr x0.5, "
+                                      "2-epoch warm-up; two-stage: the adapter alone at lr)",
+                         "loss": "structure loss, window scaled with the size; MK-UNet deep supervision 0.2 in "
+                                 "every model; ORDER region heads 0.2 on ORDER's heads only, detached",
+                         "select": "last (held-out fold unbiased); order-2stage also best/ on the test split",
+                         "augmentation": "flips, 90° rotations, scale/crop"},
+              "arms": {name: {"model": ARMS[name].model, "seed": ARMS[name].seed,
+                              "epochs": args.extra if ARMS[name].stage_two_of else
+                              args.epochs + (args.extra if ARMS[name].extended else 0),
+                              "stage_two_of": ARMS[name].stage_two_of, "order": ARMS[name].order}
+                       for name in args.arms},
+              "machine": f"{platform.machine()}, {args.threads} torch thread(s) per process",
+              "runs": sorted(rows, key=lambda r: (r["fold"], args.arms.index(r["arm"])))}
+    write_json(args.out, result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/kvasir-seg-256"))
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=30, help="E: T's epochs (and the trunk's, for two-stage).")
+    parser.add_argument("--extra", type=int, default=15, help="E2: the second stage's epochs.")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/work/order_folds"))
+    parser.add_argument("--out", type=Path, default=None, help="Result JSON (default WORK/result.shardI.json).")
+    parser.add_argument("--shard", default="0/1", help="I/N: every N-th fold from the I-th.")
+    args = parser.parse_args()
+    index, count = (int(v) for v in args.shard.split("/"))
+    args.out = args.out or args.work / f"result.shard{index}.json"
+    for arm in args.arms:
+        needed = ARMS[arm].stage_two_of
+        if needed and needed not in args.arms:
+            parser.error(f"arm {arm} starts from arm {needed}: add it to --arms")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    h5 = prepared(args.data, args.size, args.work)
+    write_arms_file(args)
+    rows: list[dict[str, Any]] = []
+    for fold in range(index, args.folds, count):
+        for arm in args.arms:
+            rows.append(one_unit(args, h5, arm, fold))
+            print(json.dumps(rows[-1]), flush=True)
+            write_result(args, rows)
+
+
+if __name__ == "__main__":
+    main()
