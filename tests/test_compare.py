@@ -289,6 +289,9 @@ def test_replicate_is_found_from_config_and_is_the_noise_floor(tmp_path):
     assert diff["noise_floor"] == pytest.approx(abs(floor["difference"]))
     assert diff["exceeds_noise_floor"] == (abs(diff["difference"]) > 2 * abs(floor["difference"])) is True
     assert diff["verdict"] == "ORDER > T" and diff["holds_on_every_replicate"] and diff["ci_low"] > 0
+    # --pair replaces the default "against the first arm"; the replicate's noise floor is always reported
+    asked = compare(request(t, order, t2, pairs=("ORDER-T2",)))
+    assert [row["name"] for row in rows(asked).values()] == ["ORDER - T2", "T2 - T"]
 
 
 def test_replicate_not_found_when_configs_differ_and_declared_by_option(tmp_path):

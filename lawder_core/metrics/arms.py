@@ -179,13 +179,18 @@ def read_run(path: str | os.PathLike) -> RunScores:
     if not metrics:
         raise DataError(f"{path} holds no per-case scores (no metric_per_case, no SECTION.per_case).",
                         "Compare the summary.json of `lawder evaluate --dice` (a training run's summary has none).")
-    kid = (data.get("fid") or {}).get("kid_subset_values") if isinstance(data.get("fid"), dict) else None
-    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-    inputs = meta.get("inputs") if isinstance(meta.get("inputs"), dict) else {}
-    settings = data.get("dice_settings") if isinstance(data.get("dice_settings"), dict) else {}
-    return RunScores(path=str(path), run=inputs.get("run"), empty_policy=settings.get("empty_policy"),
-                     metrics=metrics, regions=regions,
-                     kid_subset_values=None if kid is None else tuple(_number(v) for v in kid))
+    kid = _mapping(data, "fid").get("kid_subset_values")
+    if kid is not None and not (isinstance(kid, list) and all(map(_numeric, kid))):
+        raise DataError(f"{path}: fid.kid_subset_values must be a list of numbers.")
+    return RunScores(path=str(path), run=_mapping(_mapping(data, "metadata"), "inputs").get("run"),
+                     empty_policy=_mapping(data, "dice_settings").get("empty_policy"), metrics=metrics,
+                     regions=regions, kid_subset_values=None if kid is None else tuple(map(_number, kid)))
+
+
+def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """data[key] when it is a mapping, else an empty one (older summaries lack some sections)."""
+    value = data.get(key)
+    return value if isinstance(value, Mapping) else {}
 
 
 def _number(value: Any) -> float:
