@@ -7,6 +7,7 @@ import os
 import typer
 
 from lawder_cli import (
+    compare,
     env_cmd,
     evaluate,
     export,
@@ -41,7 +42,7 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
     debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an error (or LAWDER_DEBUG=1)."),
 ) -> None:
-    """lawder: prepare → train-law → sample → train-order → evaluate → tune (or `pipeline` for all)."""
+    """lawder: prepare → train-law → sample → train-order → evaluate → compare → tune (or `pipeline` for all)."""
     if debug:
         os.environ["LAWDER_DEBUG"] = "1"
 
@@ -53,6 +54,7 @@ app.command("train-order")(train_order.train_order)
 app.command("predict")(predict.predict)
 app.command("tune")(tune.tune)
 app.command("evaluate")(evaluate.evaluate)
+app.command("compare")(compare.compare)
 app.command("pipeline")(pipeline.pipeline)
 app.command("train-law")(train_law.train_law)
 app.command("sample")(sample.sample)

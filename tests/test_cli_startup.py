@@ -18,8 +18,8 @@ HEAVY = ("torch", "diffusers", "ray", "matplotlib", "cleanfid", "segmentation_mo
 # Nothing but Typer, Rich and the standard library for these two: not even numpy.
 BARE = ("numpy", "h5py", "yaml", "PIL")
 
-COMMANDS = ("prepare", "inspect", "env", "train-order", "predict", "tune", "evaluate", "pipeline", "train-law",
-            "sample")
+COMMANDS = ("prepare", "inspect", "env", "train-order", "predict", "tune", "evaluate", "compare", "pipeline",
+            "train-law", "sample")
 
 # (arguments, exit code, a piece of the message): one usage error per command, in the order they run.
 USAGE_ERRORS: list[tuple[list[str], int, str]] = [
@@ -38,6 +38,8 @@ USAGE_ERRORS: list[tuple[list[str], int, str]] = [
     (["evaluate", "-o", "{tmp}/e"], EXIT_USAGE, "Nothing to evaluate"),
     (["evaluate", "--fid", "--real", "r", "--synthetic", "s", "--min-dice", "0.8", "-o", "{tmp}/e"], EXIT_USAGE,
      "--min-dice 0.8 was given without --dice"),
+    (["compare", "A={tmp}/a"], EXIT_USAGE, "needs at least two arms"),
+    (["compare", "A={tmp}/none", "B={tmp}/none"], EXIT_DATA, "matches no file"),
     (["pipeline", "--preset", "nope", "--out", "{tmp}/p"], EXIT_USAGE, "unknown --preset 'nope'"),
     (["pipeline", "--source", "nope", "--out", "{tmp}/p"], EXIT_USAGE, "unknown --source 'nope'"),
     (["pipeline", "--source", "kvasir", "--out", "{tmp}/p"], EXIT_USAGE, "needs the input folder"),
