@@ -7,7 +7,9 @@ finished and `--resume` skips those runs. `--shard I/N` runs every N-th (seed, m
 process per core shares the work; `--merge A.json B.json` joins the shards into one table.
 
 The summary pairs runs by seed: ORDER − MK-UNet-T and ORDER − mkunet-t-wide (the control with ORDER's parameter
-count) per seed and on the mean (issue 14 asks for ≥ +3 and ≥ +1.5 Dice points, on the mean and on every seed).
+count) per seed and on the mean. Every run's test split is scored with `lawder evaluate` into
+WORK/evaluate/<model>-s<seed>/summary.json (per-image Dice), so `lawder compare` can pair the arms by image.
+For a comparison with confidence intervals, prefer benchmarks/bench_order_folds.py (5 folds and a replicate arm).
 
 Usage: python benchmarks/bench_seg_quality.py --size 128 --epochs 30 --shard 0/2 --out a.json   # and 1/2
        python benchmarks/bench_seg_quality.py --merge a.json b.json --out benchmarks/results/bench_seg_quality_128.json
@@ -27,7 +29,7 @@ import torch
 
 from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_folder import prepare_folder
-from lawder_core.evaluate import dice_for_run
+from lawder_core.evaluate import EvaluateRequest, Inputs, Metrics, evaluate
 from lawder_core.models.configs import OrderConfig
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
 
@@ -50,9 +52,11 @@ def one_run(h5: Path, model: str, seed: int, args: argparse.Namespace, work: Pat
     tic = time.perf_counter()
     train_segmenter(cfg)
     seconds = time.perf_counter() - tic
-    report, _ = dice_for_run(run, h5, "test")
-    return {"model": model, "seed": seed, "test_dice": report.foreground_mean["Dice"],
-            "test_iou": report.foreground_mean["IoU"], "train_seconds": round(seconds, 1)}
+    summary = evaluate(EvaluateRequest(out=str(work / "evaluate" / f"{model}-s{seed}" / "summary.json"),
+                                       metrics=Metrics(dice=True), inputs=Inputs(run=str(run), data=str(h5),
+                                                                                 split="test")))
+    return {"model": model, "seed": seed, "test_dice": summary["foreground_mean"]["Dice"],
+            "test_iou": summary["foreground_mean"]["IoU"], "train_seconds": round(seconds, 1)}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -92,7 +96,9 @@ def shard_of(pairs: list[tuple[int, str]], shard: str) -> list[tuple[int, str]]:
 def write_result(args: argparse.Namespace, rows: list[dict]) -> None:
     result = {"benchmark": "seg_quality", "data": str(args.data), "size": args.size,
               "recipe": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                         "optimizer": "AdamW + cosine", "loss": "structure loss (+0.2 aux for ORDER)",
+                         "optimizer": "AdamW + cosine",
+                         "loss": "structure loss; MK-UNet deep supervision 0.2 in every model, ORDER's region heads "
+                                 "0.2 (detached)",
                          "augmentation": "flips, 90° rotations, scale/crop"},
               "machine": f"{platform.machine()}, {args.threads} torch thread(s) per process, shared 2-core CPU",
               "order_config": args.order_record,
