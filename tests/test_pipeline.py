@@ -34,9 +34,12 @@ def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
 
     from lawder_core import pipeline
     from lawder_core.data.h5 import read_info
+    from lawder_core.runs import read_metrics
 
-    # a sampling budget below the number of training masks: each synthetic set holds exactly that many
-    monkeypatch.setitem(pipeline.PRESETS, "tiny", replace(pipeline.PRESETS["tiny"], sample_limit=7))
+    # a sampling budget below the number of training masks: each synthetic set holds exactly that many; full
+    # epochs, so that real + synthetic arms have more steps per epoch than real-only ones
+    monkeypatch.setitem(pipeline.PRESETS, "tiny", replace(pipeline.PRESETS["tiny"], sample_limit=7,
+                                                          max_steps_per_epoch=None))
     out = tmp_path / "pipe"
     weights = tiny_fid_weights(tmp_path / "fid.pt")
     args = ["pipeline", "--out", str(out), "--preset", "tiny", "--fid-weights", str(weights), "--json"]
@@ -49,6 +52,10 @@ def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
         assert (out / "law" / weighting / "last" / "denoiser_ema").is_dir()
         assert read_info(out / "synthetic" / f"{weighting}.h5").n == 7
     assert len(list((out / "seg").glob("*/best/model.safetensors"))) == 6
+    # Claim 2 at equal optimiser steps: real-only arms train more epochs to take as many steps as real + synthetic.
+    last = {run.name: read_metrics(run)[-1] for run in (out / "seg").iterdir()}
+    assert len({record["steps"] for record in last.values()}) == 1
+    assert last["mkunet-t__real__s0"]["epoch"] > last["mkunet-t__real+law__s0"]["epoch"]
 
     # Every evaluation is a summary.json in `lawder evaluate`'s shape, one per comparison.
     assert len(summary["evaluations"]) == 2 + 6 + 2
@@ -66,7 +73,7 @@ def test_tiny_pipeline_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
     assert evaluations["profile-mkunet-t"]["profile"]["params"] == 27384
 
     report = (out / "report.md").read_text()
-    for claim in ("Claim 1", "Claim 2", "Claim 3", "52.28", "81.3"):
+    for claim in ("Claim 1", "Claim 2", "Claim 3", "52.28", "81.3", "optimiser steps"):
         assert claim in report
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
