@@ -41,8 +41,9 @@ def prepare(
     """Convert raw data into lawder's HDF5 format, with a case-level split (drawn with --seed) and a fingerprint."""
     from lawder_core.data.sources import SourceOptions, check_source, prepare_source
 
-    extra = SourceOptions(images=images, masks=masks, n=n, lesion_frac=lesion_frac, blobs=blobs, window=window, empty_share=empty_share, jobs=jobs,
-                          channels=channels, skip_incomplete=skip_incomplete, spacing=spacing)
+    extra = SourceOptions(images=images, masks=masks, n=n, lesion_frac=lesion_frac, blobs=blobs, window=window,
+                          empty_share=empty_share, jobs=jobs, channels=channels, skip_incomplete=skip_incomplete,
+                          spacing=spacing)
     check_source(source, in_dir, extra)  # before numpy and h5py load: a usage error comes back at once
     from lawder_core.data.prepare import PrepareOptions
     from lawder_core.data.splits import parse_fractions
