@@ -127,8 +127,11 @@ def check_sampler(prediction: str, sampler: str) -> None:
 
 
 WEIGHTINGS = ("uniform", "ratio", "law")
-OBJECTIVES = ("hardness", "descent")
+OBJECTIVES = ("hardness", "influence", "descent")
 WARMUP_WEIGHTS = ("uniform", "prior")
+# How LAW's objective weighs each row's noise level: as the denoiser's loss does (Min-SNR; all alike when that is
+# off), only the layout-deciding levels (SNR below layout_snr), or all alike (revision 2).
+LAW_TIME_WEIGHTS = ("denoiser", "layout", "none")
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,9 @@ class LAWConfig:
     1.6 % lesion to 11–12× the background's (0.3: 8–9×, the hardness term alone: 8×).
     """
 
-    objective: str = "hardness"  # 'hardness' | 'descent' (ablation: inverse-variance weighting)
+    objective: str = "hardness"  # 'hardness' | 'influence' (|v_cond − v_uncond|) | 'descent' (ablation)
+    time_weight: str = "denoiser"  # 'denoiser' | 'layout' | 'none': LAW_TIME_WEIGHTS
+    layout_snr: float = 1.0  # time_weight 'layout': LAW learns from rows with SNR below this (t ≳ 0.5 T, cosine)
     gamma: float = 0.5  # (sweep 0–1) prior exponent: lesion weight ∝ r^−γ; 0 = uniform prior, 1 = equal mass
     w_min: float = 0.2  # (sweep) bounds of LAW's factor on the prior: [0.5,2], [0.25,4], [0.2,5], [0.1,10]
     w_max: float = 5.0
@@ -166,6 +171,10 @@ class LAWConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown LAW objective {self.objective!r}; expected one of {OBJECTIVES}.")
+        if self.time_weight not in LAW_TIME_WEIGHTS:
+            raise UsageError(f"unknown LAW time weight {self.time_weight!r}; expected one of {LAW_TIME_WEIGHTS}.")
+        if self.layout_snr <= 0:
+            raise UsageError(f"LAW layout_snr must be positive, got {self.layout_snr}.")
         if self.warmup_weights not in WARMUP_WEIGHTS:
             raise UsageError(f"unknown warm-up weights {self.warmup_weights!r}; expected one of {WARMUP_WEIGHTS}.")
         if not 0 < self.w_min < 1 < self.w_max:
