@@ -467,7 +467,8 @@ def test_mask_influence_is_nonzero_only_where_the_condition_changes_the_predicti
     masks = torch.zeros(2, 16, 16, dtype=torch.long)
     masks[:, 5:8, 6:9] = 1
     noisy, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
-    influence = mask_influence(model(noisy, t, denoiser.condition(masks)), model(noisy, t, denoiser.null_condition(masks)))
+    influence = mask_influence(model(noisy, t, denoiser.condition(masks)),
+                               model(noisy, t, denoiser.null_condition(masks)))
     assert influence.shape == (2, 1, 16, 16)
     inside = model.box.expand_as(influence) > 0
     assert torch.all(influence[~inside] == 0)
