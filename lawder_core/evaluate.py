@@ -337,13 +337,13 @@ def adherence(inputs: Inputs, seg_options: dict[str, Any], real_features: dict[t
 
 
 def judge_rows(synthetic: str, split: str | None) -> list[dict[str, Any]]:
-    """Per-pair rows without judge-free scores: case, index, lesion share and size bin."""
+    """Per-pair rows without judge-free scores: case, lesion share and size bin."""
     from lawder_core.data.h5 import load_arrays
     from lawder_core.metrics.judge_free import lesion_of, recorded_lesion_labels, size_bin
 
     _, masks, cases = load_arrays(synthetic, split)
     lesions = lesion_of(masks, recorded_lesion_labels(synthetic))
-    return [{"case": f"{case}@{i}", "index": i, "lesion_frac": float(lesion.mean()),
+    return [{"case": f"{case}@{i}", "lesion_frac": float(lesion.mean()),
              "size_bin": size_bin(float(lesion.mean()))} for i, (case, lesion) in enumerate(zip(cases, lesions,
                                                                                                strict=True))]
 

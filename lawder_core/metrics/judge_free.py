@@ -167,15 +167,15 @@ def fit_reference(images: np.ndarray, lesions: np.ndarray) -> Reference:
 
 def score_pairs(images: np.ndarray, lesions: np.ndarray, reference: Reference,
                 cases: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Per pair: case (`<case id>@<index>`), index, lesion_frac, size_bin, contrast, contrast_rel, hit,
-    spurious_area (hit and contrast None without a lesion)."""
+    """Per pair: case (`<case id>@<index>`), lesion_frac, size_bin, contrast, contrast_rel, hit, spurious_area
+    (hit and contrast None without a lesion)."""
     rows = []
     for i, (image, lesion) in enumerate(zip(images, lesions, strict=True)):
         contrast = pair_contrast(image, lesion)
         has = bool(np.isfinite(contrast))
         frac = float(lesion.mean())
         rows.append({
-            "case": f"{cases[i]}@{i}" if cases is not None else str(i), "index": i, "lesion_frac": frac,
+            "case": f"{cases[i]}@{i}" if cases is not None else str(i), "lesion_frac": frac,
             "size_bin": size_bin(frac), "contrast": contrast if has else None,
             "contrast_rel": contrast / reference.median_contrast if has and reference.median_contrast > 0 else None,
             "hit": float(contrast >= reference.hit_threshold) if has else None,
