@@ -153,12 +153,12 @@ class LAWConfig:
     gamma: float = 0.5  # (sweep 0–1) prior exponent: lesion weight ∝ r^−γ; 0 = uniform prior, 1 = equal mass
     w_min: float = 0.2  # (sweep) bounds of LAW's factor on the prior: [0.5,2], [0.25,4], [0.2,5], [0.1,10]
     w_max: float = 5.0
-    lambda_prior: float = 3.0  # (sweep 0.5–10) mean((log w − log w_prior)²): how far LAW may leave the prior
+    lambda_prior: float = 1.0  # (sweep 0.5–10) mean((log w − log w_prior)²): how far LAW may leave the prior
     lambda_tv: float = 0.3  # (sweep 0–1) total variation of w: no speckle, no single-pixel spikes
     beta_kl: float = 0.01  # (sweep 0–0.1) KL(w/HW ‖ uniform): keeps mass from piling onto a few pixels
     warmup_frac: float = 0.1  # (sweep 0–0.33) share of steps before LAW switches on
     warmup_weights: str = "uniform"  # map used during warm-up: 'uniform' | 'prior'
-    lr: float = 1e-4  # LAW's own AdamW
+    lr: float = 1e-3  # LAW's own AdamW (1e-4 left the map at the prior for a whole run: see the docstring)
     weight_decay: float = 0.0
     hidden: int = 16  # channels of the weighter CNN (16 keeps LAW at ~3 % of a small UNet's step; 32 costs ~10 %)
     groups: int = 4  # GroupNorm groups
