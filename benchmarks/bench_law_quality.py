@@ -118,6 +118,19 @@ def budget_of(args: argparse.Namespace) -> Budget:
     return replace(base, **given)
 
 
+def check_budget(work: Path, b: Budget) -> None:
+    """A work folder belongs to one budget: finished runs and scores of another would be mixed in silently."""
+    path = work / "budget.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != b.__dict__:
+            changed = {k: (recorded.get(k), v) for k, v in b.__dict__.items() if recorded.get(k) != v}
+            raise SystemExit(f"{work} was started with another budget (recorded vs now: {changed}); use another "
+                             "--work, or the recorded values.")
+    else:
+        path.write_text(json.dumps(b.__dict__, indent=1))
+
+
 def shard_of(text: str) -> tuple[int, int]:
     index, count = (int(v) for v in text.split("/"))
     if not 0 <= index < count:
@@ -493,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    with stage_lock(work, "data"):
+        check_budget(work, b)
     data = prepare_data(work, b)
     if args.merge_only:
         merge(args, work, data, work / "judge", b, arms, started)
