@@ -208,11 +208,10 @@ def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserS
 def check_same_spec(saved: DenoiserSpec, wanted: DenoiserSpec, checkpoint: Path,
                     hint: str = "Resume with the same --size/--preset/--backbone/--prompt and data, or use a new "
                                 "--out.") -> None:
-    a, b = replace(saved, pretrained=""), replace(wanted, pretrained="")
+    a, b = asdict(replace(saved, pretrained="")), asdict(replace(wanted, pretrained=""))
     if a != b:
-        differ = {k: (v, asdict(b)[k]) for k, v in asdict(a).items() if asdict(b)[k] != v}
-        raise UsageError(f"the checkpoint in {checkpoint} was trained with {asdict(a)}, not {asdict(b)} "
-                         f"(saved vs wanted: {differ}).", hint)
+        differ = ", ".join(f"{k} {a[k]!r} (wanted {b[k]!r})" for k in a if a[k] != b[k])
+        raise UsageError(f"the checkpoint in {checkpoint} was trained with another model: {differ}.", hint)
 
 
 def load_init_denoiser(run: str | Path, spec: DenoiserSpec, pretrained: str | None) -> tuple[Denoiser, dict[str, Any]]:
