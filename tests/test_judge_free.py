@@ -136,3 +136,25 @@ def test_adherence_requests_are_checked_before_anything_loads(pair_files, tmp_pa
                               inputs=Inputs(synthetic=str(synthetic), **given), gates=Gates(**gates))
     with pytest.raises(UsageError, match=needle):
         check_request(request)
+
+
+def test_cli_shows_judge_free_adherence_and_the_lesion_crop_kid(pair_files, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from lawder_cli.main import app
+    from tests.helpers import tiny_fid_weights
+
+    real, synthetic = pair_files
+    weights = tiny_fid_weights(tmp_path / "fid.pt")
+    result = CliRunner().invoke(app, ["evaluate", "--adherence", "--lesion-kid", "--kid", "--real", str(real),
+                                      "--synthetic", str(synthetic), "--fid-weights", str(weights),
+                                      "-o", str(tmp_path / "eval")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for shown in ("judge-free all", "judge-free real pairs", "lesion-crop KID", "half-samples"):
+        assert shown in result.output, shown
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["metadata"]["metrics"] == ["--kid", "--adherence", "--lesion-kid"]
+    assert summary["fid"]["kid_se"] is not None and summary["lesion_kid"]["kid_se"] is not None
+    refused = CliRunner().invoke(app, ["evaluate", "--adherence", "--synthetic", str(synthetic), "-o",
+                                       str(tmp_path / "no")])
+    assert refused.exit_code == 2 and "--segmenter" in refused.output
