@@ -1,312 +1,528 @@
-"""Does LAW revision 2 make better synthetic images, and does the new recipe converge? Kvasir-SEG, equal budgets.
+"""Does LAW help where its mechanism should show? LAW revision 3 on small lesions, in the paper's regime (fine-tuning
+a pretrained denoiser on masks) at CPU scale, with replicate seeds and a replicate arm for the noise floor.
 
-Arms (issue 13), each the same mask-conditioned small UNet, steps, batch, learning rate and seed, trained through
-the `lawder train-law` driver and sampled through the `lawder sample` driver (one image per training mask, the
-first N masks, DDIM):
-  - old-uniform: the first build's recipe (epsilon target, linear betas, leading DDIM spacing, no Min-SNR,
-    no lr warm-up) with uniform weighting: the "before";
-  - uniform, ratio, law: the revision-2 recipe (v target, cosine schedule, Min-SNR-5, lr warm-up, trailing DDIM,
-    horizontal flips) with uniform weighting, the fixed γ-prior and LAW.
-Scores per synthetic set: FID and KID against the real training images at the same size (the FID Inception
-features; the extractor is recorded), and mask adherence: a segmenter trained on the real training split at this
-size segments the synthetic images, Dice against the masks they were generated from (its own Dice on the real
-test split is reported). Goals: new uniform FID ≤ 0.6 × old; LAW FID ≤ 0.85 × new uniform; LAW adherence ≥
-uniform + 0.05. Whatever comes out is reported. Every stage is skipped when its output is complete, so arms can
-run in separate processes (`--arms`) and a final run with all arms only scores and writes the table.
+Stages, each skipped when its output is complete (a killed training resumes from its last checkpoint, every
+`--save-every` steps; sampling and scoring redo only the pair file or summary that is missing):
+  1. data   `prepare synthetic --lesion-frac 0.003,0.03 --blobs 1` at 64 px (--n images, 80 % train).
+  2. base   one denoiser pre-trained on the train split with the condition dropped on every row (cond_dropout 1:
+            it never sees a mask, as a text-to-image model has never seen one), uniform weighting, --base-steps.
+            Shared by every arm.
+  3. judge  a segmenter (--judge-model) trained on the real train split; its Dice on the real test split, per
+            lesion-size bin, is the judge's own ceiling.
+  4. arms   fine-tuned from the base's EMA weights (`--init-from`) for --steps each, the usual recipe (v target,
+            cosine, Min-SNR-5, cond dropout 0.1), seeds 0..--seeds−1:
+              uniform         uniform weighting
+              uniform-rep     uniform weighting, training seed + 100: the replicate whose spread is the noise floor
+              ratio           the fixed γ-prior (LAW's starting map)
+              law             LAW at its defaults (hardness objective, time-weighted like the denoiser)
+              law-influence   LAW with the mask-influence target |v_cond − v_uncond|
+  5. sample the first --n-sample training masks, DDIM --sample-steps; the sampling seed is the replicate's seed,
+            so image i of every arm of one seed starts from the same noise (paired).
+  6. score  `lawder evaluate --adherence --lesion-kid`: the judge's Dice, judge-free adherence (contrast, hit
+            rate, spurious area, per lesion-size bin) against the real train pairs, KID on lesion-centred crops
+            with its standard error. One summary.json per arm and seed: `lawder compare --arms WORK/compare.yaml`
+            pairs them case by case.
+  7. merge  when every (arm, seed) is scored: means per arm and size bin, paired differences to uniform per seed,
+            the decision rule, and the JSON result (--out).
 
-    .venv/bin/python benchmarks/bench_law_quality.py --steps 1500 --limit 360 --segmenter RUN   # see README
-    .venv/bin/python benchmarks/bench_law_quality.py --steps 4 --limit 16 --sample-steps 2 --seg-epochs 1 \
-        --work /tmp/lq   # smoke test
+Decision rule: an arm beats uniform on a metric when its mean paired difference to uniform, in the metric's good
+direction, exceeds twice the replicate spread (the RMS over seeds of uniform-rep − uniform) with the same sign on
+every seed; the t-interval over seeds is reported beside it.
+
+Budget (the defaults): 600 images, base 3,000 steps, 5 arms × 4 seeds × 1,500 steps (law-influence costs ~1.35×
+a step: one extra forward), 240 samples × 25 DDIM steps per run, judge mkunet-base 40 epochs. At 0.7 s per step
+(small UNet, batch 8, 64 px, one thread per process, both cores busy) that is about 35 min of base (the second
+process trains the judge meanwhile, then waits), then ~3.1 h of fine-tuning, ~25 min of sampling and ~10 min of
+scoring per process: about 4.3 h on two cores; about 6 h at 1 s per step (beside other jobs).
+
+Shared by one single-thread process per core (`--shard I/N`): shard I takes every N-th (seed, arm) job; the base
+and the judge are each trained by the first process that reaches them (the others wait on a lock, and take over
+a stage whose process died). Launch (two cores):
+
+    cd WORKTREE && for i in 0 1; do PYTHONPATH=. nohup .venv/bin/python benchmarks/bench_law_quality.py \\
+        --work /tmp/law3 --shard $i/2 > /tmp/law3-$i.log 2>&1 & done
+    # rerun the same command to resume; `--merge-only` rewrites the result from what is scored
+    .venv/bin/python benchmarks/bench_law_quality.py --smoke --work /tmp/law3-smoke   # ~5 min: every stage, tiny
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
+import math
 import os
 import platform
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lawder_core.data.h5 import load_arrays, read_info
-from lawder_core.distributed.train import LaunchConfig
-from lawder_core.models.configs import LAWConfig
-from lawder_core.runs import read_metrics
-from lawder_core.train.diffusion import DiffusionTrainConfig
-
 HERE = Path(__file__).parent
-ARMS = ("old-uniform", "uniform", "ratio", "law", "law-err")
-# LAW arms: the default LAWConfig, and LAW that also sees the detached per-pixel error with a freer map
-# (lr 1e-3, λ_prior 1): with the defaults the map stays near the prior on Kvasir (issue 13, session 5 notes).
-LAW_ARMS: dict[str, dict[str, Any]] = {"law": {}, "law-err": {"use_error": True, "lr": 1e-3, "lambda_prior": 1.0}}
-OLD_RECIPE = {"prediction": "epsilon", "beta_schedule": "linear", "timestep_spacing": "leading", "snr_gamma": None,
-              "lr_warmup_steps": 0, "hflip": False}
-NEW_RECIPE = {"prediction": "v", "beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing",
-              "snr_gamma": 5.0, "lr_warmup_steps": 100, "hflip": True}
-KVASIR = "/work/shared/data/kvasir-seg-256"
+ARMS = ("uniform", "uniform-rep", "ratio", "law", "law-influence")
+REPLICATE_SEED_OFFSET = 100
+BINS = ("<1%", "1-3%", "3-10%", ">=10%", "all")
+# per-pair metrics and the direction that is better; lesion KID is per run
+PAIR_METRICS = {"hit_rate": +1, "contrast_rel": +1, "spurious_area": -1, "dice": +1}
 log = logging.getLogger("bench_law_quality")
 
 
-def parse_args() -> argparse.Namespace:
+@dataclass(frozen=True)
+class Budget:
+    n: int = 600
+    size: int = 64
+    preset: str = "small"
+    batch_size: int = 8
+    base_steps: int = 3000
+    steps: int = 1500
+    seeds: int = 4
+    n_sample: int = 240
+    sample_steps: int = 25
+    judge_model: str = "mkunet-base"
+    judge_epochs: int = 40
+    save_every: int = 250
+
+
+SMOKE = Budget(n=40, size=32, preset="tiny", batch_size=4, base_steps=6, steps=4, seeds=2, n_sample=8,
+               sample_steps=2, judge_model="mkunet-t", judge_epochs=1, save_every=2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kvasir", default=KVASIR, help="Kvasir-SEG folder (images/, masks/).")
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lawder-bench" / "law_quality"),
-                   help="Data, runs and synthetic sets (kept, so a rerun continues).")
+    p.add_argument("--work", default="/tmp/law3", help="Data, runs, samples and summaries (kept: a rerun resumes).")
     p.add_argument("--out", default=str(HERE / "results" / "bench_law_quality.json"))
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1500, help="Training steps per arm (equal budget).")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--limit", type=int, default=360,
-                   help="Sample for the first N training masks only (0: all); the real set is the whole train split.")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps.")
-    p.add_argument("--sample-batch", type=int, default=32)
-    p.add_argument("--segmenter", default=None, help="A train-order run on real data; default: train one.")
-    p.add_argument("--seg-epochs", type=int, default=40)
-    p.add_argument("--seg-model", default="mkunet-base", help="The adherence judge's model.")
-    p.add_argument("--guidance", type=float, default=1.0, help="Classifier-free guidance at sampling.")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 is fastest on a shared 2-core machine (2 threads contend with other jobs).")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fid-weights", default=None, help="FID Inception weights; default: whatever resolves offline.")
+    p.add_argument("--smoke", action="store_true", help="A tiny budget through every stage (minutes).")
+    for field, default in Budget().__dict__.items():
+        p.add_argument("--" + field.replace("_", "-"), type=type(default), default=None,
+                       help=f"default {default} (smoke: {getattr(SMOKE, field)})")
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--grid", default=str(HERE / "results" / "law_quality_grid.png"),
-                   help="PNG: the same masks under every arm (written when every arm is in the run).")
-    return p.parse_args()
+    p.add_argument("--guidance", type=float, default=1.0, help="Classifier-free guidance at sampling.")
+    p.add_argument("--fid-weights", default=None, help="Inception weights; default: whatever resolves offline.")
+    p.add_argument("--shard", default="0/1", help="I/N: this process takes every N-th (seed, arm) job from the I-th.")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: one process per core).")
+    p.add_argument("--merge-only", action="store_true", help="Train nothing: write the result from what is scored.")
+    p.add_argument("--wait", type=float, default=30.0, help="Seconds between checks while waiting on another shard.")
+    return p.parse_args(argv)
 
 
-def prepare_data(args: argparse.Namespace, work: Path) -> Path:
+def budget_of(args: argparse.Namespace) -> Budget:
+    base = SMOKE if args.smoke else Budget()
+    given = {k: getattr(args, k) for k in base.__dict__ if getattr(args, k) is not None}
+    return replace(base, **given)
+
+
+def check_budget(work: Path, b: Budget) -> None:
+    """A work folder belongs to one budget: finished runs and scores of another would be mixed in silently."""
+    path = work / "budget.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != b.__dict__:
+            changed = {k: (recorded.get(k), v) for k, v in b.__dict__.items() if recorded.get(k) != v}
+            raise SystemExit(f"{work} was started with another budget (recorded vs now: {changed}); use another "
+                             "--work, or the recorded values.")
+    else:
+        path.write_text(json.dumps(b.__dict__, indent=1))
+
+
+def shard_of(text: str) -> tuple[int, int]:
+    index, count = (int(v) for v in text.split("/"))
+    if not 0 <= index < count:
+        raise SystemExit(f"--shard {text}: expected I/N with 0 <= I < N")
+    return index, count
+
+
+# ---------------------------------------------------------------- shared stages
+
+
+@contextlib.contextmanager
+def stage_lock(work: Path, name: str) -> Iterator[None]:
+    """One process per shared stage at a time; a waiting process blocks here. The kernel releases the lock of a
+    process that dies, so the next one takes the stage over (and resumes it)."""
+    path = work / f".stage-{name}.lock"
+    with path.open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_data(work: Path, b: Budget) -> Path:
     from lawder_core.data.prepare import PrepareOptions
-    from lawder_core.data.prepare_folder import prepare_folder
+    from lawder_core.data.synthetic import prepare_synthetic
 
-    h5 = work / f"kvasir{args.size}.h5"
-    if not h5.exists():
-        log.info("prepare Kvasir-SEG at %d px -> %s", args.size, h5)
-        prepare_folder("kvasir", args.kvasir, h5, PrepareOptions(size=args.size, seed=args.seed))
+    h5 = work / f"small-lesions-{b.size}.h5"
+    with stage_lock(work, "data"):
+        if not h5.exists():
+            log.info("prepare %d small-lesion pairs at %d px -> %s", b.n, b.size, h5)
+            prepare_synthetic(h5, n=b.n, size=b.size, seed=0, options=PrepareOptions(seed=0),
+                              lesion_frac=(0.003, 0.03), blobs=1)
     return h5
 
 
-def train_segmenter_judge(args: argparse.Namespace, data: Path, work: Path) -> Path:
-    """The mask-adherence judge: a segmenter trained on the real training images at this size (or the run given)."""
-    if args.segmenter:
-        return Path(args.segmenter)
-    from lawder_core.distributed.train import train_order as run_train_order
-    from lawder_core.train.seg import SegTrainConfig
-
-    run = work / "segmenter"
-    records = read_metrics(run)
-    if records and records[-1]["epoch"] + 1 >= args.seg_epochs:
-        return run
-    log.info("train the adherence judge: %s, %d epochs", args.seg_model, args.seg_epochs)
-    cfg = SegTrainConfig(data=str(data), out=str(run), model=args.seg_model, size=args.size, epochs=args.seg_epochs,
-                         batch_size=16, seed=args.seed, resume=True)
-    run_train_order(cfg, LaunchConfig(workers=0, name="bench-segmenter"))
-    return run
-
-
-def arm_config(args: argparse.Namespace, data: Path, run: Path, arm: str, resume: bool) -> DiffusionTrainConfig:
-    weighting = "law" if arm in LAW_ARMS else arm.removeprefix("old-")
-    recipe = OLD_RECIPE if arm.startswith("old-") else NEW_RECIPE
-    return DiffusionTrainConfig(data=str(data), out=str(run), size=args.size, steps=args.steps,
-                                batch_size=args.batch_size, lr=args.lr, weighting=weighting, preset=args.preset,
-                                seed=args.seed, log_every=max(1, args.steps // 20), save_every=max(1, args.steps // 4),
-                                sample_every=args.steps, resume=resume, law=LAWConfig(**LAW_ARMS.get(arm, {})),
-                                **recipe)
-
-
-def train_arm(args: argparse.Namespace, data: Path, run: Path, arm: str) -> dict[str, Any]:
-    from lawder_core.distributed.train import train_law as run_train_law
+def run_step(run: Path) -> int:
     from lawder_core.runs import find_checkpoint, read_progress
-    from lawder_core.train.diffusion import summarise_law_run
 
     checkpoint = find_checkpoint(run)
-    if checkpoint is not None and read_progress(checkpoint)["step"] >= args.steps:
+    return int(read_progress(checkpoint)["step"]) if checkpoint is not None else 0
+
+
+def train_config(data: Path, run: Path, b: Budget, *, weighting: str, steps: int, seed: int, **extra: Any):
+    from lawder_core.train.configs import DiffusionTrainConfig
+
+    return DiffusionTrainConfig(data=str(data), out=str(run), size=b.size, steps=steps, batch_size=b.batch_size,
+                                weighting=weighting, preset=b.preset, seed=seed, hflip=False,
+                                log_every=max(1, min(50, steps // 10)), save_every=b.save_every,
+                                sample_every=0, **extra)
+
+
+def train(cfg: Any, name: str) -> dict[str, Any]:
+    """Train (or resume) one run unless it is complete; its summary, plus this call's seconds."""
+    from lawder_core.distributed.train import LaunchConfig
+    from lawder_core.distributed.train import train_law as run_train_law
+    from lawder_core.runs import has_run
+    from lawder_core.train.diffusion import summarise_law_run
+
+    run = Path(cfg.out)
+    if run_step(run) >= cfg.steps:
         return {**summarise_law_run(run), "train_seconds": None}
-    log.info("train-law %s: %d steps, batch %d", arm, args.steps, args.batch_size)
+    log.info("train %s: %d steps (from step %d)", name, cfg.steps, run_step(run))
     tic = time.perf_counter()
-    summary = run_train_law(arm_config(args, data, run, arm, resume=True), LaunchConfig(workers=0, name=arm))
+    summary = run_train_law(replace(cfg, resume=has_run(run)), LaunchConfig(workers=0, name=name))
     return {**summary, "train_seconds": round(time.perf_counter() - tic, 1)}
 
 
-def sample_arm(args: argparse.Namespace, data: Path, run: Path, out: Path, n: int) -> dict[str, Any]:
+def train_base(work: Path, data: Path, b: Budget) -> Path:
+    run = work / "base"
+    with stage_lock(work, "base"):
+        train(train_config(data, run, b, weighting="uniform", steps=b.base_steps, seed=0, cond_dropout=1.0), "base")
+    return run
+
+
+def judge_done(run: Path, epochs: int) -> bool:
+    from lawder_core.runs import read_metrics
+
+    records = read_metrics(run) if run.exists() else []
+    return bool(records) and records[-1]["epoch"] + 1 >= epochs and (run / "summary.json").exists()
+
+
+def train_judge(work: Path, data: Path, b: Budget) -> Path:
+    """The adherence judge: a segmenter trained on the real train split at the benchmark's size."""
+    from lawder_core.distributed.train import LaunchConfig
+    from lawder_core.distributed.train import train_order as run_train_order
+    from lawder_core.runs import has_run
+    from lawder_core.train.configs import SegTrainConfig
+
+    run = work / "judge"
+    with stage_lock(work, "judge"):
+        if not judge_done(run, b.judge_epochs):
+            log.info("train the judge: %s, %d epochs", b.judge_model, b.judge_epochs)
+            cfg = SegTrainConfig(data=str(data), out=str(run), model=b.judge_model, size=b.size,
+                                 epochs=b.judge_epochs, batch_size=16, seed=0, resume=has_run(run))
+            run_train_order(cfg, LaunchConfig(workers=0, name="judge"))
+    return run
+
+
+# ---------------------------------------------------------------- one (seed, arm) job
+
+
+def arm_config(arm: str, seed: int, data: Path, work: Path, b: Budget):
+    from lawder_core.models.configs import LAWConfig
+
+    weighting = "law" if arm.startswith("law") else arm.removesuffix("-rep")
+    law = LAWConfig(objective="influence") if arm == "law-influence" else LAWConfig()
+    train_seed = seed + REPLICATE_SEED_OFFSET if arm == "uniform-rep" else seed
+    return train_config(data, work / "runs" / arm / f"seed{seed}", b, weighting=weighting, steps=b.steps,
+                        seed=train_seed, law=law, init_from=str(work / "base"))
+
+
+def sample(run: Path, data: Path, out: Path, b: Budget, seed: int, guidance: float) -> dict[str, Any]:
+    from lawder_core.data.h5 import read_info
     from lawder_core.distributed.sample import run_sample
     from lawder_core.sample import SampleConfig
 
-    if out.exists() and read_info(out).n == n:
-        return {"out": str(out), "n": n, "seconds": None}
-    log.info("sample %d images from %s (DDIM %d steps, guidance %g)", n, run, args.sample_steps, args.guidance)
-    cfg = SampleConfig(run=str(run), masks=str(data), out=str(out), split="train", n=n, steps=args.sample_steps,
-                       scheduler="ddim", guidance=args.guidance, batch_size=args.sample_batch, seed=args.seed,
+    if out.exists() and read_info(out).n == b.n_sample:
+        return {"out": str(out), "seconds": None}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("sample %d images from %s", b.n_sample, run)
+    cfg = SampleConfig(run=str(run), masks=str(data), out=str(out), split="train", n=b.n_sample,
+                       steps=b.sample_steps, scheduler="ddim", guidance=guidance, batch_size=32, seed=seed,
                        force=True)
     result = run_sample(cfg)
-    return {k: result[k] for k in ("out", "n", "seconds", "images_per_s", "prediction")}
+    return {"out": str(out), "seconds": result["seconds"]}
 
 
-class Scorer:
-    """FID/KID against the real training images (their features extracted once) and mask adherence."""
+def score(synthetic: Path, data: Path, judge: Path, out: Path, args: argparse.Namespace, metadata: dict[str, Any],
+          cache: dict) -> dict[str, Any]:
+    from lawder_core.evaluate import EvaluateOptions, EvaluateRequest, Inputs, Metrics, evaluate
 
-    def __init__(self, args: argparse.Namespace, data: Path, judge: Path) -> None:
-        from lawder_core.metrics.fid import build_fid_extractor, extract_features, open_source
-
-        self.args, self.judge = args, judge
-        self.model, self.info = build_fid_extractor(args.fid_weights, allow_download=False)
-        self.model = self.model.eval()
-        log.info("FID features: %s (%s); extracting the real training images once", self.info.name,
-                 self.info.path)
-        tic = time.perf_counter()
-        cache = data.parent / f"{data.stem}.train.fid-{(self.info.sha256 or 'custom')[:12]}.npy"
-        if cache.exists():
-            self.real = np.load(cache)
-        else:
-            self.real, _ = extract_features(open_source(data, "train"), self.model, device=torch.device("cpu"))
-            np.save(cache, self.real)
-        self.seconds = round(time.perf_counter() - tic, 1)
-
-    def __call__(self, synthetic: Path) -> dict[str, Any]:
-        from lawder_core.evaluate import adherence_for_run
-        from lawder_core.metrics.fid import (
-            extract_features,
-            frechet_distance_from_features,
-            kernel_inception_distance,
-            open_source,
-        )
-
-        feats, _ = extract_features(open_source(synthetic, None), self.model, device=torch.device("cpu"))
-        adherence = adherence_for_run(self.judge, synthetic)
-        n = min(len(self.real), len(feats))
-        return {
-            "fid": frechet_distance_from_features(self.real, feats),
-            "kid": kernel_inception_distance(self.real, feats, max_subset_size=min(1000, n), seed=self.args.seed),
-            "n_real": len(self.real), "n_synthetic": len(feats),
-            "extractor": {"name": self.info.name, "source": self.info.source, "path": self.info.path,
-                          "sha256": self.info.sha256, "dim": int(feats.shape[1])},
-            "adherence_dice": adherence["dice_mean"], "adherence_dice_sd": adherence["dice_sd"],
-            "adherence_iou": adherence["iou_mean"],
-        }
+    path = out / "summary.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    log.info("score %s", synthetic)
+    request = EvaluateRequest(
+        out=str(out), metrics=Metrics(adherence=True, lesion_kid=True),
+        inputs=Inputs(real=str(data), real_split="train", synthetic=str(synthetic), segmenter=str(judge),
+                      fid_weights=args.fid_weights),
+        options=EvaluateOptions(device="cpu", allow_download=False, seed=metadata["seed"]),
+        metadata={"benchmark": "bench_law_quality", **metadata})
+    return evaluate(request, real_features=cache)
 
 
-def ratio(value: float | None, base: float | None) -> float | None:
-    return None if value is None or not base else value / base
+def run_job(arm: str, seed: int, work: Path, data: Path, judge: Path, b: Budget, args: argparse.Namespace,
+            cache: dict) -> None:
+    record_path = work / "jobs" / f"{arm}-seed{seed}.json"
+    if record_path.exists() and (work / "eval" / arm / f"seed{seed}" / "summary.json").exists():
+        return
+    cfg = arm_config(arm, seed, data, work, b)
+    trained = train(cfg, f"{arm}-seed{seed}")
+    synthetic = work / "synthetic" / arm / f"seed{seed}.h5"
+    sampled = sample(Path(cfg.out), data, synthetic, b, seed, args.guidance)
+    tic = time.perf_counter()
+    train_info = {k: trained.get(k) for k in ("step", "loss", "law", "init_from", "sec_per_step", "grad_norm",
+                                              "clipped")}
+    score(synthetic, data, judge, work / "eval" / arm / f"seed{seed}", args,
+          {"arm": arm, "seed": seed, "train_seed": cfg.seed, "train": train_info}, cache)
+    record = {"arm": arm, "seed": seed, "train_seed": cfg.seed, "train": train_info,
+              "train_seconds": trained.get("train_seconds"), "sample_seconds": sampled["seconds"],
+              "score_seconds": round(time.perf_counter() - tic, 1)}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1, default=str))
 
 
-def table(rows: dict[str, dict[str, Any]], judge_test: float | None) -> str:
-    base = rows.get("uniform", {})
-    lines = [f"{'arm':<12} {'FID':>8} {'vs unif':>8} {'KID×1e3':>8} {'adher.':>7} {'w_les/w_bg':>10} {'s/step':>7}"]
-    for name, r in rows.items():
-        fr = ratio(r["fid"], base.get("fid"))
-        law = r.get("law_stats") or {}
-        wl, wb = law.get("w_lesion"), law.get("w_background")
-        wr = f"{wl / wb:10.2f}" if wl and wb else f"{'':>10}"
-        lines.append(f"{name:<12} {r['fid']:8.2f} {fr or float('nan'):8.3f} {1e3 * r['kid']:8.2f} "
-                     f"{r['adherence_dice']:7.3f} {wr} {r['sec_per_step'] or float('nan'):7.3f}")
-    if judge_test is not None:
-        lines.append(f"{'real test':<12} {'':>8} {'':>8} {'':>8} {judge_test:7.3f}   (the judge on real test images)")
-    return "\n".join(lines)
+# ---------------------------------------------------------------- merge
 
 
-def verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if "uniform" in rows and "old-uniform" in rows:
-        value = rows["uniform"]["fid"] / rows["old-uniform"]["fid"]
-        out["new_vs_old_uniform_fid"] = {"value": value, "goal": "<= 0.6", "met": value <= 0.6}
-    for arm in LAW_ARMS:
-        if "uniform" in rows and arm in rows:
-            prefix = arm.replace("-", "_")
-            value = rows[arm]["fid"] / rows["uniform"]["fid"]
-            out[f"{prefix}_vs_uniform_fid"] = {"value": value, "goal": "<= 0.85", "met": value <= 0.85}
-            gain = rows[arm]["adherence_dice"] - rows["uniform"]["adherence_dice"]
-            out[f"{prefix}_adherence_gain"] = {"value": gain, "goal": ">= 0.05", "met": gain >= 0.05}
+def bins_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return summary["adherence"]["bins"]
+
+
+def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """arm → seed → {bins, lesion_kid, lesion_kid_se, law_departure, w ratio, seconds} for every scored job."""
+    table: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm in arms:
+        for seed in range(seeds):
+            path = work / "eval" / arm / f"seed{seed}" / "summary.json"
+            if not path.exists():
+                continue
+            summary = json.loads(path.read_text())
+            job = work / "jobs" / f"{arm}-seed{seed}.json"
+            record = json.loads(job.read_text()) if job.exists() else {}
+            law = (record.get("train") or {}).get("law") or {}
+            table.setdefault(arm, {})[seed] = {
+                "bins": bins_of(summary), "lesion_kid": summary["lesion_kid"]["kid"],
+                "lesion_kid_se": summary["lesion_kid"]["kid_se"],
+                "law_departure": law.get("law_departure"), "w_lesion": law.get("w_lesion"),
+                "w_background": law.get("w_background"), "sec_per_step": (record.get("train") or {}).get(
+                    "sec_per_step"), "clipped": (record.get("train") or {}).get("clipped"),
+                "train_seconds": record.get("train_seconds"), "sample_seconds": record.get("sample_seconds"),
+                "score_seconds": record.get("score_seconds")}
+    return table
+
+
+def metric_value(row: dict[str, Any], metric: str, bin_label: str) -> float | None:
+    if metric == "lesion_kid":
+        return row["lesion_kid"] if bin_label == "all" else None
+    value = row["bins"].get(bin_label, {}).get(metric)
+    return None if value is None else float(value)
+
+
+def paired(table: dict[str, dict[int, dict[str, Any]]], arm: str, metric: str, bin_label: str) -> list[float]:
+    """arm − uniform per seed (seeds where both were scored and have a value)."""
+    out = []
+    for seed, row in sorted(table.get(arm, {}).items()):
+        base = table.get("uniform", {}).get(seed)
+        a = metric_value(row, metric, bin_label)
+        u = metric_value(base, metric, bin_label) if base else None
+        if a is not None and u is not None:
+            out.append(a - u)
     return out
 
 
-def save_grid(path: Path, data: Path, arms: list[str], work: Path, count: int = 8) -> Path:
-    """Rows: the real image with its mask, then each arm's synthetic image for that same mask."""
-    from PIL import Image
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float | None, float | None]:
+    from scipy import stats
 
-    from lawder_core.viz import overlay
+    if len(values) < 2:
+        return None, None
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
+    return mean - half, mean + half
 
-    images, masks, _ = load_arrays(data, "train", limit=count)
-    rows = [np.concatenate([overlay(im, m) for im, m in zip(images, masks, strict=True)], axis=1)]
-    for arm in arms:
-        synthetic, syn_masks, _ = load_arrays(work / "synthetic" / f"{arm}.h5", None, limit=count)
-        assert np.array_equal(syn_masks, masks)  # the first masks of the split, in order, in every arm
-        rows.append(np.concatenate(list(synthetic), axis=1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).resize(
-        (rows[0].shape[1] * 2, len(rows) * rows[0].shape[0] * 2), Image.NEAREST).save(path)
+
+def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str]) -> dict[str, Any]:
+    """Per arm (vs uniform), metric and bin: per-seed differences, mean, t-interval, noise floor, verdict."""
+    directions = {**PAIR_METRICS, "lesion_kid": -1}
+    out: dict[str, Any] = {}
+    for arm in [a for a in arms if a != "uniform"]:
+        for metric, sign in directions.items():
+            for bin_label in BINS if metric != "lesion_kid" else ("all",):
+                diffs = paired(table, arm, metric, bin_label)
+                if not diffs:
+                    continue
+                floor_diffs = paired(table, "uniform-rep", metric, bin_label)
+                floor = math.sqrt(float(np.mean(np.square(floor_diffs)))) if floor_diffs else None
+                mean = float(np.mean(diffs))
+                low, high = t_interval(diffs)
+                same_sign = all(d * sign > 0 for d in diffs)
+                wins = floor is not None and arm != "uniform-rep" and mean * sign > 2 * floor and same_sign
+                loses = floor is not None and arm != "uniform-rep" and -mean * sign > 2 * floor and all(
+                    d * sign < 0 for d in diffs)
+                out.setdefault(arm, {}).setdefault(metric, {})[bin_label] = {
+                    "per_seed": diffs, "mean": mean, "ci95": [low, high], "noise_floor": floor,
+                    "better_direction": "higher" if sign > 0 else "lower",
+                    "verdict": "beats uniform" if wins else "worse than uniform" if loses else "no call"}
+    return out
+
+
+def arm_means(table: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm: mean ± sd over seeds of every metric per bin, lesion KID, LAW's departure and timings."""
+    out: dict[str, Any] = {}
+    for arm, seeds in table.items():
+        rows = list(seeds.values())
+        entry: dict[str, Any] = {"seeds": sorted(seeds)}
+        for bin_label in BINS:
+            for metric in PAIR_METRICS:
+                values = [v for r in rows if (v := metric_value(r, metric, bin_label)) is not None]
+                if values:
+                    entry.setdefault("bins", {}).setdefault(bin_label, {})[metric] = {
+                        "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1
+                        else None}
+            n = [r["bins"][bin_label]["n"] for r in rows if bin_label in r["bins"]]
+            if n:
+                entry["bins"][bin_label]["n_pairs"] = n[0]
+        for key in ("lesion_kid", "lesion_kid_se", "law_departure", "w_lesion", "w_background", "sec_per_step",
+                    "clipped", "train_seconds", "sample_seconds", "score_seconds"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            entry[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
+                          if len(values) > 1 else None} if values else None
+        out[arm] = entry
+    return out
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def text_table(means: dict[str, Any], bin_label: str) -> str:
+    lines = [f"size bin {bin_label}", f"{'arm':<14} {'hit rate':>9} {'contrast×real':>13} {'spurious':>9} "
+             f"{'judge Dice':>10} {'lesion KID×1e3':>15} {'departure':>9}"]
+    for arm, entry in means.items():
+        cells = entry.get("bins", {}).get(bin_label, {})
+        mean = {m: (cells.get(m) or {}).get("mean") for m in PAIR_METRICS}
+        kid = (entry.get("lesion_kid") or {}).get("mean") if bin_label == "all" else None
+        lines.append(f"{arm:<14} {fmt(mean['hit_rate']):>9} {fmt(mean['contrast_rel']):>13} "
+                     f"{fmt(mean['spurious_area'], 4):>9} {fmt(mean['dice']):>10} "
+                     f"{fmt(None if kid is None else 1e3 * kid, 2):>15} "
+                     f"{fmt((entry.get('law_departure') or {}).get('mean')):>9}")
+    return "\n".join(lines)
+
+
+def write_compare_arms(work: Path, arms: list[str]) -> Path:
+    """The arms file `lawder compare --arms` reads: every seed's summary per arm, the replicate declared."""
+    import yaml
+
+    path = work / "compare.yaml"
+    spec: dict[str, Any] = {"arms": {arm: [f"eval/{arm}/seed*/summary.json"] for arm in arms}}
+    if "uniform-rep" in arms and "uniform" in arms:
+        spec["replicates"] = {"uniform-rep": "uniform"}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    load_before = os.getloadavg()
-    data = prepare_data(args, work)
-    n_train = len(load_arrays(data, "train")[1])
-    n = min(args.limit or n_train, n_train)  # the first n training masks, in file order
-    judge = train_segmenter_judge(args, data, work)
-    from lawder_core.evaluate import adherence_for_run, dice_for_run
+def judge_report(judge: Path, data: Path) -> dict[str, Any]:
+    """The judge's own Dice on the real test split, over all images and per lesion-size bin."""
+    from lawder_core.data.h5 import load_arrays
+    from lawder_core.evaluate import dice_for_run
+    from lawder_core.metrics.judge_free import size_bin
 
-    judge_report, _ = dice_for_run(judge, data, "test")
-    judge_test = float(judge_report.foreground_mean["Dice"])
-    scorer = Scorer(args, data, judge)
-    arms = args.arms.split(",")
-    rows: dict[str, dict[str, Any]] = {}
-    details: dict[str, Any] = {}
-    for arm in arms:
-        run = work / "runs" / arm
-        trained = train_arm(args, data, run, arm)
-        synthetic = work / "synthetic" / f"{arm}.h5"
-        synthetic.parent.mkdir(exist_ok=True)
-        sampled = sample_arm(args, data, run, synthetic, n)
-        tic = time.perf_counter()
-        scores = scorer(synthetic)
-        sampled["score_seconds"] = round(time.perf_counter() - tic, 1)
-        rows[arm] = {**scores, "final_loss": trained["loss"], "sec_per_step": trained["sec_per_step"],
-                     "law_stats": trained["law"]}
-        details[arm] = {"train": trained, "sample": sampled,
-                        "config": {"weighting": "law" if arm in LAW_ARMS else arm.removeprefix("old-"),
-                                   **(OLD_RECIPE if arm.startswith("old-") else NEW_RECIPE),
-                                   **({"law": LAW_ARMS[arm]} if arm in LAW_ARMS else {})}}
-        log.info("%s: FID %.2f, KID %.5f, adherence %.3f", arm, scores["fid"], scores["kid"], scores["adherence_dice"])
-    print(table(rows, judge_test))
-    grid = str(save_grid(Path(args.grid), data, arms, work)) if {"uniform", "law"} <= set(arms) else None
-    judged = verdict(rows)
+    report, _ = dice_for_run(judge, data, "test")
+    _, masks, _ = load_arrays(data, "test")
+    dice = [im["metrics"]["foreground"]["Dice"] for im in report.per_image]
+    by_bin: dict[str, list[float]] = {}
+    for mask, value in zip(masks, dice, strict=True):
+        by_bin.setdefault(size_bin(float((mask > 0).mean())) or "empty", []).append(value)
+    return {"run": str(judge), "dice_on_real_test": float(report.foreground_mean["Dice"]),
+            "dice_on_real_test_by_bin": {k: {"n": len(v), "dice": float(np.nanmean(v))} for k, v in by_bin.items()}}
+
+
+def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, b: Budget, arms: list[str],
+          started: float) -> dict[str, Any]:
+    table = per_seed_table(work, arms, b.seeds)
+    means = arm_means(table)
     result = {
-        "benchmark": "bench_law_quality",
-        "data": {"source": args.kvasir, "h5": str(data), "size": args.size, "n_train": n_train, "n_sampled": n},
-        "budget": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "preset": args.preset,
-                   "seed": args.seed, "sampler": "ddim", "sample_steps": args.sample_steps,
-                   "guidance": args.guidance},
-        "judge": {"run": str(judge), "dice_on_real_test": judge_test,
-                  "dice_on_real_train": adherence_for_run(judge, data, "train")["dice_mean"]},
-        "real_features_seconds": scorer.seconds,
-        "results": rows,
-        "law_vs_uniform_fid": (judged.get("law_vs_uniform_fid") or {}).get("value"),
-        "law_err_vs_uniform_fid": (judged.get("law_err_vs_uniform_fid") or {}).get("value"),
-        "new_vs_old_uniform_fid": (judged.get("new_vs_old_uniform_fid") or {}).get("value"),
-        "adherence": {arm: r["adherence_dice"] for arm, r in rows.items()},
-        "verdict": judged, "details": details, "grid": grid,
+        "benchmark": "bench_law_quality (LAW revision 3: small lesions, fine-tuning, judge-free adherence)",
+        "budget": b.__dict__, "arms": arms, "guidance": args.guidance,
+        "data": {"h5": str(data), "lesion_frac": [0.003, 0.03], "blobs": 1},
+        "base": {"run": str(work / "base"), "steps": b.base_steps, "cond_dropout": 1.0},
+        "judge": judge_report(judge, data) if judge is not None and judge_done(judge, b.judge_epochs) else None,
+        "complete": all(len(table.get(arm, {})) == b.seeds for arm in arms),
+        "means": means, "verdicts": verdicts(table, arms), "per_seed": table,
+        "decision_rule": "an arm beats uniform on a metric when its mean paired difference to uniform (over seeds) "
+                         "exceeds twice the replicate spread (RMS over seeds of uniform-rep - uniform) in the "
+                         "metric's better direction, with the same sign on every seed",
+        "compare": f"lawder compare --arms {write_compare_arms(work, arms)} --json",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()},
-        "seconds": round(time.perf_counter() - started, 1),
+                    "cpus": os.cpu_count(), "load": os.getloadavg()},
+        "seconds_this_process": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {out}")
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out)
+    for bin_label in BINS:
+        if any(bin_label in entry.get("bins", {}) for entry in means.values()):
+            print(text_table(means, bin_label), "\n")
+    print(f"wrote {out}; pair by case with: {result['compare']}")
+    return result
+
+
+# ---------------------------------------------------------------- main
+
+
+def wait_for(check: Callable[[], bool], what: str, seconds: float) -> None:
+    while not check():
+        log.info("waiting for %s", what)
+        time.sleep(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    b = budget_of(args)
+    index, count = shard_of(args.shard)
+    torch.set_num_threads(args.threads)
+    arms = args.arms.split(",")
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; expected some of {ARMS}")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with stage_lock(work, "data"):
+        check_budget(work, b)
+    data = prepare_data(work, b)
+    if args.merge_only:
+        merge(args, work, data, work / "judge", b, arms, started)
+        return 0
+    # the shared stages: shard 1 starts with the judge while shard 0 trains the base (one process: both, in turn)
+    first, second = (train_judge, train_base) if index % 2 else (train_base, train_judge)
+    first(work, data, b)
+    second(work, data, b)
+    judge = work / "judge"
+    jobs = [(seed, arm) for seed in range(b.seeds) for arm in arms][index::count]
+    cache: dict = {}
+    for seed, arm in jobs:
+        run_job(arm, seed, work, data, judge, b, args, cache)
+    with stage_lock(work, "merge"):
+        merge(args, work, data, judge, b, arms, started)
     return 0
 
 

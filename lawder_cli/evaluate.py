@@ -37,8 +37,28 @@ def _fid_rows(table: Table, fid: dict[str, Any]) -> None:
     if fid["fid"] is not None:
         table.add_row("FID", f"{fid['fid']:.4g}", where)
     if fid["kid"] is not None:
-        table.add_row("KID", f"{fid['kid']:.4g}", f"{fid['kid_subsets']} subsets of ≤{fid['kid_subset_size']}")
+        se = f" ± {fid['kid_se']:.2g} (se)" if fid.get("kid_se") is not None else ""
+        sizes = fid.get("kid_subset_sizes") or ["?", "?"]
+        table.add_row("KID", f"{fid['kid']:.4g}{se}",
+                      f"all images; se over {len(fid.get('kid_subset_values') or [])} half-samples "
+                      f"({sizes[0]} real + {sizes[1]} synthetic each)")
     table.add_row("FID features", str(fid["feature_dim"]), extractor)
+
+
+def _adherence_rows(table: Table, adh: dict[str, Any]) -> None:
+    if adh.get("dice_mean") is not None:
+        table.add_row("mask adherence Dice", _fmt(adh["dice_mean"]),
+                      f"sd {_fmt(adh['dice_sd'])}, {adh['n_scored']}/{adh['n_images']} synthetic images scored")
+    if "judge_free" not in adh:
+        return
+    for label, row in adh["bins"].items():
+        table.add_row(f"judge-free {label}", f"hit {_fmt(row.get('hit_rate'), 3)}",
+                      f"{row['n']} pairs; contrast ×real {_fmt(row.get('contrast_rel'), 3)}, spurious area "
+                      f"{_fmt(row.get('spurious_area'), 4)}" + (f", judge Dice {_fmt(row['dice'], 3)}"
+                                                                  if row.get("dice") is not None else ""))
+    real = adh["judge_free"]["reference"]["bins"].get("all", {})
+    table.add_row("judge-free real pairs", f"hit {_fmt(real.get('hit_rate'), 3)}",
+                  f"the reference ({adh['judge_free']['real']}): spurious area {_fmt(real.get('spurious_area'), 4)}")
 
 
 def _profile_rows(table: Table, profile: dict[str, Any]) -> None:
@@ -58,10 +78,13 @@ def render(summary: dict[str, Any]) -> None:
         _dice_rows(table, summary)
     if "fid" in summary:
         _fid_rows(table, summary["fid"])
+    if "lesion_kid" in summary:
+        lk = summary["lesion_kid"]
+        se = f" ± {lk['kid_se']:.2g} (se)" if lk.get("kid_se") is not None else ""
+        table.add_row("lesion-crop KID", f"{lk['kid']:.4g}{se}",
+                      f"{lk['crop']}×{lk['crop']} crops: {lk['n_real']} real vs {lk['n_synthetic']} synthetic")
     if "adherence" in summary:
-        adh = summary["adherence"]
-        table.add_row("mask adherence Dice", _fmt(adh["dice_mean"]),
-                      f"sd {_fmt(adh['dice_sd'])}, {adh['n_scored']}/{adh['n_images']} synthetic images scored")
+        _adherence_rows(table, summary["adherence"])
     if "profile" in summary:
         _profile_rows(table, summary["profile"])
     err_console.print(table)
@@ -76,13 +99,20 @@ def render(summary: dict[str, Any]) -> None:
 @handle_errors
 def evaluate(
     fid: bool = typer.Option(False, "--fid", help="Fréchet Inception Distance (clean-fid, clean mode)."),
-    kid: bool = typer.Option(False, "--kid", help="Kernel Inception Distance (same features as --fid)."),
+    kid: bool = typer.Option(False, "--kid", help="Kernel Inception Distance (same features as --fid), with a "
+                                                  "standard error from half-samples of both sides."),
+    lesion_kid: bool = typer.Option(False, "--lesion-kid",
+                                    help="KID on crops centred on the lesions (--real and --synthetic HDF5 files)."),
     dice: bool = typer.Option(False, "--dice", help="Dice/IoU per image and per case of --run on --data."),
     adherence: bool = typer.Option(False, "--adherence",
-                                   help="Dice of --segmenter's prediction on --synthetic against its masks."),
+                                   help="Mask adherence of --synthetic: the Dice of --segmenter's prediction against "
+                                        "its masks, and with --real (HDF5: its --real-split pairs are the "
+                                        "reference) the judge-free inside-vs-ring contrast, hit rate and spurious "
+                                        "lesion area, per lesion-size bin."),
     profile: bool = typer.Option(False, "--profile", help="Parameters, FLOPs/MACs and CPU latency of --model."),
     out: Path = typer.Option(..., "-o", "--out", help="summary.json to write, or a folder to write it into."),
-    real: Path = typer.Option(None, "--real", help="FID/KID: real images, an HDF5 file or an image folder."),
+    real: Path = typer.Option(None, "--real", help="FID/KID: real images, an HDF5 file or an image folder; "
+                                                   "--lesion-kid and judge-free --adherence: an HDF5 file."),
     real_split: str = typer.Option("train", "--real-split",
                                    help="Split of an HDF5 --real: train (default; never the test split), val, test "
                                         "or all. Reals are resized to the synthetic images' size."),
@@ -128,7 +158,7 @@ def evaluate(
 
     request = EvaluateRequest(
         out=str(out),
-        metrics=Metrics(fid=fid, kid=kid, dice=dice, adherence=adherence, profile=profile),
+        metrics=Metrics(fid=fid, kid=kid, dice=dice, adherence=adherence, profile=profile, lesion_kid=lesion_kid),
         inputs=Inputs(real=text(real), real_split=real_split, synthetic=text(synthetic),
                       synthetic_split=synthetic_split, fid_weights=text(fid_weights), run=text(run), data=text(data),
                       split=split, segmenter=text(segmenter), model=model, size=size),

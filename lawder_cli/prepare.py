@@ -23,6 +23,10 @@ def prepare(
     split_file: Path | None = typer.Option(None, help="Reuse the case split of an earlier *.splits.json."),
     seed: int = SEED,
     n: int = typer.Option(200, help="synthetic: number of samples."),
+    lesion_frac: str | None = typer.Option(None, "--lesion-frac", metavar="LOW,HIGH",
+                                           help="synthetic: lesion share of the frame, drawn uniformly per sample "
+                                                "(default 0.01,0.20; small lesions: 0.003,0.03)."),
+    blobs: int | None = typer.Option(None, "--blobs", help="synthetic: lesions per sample (default: one to three)."),
     window: str = typer.Option("-79,304", help="kits: CT window in HU, LOW,HIGH."),
     empty_share: float = typer.Option(0.1, help="kits: share of kidney-free slices to keep (per kidney slice)."),
     jobs: int = typer.Option(1, help="kits: cases converted in parallel."),
@@ -37,8 +41,9 @@ def prepare(
     """Convert raw data into lawder's HDF5 format, with a case-level split (drawn with --seed) and a fingerprint."""
     from lawder_core.data.sources import SourceOptions, check_source, prepare_source
 
-    extra = SourceOptions(images=images, masks=masks, n=n, window=window, empty_share=empty_share, jobs=jobs,
-                          channels=channels, skip_incomplete=skip_incomplete, spacing=spacing)
+    extra = SourceOptions(images=images, masks=masks, n=n, lesion_frac=lesion_frac, blobs=blobs, window=window,
+                          empty_share=empty_share, jobs=jobs, channels=channels, skip_incomplete=skip_incomplete,
+                          spacing=spacing)
     check_source(source, in_dir, extra)  # before numpy and h5py load: a usage error comes back at once
     from lawder_core.data.prepare import PrepareOptions
     from lawder_core.data.splits import parse_fractions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -21,6 +22,7 @@ from lawder_cli.options import (
     WORKERS,
     launch_config,
 )
+from lawder_core.errors import UsageError
 from lawder_core.runs import config_path
 
 
@@ -35,7 +37,9 @@ def train_law(
     weighting: str = typer.Option(None, "--weighting", help="uniform | ratio | law (default law)."),
     objective: str = typer.Option(None, "--objective",
                                   help="LAW objective: hardness (default: weight goes where the denoiser errs) | "
-                                       "descent (the first build's, an ablation: inverse-variance weighting)."),
+                                       "influence (where the mask changes the prediction, |v_cond - v_uncond|; "
+                                       "one extra forward pass per step) | descent (the first build's, an "
+                                       "ablation: inverse-variance weighting)."),
     w_min: float = typer.Option(None, "--w-min", help="Lowest factor LAW may put on the prior (default 0.2)."),
     w_max: float = typer.Option(None, "--w-max", help="Highest factor LAW may put on the prior (default 5.0)."),
     gamma: float = typer.Option(None, "--gamma",
@@ -43,6 +47,15 @@ def train_law(
     lesion_labels: str = LESION_LABELS,
     prediction: str = typer.Option(None, "--prediction",
                                    help="unet target: v (default) | flow (rectified flow) | epsilon."),
+    snr_gamma: str = typer.Option(None, "--snr-gamma", metavar="GAMMA|none",
+                                  help="Min-SNR-γ timestep weighting of the loss (default 5; LAW's objective gets "
+                                       "the same weights); 'none' weighs every noise level alike."),
+    cond_dropout: float = typer.Option(None, "--cond-dropout",
+                                       help="Share of rows trained with the null mask, for guidance (default 0.1; "
+                                            "1: an unconditional model, a base for --init-from)."),
+    init_from: Path = typer.Option(None, "--init-from",
+                                   help="Start the denoiser from this train-law run's EMA weights (fine-tuning); "
+                                        "LAW and the optimisers start fresh. Same --size/--preset/--prediction."),
     hflip: bool = typer.Option(None, "--hflip/--no-hflip",
                                help="Mirror training pairs left-right (polyps; never CT). Default: no augmentation."),
     preset: str = typer.Option(None, "--preset", help="UNet size: tiny | small (default) | base."),
@@ -79,7 +92,10 @@ def train_law(
                      data=absolute(data), out=str(out.resolve()), size=size, steps=steps, batch_size=batch_size,
                      lr=lr, weighting=weighting, lesion_labels=lesion_labels, preset=preset, backbone=backbone,
                      pretrained=absolute(pretrained), prompt=prompt, prediction=prediction, hflip=hflip,
+                     cond_dropout=cond_dropout, init_from=absolute(init_from),
                      save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed, resume=resume)
+    if snr_gamma is not None:
+        cfg = replace(cfg, snr_gamma=parse_snr_gamma(snr_gamma))
     launch_cfg = launch_config(gpus, workers, ray_address, storage, out, wait_for_resources)
     with quiet_stdout():
         result = run_train_law(cfg, launch_cfg, force=force)
@@ -89,8 +105,19 @@ def train_law(
     show_summary(result)
 
 
-def absolute(path: str | None) -> str | None:
+def absolute(path: str | Path | None) -> str | None:
     return str(Path(path).resolve()) if path else None
+
+
+def parse_snr_gamma(text: str) -> float | None:
+    """'none' (any case) switches Min-SNR off; otherwise a positive number (the config checks the sign)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError as err:
+        raise UsageError(f"--snr-gamma {text!r} must be a positive number or 'none'.",
+                         "Min-SNR-5 is the default; 'none' weighs every noise level alike.") from err
 
 
 def show_summary(result: dict) -> None:
@@ -99,7 +126,12 @@ def show_summary(result: dict) -> None:
                       f"{result['sec_per_step'] or float('nan'):.3f} s/step")
     law = result["law"]
     if law.get("w_lesion") is not None:
+        departure = law.get("law_departure")
+        moved = f", departure from the prior {departure:.3f}" if departure is not None else ""
         err_console.print(f"weights: lesion {law['w_lesion']:.3f}, background {law['w_background']:.3f}, "
-                          f"max {law['w_max']:.3f}")
+                          f"max {law['w_max']:.3f}{moved}")
+    if result.get("init_from"):
+        start = result["init_from"]
+        err_console.print(f"started from {start['run']} (step {start['step']}, {start['weights']} weights)")
     err_console.print(f"checkpoint {result['checkpoint']}" + (f"; preview {result['preview']}"
                                                               if result["preview"] else ""))

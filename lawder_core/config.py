@@ -127,7 +127,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-PATH_FIELDS = ("data", "out", "synthetic", "pretrained", "segmenter", "fid_weights")
+PATH_FIELDS = ("data", "out", "synthetic", "pretrained", "segmenter", "fid_weights", "init_from")
 
 
 def with_absolute_paths(config: C) -> C:

@@ -30,7 +30,7 @@ from lawder_core.models.configs import available_models, check_mode
 if TYPE_CHECKING:
     import torch
 
-    from lawder_core.metrics.fid import FidResult
+    from lawder_core.metrics.fid import FidResult, LesionKidResult
 
 FLOP_CONVENTION = (
     "FLOPs of convolutions, matrix multiplies and attention (FlopCounterMode, CPU attention formula registered); "
@@ -43,23 +43,24 @@ FLOP_CONVENTION = (
 
 @dataclass(frozen=True)
 class Metrics:
-    """Which metrics to compute (the command's --fid, --kid, --dice, --adherence, --profile)."""
+    """Which metrics to compute (the command's --fid, --kid, --lesion-kid, --dice, --adherence, --profile)."""
 
     fid: bool = False
     kid: bool = False
     dice: bool = False
     adherence: bool = False
     profile: bool = False
+    lesion_kid: bool = False
 
     def flags(self) -> list[str]:
-        return [f"--{f.name}" for f in fields(self) if getattr(self, f.name)]
+        return [option(f.name) for f in fields(self) if getattr(self, f.name)]
 
 
 @dataclass(frozen=True)
 class Inputs:
     """What the metrics read; each metric needs only its own (see `check_request`)."""
 
-    real: str | None = None  # FID/KID: an HDF5 file or an image folder
+    real: str | None = None  # FID/KID: an HDF5 file or an image folder; lesion KID, judge-free adherence: HDF5
     real_split: str | None = "train"  # of an HDF5 --real (ignored for a folder); never the test split by default
     synthetic: str | None = None  # FID/KID and adherence: `lawder sample` HDF5 (adherence) or a folder (FID/KID)
     synthetic_split: str | None = None
@@ -67,7 +68,7 @@ class Inputs:
     run: str | None = None  # Dice: a `train-order` run folder ...
     data: str | None = None  # ... scored on this HDF5 file's
     split: str | None = None  # ... split; None: the run's held-out fold for a --folds run, else "test"
-    segmenter: str | None = None  # adherence: a segmenter run trained on real data
+    segmenter: str | None = None  # adherence: a segmenter run trained on real data (the judge; --real: judge-free)
     model: str | None = None  # profile: a model name or a run folder ...
     size: int = 256  # ... at size×size
 
@@ -111,7 +112,7 @@ class EvaluateRequest:
 GATE_NEEDS = {"min_dice": "dice", "max_fid": "fid", "max_kid": "kid", "min_adherence": "adherence"}
 # The inputs each metric needs, named as the command's options.
 METRIC_NEEDS = {"fid": ("real", "synthetic"), "kid": ("real", "synthetic"), "dice": ("run", "data"),
-                "adherence": ("segmenter", "synthetic"), "profile": ("model",)}
+                "adherence": ("synthetic",), "profile": ("model",), "lesion_kid": ("real", "synthetic")}
 RECORDED_INPUTS = ("real", "synthetic", "run", "data", "segmenter", "model")  # in summary["metadata"]["inputs"]
 
 
@@ -124,12 +125,13 @@ def check_request(request: EvaluateRequest) -> None:
     metrics, inputs, options = request.metrics, request.inputs, request.options
     if not metrics.flags():
         raise UsageError("Nothing to evaluate.",
-                         "Ask for at least one of --fid, --kid, --dice, --adherence or --profile.")
+                         "Ask for at least one of --fid, --kid, --lesion-kid, --dice, --adherence or --profile.")
     for metric, needs in METRIC_NEEDS.items():
         missing = [option(name) for name in needs if getattr(inputs, name) is None]
         if getattr(metrics, metric) and missing:
             label = "--fid/--kid" if metric in ("fid", "kid") else option(metric)
             raise UsageError(f"{label} needs {' and '.join(missing)}.", "See `lawder evaluate --help`.")
+    check_adherence_inputs(metrics, inputs, request.gates)
     for gate, threshold in request.gates.thresholds().items():
         metric = GATE_NEEDS[gate]
         if threshold is not None and not getattr(metrics, metric):
@@ -144,6 +146,27 @@ def check_request(request: EvaluateRequest) -> None:
         check_profile_size(inputs.size)
         check_model_ref(inputs.model)
     check_mode(options.mode)
+
+
+def real_is_h5(inputs: Inputs) -> bool:
+    return inputs.real is not None and not Path(inputs.real).is_dir()
+
+
+def check_adherence_inputs(metrics: Metrics, inputs: Inputs, gates: Gates) -> None:
+    """Adherence is judged by --segmenter, judge-free against --real pairs (HDF5), or both; the lesion-crop KID
+    needs the masks of both sides."""
+    if metrics.adherence and inputs.segmenter is None and inputs.real is None:
+        raise UsageError("--adherence needs --segmenter (a judge trained on real data), --real (real pairs of an "
+                         "HDF5 file, for the judge-free scores), or both.", "See `lawder evaluate --help`.")
+    if metrics.adherence and inputs.segmenter is None and not real_is_h5(inputs):
+        raise UsageError(f"judge-free adherence needs the real pairs' masks: --real {inputs.real} is a folder.",
+                         "Pass a lawder HDF5 file as --real, or a --segmenter to judge with.")
+    if metrics.lesion_kid and inputs.real is not None and not real_is_h5(inputs):
+        raise UsageError(f"--lesion-kid needs the real pairs' masks: --real {inputs.real} is a folder.",
+                         "Pass a lawder HDF5 file as --real.")
+    if gates.min_adherence is not None and inputs.segmenter is None:
+        raise UsageError("--min-adherence gates the judge's Dice: it needs --segmenter.",
+                         "Add --segmenter RUN, or drop --min-adherence.")
 
 
 def check_profile_size(size: int, batch: int = 1, repeats: int = 1) -> None:
@@ -166,12 +189,12 @@ def check_model_ref(model: str) -> None:
 # ---------------------------------------------------------------- the one entry point
 
 
-def evaluate(request: EvaluateRequest, *, real_features: dict[tuple[str, str | None], FidResult] | None = None
-             ) -> dict[str, Any]:
+def evaluate(request: EvaluateRequest, *, real_features: dict[tuple, Any] | None = None) -> dict[str, Any]:
     """Check, compute, gate and write `summary.json`; returns the summary (its `gates` rows say what was missed).
 
-    `real_features`, a dict the caller keeps across calls, holds the real side's FID features: one real set
-    compared with several synthetic ones (the pipeline's uniform and LAW sets) is read and embedded once.
+    `real_features`, a dict the caller keeps across calls, holds what is computed from the real side (FID
+    features, lesion-crop features, the judge-free reference): one real set compared with several synthetic
+    ones (the pipeline's uniform and LAW sets, a benchmark's arms) is read and embedded once.
     """
     check_request(request)
     metrics, inputs, options = request.metrics, request.inputs, request.options
@@ -192,14 +215,14 @@ def evaluate(request: EvaluateRequest, *, real_features: dict[tuple[str, str | N
         parts["dice"], metadata["segmenter"] = dice_for_run(inputs.run, inputs.data, split, **seg_options)
         metadata["inputs"]["split"] = split
     if metrics.adherence:
-        assert inputs.segmenter is not None and inputs.synthetic is not None
-        parts["adherence"] = adherence_for_run(inputs.segmenter, inputs.synthetic, inputs.synthetic_split,
-                                               **seg_options)
+        parts["adherence"] = adherence(inputs, seg_options, real_features)
     if metrics.profile:
         assert inputs.model is not None
         parts["profile"] = profile_model(inputs.model, inputs.size, repeats=options.repeats, mode=options.mode)
     summary = build_summary(**parts, reference=f"{inputs.data}:{split}", prediction=str(inputs.run),
                             metadata=metadata)
+    if metrics.lesion_kid:
+        summary["lesion_kid"] = lesion_kid(inputs, options, device, real_features).to_dict()
     summary["gates"] = to_jsonable(gate_table(summary, **request.gates.thresholds()))
     summary["metadata"]["summary_file"] = str(summary_path(request.out))
     write_summary(summary, request.out)
@@ -215,7 +238,7 @@ def missed_gates(summary: Mapping[str, Any]) -> list[str]:
 
 
 def fid_kid(inputs: Inputs, metrics: Metrics, options: EvaluateOptions, device: str,
-            real_features: dict[tuple[str, str | None], FidResult] | None) -> FidResult:
+            real_features: dict[tuple, Any] | None) -> FidResult:
     from lawder_core.metrics.fid import compute_fid_kid
 
     assert inputs.real is not None and inputs.synthetic is not None  # check_request
@@ -292,6 +315,72 @@ def adherence_for_run(segmenter_run: str | os.PathLike, synthetic: str | os.Path
                              num_classes=segmenter.num_classes)
     result["segmenter"] = segmenter.info
     return result
+
+
+def lesion_kid(inputs: Inputs, options: EvaluateOptions, device: str,
+               real_features: dict[tuple, Any] | None) -> LesionKidResult:
+    """KID on lesion-centred crops (`metrics/fid.py: lesion_crop_kid`), the real crops' features kept for reuse."""
+    from lawder_core.metrics.fid import lesion_crop_kid
+
+    assert inputs.real is not None and inputs.synthetic is not None  # check_request
+    key = ("lesion-kid", str(Path(inputs.real).resolve()), inputs.real_split)
+    earlier = real_features.get(key) if real_features is not None else None
+    result = lesion_crop_kid(inputs.real, inputs.synthetic, real_split=inputs.real_split,
+                             synthetic_split=inputs.synthetic_split, weights=inputs.fid_weights, device=device,
+                             batch_size=options.batch_size, seed=options.seed,
+                             allow_download=options.allow_download, reuse_real=earlier)
+    if real_features is not None:
+        real_features[key] = result
+    return result
+
+
+def adherence(inputs: Inputs, seg_options: dict[str, Any], real_features: dict[tuple, Any] | None
+              ) -> dict[str, Any]:
+    """The judge's Dice (--segmenter) and the judge-free scores (--real HDF5), joined per synthetic pair.
+
+    `per_case` has one row per synthetic pair, keyed `case` = `<case id>@<index>` (stable across arms sampled
+    from the same masks), with the judge's `dice` and the judge-free fields; `bins` averages them per lesion
+    size bin.
+    """
+    from lawder_core.metrics.judge_free import bin_summary, judge_free_on_h5
+
+    assert inputs.synthetic is not None  # check_request
+    result: dict[str, Any] = {}
+    rows: list[dict[str, Any]] | None = None
+    if real_is_h5(inputs):
+        assert inputs.real is not None
+        key = ("judge-free", str(Path(inputs.real).resolve()), inputs.real_split)
+        free = judge_free_on_h5(inputs.synthetic, inputs.real, inputs.synthetic_split, inputs.real_split,
+                                reference=real_features.get(key) if real_features is not None else None)
+        reference = free.pop("_reference")
+        if real_features is not None:
+            real_features[key] = reference
+        rows = free.pop("per_case")
+        free.pop("bins")
+        result["judge_free"] = free
+    if inputs.segmenter is not None:
+        judged = adherence_for_run(inputs.segmenter, inputs.synthetic, inputs.synthetic_split, **seg_options)
+        result.update(judged)
+        if rows is None:
+            rows = judge_rows(inputs.synthetic, inputs.synthetic_split)
+        for row, dice in zip(rows, judged["dice_per_image"], strict=True):
+            row["dice"] = dice
+    assert rows is not None  # check_request: a judge, real pairs or both
+    result["bins"] = bin_summary(rows)
+    result["per_case"] = rows
+    return result
+
+
+def judge_rows(synthetic: str, split: str | None) -> list[dict[str, Any]]:
+    """Per-pair rows without judge-free scores: case, lesion share and size bin."""
+    from lawder_core.data.h5 import load_arrays
+    from lawder_core.metrics.judge_free import lesion_of, recorded_lesion_labels, size_bin
+
+    _, masks, cases = load_arrays(synthetic, split)
+    lesions = lesion_of(masks, recorded_lesion_labels(synthetic))
+    return [{"case": f"{case}@{i}", "lesion_frac": float(lesion.mean()),
+             "size_bin": size_bin(float(lesion.mean()))} for i, (case, lesion) in enumerate(zip(cases, lesions,
+                                                                                               strict=True))]
 
 
 def model_for_profile(model: str) -> tuple[torch.nn.Module, str]:

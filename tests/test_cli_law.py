@@ -139,11 +139,28 @@ def test_best_yaml_of_a_law_sweep_is_accepted_as_config(data: Path, tmp_path: Pa
     (["--weighting", "focal"], "weighting"),
     (["--w-min", "2"], "factor range"),
     (["--prediction", "x0"], "prediction"),
+    (["--snr-gamma", "strong"], "--snr-gamma 'strong'"),
+    (["--snr-gamma", "0"], "snr_gamma must be positive"),
+    (["--objective", "vibes"], "objective"),
+    (["--cond-dropout", "1.5"], "cond_dropout"),
 ])
 def test_bad_requests_fail_before_workers_start(data: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     result = runner.invoke(app, train_args(data, tmp_path / "bad", *extra))
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "bad" / "last").exists()
+
+
+def test_init_from_and_snr_gamma_none_through_the_cli(data: Path, tmp_path: Path) -> None:
+    base = invoke(train_args(data, tmp_path / "base", "--weighting", "uniform", "--cond-dropout", "1", "--json"))
+    tuned = invoke(train_args(data, tmp_path / "tuned", "--init-from", str(tmp_path / "base"), "--snr-gamma", "none",
+                              "--objective", "influence", "--json"))
+    assert tuned["init_from"]["run"] == str((tmp_path / "base").resolve())
+    assert tuned["init_from"]["step"] == base["step"] == 2
+    saved = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert saved["snr_gamma"] is None and saved["law"]["objective"] == "influence"
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["cond_dropout"] == 1.0
+    missing = runner.invoke(app, train_args(data, tmp_path / "x", "--init-from", str(tmp_path / "nowhere")))
+    assert missing.exit_code == 3 and "holds no trained denoiser" in missing.output
 
 
 def test_missing_data_is_a_data_error(tmp_path: Path) -> None:

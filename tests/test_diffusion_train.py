@@ -143,3 +143,70 @@ def test_config_loads_nested_law_options_from_a_file(tmp_path: Path) -> None:
     assert to_dict(cfg)["law"]["objective"] == "descent"
     with pytest.raises(UsageError):
         build_config(DiffusionTrainConfig, None, weighting="focal")
+
+
+def test_init_from_starts_exactly_at_the_source_runs_ema_denoiser(data: Path, tmp_path: Path) -> None:
+    from lawder_core.data.dataset import SegDataset
+    from lawder_core.models.denoiser import load_denoiser
+    from lawder_core.train.diffusion import build_trainer, denoiser_spec
+    from lawder_core.train.runtime import worker_context
+
+    source = tmp_path / "base"
+    train_diffusion(tiny_config(data, source, weighting="uniform", steps=3, cond_dropout=1.0))
+    cfg = tiny_config(data, tmp_path / "tuned", init_from=str(source), seed=7)
+    spec = denoiser_spec(cfg, SegDataset(cfg.data, split=cfg.split, size=cfg.size))
+    trainer, start = build_trainer(cfg, worker_context(), spec, checkpoint=None)
+    loaded = load_denoiser(source / "last" / "denoiser_ema")
+    raw = load_denoiser(source / "last" / "denoiser")
+    g = torch.Generator().manual_seed(0)
+    noisy, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([5, 800])
+    masks = torch.zeros(2, 32, 32, dtype=torch.long)
+    masks[:, 8:14, 10:20] = 1
+    cond = loaded.condition(masks)
+    with torch.no_grad():
+        out = trainer.denoiser(noisy, t, cond)
+        assert start == 0 and torch.equal(out, loaded(noisy, t, cond))  # the EMA weights, bit for bit
+        assert not torch.equal(out, raw(noisy, t, cond))  # not the last raw iterate
+        assert torch.equal(trainer.ema.shadow(torch.cat([noisy, cond], 1), t).sample, out)  # EMA starts there too
+    assert trainer.optimizer.state_dict()["state"] == {} and trainer.law is not None
+    assert float(trainer.law.out.weight.abs().sum()) == 0.0  # a fresh, zero-initialised LAW
+    assert trainer.init_record["step"] == 3 and trainer.init_record["weights"] == "denoiser_ema"
+
+    # the run records where it started, in its config, its progress (what a resume keeps) and its summary
+    from lawder_core.train.diffusion import summarise_law_run
+
+    train_diffusion(replace(cfg, steps=2))
+    summary = summarise_law_run(tmp_path / "tuned")
+    assert summary["init_from"]["run"] == str(source.resolve()) and summary["init_from"]["step"] == 3
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init_from"] == str(source)
+    train_diffusion(replace(cfg, steps=3, resume=True))
+    assert summarise_law_run(tmp_path / "tuned")["init_from"]["step"] == 3
+    lines = read_metrics(tmp_path / "tuned")
+    assert {"law_departure", "grad_norm", "clipped"} <= set(lines[-1]) and lines[-1]["law_departure"] is not None
+
+
+def test_init_from_refuses_another_model_or_no_run(data: Path, tmp_path: Path) -> None:
+    from lawder_core.errors import DataError
+    from lawder_core.train.configs import check_law_config
+
+    source = tmp_path / "base"
+    train_diffusion(tiny_config(data, source, weighting="uniform", steps=1))
+    with pytest.raises(UsageError, match="--init-from needs a run of the same model"):
+        train_diffusion(tiny_config(data, tmp_path / "other", init_from=str(source), size=16))
+    with pytest.raises(DataError, match="holds no trained denoiser"):
+        check_law_config(tiny_config(data, tmp_path / "x", init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(UsageError, match="names the run being trained"):
+        check_law_config(tiny_config(data, source, init_from=str(source)))
+
+
+@pytest.mark.parametrize(("objective", "time_weight"), [("influence", "denoiser"), ("hardness", "layout")])
+def test_law_objectives_and_time_weights_train_and_log_the_departure(data: Path, tmp_path: Path, objective: str,
+                                                                    time_weight: str) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(data, out, steps=3, law=LAWConfig(warmup_frac=0.0, objective=objective,
+                                                        time_weight=time_weight, lr=1e-2))
+    train_diffusion(cfg)
+    lines = read_metrics(out)
+    assert all(line["law_departure"] is not None for line in lines)
+    assert lines[0]["law_departure"] == 0.0 or time_weight == "layout"  # step 1: the zero-initialised LAW
+    assert lines[-1]["law_departure"] > 0

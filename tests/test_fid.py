@@ -136,10 +136,52 @@ def test_fid_matches_independent_frechet_distance(result_ab):
 
 
 def test_kid_matches_independent_mmd(result_ab):
-    # With subsets at least as large as the sets, every subset is the whole set and KID is exact.
+    # KID is the MMD² of the whole sets: every image and every pair counts.
     expected = independent_kid(result_ab.features_real, result_ab.features_synthetic)
     assert result_ab.kid == pytest.approx(expected, rel=1e-9)
     assert result_ab.kid > 0
+
+
+def test_kid_standard_error_comes_from_half_samples_of_both_sides(result_ab):
+    values = np.array(result_ab.kid_subset_values)
+    n = len(result_ab.features_real)
+    assert len(values) == result_ab.kid_subsets and np.all(np.isfinite(values))
+    assert result_ab.kid_subset_sizes == [n // 2, len(result_ab.features_synthetic) // 2]  # both sides vary
+    assert len(np.unique(values)) == len(values)
+    assert result_ab.kid_std == pytest.approx(values.std(ddof=1), rel=1e-12)
+    assert result_ab.kid_se == pytest.approx(result_ab.kid_std, rel=1e-12)  # halves: the spread is the se
+    assert np.isfinite(result_ab.kid_se) and result_ab.kid_se > 0
+    assert abs(values.mean() - result_ab.kid) < 3 * result_ab.kid_se
+
+
+def test_kid_standard_error_matches_the_spread_of_independent_estimates():
+    """Twenty independent pairs of sets from two Gaussians: the half-sample se of each KID is of the size of the
+    spread of the twenty KIDs (the quantity it estimates)."""
+    from lawder_core.metrics.fid import kid_with_se
+
+    rng = np.random.default_rng(0)
+    kids, ses = [], []
+    for _ in range(20):
+        real = rng.normal(0, 1, (80, 6))
+        synthetic = rng.normal(0.3, 1.2, (60, 6))
+        estimate = kid_with_se(real, synthetic, num_subsets=60, seed=1)
+        kids.append(estimate.kid)
+        ses.append(estimate.se)
+    ratio = np.mean(ses) / np.std(kids, ddof=1)
+    assert 0.6 < ratio < 1.6, ratio
+
+
+def test_capped_half_samples_rescale_the_spread():
+    from lawder_core.metrics.fid import kid_with_se
+
+    rng = np.random.default_rng(1)
+    real, synthetic = rng.normal(0, 1, (40, 4)), rng.normal(0.5, 1, (40, 4))
+    capped = kid_with_se(real, synthetic, num_subsets=30, max_subset_size=10)
+    assert capped.subset_sizes == (10, 10)
+    # var(subset) ∝ 2 (1/10 − 1/40), var(whole) ∝ 2/40: se = std · sqrt((2/40) / (2 · 3/40)) = std / √3
+    assert capped.se == pytest.approx(capped.std / np.sqrt(3), rel=1e-12)
+    tiny = kid_with_se(real[:2], synthetic[:2])  # a half of 2 is too few for a U-statistic: no se
+    assert tiny.se is None and tiny.subset_values == [] and np.isfinite(tiny.kid)
 
 
 def test_fid_of_a_set_with_itself_is_zero(sets, net):
@@ -403,3 +445,37 @@ def test_frechet_distance_equals_clean_fids_on_both_branches(n_real, n_synthetic
     expected = fid_from_feats(real, synthetic)
     assert fidmod.frechet_distance_from_features(real, synthetic) == pytest.approx(expected, rel=1e-7)
     assert fidmod.frechet_distance_from_features(real, real) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_lesion_crops_are_centred_on_the_largest_lesion_and_stay_in_the_frame():
+    from lawder_core.metrics.fid import lesion_centre, lesion_crops
+
+    images = np.arange(3 * 32 * 32 * 3, dtype=np.uint8).reshape(3, 32, 32, 3)
+    lesions = np.zeros((3, 32, 32), bool)
+    lesions[0, 10:14, 20:24] = True  # centre (11.5, 21.5) → rounds to (12, 22)
+    lesions[0, 0:2, 0:2] = True  # a smaller second lesion is ignored
+    lesions[1, 0:3, 29:32] = True  # in a corner: the crop is shifted inside
+    assert lesion_centre(lesions[0]) == (12, 22)
+    crops, kept = lesion_crops(images, lesions, 16)
+    assert kept.tolist() == [0, 1] and crops.shape == (2, 16, 16, 3)  # the empty third mask has no crop
+    assert np.array_equal(crops[0], images[0, 4:20, 14:30])
+    assert np.array_equal(crops[1], images[1, 0:16, 16:32])
+
+
+def test_lesion_crop_kid_on_pair_files(tmp_path, net):
+    from lawder_core.data.h5 import load_arrays
+    from lawder_core.metrics.fid import lesion_crop_kid
+    from lawder_core.sample import write_synthetic_h5
+    from tests.helpers import synthetic_h5
+
+    real = synthetic_h5(tmp_path / "real.h5", n=24, size=32)
+    images, masks, cases = load_arrays(real, "train")
+    synthetic = write_synthetic_h5(tmp_path / "syn.h5", images[:8], masks[:8], list(cases[:8]),
+                                   {"lesion_labels": [1]})
+    result = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=20)
+    assert (result.crop, result.n_real, result.n_synthetic) == (16, len(images), 8)
+    assert np.isfinite(result.kid.kid) and result.kid.se is not None and np.isfinite(result.kid.se)
+    row = result.to_dict()
+    assert len(row["kid_subset_values"]) == 20 and row["kid_se"] > 0
+    again = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=20, reuse_real=result)
+    assert again.kid.kid == result.kid.kid

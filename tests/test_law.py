@@ -1,4 +1,5 @@
-"""LAW revision 2: the map, the prior, zero-init behaviour, gradient routing, both objectives, CFG rows, warm-up."""
+"""LAW: the map, the prior, zero-init behaviour, gradient routing, the objectives (hardness, influence, descent),
+the per-row time weight, the departure from the prior, CFG rows, warm-up."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from lawder_core.models.law import (
     factor_bias,
     kl_to_uniform,
     law_active,
+    law_departure,
     law_objective,
     learned_factor,
     lesion_at,
+    mask_influence,
     normalised_error,
     pixel_error,
     prior_map,
@@ -374,3 +377,134 @@ def test_lesion_at_latent_resolution_keeps_small_lesions_as_fractions() -> None:
 def test_config_rejects_impossible_settings(kwargs: dict) -> None:
     with pytest.raises(UsageError):
         LAWConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- revision 3: departure, row weights, influence
+
+
+def test_law_departure_is_zero_at_the_prior_and_grows_as_law_trains_at_the_defaults() -> None:
+    """The toy of `train_law_on_synthetic_error` (borders 4× harder), trained with LAW's own default learning
+    rate: the map leaves the prior, and keeps leaving it as the steps go on."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    size = 48
+    lesion = square_lesions(size, [6, 10, 14])
+    border = F.max_pool2d(lesion, 5, 1, 2) + F.max_pool2d(-lesion, 5, 1, 2)
+    expected = 1 + 3 * border + 0.5 * lesion
+    cfg = LAWConfig()
+    law = LAW(8, cfg)
+    features = torch.randn(3, 8, size, size, generator=g)
+    opt = torch.optim.AdamW(law.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    departures = []
+    for step in range(121):
+        err = expected * torch.randn(3, 3, size, size, generator=g).pow(2).mean(1, keepdim=True)
+        pred = err.sqrt().expand(3, 3, size, size)
+        terms = weighted_diffusion_loss(pred, torch.zeros_like(pred), weighting="law", lesion=lesion, law=law,
+                                        features=features, timesteps=torch.randint(0, 1000, (3,), generator=g))
+        if step in (0, 10, 40, 120):
+            departures.append(float(terms.departure))
+        opt.zero_grad()
+        terms.law_objective.backward()
+        opt.step()
+    assert departures[0] == 0.0  # zero-initialised: exactly the prior
+    assert departures[1] > 0 and all(b > a for a, b in zip(departures[1:], departures[2:], strict=False)), departures
+    assert departures[-1] > 0.05, departures  # measurably off the prior: ~5 % per pixel on average
+
+
+def test_law_departure_is_the_mean_absolute_log_ratio_of_the_kept_rows() -> None:
+    lesion = blob_lesion(3, 16, 3.0)
+    w_prior = prior_map(lesion, 0.5)
+    w = w_prior * torch.tensor([1.0, 2.0, 0.5])[:, None, None, None]
+    assert float(law_departure(w, w_prior)) == pytest.approx((0 + 2 * torch.log(torch.tensor(2.0))).item() / 3)
+    kept = law_departure(w, w_prior, torch.tensor([True, False, False]))
+    assert float(kept) == 0.0
+    assert torch.isnan(law_departure(w, w_prior, torch.tensor([False, False, False])))
+    ratio = weighted_diffusion_loss(torch.randn(3, 3, 16, 16), torch.zeros(3, 3, 16, 16), weighting="ratio",
+                                    lesion=lesion)
+    assert float(ratio.departure) == 0.0
+    assert weighted_diffusion_loss(torch.randn(3, 3, 16, 16), torch.zeros(3, 3, 16, 16)).departure is None
+
+
+def test_row_weight_makes_laws_objective_a_weighted_mean_of_its_rows() -> None:
+    torch.manual_seed(0)
+    lesion = blob_lesion(3, 16, 3.0)
+    law = LAW(4, LAWConfig(use_timestep=False))
+    with torch.no_grad():
+        law.out.weight.normal_(0, 0.5)
+    features = torch.randn(3, 4, 16, 16)
+    pred, target = torch.randn(3, 3, 16, 16), torch.zeros(3, 3, 16, 16)
+    rows = [weighted_diffusion_loss(pred[i:i + 1], target[i:i + 1], weighting="law", lesion=lesion[i:i + 1],
+                                    law=law, features=features[i:i + 1]).law_objective for i in range(3)]
+    weight = torch.tensor([0.2, 1.0, 0.0])
+    terms = weighted_diffusion_loss(pred, target, weighting="law", lesion=lesion, law=law, features=features,
+                                    law_row_weight=weight)
+    assert torch.allclose(terms.law_objective, (0.2 * rows[0] + rows[1]) / 1.2, atol=1e-6)
+    unweighted = weighted_diffusion_loss(pred, target, weighting="law", lesion=lesion, law=law, features=features)
+    assert torch.allclose(terms.loss, unweighted.loss)  # the denoiser's loss does not see LAW's row weights
+    none = weighted_diffusion_loss(pred, target, weighting="law", lesion=lesion, law=law, features=features,
+                                   law_row_weight=torch.zeros(3))
+    assert float(none.law_objective.detach()) == 0.0
+
+
+class ConditionInABox(torch.nn.Module):
+    """A toy denoiser whose condition enters only inside a box: out = 2·x + box · conv(cond)."""
+
+    def __init__(self, size: int, box: tuple[slice, slice]) -> None:
+        super().__init__()
+        self.box = torch.zeros(1, 1, size, size)
+        self.box[..., box[0], box[1]] = 1
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return 2 * noisy + self.box * self.conv(cond)
+
+
+def test_mask_influence_is_nonzero_only_where_the_condition_changes_the_prediction() -> None:
+    torch.manual_seed(0)
+    model = ConditionInABox(16, (slice(2, 9), slice(4, 12)))
+    denoiser = PixelDenoiser(DenoiserSpec(preset="tiny", size=16))
+    masks = torch.zeros(2, 16, 16, dtype=torch.long)
+    masks[:, 5:8, 6:9] = 1
+    noisy, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    influence = mask_influence(model(noisy, t, denoiser.condition(masks)),
+                               model(noisy, t, denoiser.null_condition(masks)))
+    assert influence.shape == (2, 1, 16, 16)
+    inside = model.box.expand_as(influence) > 0
+    assert torch.all(influence[~inside] == 0)
+    assert torch.all(influence[inside] > 0)
+    # and LAW's influence objective ascends exactly this map (normalised), not the error
+    law = LAW(4, LAWConfig(objective="influence", use_timestep=False, lambda_tv=0.0, beta_kl=0.0))
+    lesion = lesion_at(masks, (16, 16))
+    pred, target = torch.randn(2, 3, 16, 16), torch.zeros(2, 3, 16, 16)
+    terms = weighted_diffusion_loss(pred, target, weighting="law", lesion=lesion, law=law,
+                                    features=torch.randn(2, 4, 16, 16), influence=influence)
+    w = prior_map(lesion, law.config.gamma)
+    assert torch.allclose(terms.law_objective, -(w * normalised_error(influence)).mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="influence"):
+        weighted_diffusion_loss(pred, target, weighting="law", lesion=lesion, law=law,
+                                features=torch.randn(2, 4, 16, 16))
+
+
+def test_influence_objective_moves_weight_to_where_the_mask_matters() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    size = 24
+    lesion = square_lesions(size, [4, 4], at=(4, 4))
+    influence = torch.zeros(2, 1, size, size)
+    influence[..., 14:20, 14:20] = 1.0  # where the mask changes the prediction, away from the lesion
+    influence += 0.1
+    law = LAW(4, LAWConfig(objective="influence"))
+    features = torch.randn(2, 4, size, size)
+    opt = torch.optim.Adam(law.parameters(), lr=1e-2)
+    for _ in range(60):
+        pred = torch.randn(2, 3, size, size)
+        terms = weighted_diffusion_loss(pred, torch.zeros_like(pred), weighting="law", lesion=lesion, law=law,
+                                        features=features, timesteps=torch.full((2,), 500), influence=influence)
+        opt.zero_grad()
+        terms.law_objective.backward()
+        opt.step()
+    with torch.no_grad():
+        tilt = (law(features, lesion, torch.full((2,), 500)) / prior_map(lesion, law.config.gamma)).log()
+    box = influence > 0.5
+    assert torch.all(tilt[box].reshape(2, -1).mean(1) > tilt[~box].reshape(2, -1).mean(1) + 0.1)

@@ -1,4 +1,7 @@
+import re
+
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -115,3 +118,40 @@ def test_raw_batches_are_uint8_and_convert_to_the_float_batches(tmp_path):
         (ri, rm), (fi, fm) = aug_raw[i], aug[i]
         assert ri.dtype == torch.uint8 and (ri.float() / 255 - fi).abs().max() <= 0.5 / 255 + 1e-6
         assert torch.equal(rm.long(), fm)
+
+
+def test_small_lesion_option_draws_one_blob_in_the_asked_range(tmp_path):
+    from scipy import ndimage
+
+    from lawder_core.data.h5 import read_info
+
+    fractions = []
+    for i in range(40):
+        _, mask = synthetic_sample(0, i, 64, lesion_frac=(0.003, 0.03), blobs=1)
+        fractions.append(mask.mean())
+        assert ndimage.label(mask)[1] == 1
+    assert 0.002 <= min(fractions) and max(fractions) <= 0.035
+    assert np.mean(fractions) < 0.025  # the default set's mean share is about 10 %
+    path = tmp_path / "small.h5"
+    from lawder_core.data.prepare import PrepareOptions
+    from lawder_core.data.synthetic import prepare_synthetic
+
+    prepare_synthetic(path, n=6, size=32, seed=0, options=PrepareOptions(), lesion_frac=(0.01, 0.02), blobs=2)
+    assert read_info(path).preprocessing["lesion_frac"] == [0.01, 0.02]
+    assert read_info(path).preprocessing["blobs"] == 2
+
+
+@pytest.mark.parametrize(("source", "frac", "blobs", "needle"), [
+    ("synthetic", "0.03,0.003", None, "LOW <= HIGH"),
+    ("synthetic", "0,0.1", None, "0 < LOW"),
+    ("synthetic", "0.1,0.9", None, "HIGH <= 0.5"),
+    ("synthetic", "small", None, "LOW,HIGH"),
+    ("synthetic", None, 0, "--blobs 0"),
+    ("kvasir", "0.01,0.02", None, "belong to `prepare synthetic`"),
+])
+def test_lesion_options_are_validated_before_anything_is_read(source, frac, blobs, needle):
+    from lawder_core.data.sources import SourceOptions, check_source
+    from lawder_core.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        check_source(source, "in", SourceOptions(lesion_frac=frac, blobs=blobs))

@@ -110,6 +110,9 @@ def test_law_clamp_sweep_scores_generation_and_best_yaml_is_a_train_law_config(r
     history = [json.loads(line) for p in out.glob("experiment/*/result.json") for line in p.read_text().splitlines()]
     assert history and all("val_kid" in h and "val_adherence" in h for h in history)
     assert all(h["val_score"] == pytest.approx(100 * h["val_kid"] + 1 - h["val_adherence"]) for h in history)
+    # each trial reports how far its map left the prior: clamp ranges can only differ once it has
+    assert all(h["law_departure"] is not None for h in history)
+    assert all(isinstance(r["law_departure"], float) for r in summary["rows"])
     cfg = build_config(DiffusionTrainConfig, out / "best.yaml", data=str(data), out=str(tmp_path / "final"),
                        steps=1, sample_every=0)
     assert (cfg.law.w_min, cfg.law.w_max) == (summary["best"]["law.w_min"], summary["best"]["law.w_max"])

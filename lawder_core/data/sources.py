@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from lawder_core.data.prepare import PrepareOptions, Progress
 
 SOURCES = ("kvasir", "cvc", "folder", "kits", "synthetic")
+DEFAULT_LESION_FRAC = (0.01, 0.20)  # the synthetic set's lesion share of the frame, per sample
+# A share above this leaves no room around the lesion for the ring that judge-free adherence compares against.
+MAX_LESION_FRAC = 0.5
+MAX_BLOBS = 10
 FOLDER_SOURCES = ("kvasir", "cvc", "folder")  # 2D image/mask folders, read by prepare_folder.py
 
 
@@ -28,6 +32,8 @@ class SourceOptions:
     images: str | None = None  # folder: the images folder
     masks: str | None = None  # folder: the masks folder (matched by file stem)
     n: int = 200  # synthetic: number of samples
+    lesion_frac: str | None = None  # synthetic: "LOW,HIGH" share of the frame per sample; None: 0.01,0.20
+    blobs: int | None = None  # synthetic: lesions per sample; None: one to three
     window: str = "-79,304"  # kits: CT window in HU, LOW,HIGH
     empty_share: float = 0.1  # kits: share of kidney-free slices to keep (per kidney slice)
     jobs: int = 1  # kits: cases converted in parallel
@@ -44,8 +50,36 @@ def check_source(source: str, in_dir: str | Path | None, source_options: SourceO
         raise UsageError("`prepare kits` needs the KiTS folder (with case_XXXXX/ sub-folders).")
     if source in ("kvasir", "cvc") and in_dir is None:
         raise UsageError(f"`prepare {source}` needs the input folder.")
+    extra = source_options or SourceOptions()
     if source == "kits":
-        parse_window((source_options or SourceOptions()).window)
+        parse_window(extra.window)
+    if source != "synthetic" and (extra.lesion_frac is not None or extra.blobs is not None):
+        raise UsageError("--lesion-frac and --blobs belong to `prepare synthetic`.",
+                         f"`prepare {source}` takes its lesions from the data.")
+    if source == "synthetic":
+        check_lesion_options(parse_lesion_frac(extra.lesion_frac), extra.blobs)
+
+
+def check_lesion_options(lesion_frac: tuple[float, float], blobs: int | None) -> None:
+    """The ranges `prepare synthetic --lesion-frac LOW,HIGH --blobs N` accepts."""
+    low, high = lesion_frac
+    if not 0 < low <= high <= MAX_LESION_FRAC:
+        raise UsageError(f"--lesion-frac {low:g},{high:g} must satisfy 0 < LOW <= HIGH <= {MAX_LESION_FRAC:g}.",
+                         "Shares of the frame, e.g. --lesion-frac 0.003,0.03 for small lesions.")
+    if blobs is not None and not 1 <= blobs <= MAX_BLOBS:
+        raise UsageError(f"--blobs {blobs} must lie between 1 and {MAX_BLOBS}.",
+                         "Leave it out for the default of one to three blobs per sample.")
+
+
+def parse_lesion_frac(text: str | None) -> tuple[float, float]:
+    """"LOW,HIGH" → (low, high); None → the default 1–20 % of the frame."""
+    if text is None:
+        return DEFAULT_LESION_FRAC
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise UsageError(f"--lesion-frac {text!r} must be LOW,HIGH shares of the frame, e.g. 0.003,0.03") from err
+    return low, high
 
 
 def parse_window(text: str) -> tuple[float, float]:
@@ -68,7 +102,8 @@ def prepare_source(source: str, in_dir: str | Path | None, out: str | Path, opti
         from lawder_core.data.synthetic import prepare_synthetic
 
         return prepare_synthetic(out, n=extra.n, size=options.size or 128, seed=options.seed, options=options,
-                                 progress=progress)
+                                 progress=progress, lesion_frac=parse_lesion_frac(extra.lesion_frac),
+                                 blobs=extra.blobs)
     if source == "kits":
         from lawder_core.data.prepare_kits import KitsOptions, prepare_kits
 

@@ -133,7 +133,9 @@ def law_trial(params: dict[str, Any], base: Any, out: str) -> None:
 
     def score_checkpoint(record: dict[str, Any]) -> None:
         if "checkpoint" in record:
-            report({"step": record["step"], **generation_score(cfg, str(run), terms, images, masks)})
+            # law_departure: how far this trial's map has left the prior (clamp ranges only differ once it has)
+            report({"step": record["step"], "law_departure": record.get("law_departure"),
+                    **generation_score(cfg, str(run), terms, images, masks)})
 
     resume = (run / "metrics.jsonl").exists()
     train_diffusion(training_config(cfg, str(run), resume), report=score_checkpoint)
@@ -217,6 +219,9 @@ def results_table(grid: Any, sweep: Sweep) -> list[tuple[dict[str, Any], dict[st
             "iterations": len(values),
             "error": str(result.error).splitlines()[0] if result.error else None,
         }
+        if history is not None and "law_departure" in history:
+            departures = history["law_departure"].dropna().tolist()
+            row["law_departure"] = departures[-1] if departures else None
         rows.append((row, result.config))
     sign = -1 if sweep.mode == "max" else 1
 

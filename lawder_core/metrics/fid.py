@@ -1,9 +1,12 @@
 """FID and KID with clean-fid in clean mode, on HDF5 files, image folders or arrays, offline-friendly.
 
-Every number is computed by clean-fid's own code (its clean-mode resizer, `get_files_features`,
-`fid_from_feats`, `kernel_distance`); lawder only chooses the feature extractor and feeds the images:
-folders go through clean-fid's folder reader unchanged, HDF5 images are fed as arrays through the same
-resizer (no PNG round trip, identical pixels), so both give the same features.
+Features come from clean-fid's own code (its clean-mode resizer, `get_files_features`); lawder only chooses
+the feature extractor and feeds the images: folders go through clean-fid's folder reader unchanged, HDF5 images
+are fed as arrays through the same resizer (no PNG round trip, identical pixels), so both give the same
+features. FID is the Fréchet distance clean-fid's `fid_from_feats` computes (here without `sqrtm`, see
+`frechet_distance_from_features`). KID uses clean-fid's cubic kernel on every image of both sets, with a
+standard error from half-samples of both sides (`KidEstimate`); `lesion_crop_kid` computes it on crops centred
+on the lesions, where a small lesion is a large part of what the network sees.
 
 Which Inception weights, in this order:
   1. `weights=` (the CLI's `--fid-weights PATH`), else the environment variable LAWDER_FID_WEIGHTS;
@@ -20,6 +23,7 @@ import hashlib
 import http.client
 import importlib.util
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -391,7 +395,11 @@ class FidResult:
     mode: str = MODE
     device: str = "cpu"
     kid_subsets: int = 100
-    kid_subset_size: int = 1000
+    kid_subset_size: int = 1000  # the cap on a half-sample (see KidEstimate)
+    kid_std: float | None = None
+    kid_se: float | None = None
+    kid_subset_values: list[float] = field(default_factory=list)
+    kid_subset_sizes: list[int] = field(default_factory=list)  # (real, synthetic) images per subset
     seed: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -440,22 +448,70 @@ def trace_sqrt_of_product(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.clip(inner, 0, None)).sum())
 
 
+def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's kernel, clean-fid's: k(x, y) = (x·y / d + 1)³, float64."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased within-set, plain cross-set MMD² with the cubic kernel: what clean-fid's `kernel_distance`
+    computes on one subset (there of equal sizes; here any sizes ≥ 2)."""
+    kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+@dataclass(frozen=True)
+class KidEstimate:
+    """KID on every image, and its standard error from half-samples of both sides.
+
+    `kid` is the MMD² of the whole sets (every image, every pair). Each subset draws ⌊n/2⌋ images of each side
+    without replacement (at most `max_subset_size`): half-sampling (McCarthy 1969), whose spread estimates the
+    whole-set estimator's standard error directly, because a half-sample's mean varies exactly as much as the
+    full sample's (σ²/m · (1 − m/n) = σ²/n at m = n/2), on both sides at once. When a side is capped below
+    half, `se` rescales the spread by that identity. Subsets are drawn from `seed` alone, so two synthetic sets
+    of the same size compared with the same reals get the same image indices in subset i: their subset values
+    pair.
+    """
+
+    kid: float
+    std: float | None  # sample sd (ddof=1) of the subset values
+    se: float | None  # the standard error of `kid`
+    subset_values: list[float]
+    subset_sizes: tuple[int, int]  # (real, synthetic) images per subset
+
+    def to_dict(self, prefix: str = "kid") -> dict[str, Any]:
+        return {prefix: self.kid, f"{prefix}_std": self.std, f"{prefix}_se": self.se,
+                f"{prefix}_subset_values": self.subset_values, f"{prefix}_subset_sizes": list(self.subset_sizes)}
+
+
+def half_size(n: int, cap: int) -> int:
+    return max(2, min(n // 2, cap))
+
+
+def kid_with_se(real: np.ndarray, synthetic: np.ndarray, *, num_subsets: int = 100, max_subset_size: int = 1000,
+                seed: int = 0) -> KidEstimate:
+    """KID of the whole sets and its half-sampling standard error (see `KidEstimate`), float64."""
+    real, synthetic = np.asarray(real, np.float64), np.asarray(synthetic, np.float64)
+    nr, ns = len(real), len(synthetic)
+    mr, ms = half_size(nr, max_subset_size), half_size(ns, max_subset_size)
+    rng = np.random.default_rng(seed)
+    values = []
+    if mr < nr and ms < ns and num_subsets > 1:
+        for _ in range(num_subsets):
+            values.append(mmd2(real[rng.choice(nr, mr, replace=False)], synthetic[rng.choice(ns, ms, replace=False)]))
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    # var(subset) ≈ Σ σ²(1/m − 1/n), var(whole) ≈ Σ σ²/n over the two sides (equal σ² assumed where m ≠ n/2)
+    scale = math.sqrt((1 / nr + 1 / ns) / ((1 / mr - 1 / nr) + (1 / ms - 1 / ns))) if std is not None else None
+    return KidEstimate(kid=mmd2(real, synthetic), std=std, se=std * scale if std is not None else None,
+                       subset_values=values, subset_sizes=(mr, ms))
+
+
 def kernel_inception_distance(real: np.ndarray, synthetic: np.ndarray, *, num_subsets: int = 100,
                               max_subset_size: int = 1000, seed: int = 0) -> float:
-    """clean-fid's `kernel_distance`, reproducible and in float64.
-
-    It draws its subsets from numpy's global RNG (seeded here, then restored) and, fed float32 features as
-    clean-fid feeds them, its cubic kernel cancels catastrophically once features are large.
-    """
-    from cleanfid.fid import kernel_distance
-
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        return float(kernel_distance(np.asarray(real, np.float64), np.asarray(synthetic, np.float64),
-                                     num_subsets=num_subsets, max_subset_size=max_subset_size))
-    finally:
-        np.random.set_state(state)
+    """KID of the whole sets (`kid_with_se(...).kid`): every image counts, no subset lottery."""
+    return kid_with_se(real, synthetic, num_subsets=num_subsets, max_subset_size=max_subset_size, seed=seed).kid
 
 
 def _size_warnings(n_real: int, n_synthetic: int, feature_dim: int) -> list[str]:
@@ -534,10 +590,14 @@ def compute_fid_kid(
     if match_resolution and res_syn is None:
         raise DataError(f"the synthetic images in {sources[1].label} differ in size: FID needs one resolution.",
                         "Sample at one size, or resize them to one size first.")
+    kid_estimate = kid_with_se(f_real, f_syn, num_subsets=kid_subsets, max_subset_size=kid_subset_size,
+                               seed=seed) if kid else None
     result = FidResult(
         fid=frechet_distance_from_features(f_real, f_syn) if fid else None,
-        kid=kernel_inception_distance(f_real, f_syn, num_subsets=kid_subsets, max_subset_size=kid_subset_size,
-                                      seed=seed) if kid else None,
+        kid=kid_estimate.kid if kid_estimate else None,
+        kid_std=kid_estimate.std if kid_estimate else None, kid_se=kid_estimate.se if kid_estimate else None,
+        kid_subset_values=kid_estimate.subset_values if kid_estimate else [],
+        kid_subset_sizes=list(kid_estimate.subset_sizes) if kid_estimate else [],
         feature_extractor=info.name, weights_source=info.source, weights_path=info.path, weights_sha256=info.sha256,
         feature_dim=int(f_real.shape[1]), n_real=len(f_real), n_synthetic=len(f_syn),
         real=sources[0].label, synthetic=sources[1].label,
@@ -553,3 +613,126 @@ def compute_fid_kid(
             logger.warning(note)
     result.seconds = time.perf_counter() - started
     return result
+
+
+# --------------------------------------------------------------------------------------------- lesion crops
+
+CROP_FRAC = 0.25  # a lesion crop's side, as a share of the image side
+MIN_CROP = 16  # pixels (or the whole image when it is smaller)
+
+
+def crop_side(side: int, crop_frac: float = CROP_FRAC) -> int:
+    return min(side, max(MIN_CROP, round(side * crop_frac)))
+
+
+def lesion_centre(lesion: np.ndarray) -> tuple[int, int] | None:
+    """(row, col) of the centroid of the largest connected lesion component; None without lesion."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(lesion)
+    if count == 0:
+        return None
+    largest = 1 + int(np.argmax(ndimage.sum_labels(lesion, labels, index=np.arange(1, count + 1))))
+    rows, cols = np.nonzero(labels == largest)
+    return round(float(rows.mean())), round(float(cols.mean()))
+
+
+def lesion_crops(images: np.ndarray, lesions: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """crop × crop windows centred on each image's largest lesion (shifted to stay inside the frame), and the
+    indices of the images that had a lesion."""
+    out, kept = [], []
+    height, width = images.shape[1:3]
+    for i, (image, lesion) in enumerate(zip(images, lesions, strict=True)):
+        centre = lesion_centre(lesion)
+        if centre is None:
+            continue
+        top = min(max(centre[0] - crop // 2, 0), height - crop)
+        left = min(max(centre[1] - crop // 2, 0), width - crop)
+        out.append(image[top:top + crop, left:left + crop])
+        kept.append(i)
+    empty = np.zeros((0, crop, crop, *images.shape[3:]), images.dtype)
+    return (np.stack(out) if out else empty), np.asarray(kept, dtype=np.int64)
+
+
+@dataclass
+class LesionKidResult:
+    """KID between lesion-centred crops of real and synthetic pairs (see `lesion_crop_kid`)."""
+
+    kid: KidEstimate
+    crop: int
+    image_size: list[int]
+    n_real: int
+    n_synthetic: int
+    real: str
+    synthetic: str
+    feature_extractor: str
+    lesion_labels: list[int] | None
+    features_real: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.kid.to_dict(), "crop": self.crop, "image_size": self.image_size, "n_real": self.n_real,
+                "n_synthetic": self.n_synthetic, "real": self.real, "synthetic": self.synthetic,
+                "feature_extractor": self.feature_extractor, "lesion_labels": self.lesion_labels,
+                "definition": "KID between crop x crop windows centred on the largest lesion of each pair "
+                              "(real pairs resized to the synthetic size first); se from half-samples"}
+
+
+def lesion_crop_kid(
+    real: str | os.PathLike,
+    synthetic: str | os.PathLike,
+    *,
+    real_split: str | None = "train",
+    synthetic_split: str | None = None,
+    crop_frac: float = CROP_FRAC,
+    weights: str | os.PathLike | None = None,
+    feature_extractor: FeatureExtractor | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    num_subsets: int = 100,
+    max_subset_size: int = 1000,
+    seed: int = 0,
+    allow_download: bool | None = None,
+    reuse_real: LesionKidResult | None = None,
+) -> LesionKidResult:
+    """KID on lesion-centred crops of two HDF5 pair files: the lesion is the synthetic file's recorded
+    `lesion_labels` (none recorded: every label > 0) on both sides; pairs without lesion are left out.
+
+    `reuse_real`, an earlier result on the same real pairs, crop and extractor, skips extracting them again.
+    """
+    from lawder_core.data.h5 import load_arrays
+    from lawder_core.data.resize import resize_images, resize_masks
+    from lawder_core.metrics.judge_free import lesion_of, recorded_lesion_labels
+
+    syn_images, syn_masks, _ = load_arrays(synthetic, synthetic_split)
+    if len(syn_images) == 0:
+        raise DataError(f"{synthetic} has no pairs for the lesion-crop KID.")
+    labels = recorded_lesion_labels(synthetic)
+    size = (int(syn_images.shape[1]), int(syn_images.shape[2]))
+    crop = crop_side(min(size), crop_frac)
+    model, info = build_fid_extractor(weights, feature_extractor, allow_download=allow_download)
+    device = torch.device(device)
+    if isinstance(model, nn.Module):
+        model = model.to(device).eval()
+    real_label = str(real) + (f":{real_split}" if real_split not in (None, "all") else "")
+    if reuse_real is not None and reuse_real.features_real is not None and (
+            reuse_real.real, reuse_real.crop, reuse_real.image_size, reuse_real.feature_extractor,
+            reuse_real.lesion_labels) == (real_label, crop, list(size), info.name, labels):
+        f_real = reuse_real.features_real
+    else:
+        images, masks, _ = load_arrays(real, real_split)
+        real_crops, _ = lesion_crops(resize_images(images, size), lesion_of(resize_masks(masks, size), labels), crop)
+        f_real = crop_features(real_crops, model, device, batch_size, "real")
+    syn_crops, _ = lesion_crops(syn_images, lesion_of(syn_masks, labels), crop)
+    f_syn = crop_features(syn_crops, model, device, batch_size, "synthetic")
+    return LesionKidResult(
+        kid=kid_with_se(f_real, f_syn, num_subsets=num_subsets, max_subset_size=max_subset_size, seed=seed),
+        crop=crop, image_size=list(size), n_real=len(f_real), n_synthetic=len(f_syn), real=real_label,
+        synthetic=str(synthetic), feature_extractor=info.name, lesion_labels=labels, features_real=f_real)
+
+
+def crop_features(crops: np.ndarray, model: FeatureExtractor, device: torch.device, batch_size: int,
+                  side: str) -> np.ndarray:
+    if len(crops) < 2:
+        raise DataError(f"only {len(crops)} {side} pair(s) have a lesion: the lesion-crop KID needs at least 2.")
+    features, _ = extract_features(open_source(crops), model, device=device, batch_size=batch_size)
+    return features

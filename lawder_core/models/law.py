@@ -1,4 +1,4 @@
-"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (design brief §1.1, revision 2).
+"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (design brief §1.1, revision 3).
 
 A small CNN looks at stop-gradient denoiser features, the lesion mask (and optionally the timestep and the
 detached per-pixel error) and predicts one logit z per loss-space pixel. The map is
@@ -12,11 +12,18 @@ the loss scale never changes (the per-sample centring of z is explained at `cent
 `mean(w · err)` with w detached; LAW's own objective is
 
     hardness (default): −mean(w · err′) + λ_prior · mean((log w − log w_prior)²) + λ_tv · TV(w) + β · KL(w/HW ‖ U)
+    influence:          −mean(w · m′)   + the same anchors
     descent (ablation): +mean(w · err′) + the same anchors
 
-with err′ the detached per-pixel error over its per-sample mean. `hardness` ascends the weighted error: weight
-goes where the denoiser is wrong (lesion borders, texture). `descent` is the first build's objective, kept only
-to be measured against: its optimum is inverse-variance weighting (weight flows to easy pixels).
+with err′ the detached per-pixel error over its per-sample mean and m′ the mask influence |v_cond − v_uncond|
+(the gap classifier-free guidance amplifies) over its per-sample mean. `hardness` ascends the weighted error:
+weight goes where the denoiser is wrong (lesion borders, texture). `influence` puts weight where the mask
+changes the prediction most. `descent` is the first build's objective, kept only to be measured against: its
+optimum is inverse-variance weighting (weight flows to easy pixels).
+
+Each row's objective is weighted by a per-row time weight (`LAWConfig.time_weight`): by default the same
+Min-SNR weight the denoiser's loss gets at that noise level, so LAW learns where its map changes the denoiser's
+gradient. How far the map has moved is `law_departure` = mean |log w − log w_prior|.
 
 `weighted_diffusion_loss` is the single loss function behind `--weighting uniform|ratio|law`.
 """
@@ -146,27 +153,46 @@ def normalised_error(err: Tensor) -> Tensor:
     return err / spatial_mean(err).clamp_min(_EPS)
 
 
-def law_objective(w: Tensor, w_prior: Tensor, err_n: Tensor, config: LAWConfig,
-                  keep: Tensor | None = None) -> Tensor:
-    """What LAW minimises, averaged over the rows in `keep` (all rows when None).
+def law_objective(w: Tensor, w_prior: Tensor, target_n: Tensor, config: LAWConfig,
+                  keep: Tensor | None = None, row_weight: Tensor | None = None) -> Tensor:
+    """What LAW minimises: a weighted mean over the rows in `keep` (all when None), each row weighted by
+    `row_weight` (B,) (the time weight; all alike when None). `target_n` is err′ (hardness, descent) or m′
+    (influence), each over its per-sample mean.
 
-    hardness: −mean(w · err′) + anchors. LAW ascends the weighted error, so weight moves to where the denoiser
-              is wrong; the anchors (λ_prior · mean((log w − log w_prior)²) + λ_tv · TV(w) + β · KL(w/HW ‖ U))
-              bound how far. On a free map (TV and KL aside) it settles at
-              log(w / w_prior) ≈ w · (err′ − mean(w · err′)) / (2 λ_prior): above-average error gains weight.
-    descent:  +mean(w · err′) + the same anchors: the first build's objective, an ablation only. Minimising
-              the weighted error under mean(w) = 1 is inverse-variance weighting: weight flows to the pixels the
-              denoiser already gets right (corr(w, err) = −0.81 on a free map).
+    hardness:  −mean(w · err′) + anchors. LAW ascends the weighted error, so weight moves to where the denoiser
+               is wrong; the anchors (λ_prior · mean((log w − log w_prior)²) + λ_tv · TV(w) + β · KL(w/HW ‖ U))
+               bound how far. On a free map (TV and KL aside) it settles at
+               log(w / w_prior) ≈ w · (err′ − mean(w · err′)) / (2 λ_prior): above-average error gains weight.
+    influence: −mean(w · m′) + anchors: the same, with weight going where the mask changes the prediction.
+    descent:   +mean(w · err′) + the same anchors: the first build's objective, an ablation only. Minimising
+               the weighted error under mean(w) = 1 is inverse-variance weighting: weight flows to the pixels the
+               denoiser already gets right (corr(w, err) = −0.81 on a free map).
     """
-    weighted = per_sample_mean(w * err_n)
-    seek = -weighted if config.objective == "hardness" else weighted
+    weighted = per_sample_mean(w * target_n)
+    seek = weighted if config.objective == "descent" else -weighted
     per_row = (seek + config.lambda_prior * prior_distance(w, w_prior)
                + config.lambda_tv * total_variation(w) + config.beta_kl * kl_to_uniform(w))
-    if keep is None:
-        return per_row.mean()
-    k = keep.to(per_row.dtype)
-    # An all-dropped batch gives 0 with a graph behind it, so every LAW parameter still gets a (zero) gradient.
-    return (per_row * k).sum() / k.sum().clamp_min(1)
+    k = torch.ones_like(per_row) if keep is None else keep.to(per_row)
+    if row_weight is not None:
+        k = k * row_weight.reshape(-1).to(per_row)
+    # A batch without weight (all rows dropped, or outside the time window) gives 0 with a graph behind it, so
+    # every LAW parameter still gets a (zero) gradient.
+    return (per_row * k).sum() / k.sum().clamp_min(_EPS)
+
+
+def law_departure(w: Tensor, w_prior: Tensor, keep: Tensor | None = None) -> Tensor:
+    """mean |log w − log w_prior| over the kept rows: 0 at the prior, 0.1 ≈ every pixel 10 % off it; NaN when no
+    row is kept. The number that says whether LAW learned a map at all or stayed the `ratio` baseline."""
+    per_row = per_sample_mean((w.detach().clamp_min(_EPS).log() - w_prior.clamp_min(_EPS).log()).abs())
+    if keep is not None:
+        per_row = per_row[keep.reshape(-1).to(per_row.device)]
+    return per_row.mean() if per_row.numel() else torch.tensor(float("nan"), device=w.device)
+
+
+def mask_influence(pred_cond: Tensor, pred_null: Tensor) -> Tensor:
+    """|out_cond − out_null| averaged over channels, (B,1,h,w): what the mask changes in the model's prediction,
+    i.e. the direction classifier-free guidance amplifies. Zero wherever the condition makes no difference."""
+    return (pred_cond.detach().float() - pred_null.detach().float()).abs().mean(dim=1, keepdim=True)
 
 
 # ---------------------------------------------------------------- the network
@@ -246,6 +272,10 @@ class FeatureGrabber:
         self.features: Tensor | None = None
         self._handle = module.register_forward_hook(self._hook)
 
+    def clear(self) -> None:
+        """Forget the latest features (after a forward whose features are not LAW's input, e.g. the null pass)."""
+        self.features = None
+
     def _hook(self, module: nn.Module, inputs: object, output: object) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
         self.features = out.detach()  # type: ignore[union-attr]
@@ -286,6 +316,7 @@ class LossTerms:
     loss: Tensor
     law_objective: Tensor | None = None
     weights: Tensor | None = None  # the map used this step, detached, dropped rows at 1 (None for uniform)
+    departure: Tensor | None = None  # law_departure of the kept rows (ratio: 0; uniform and LAW's warm-up: None)
 
     @property
     def total(self) -> Tensor:
@@ -326,14 +357,17 @@ def weighted_diffusion_loss(
     config: LAWConfig | None = None,
     keep: Tensor | None = None,
     time_weight: Tensor | None = None,
+    law_row_weight: Tensor | None = None,
+    influence: Tensor | None = None,
 ) -> LossTerms:
     """The diffusion loss for `--weighting uniform|ratio|law`.
 
     uniform: exactly diffusers' `F.mse_loss(pred, target)` (times `time_weight` per sample when given).
     ratio:   `mean(time_weight · w_prior · err)` with the fixed map `prior_map(lesion, config.gamma)`.
     law:     before warm-up ends (`active=False`) the warm-up map; then the denoiser minimises
-             `mean(time_weight · w · err)` with w detached, and LAW's own objective (`law_objective`, not
-             weighted by time_weight) is returned separately.
+             `mean(time_weight · w · err)` with w detached, and LAW's own objective (`law_objective`, its rows
+             weighted by `law_row_weight`, not by `time_weight` unless the caller passes it there too) is
+             returned separately. The `influence` objective needs `influence` (`mask_influence`).
     `keep` (bool (B,)): False for rows whose condition was dropped for classifier-free guidance; they are
     weighted 1 and left out of LAW's objective. `time_weight` (B,): per-sample Min-SNR weights.
     """
@@ -350,14 +384,22 @@ def weighted_diffusion_loss(
     if weighting == "ratio" or law is None or not active:
         fixed = weighting == "ratio" or law is None or cfg.warmup_weights == "prior"
         w = dropped_rows_at_one(prior_map(lesion, cfg.gamma) if fixed else torch.ones_like(err), keep)
-        return LossTerms(denoiser_loss(err, w, time_weight), None, w.detach())
+        departure = torch.zeros((), device=err.device) if weighting == "ratio" else None
+        return LossTerms(denoiser_loss(err, w, time_weight), None, w.detach(), departure)
     if features is None:
         raise ValueError("weighting='law' needs the denoiser features (see FeatureGrabber)")
     err_law = normalised_error(err.detach()) if cfg.normalise_error else err.detach()
     w = law(features, lesion, timesteps, err_law if cfg.use_error else None)
     used = dropped_rows_at_one(w.detach(), keep)
-    objective = law_objective(w, prior_map(lesion, cfg.gamma), err_law, cfg, keep)
-    return LossTerms(denoiser_loss(err, used, time_weight), objective, used)
+    w_prior = prior_map(lesion, cfg.gamma)
+    if cfg.objective == "influence":
+        if influence is None:
+            raise ValueError("LAW's influence objective needs the mask influence (see mask_influence)")
+        target_n = normalised_error(influence.detach().float())
+    else:
+        target_n = err_law
+    objective = law_objective(w, w_prior, target_n, cfg, keep, law_row_weight)
+    return LossTerms(denoiser_loss(err, used, time_weight), objective, used, law_departure(w, w_prior, keep))
 
 
 def _law_config(law: nn.Module) -> LAWConfig:

@@ -168,12 +168,14 @@ class DiffusionTrainConfig:
     prediction: str | None = None  # 'v' (the unet's default) | 'flow' (rectified flow) | 'epsilon' (controlnet's)
     beta_schedule: str = "squaredcos_cap_v2"  # cosine; 'linear' was the first build's
     timestep_spacing: str = "trailing"  # sampling starts at the last training timestep
-    snr_gamma: float | None = 5.0  # Min-SNR-γ timestep weighting; None weighs every noise level alike
+    snr_gamma: float | None = 5.0  # Min-SNR-γ timestep weighting; None (--snr-gamma none) weighs every level alike
     backbone: str = "unet"  # 'unet' | 'controlnet'
     preset: str = "small"  # unet: 'tiny' | 'small' | 'base'
     pretrained: str | None = None  # controlnet: local Stable Diffusion 1.5-style folder
     prompt: str = ""  # controlnet
-    cond_dropout: float = 0.1  # null-mask probability, for classifier-free guidance at sampling
+    cond_dropout: float = 0.1  # null-mask probability, for classifier-free guidance; 1: never sees a mask
+    # Start the denoiser from this train-law run's EMA weights (fine-tuning); LAW and the optimisers start fresh.
+    init_from: str | None = None
     ema_decay: float = 0.999  # the EMA's decay ramps up to this with the step count (models/ema.py)
     hflip: bool = False  # the only augmentation: a generator must learn the data's own orientation
     seed: int = 0
@@ -193,8 +195,9 @@ class DiffusionTrainConfig:
             raise UsageError(f"unknown --preset {self.preset!r}; expected one of {tuple(PRESETS)}.")
         if self.steps < 1 or self.batch_size < 1 or self.size < 8:
             raise UsageError("--steps and --batch-size must be at least 1 and --size at least 8.")
-        if not 0 <= self.cond_dropout < 1:
-            raise UsageError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}.")
+        if not 0 <= self.cond_dropout <= 1:
+            raise UsageError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}.",
+                             "1 trains an unconditional model (a base to fine-tune with --init-from).")
         if self.prediction is not None:
             check_prediction(self.prediction)
         if self.backbone == "controlnet" and self.prediction not in (None, "epsilon"):
@@ -239,6 +242,7 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
     if n == 0:
         raise DataError(f"{cfg.data} has no samples in split {cfg.split!r}.", "Check the split, or prepare the data.")
     check_size(cfg)
+    check_init_from(cfg)
     run_lesion_labels(cfg, info.label_names)
     per_worker = n // max(world_size, 1)
     if per_worker < cfg.batch_size:
@@ -247,6 +251,25 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
     if cfg.size > max(info.height, info.width):
         log.warning("--size %d is larger than the data (%d×%d): images are upsampled.", cfg.size, info.height,
                     info.width)
+
+
+def check_init_from(cfg: DiffusionTrainConfig) -> None:
+    """--init-from names another finished run (its EMA denoiser is read when training starts)."""
+    if not cfg.init_from:
+        return
+    source = Path(cfg.init_from)
+    if cfg.out and source.resolve() == Path(cfg.out).resolve():
+        raise UsageError("--init-from names the run being trained.", "To continue a run pass --resume instead.")
+    init_checkpoint(source)
+
+
+def init_checkpoint(run: str | Path) -> Path:
+    """The checkpoint folder of an --init-from run (its last/), with the EMA denoiser in it; DataError if none."""
+    checkpoint = runs.find_checkpoint(Path(run))
+    if checkpoint is None or not (checkpoint / runs.DENOISER_EMA).is_dir():
+        raise DataError(f"--init-from {run} holds no trained denoiser (no {runs.LAST}/{runs.DENOISER_EMA}).",
+                        "Point it at a finished `lawder train-law` run folder.")
+    return checkpoint
 
 
 def run_lesion_labels(cfg: DiffusionTrainConfig, label_names: tuple[str, ...] | list[str]) -> tuple[int, ...]:

@@ -12,6 +12,16 @@ and RUN/samples/step_000500.png are preview grids (image, mask, weight map, EMA 
 
 Randomness is keyed by (seed, step, rank) — noise, timesteps and condition dropout — and the data order by
 epoch, so a resumed run continues exactly where the interrupted one would have gone.
+
+`init_from` starts the denoiser from another run's EMA weights (what `lawder sample` draws that run's images
+with: the average of its last iterates, not the last noisy step), with a fresh EMA, a fresh LAW and fresh
+optimisers: fine-tuning, the regime of the paper. progress.json and the run summary record where it started.
+
+Gradient clipping is one rule in every arm: the global L2 norm of the denoiser's gradient of its training loss
+(time weight × map × error; the map is detached, so that is the gradient of the weighted loss) is clipped at
+`max_grad_norm`; LAW's own parameters are clipped at the same norm on LAW's objective, apart, so LAW never changes
+how much the denoiser is clipped. `grad_norm` (before clipping) and `clipped` (the share of clipped steps) are
+logged, so arms can be checked for how often the rule bit.
 """
 
 from __future__ import annotations
@@ -49,14 +59,22 @@ from lawder_core.models.law import (
     LossTerms,
     law_active,
     lesion_at,
+    mask_influence,
     normalised_error,
     pixel_error,
     prior_map,
     weight_stats,
     weighted_diffusion_loss,
 )
-from lawder_core.models.recipe import generate, initial_noise, noised_batch
-from lawder_core.train.configs import DiffusionTrainConfig, run_lesion_labels
+from lawder_core.models.recipe import (
+    NoisedBatch,
+    diffusion_snr,
+    flow_snr,
+    generate,
+    initial_noise,
+    noised_batch,
+)
+from lawder_core.train.configs import DiffusionTrainConfig, init_checkpoint, run_lesion_labels
 from lawder_core.train.runtime import (
     Reporter,
     WorkerContext,
@@ -73,7 +91,7 @@ from lawder_core.viz import save_weight_preview
 log = logging.getLogger(__name__)
 
 SAMPLES = "samples"
-LAW_STATS = ("w_lesion", "w_background", "w_max", "law_objective", "law_active", "lesion_frac")
+LAW_STATS = ("w_lesion", "w_background", "w_max", "law_objective", "law_departure", "law_active", "lesion_frac")
 
 
 # ---------------------------------------------------------------- setup
@@ -148,6 +166,8 @@ class Trainer:
     # The stored labels that are lesion for LAW's prior, map and statistics (run_lesion_labels); the denoiser's
     # condition is every label, one-hot, whatever this says.
     lesion_labels: tuple[int, ...] | None = None
+    # Where the denoiser started (`init_from`): run, checkpoint, step, weights; None: from scratch.
+    init_record: dict[str, Any] | None = None
 
     @property
     def out(self) -> Path:
@@ -157,9 +177,12 @@ class Trainer:
 def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserSpec,
                   checkpoint: Path | None, lesion_labels: tuple[int, ...] | None = None) -> tuple[Trainer, int]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    init_record = None
     if checkpoint is not None:
         denoiser = load_denoiser(checkpoint / runs.DENOISER, pretrained=cfg.pretrained)
         check_same_spec(denoiser.spec, spec, checkpoint)
+    elif cfg.init_from:
+        denoiser, init_record = load_init_denoiser(cfg.init_from, spec, cfg.pretrained)
     else:
         denoiser = build_denoiser(spec)
     denoiser.to(ctx.device)
@@ -175,24 +198,57 @@ def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserS
     use_amp, amp_dtype = amp_settings(cfg, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     trainer = Trainer(cfg, ctx, denoiser, denoiser, ema, optimizer, lr_schedule, scaler, law, law, law_optimizer,
-                      grabber, lesion_labels)
+                      grabber, lesion_labels, init_record)
     start = restore(trainer, checkpoint) if checkpoint is not None else 0
     trainer.model = wrap_model(denoiser, ctx)
     trainer.law_model = wrap_model(law, ctx) if law is not None else None
     return trainer, start
 
 
-def check_same_spec(saved: DenoiserSpec, wanted: DenoiserSpec, checkpoint: Path) -> None:
-    a, b = replace(saved, pretrained=""), replace(wanted, pretrained="")
+def check_same_spec(saved: DenoiserSpec, wanted: DenoiserSpec, checkpoint: Path,
+                    hint: str = "Resume with the same --size/--preset/--backbone/--prompt and data, or use a new "
+                                "--out.") -> None:
+    a, b = asdict(replace(saved, pretrained="")), asdict(replace(wanted, pretrained=""))
     if a != b:
-        raise UsageError(f"the checkpoint in {checkpoint} was trained with {asdict(a)}, not {asdict(b)}.",
-                         "Resume with the same --size/--preset/--backbone/--prompt and data, or use a new --out.")
+        differ = ", ".join(f"{k} {a[k]!r} (wanted {b[k]!r})" for k in a if a[k] != b[k])
+        raise UsageError(f"the checkpoint in {checkpoint} was trained with another model: {differ}.", hint)
+
+
+def load_init_denoiser(run: str | Path, spec: DenoiserSpec, pretrained: str | None) -> tuple[Denoiser, dict[str, Any]]:
+    """Another run's EMA denoiser as this run's starting point, checked to be the model this run trains."""
+    checkpoint = init_checkpoint(run)
+    denoiser = load_denoiser(checkpoint / runs.DENOISER_EMA, pretrained=pretrained)
+    check_same_spec(denoiser.spec, spec, checkpoint,
+                    "--init-from needs a run of the same model: the same --size/--preset/--backbone/--prediction "
+                    "and the same labels.")
+    record = {"run": str(Path(run).resolve()), "checkpoint": str(checkpoint.resolve()),
+              "step": int(runs.read_progress(checkpoint).get("step", -1)), "weights": runs.DENOISER_EMA}
+    return denoiser, record
 
 
 # ---------------------------------------------------------------- one step
 
 
-def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> LossTerms:
+def batch_snr(denoiser: Denoiser, batch: NoisedBatch) -> Tensor:
+    """Each row's signal-to-noise ratio α²/σ² (flow: ((1 − t)/t)²)."""
+    if denoiser.spec.prediction == "flow":
+        return flow_snr(batch.model_timesteps.float() / int(denoiser.scheduler.config.num_train_timesteps))
+    return diffusion_snr(denoiser.scheduler, batch.model_timesteps)  # type: ignore[arg-type]
+
+
+def law_row_weight(cfg: DiffusionTrainConfig, denoiser: Denoiser, batch: NoisedBatch) -> Tensor | None:
+    """How much each row counts in LAW's objective (`LAWConfig.time_weight`); None: all alike."""
+    mode = cfg.law.time_weight
+    if mode == "denoiser":
+        return None if uses_uniform_time(cfg) else batch.time_weight
+    if mode == "layout":
+        return (batch_snr(denoiser, batch) < cfg.law.layout_snr).float()
+    return None
+
+
+def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> tuple[LossTerms, float]:
+    """One optimiser step of the denoiser (and LAW once active); returns the loss terms and the denoiser's
+    gradient norm before clipping."""
     cfg, ctx, denoiser = tr.cfg, tr.ctx, tr.denoiser
     images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
     g = step_generator(cfg.seed, step, ctx.rank, ctx.device)
@@ -208,24 +264,39 @@ def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> Loss
     size = tuple(pred.shape[-2:])
     active = tr.law is not None and law_active(step, cfg.steps, cfg.law)
     features = tr.grabber.take(size) if tr.grabber is not None and active else None  # type: ignore[arg-type]
+    influence = None
+    if active and cfg.law.objective == "influence":
+        # The unconditional prediction for the same noisy input: the gap is what the mask changes. No gradient,
+        # and the unwrapped model, so DDP does not count it as a training forward.
+        with torch.no_grad(), torch.autocast(device_type=ctx.device.type, dtype=amp_dtype, enabled=use_amp):
+            pred_null = denoiser(batch.noisy, batch.model_timesteps, denoiser.null_condition(masks))
+        if tr.grabber is not None:
+            tr.grabber.clear()
+        influence = mask_influence(pred, pred_null)
+    time_weight = None if uses_uniform_time(cfg) else batch.time_weight
     terms = weighted_diffusion_loss(pred, batch.target, weighting=cfg.weighting,
                                     lesion=lesion_at(masks, size, tr.lesion_labels),  # type: ignore[arg-type]
                                     law=tr.law_model, features=features, timesteps=batch.model_timesteps,
-                                    active=active, config=cfg.law, keep=~drop,
-                                    time_weight=None if uses_uniform_time(cfg) else batch.time_weight)
+                                    active=active, config=cfg.law, keep=~drop, time_weight=time_weight,
+                                    law_row_weight=law_row_weight(cfg, denoiser, batch), influence=influence)
     check_finite(terms.total, step)
     optimizers = [tr.optimizer] + ([tr.law_optimizer] if active and tr.law_optimizer is not None else [])
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     tr.scaler.scale(terms.total).backward()
-    tr.scaler.unscale_(tr.optimizer)
-    torch.nn.utils.clip_grad_norm_(tr.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
+    for opt in optimizers:
+        tr.scaler.unscale_(opt)
+    # The same rule in every arm: the denoiser's global gradient norm of its weighted loss, clipped at one
+    # threshold; LAW's parameters apart (see the module docstring).
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
+    if len(optimizers) > 1:
+        torch.nn.utils.clip_grad_norm_(tr.law_optimizer.param_groups[0]["params"], cfg.max_grad_norm)  # type: ignore[union-attr]
     for opt in optimizers:
         tr.scaler.step(opt)
     tr.scaler.update()
     tr.lr_schedule.step()
     tr.ema.update(denoiser.trainable_module())
-    return terms
+    return terms, float(grad_norm)
 
 
 # ---------------------------------------------------------------- metrics
@@ -235,22 +306,27 @@ class Window:
     """Running sums of the logged quantities between two log lines (NaN entries are skipped)."""
 
     # averaged; w_max is the largest weight seen. lesion_frac: the share of loss-space pixels that are lesion
-    # (the lesion labels'), what LAW's ratio prior is computed from.
-    KEYS = ("loss", "law_objective", "w_lesion", "w_background", "lesion_frac")
+    # (the lesion labels'), what LAW's ratio prior is computed from. clipped: the share of steps whose gradient
+    # norm was above max_grad_norm (grad_norm is before clipping).
+    KEYS = ("loss", "law_objective", "law_departure", "w_lesion", "w_background", "lesion_frac", "grad_norm",
+            "clipped")
 
-    def __init__(self) -> None:
+    def __init__(self, max_grad_norm: float = float("inf")) -> None:
+        self.max_grad_norm = max_grad_norm
         self.sums = dict.fromkeys(self.KEYS, 0.0)
         self.counts = dict.fromkeys(self.KEYS, 0.0)
         self.w_max = 0.0
         self.tic = time.perf_counter()
         self.steps = 0
 
-    def add(self, terms: LossTerms, lesion: Tensor) -> None:
+    def add(self, terms: LossTerms, lesion: Tensor, grad_norm: float = float("nan")) -> None:
         stats = weight_stats(terms.weights, lesion)
         self.w_max = max(self.w_max, stats.pop("w_max"))
+        optional = {"law_objective": terms.law_objective, "law_departure": terms.departure}
         values = {"loss": float(terms.loss.detach()),
-                  "law_objective": float(terms.law_objective.detach()) if terms.law_objective is not None
-                  else float("nan"), **stats, "lesion_frac": float(lesion.float().mean())}
+                  **{k: float(v.detach()) if v is not None else float("nan") for k, v in optional.items()},
+                  **stats, "lesion_frac": float(lesion.float().mean()), "grad_norm": grad_norm,
+                  "clipped": float(grad_norm > self.max_grad_norm) if np.isfinite(grad_norm) else float("nan")}
         for k, v in values.items():
             if np.isfinite(v):
                 self.sums[k] += v
@@ -289,6 +365,8 @@ def save_checkpoint(tr: Trainer, step: int) -> Path:
         state["law_optimizer"] = tr.law_optimizer.state_dict()
     runs.save_state(tmp, state)
     progress: dict[str, Any] = {"step": step, "ema_updates": tr.ema.num_updates, "weighting": tr.cfg.weighting}
+    if tr.init_record is not None:
+        progress["init_from"] = tr.init_record
     if tr.lesion_labels is not None:
         progress["lesion_labels"] = list(tr.lesion_labels)  # what a resume and `lawder sample` read back
     return runs.commit_checkpoint(tmp, tr.out, runs.LAST, progress)
@@ -297,6 +375,7 @@ def save_checkpoint(tr: Trainer, step: int) -> Path:
 def restore(tr: Trainer, checkpoint: Path) -> int:
     """Load EMA, LAW and optimiser state into a trainer built from the checkpoint's weights; returns the step."""
     progress = runs.read_progress(checkpoint)
+    tr.init_record = progress.get("init_from")  # a resumed fine-tune started where its first part did
     shadow_cls = type(tr.ema.shadow)
     ema_weights = load_saved_module(shadow_cls, checkpoint / runs.DENOISER_EMA / tr.denoiser.trainable_subfolder)
     copy_weights(ema_weights, tr.ema.shadow)
@@ -410,14 +489,14 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
         runs.trim_metrics(out, "step", start)
     preview = preview_batch(cfg) if ctx.is_main and cfg.sample_every > 0 else None
     result: dict[str, Any] = {"step": start, "out": str(out)}
-    window = Window()
+    window = Window(cfg.max_grad_norm)
     data = batches(dataset, ctx, cfg, start)
     tr.model.train()
     for step in range(start, cfg.steps):
         images, masks = next(data)
-        terms = training_step(tr, images, masks, step)
+        terms, grad_norm = training_step(tr, images, masks, step)
         map_size = terms.weights.shape[-2:] if terms.weights is not None else masks.shape[-2:]
-        window.add(terms, lesion_at(masks.to(ctx.device), tuple(map_size), tr.lesion_labels))
+        window.add(terms, lesion_at(masks.to(ctx.device), tuple(map_size), tr.lesion_labels), grad_norm)
         done = step + 1
         saved = due(done, cfg.save_every, cfg.steps)
         if not (saved or due(done, cfg.log_every, cfg.steps)):
@@ -434,7 +513,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
         barrier(ctx)
         report(record)
         result = record
-        window = Window()  # after saving and previews, so their time does not count as training time
+        window = Window(cfg.max_grad_norm)  # after saving and previews: their time is not training time
     if tr.grabber is not None:
         tr.grabber.remove()
     return {**result, "out": str(out)}
@@ -454,7 +533,8 @@ def recorded_lesion_labels(checkpoint: Path) -> list[int] | None:
 
 
 def summarise_law_run(out: str | Path) -> dict[str, Any]:
-    """Final step, last loss, LAW's weight statistics, the checkpoint and the newest preview grid."""
+    """Final step, last loss, LAW's weight statistics (law_departure included), where the denoiser started,
+    the checkpoint and the newest preview grid."""
     out = Path(out)
     records = runs.read_metrics(out)
     last = records[-1] if records else {}
@@ -468,6 +548,9 @@ def summarise_law_run(out: str | Path) -> dict[str, Any]:
         "loss": last.get("loss"),
         "law": {k: last.get(k) for k in LAW_STATS},
         "lesion_labels": recorded_lesion_labels(checkpoint) if checkpoint is not None else None,
+        "init_from": runs.read_progress(checkpoint).get("init_from") if checkpoint is not None else None,
+        "grad_norm": last.get("grad_norm"),
+        "clipped": last.get("clipped"),
         "sec_per_step": last.get("sec_per_step"),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "checkpoint_step": runs.read_progress(checkpoint)["step"] if checkpoint is not None else None,

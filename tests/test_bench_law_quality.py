@@ -1,0 +1,73 @@
+"""benchmarks/bench_law_quality.py: the decision rule on fixed numbers, and the whole benchmark at toy scale."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_law_quality.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_law_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_law_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(hit: float, spurious: float, kid: float) -> dict:
+    return {"bins": {"all": {"n": 10, "hit_rate": hit, "spurious_area": spurious}}, "lesion_kid": kid}
+
+
+def test_decision_rule_needs_twice_the_replicate_spread_and_one_sign_on_every_seed():
+    bench = load_bench()
+    uniform = {s: row(0.50, 0.010, 0.20) for s in range(4)}
+    table = {
+        "uniform": uniform,
+        # the noise floor: |replicate − uniform| = 0.02 on every seed → RMS 0.02
+        "uniform-rep": {s: row(0.50 + (0.02 if s % 2 else -0.02), 0.010, 0.20) for s in range(4)},
+        "law": {s: row(0.56 + 0.01 * s, 0.004, 0.15) for s in range(4)},  # +0.06..+0.09 > 2 × 0.02
+        "ratio": {s: row(0.50 + (0.08 if s else -0.01), 0.010, 0.20) for s in range(4)},  # one seed the other way
+    }
+    result = bench.verdicts(table, ["uniform", "uniform-rep", "ratio", "law"])
+    law, ratio = result["law"], result["ratio"]
+    assert law["hit_rate"]["all"]["noise_floor"] == pytest.approx(0.02)
+    assert law["hit_rate"]["all"]["per_seed"] == pytest.approx([0.06, 0.07, 0.08, 0.09])
+    assert law["hit_rate"]["all"]["verdict"] == "beats uniform"
+    assert ratio["hit_rate"]["all"]["verdict"] == "no call"  # the mean clears the floor, the signs do not agree
+    # lower is better for spurious area and lesion KID: LAW's decrease is a win there too; no floor, no call
+    assert law["spurious_area"]["all"]["better_direction"] == "lower"
+    assert law["lesion_kid"]["all"]["mean"] == pytest.approx(-0.05)
+    assert law["lesion_kid"]["all"]["noise_floor"] == 0.0 and law["lesion_kid"]["all"]["verdict"] == "beats uniform"
+    low, high = law["hit_rate"]["all"]["ci95"]
+    assert low < 0.075 < high
+    assert result["uniform-rep"]["hit_rate"]["all"]["verdict"] == "no call"
+
+
+@pytest.mark.slow  # every stage at toy scale: ~5 min on a shared 2-core machine
+def test_smoke_run_writes_per_arm_summaries_and_a_result_and_resumes(tmp_path):
+    from tests.helpers import tiny_fid_weights
+
+    bench = load_bench()
+    weights = tiny_fid_weights(tmp_path / "fid.pt")
+    work, out = tmp_path / "work", tmp_path / "result.json"
+    args = ["--smoke", "--seeds", "1", "--arms", "uniform,uniform-rep,law-influence", "--work", str(work),
+            "--out", str(out), "--fid-weights", str(weights)]
+    assert bench.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and set(result["means"]) == {"uniform", "uniform-rep", "law-influence"}
+    summary = json.loads((work / "eval" / "law-influence" / "seed0" / "summary.json").read_text())
+    assert len(summary["adherence"]["per_case"]) == 8 and "kid_se" in summary["lesion_kid"]
+    assert summary["metadata"]["train"]["init_from"]["run"] == str(work / "base")
+    config = json.loads((work / "runs" / "law-influence" / "seed0" / "config.json").read_text())
+    assert config["law"]["objective"] == "influence" and config["init_from"] == str(work / "base")
+    assert json.loads((work / "base" / "config.json").read_text())["cond_dropout"] == 1.0
+    assert (work / "compare.yaml").exists()
+    stamp = (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime
+    assert bench.main(args) == 0  # complete: nothing is trained, sampled or scored again
+    assert (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime == stamp
