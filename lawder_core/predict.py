@@ -239,7 +239,8 @@ def predict_to_folder(predictor: Predictor | str | os.PathLike, source: str | os
     make_output(out, (MASKS, OVERLAYS))
     outcome.total = len(items)
     lesion_pixels = 0
-    result: dict[str, Any] = {"out": str(out), "checkpoint": str(predictor.checkpoint), "mean_lesion_pixels": 0.0}
+    result: dict[str, Any] = {"out": str(out), "checkpoint": str(predictor.checkpoint),
+                              "device": predictor.info.get("device", "cpu"), "mean_lesion_pixels": 0.0}
     import torch
 
     with summary_on_abort(out, outcome, result), torch.inference_mode():

@@ -112,6 +112,11 @@ def replaying_reporter(folder: Path) -> tuple[Callable[[dict[str, Any]], None], 
     return report, (folder / ENDED).exists()
 
 
+def trial_device(opts: TuneOptions) -> str:
+    """Where each trial trains and scores: a GPU when it holds (a share of) one, else the CPU."""
+    return "cuda" if opts.gpus_per_trial > 0 else "cpu"
+
+
 def start_trial(out: str, device: str, shared_token: str | None) -> None:
     """In the trial's process: train on `device`, and (joined cluster) see the sweep folder the driver reads."""
     from lawder_core.train.runtime import DEVICE_ENV
@@ -207,8 +212,8 @@ def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Pat
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sweep = sweep_for(kind)
-    device = "cuda" if opts.gpus_per_trial > 0 else "cpu"
-    trainable = tune.with_resources(tune.with_parameters(sweep.trainable, base=base, out=str(out), device=device,
+    trainable = tune.with_resources(tune.with_parameters(sweep.trainable, base=base, out=str(out),
+                                                         device=trial_device(opts),
                                                          shared_token=shared_token),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, opts.budget), grace_period=1,
