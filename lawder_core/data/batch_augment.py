@@ -2,12 +2,10 @@
 
 The same transforms as `dataset.augment_pair`, drawn from the same generator per (seed, epoch, sample), in the
 same order: a left-right flip, an up-down flip, k quarter turns, then (half the time) a crop of 75-100 % of the
-side scaled back to full size, bilinear for the image and nearest-exact for the mask. Only the arithmetic is
-batched: flips and turns are index operations on the samples that drew them, and the crop is a separable
-bilinear resampling (x first, then y, with PyTorch's own source coordinates and weights) done with gathers.
-So a sample's result depends on its key alone, never on the batch it lands in, and equals what the per-sample
-path gives it (masks exactly; image values up to a rounding step, where float sums in another order land on
-the other side of .5).
+side scaled back to full size, bilinear for the image and nearest-exact for the mask. The flips and turns of the
+whole batch are at most 8 group operations (one per symmetry of the square drawn); each crop is scaled by the
+per-sample path's own resize. So a sample's result depends on its key alone, never on the batch it lands in,
+and equals what the per-sample path gives it, bit for bit.
 
 Images are uint8 (C×S×S, square: quarter turns must keep the shape) and stay uint8, as the per-sample path
 rounds them; `to_model_input` makes floats of them on the device.
@@ -20,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from lawder_core.data.resize import resize_image_tensor, resize_mask_tensor
 
 SCALE_RANGE = (0.75, 1.0)
 
@@ -60,81 +60,42 @@ def draw(keys: Sequence[tuple[int, int, int]], side: int) -> AugmentDraws:
 def augment_batch(images: torch.Tensor, masks: torch.Tensor,
                   draws: AugmentDraws) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (B,C,S,S) and masks (B,S,S) on any device → their augmented copies on the same device."""
-    images, masks = images.clone(), masks.clone()
-    device = images.device
-    for flag, dim in ((draws.hflip, -1), (draws.vflip, -2)):
-        chosen = _where(flag, device)
-        if len(chosen):
-            images[chosen] = images[chosen].flip(dim)
-            masks[chosen] = masks[chosen].flip(dim)
-    for k in (1, 2, 3):
-        chosen = _where(draws.turns == k, device)
-        if len(chosen):
-            images[chosen] = torch.rot90(images[chosen], k, (-2, -1))
-            masks[chosen] = torch.rot90(masks[chosen], k, (-2, -1))
-    chosen = np.flatnonzero(draws.crop)
-    if len(chosen):
-        index = torch.as_tensor(chosen, device=device)
-        side = images.shape[-1]
-        rows = [crop_axis(int(t), int(h), side, device) for t, h in zip(draws.top[chosen], draws.height[chosen],
-                                                                         strict=True)]
-        cols = [crop_axis(int(t), int(w), side, device) for t, w in zip(draws.left[chosen], draws.width[chosen],
-                                                                        strict=True)]
-        images[index] = resample_images(images[index], rows, cols)
-        masks[index] = resample_masks(masks[index], rows, cols)
+    images, masks = dihedral(images, masks, draws)
+    for j in np.flatnonzero(draws.crop):
+        top, left, height, width = (int(v[j]) for v in (draws.top, draws.left, draws.height, draws.width))
+        images[j], masks[j] = crop_and_scale(images[j], masks[j], top, left, height, width)
     return images, masks
 
 
-@dataclass(frozen=True)
-class AxisMap:
-    """Where one axis of a cropped-and-scaled sample reads from: two neighbours and their bilinear weights (as
-    `F.interpolate(mode="bilinear", align_corners=False)` computes them), and the nearest-exact source."""
-
-    low: torch.Tensor  # (S,) int64
-    high: torch.Tensor
-    w_low: torch.Tensor  # (S,) float32
-    w_high: torch.Tensor
-    nearest: torch.Tensor  # (S,) int64
-
-
-def crop_axis(start: int, length: int, side: int, device: torch.device) -> AxisMap:
-    """The crop [start, start + length) of one axis scaled to `side` pixels."""
-    scale = torch.tensor(length / side, dtype=torch.float32)  # PyTorch's float32 input/output ratio
-    dst = torch.arange(side, dtype=torch.float32)
-    src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
-    low = src.to(torch.int64)
-    high = torch.where(low < length - 1, low + 1, low)
-    w_high = src - low.to(torch.float32)
-    w_low = 1.0 - w_high
-    nearest = torch.floor((dst + 0.5) * scale).to(torch.int64).clamp_max(length - 1)
-    return AxisMap(*(t.to(device) for t in (low + start, high + start, w_low, w_high, nearest + start)))
+def dihedral(images: torch.Tensor, masks: torch.Tensor, draws: AugmentDraws) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flips and quarter turns, as at most 8 group operations: a left-right flip, then an up-down one, then
+    k turns is one of the 8 symmetries of the square, `mirror` (left-right) followed by `turns` quarter turns
+    (an up-down flip is a left-right flip and a half turn; both flips are a half turn)."""
+    mirror = draws.hflip ^ draws.vflip
+    turns = (draws.turns + 2 * draws.vflip) % 4
+    out_images, out_masks = torch.empty_like(images), torch.empty_like(masks)
+    for flip in (False, True):
+        for k in range(4):
+            chosen = np.flatnonzero((mirror == flip) & (turns == k))
+            if not len(chosen):
+                continue
+            index = torch.as_tensor(chosen, device=images.device)
+            image, mask = images.index_select(0, index), masks.index_select(0, index)
+            if flip:
+                image, mask = image.flip(-1), mask.flip(-1)
+            if k:
+                image, mask = torch.rot90(image, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+            out_images.index_copy_(0, index, image)
+            out_masks.index_copy_(0, index, mask)
+    return out_images, out_masks
 
 
-def resample_images(images: torch.Tensor, rows: list[AxisMap], cols: list[AxisMap]) -> torch.Tensor:
-    """Bilinear crop-and-scale of uint8 (b,C,S,S), one crop per sample: x first, then y; rounded back to uint8."""
-    stack = lambda maps, field: torch.stack([getattr(m, field) for m in maps])  # noqa: E731
-    b, c, s, _ = images.shape
-    x = images.float()
-    # along x: (b,C,S,S) columns of each sample's crop
-    x_low, x_high = stack(cols, "low")[:, None, None, :].expand(b, c, s, s), stack(cols, "high")[:, None, None,
-                                                                                               :].expand(b, c, s, s)
-    wx_low, wx_high = stack(cols, "w_low")[:, None, None, :], stack(cols, "w_high")[:, None, None, :]
-    x = x.gather(3, x_low) * wx_low + x.gather(3, x_high) * wx_high
-    # along y
-    y_low, y_high = stack(rows, "low")[:, None, :, None].expand(b, c, s, s), stack(rows, "high")[:, None, :,
-                                                                                               None].expand(b, c, s, s)
-    wy_low, wy_high = stack(rows, "w_low")[:, None, :, None], stack(rows, "w_high")[:, None, :, None]
-    x = x.gather(2, y_low) * wy_low + x.gather(2, y_high) * wy_high
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+def crop_and_scale(image: torch.Tensor, mask: torch.Tensor, top: int, left: int, height: int,
+                   width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's crop scaled back to full size, by `augment_pair`'s own calls (one pair of small kernels per
+    cropped sample: fast on a CPU, and a fraction of a millisecond of launches per batch on a GPU)."""
+    side = tuple(mask.shape)
+    return (resize_image_tensor(image[:, top:top + height, left:left + width], side, antialias=False),
+            resize_mask_tensor(mask[top:top + height, left:left + width], side))
 
 
-def resample_masks(masks: torch.Tensor, rows: list[AxisMap], cols: list[AxisMap]) -> torch.Tensor:
-    """Nearest-exact crop-and-scale of (b,S,S) labels: labels stay labels."""
-    b, s, _ = masks.shape
-    cols_index = torch.stack([m.nearest for m in cols])[:, None, :].expand(b, s, s)
-    rows_index = torch.stack([m.nearest for m in rows])[:, :, None].expand(b, s, s)
-    return masks.gather(2, cols_index).gather(1, rows_index)
-
-
-def _where(flags: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.flatnonzero(flags), device=device)
