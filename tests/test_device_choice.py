@@ -61,7 +61,7 @@ def test_gpus_0_trains_on_the_cpu_in_process_even_where_a_gpu_is_visible(cuda_vi
 def test_a_ray_worker_trains_where_the_launcher_says(cuda_visible, speedup_flags, monkeypatch):
     monkeypatch.setattr("lawder_core.distributed.train.quiet_ray_logs", lambda: None)
     for device, expected in (("cpu", torch.device("cpu")), ("cuda", torch.device("cuda", 0))):
-        monkeypatch.delenv(DEVICE_ENV, raising=False)
+        monkeypatch.setenv(DEVICE_ENV, "auto")  # the worker sets its own; the test's environment comes back
         seen: list[torch.device] = []
         _ray_worker({"fn": probe, "cfg": {"seen": seen}, "device": device})
         assert seen == [expected]
