@@ -8,9 +8,9 @@
 #   SIZE [256]           prepared slices and segmenter training size (a multiple of 32)
 #   JOBS [8]             cases `prepare kits` converts in parallel
 #   LAW_SIZE [128]       diffusion resolution           LAW_PRESET [base]   denoiser UNet: tiny | small | base
-#   LAW_STEPS [30000]    diffusion steps                LAW_BATCH [16]      diffusion batch per worker
+#   LAW_STEPS [30000]    diffusion steps                LAW_BATCH [16]      diffusion batch (global)
 #   SAMPLE_STEPS [50]    DDIM steps of `sample` and of the sweep's scoring samples
-#   EPOCHS [200]         segmenter epochs               BATCH [32]          segmenter batch per worker
+#   EPOCHS [200]         segmenter epochs               BATCH [32]          segmenter batch (global)
 #   TRIALS [4]           sweep trials per clamp range (the built-in space has 4 ranges: 4 x TRIALS trials)
 #   TUNE_SPACE [unset]   a YAML search space replacing the built-in one (`lawder tune --space`)
 #   BUDGET [6]           scoring rounds per trial       ROUND_STEPS [250]   diffusion steps per round

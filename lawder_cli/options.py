@@ -31,7 +31,8 @@ RESUME = typer.Option(False, "--resume", help="Continue what --out already holds
 # min=0: a negative count is refused by the option parser, before anything is imported or started.
 GPUS = typer.Option(0, "--gpus", min=0, help="GPU workers (Ray); 0 runs on the CPU.")
 WORKERS = typer.Option(0, "--workers", min=0,
-                       help="With --gpus 0: 0 runs in this process; N starts N Ray CPU workers (gloo).")
+                       help="With --gpus 0: 0 runs in this process; N starts N Ray CPU workers (gloo). With "
+                            "--gpus G: N workers share the G GPUs (a multiple of G; gloo), e.g. DDP on one GPU.")
 RAY_ADDRESS = typer.Option(None, "--ray-address",
                            help="Join a Ray cluster ('auto' or host:port); default: start a local Ray when needed.")
 WAIT_FOR_RESOURCES = typer.Option(DEFAULT_WAIT_S, "--wait-for-resources", min=0, metavar="SECONDS",

@@ -25,6 +25,8 @@ def predict(
     window: str = typer.Option(None, "--window", help="CT volumes: window LOW,HIGH in HU (default: the training "
                                "data's, else -79,304).", show_default=False),
     mode: str = typer.Option("auto", help="Inference path: auto, eager, channels_last or compile."),
+    device: str = typer.Option("auto", "--device", help="--run: auto (the first GPU when there is one), cpu or "
+                               "cuda (cuda:N for another GPU)."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Input folders: also read symbolic "
                                          "links that lead outside the folder (by default they are left out and "
                                          "listed)."),
@@ -40,6 +42,7 @@ def predict(
     An image or volume that cannot be read or segmented is skipped and the others are written;
     OUT/predict_summary.json lists what was written and skipped (with reasons), and any skip exits 3.
     """
+    from lawder_core.environment import check_device_name
     from lawder_core.errors import UsageError
     from lawder_core.predict import predict_to_folder
     from lawder_core.predict_output import SUMMARY, SkippedInputs
@@ -51,6 +54,9 @@ def predict(
         raise UsageError("give the input once: as the INPUT argument or as --in INPUT.")
     if (run is None) == (onnx is None):
         raise UsageError("give exactly one of --run RUN and --onnx FILE.")
+    check_device_name(device)
+    if onnx is not None and device != "auto":
+        raise UsageError("--device applies to --run; --onnx runs on ONNX Runtime's CPU provider.")
     setup_logging()
     if onnx is not None:
         from lawder_core.export.onnx import onnx_predictor
@@ -59,7 +65,7 @@ def predict(
     try:
         result = predict_to_folder(predictor if onnx is not None else run, input or input_option, out,
                                    split=split, mode=mode, force=force, window=window,
-                                   follow_symlinks=follow_symlinks)
+                                   follow_symlinks=follow_symlinks, device=device)
     except SkippedInputs as partial:  # the summary first (stdout with --json), then the error and exit 3
         report(partial.result, out / SUMMARY, json_out)
         raise

@@ -32,7 +32,8 @@ def train_law(
     out: Path = typer.Option(..., "--out", help="Run folder."),
     size: int = typer.Option(None, "--size", help="Training resolution (default 64)."),
     steps: int = typer.Option(None, "--steps", help="Total optimiser steps (default 2000)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Per-worker batch size (default 8)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="The global batch (default 8): N workers take "
+                                   "batch/N each, so --gpus changes the speed, not the steps or the schedule."),
     lr: float = typer.Option(None, "--lr", help="Denoiser learning rate (default 2e-4)."),
     weighting: str = typer.Option(None, "--weighting", help="uniform | ratio | law (default law)."),
     objective: str = typer.Option(None, "--objective",

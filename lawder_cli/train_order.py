@@ -32,7 +32,8 @@ def train_order(
     synthetic_ratio: float = typer.Option(None, "--synthetic-ratio", help="Synthetic samples per real one."),
     size: int = typer.Option(None, "--size", help="Training size (divisible by 32)."),
     epochs: int = typer.Option(None, "--epochs"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Per-worker batch size."),
+    batch_size: int = typer.Option(None, "--batch-size", help="The global batch (default 16): N workers take "
+                                   "batch/N each, so --gpus changes the speed, not the steps or the schedule."),
     lr: float = typer.Option(None, "--lr"),
     encoder_weights: str = typer.Option(None, "--encoder-weights", help="smp baselines: e.g. imagenet (downloads)."),
     steps: int = typer.Option(None, "--steps", help="Optimiser steps in all (equal budgets across compared runs); "

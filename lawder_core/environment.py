@@ -6,7 +6,7 @@ import importlib.metadata
 import platform
 from typing import TYPE_CHECKING, Any
 
-from lawder_core.errors import EnvironmentProblem
+from lawder_core.errors import EnvironmentProblem, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -41,12 +41,21 @@ def environment_report() -> dict[str, Any]:
     }
 
 
+def check_device_name(device: str) -> None:
+    """auto, cpu, cuda or cuda:N (checked without PyTorch, so a typo is refused before it loads)."""
+    kind, colon, index = str(device).partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N.")
+
+
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     """None or 'auto': the first GPU when there is one; an unavailable 'cuda' is an error, not a silent CPU run."""
     import torch
 
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, torch.device):
+        check_device_name(device)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem(f"--device {device} was asked for but PyTorch sees no GPU.",

@@ -67,22 +67,27 @@ def checkpoint_folder(run: str | os.PathLike) -> Path:
     return segmenter_checkpoint(run)
 
 
-def load_predictor(run: str | os.PathLike, mode: str = "auto", device: str = "cpu") -> Predictor:
+def load_predictor(run: str | os.PathLike, mode: str = "auto", device: str = "auto") -> Predictor:
+    """The run's selected checkpoint on `device` ('auto': the first GPU when there is one); its predict
+    functions take batches on any device and move them to the model's."""
     check_mode(mode)
     folder = checkpoint_folder(run)
-    from lawder_core.metrics.predict import at_size
+    from lawder_core.environment import pick_device
+    from lawder_core.metrics.predict import at_size, on_device
     from lawder_core.models.factory import load_segmenter, read_segmenter_config
     from lawder_core.models.fast import optimize_for_inference
 
-    model = load_segmenter(folder, map_location=device)
+    dev = pick_device(device)
+    model = load_segmenter(folder, map_location=dev)
     config = read_segmenter_config(folder)
     train_cfg = (config.get("extra") or {}).get("train_config") or {}
-    fast = optimize_for_inference(model, mode=mode)
+    network = optimize_for_inference(model, mode=mode)
+    fast = on_device(network, dev)
     size = train_cfg.get("size")
     labels = read_label_map(config.get("extra") or {})
     info = {"run": str(run), "checkpoint": str(folder), "model": config["name"],
             "num_classes": int(config["num_classes"]), "train_size": size,
-            "inference_mode": getattr(fast, "mode", mode), "train_config": train_cfg or None,
+            "inference_mode": getattr(network, "mode", mode), "device": str(dev), "train_config": train_cfg or None,
             "label_map": labels.to_dict() if labels else None}
     return Predictor(predict_fn=at_size(fast, size), at_training_size=fast, size=size,
                      num_classes=int(config["num_classes"]), checkpoint=folder, info=info, label_map=labels)
@@ -196,7 +201,8 @@ def predict_each(predictor: Predictor, items: list[InputItem], images: np.ndarra
 
 def predict_to_folder(predictor: Predictor | str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
                       split: str | None = "test", mode: str = "auto", force: bool = False,
-                      window: tuple[float, float] | str | None = None, follow_symlinks: bool = False) -> dict:
+                      window: tuple[float, float] | str | None = None, follow_symlinks: bool = False,
+                      device: str = "auto") -> dict:
     """Write masks/NAME.png and overlays/NAME.png and OUT/predict_summary.json; returns the summary.
 
     Binary segmenters write 0 (background) / 255 (lesion); multi-class ones write the training data's label
@@ -210,7 +216,8 @@ def predict_to_folder(predictor: Predictor | str | os.PathLike, source: str | os
     input folder's links that lead outside it are followed only with `follow_symlinks`; an input that cannot be
     read or segmented is skipped, and after the summary is written `SkippedInputs` (exit 3) reports it.
 
-    `predictor` is a run folder (loaded on its fastest PyTorch path, `mode`) or a Predictor, e.g. ONNX Runtime's.
+    `predictor` is a run folder (loaded on its fastest PyTorch path, `mode`, on `device`) or a Predictor, e.g.
+    ONNX Runtime's.
     """
     out = Path(out)
     if not Path(source).exists():
@@ -224,7 +231,7 @@ def predict_to_folder(predictor: Predictor | str | os.PathLike, source: str | os
     outcome = Outcome("images")
     items = None if volumes else list_inputs(source, split, follow_symlinks, outcome)
     if not isinstance(predictor, Predictor):
-        predictor = load_predictor(predictor, mode=mode)
+        predictor = load_predictor(predictor, mode=mode, device=device)
     if volumes:
         return predict_volumes(predictor, source, out, window=window, follow_symlinks=follow_symlinks)
     refuse_links([out / SUMMARY] + [out / folder / f"{item.name}.png" for item in items
@@ -232,7 +239,8 @@ def predict_to_folder(predictor: Predictor | str | os.PathLike, source: str | os
     make_output(out, (MASKS, OVERLAYS))
     outcome.total = len(items)
     lesion_pixels = 0
-    result: dict[str, Any] = {"out": str(out), "checkpoint": str(predictor.checkpoint), "mean_lesion_pixels": 0.0}
+    result: dict[str, Any] = {"out": str(out), "checkpoint": str(predictor.checkpoint),
+                              "device": predictor.info.get("device", "cpu"), "mean_lesion_pixels": 0.0}
     import torch
 
     with summary_on_abort(out, outcome, result), torch.inference_mode():

@@ -165,21 +165,53 @@ def sample_pairs(
     check_masks(masks, info.spec.size, len(info.spec.label_names))
     if scheduler is not None:
         check_sampler(info.spec.prediction, scheduler)  # before loading the model
-    import torch
+    return sample_loaded(load_sampler(info, device), masks, steps=steps, scheduler=scheduler, guidance=guidance,
+                         batch_size=batch_size, seed=seed, first_index=first_index, progress=progress)
 
+
+@dataclass(frozen=True)
+class LoadedSampler:
+    """A run's EMA denoiser on its device, ready for any number of `sample_loaded` calls."""
+
+    info: RunInfo
+    denoiser: Denoiser
+    device: torch.device
+
+
+MODEL_LOADS = [0]  # denoisers this process has loaded (a sampling worker should load one, once)
+
+
+def load_sampler(run: str | os.PathLike | RunInfo, device: str | torch.device | None = None) -> LoadedSampler:
+    """Load the run's EMA denoiser once onto `device` (None or 'auto': the first GPU when there is one)."""
     from lawder_core.models.denoiser import load_denoiser
-    from lawder_core.models.recipe import initial_noise
 
+    info = run if isinstance(run, RunInfo) else run_info(run)
     dev = pick_device(device)
     denoiser = load_denoiser(info.model_folder).to(dev).eval()
+    MODEL_LOADS[0] += 1
+    return LoadedSampler(info, denoiser, dev)
+
+
+def sample_loaded(loaded: LoadedSampler, masks: np.ndarray, *, steps: int = 50, scheduler: str | None = None,
+                  guidance: float = 1.0, batch_size: int = 16, seed: int = 0, first_index: int = 0,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """`sample_pairs` with a model already loaded. On a GPU the sampler runs under autocast: bf16 where the GPU
+    runs it natively, else fp16 (`train/amp.py`)."""
+    import torch
+
+    from lawder_core.models.recipe import initial_noise
+    from lawder_core.train.amp import precision
+
+    info, denoiser, dev = loaded.info, loaded.denoiser, loaded.device
+    check_masks(masks, info.spec.size, len(info.spec.label_names))
     shape = denoiser.loss_shape()
     out = np.zeros((len(masks), info.spec.size, info.spec.size, info.spec.image_channels), np.uint8)
-    use_amp = dev.type == "cuda"
+    amp = precision(dev)
     for start in range(0, len(masks), batch_size):
         stop = min(start + batch_size, len(masks))
         batch = torch.from_numpy(masks[start:stop].astype(np.int64)).to(dev)
         noise = initial_noise(shape, seed, range(first_index + start, first_index + stop)).to(dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device_type=dev.type, dtype=amp.dtype, enabled=amp.enabled):
             images = generate(denoiser, batch, noise, steps=steps, scheduler=scheduler, guidance=guidance)
         out[start:stop] = to_uint8(images)
         if progress is not None:

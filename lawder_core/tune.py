@@ -162,28 +162,31 @@ def evaluation_set(cfg: LawTuneConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generation_score(cfg: LawTuneConfig, run: str, terms: dict[str, bool], images: np.ndarray,
-                     masks: np.ndarray) -> dict[str, Any]:
-    """Sample one image per evaluation mask from the run's latest checkpoint and score it."""
+                     masks: np.ndarray, device: str = "auto") -> dict[str, Any]:
+    """Sample one image per evaluation mask from the run's latest checkpoint and score it, all on `device`
+    ('auto': a GPU when there is one)."""
+    from lawder_core.environment import pick_device
     from lawder_core.sample import sample_pairs
 
-    synthetic = sample_pairs(run, masks, steps=cfg.eval_sampling_steps, seed=cfg.seed)
+    device = str(pick_device(device))
+    synthetic = sample_pairs(run, masks, steps=cfg.eval_sampling_steps, seed=cfg.seed, device=device)
     result: dict[str, Any] = {}
     score = 0.0
     if terms["kid"]:
         from lawder_core.metrics.fid import compute_fid_kid
 
         kid = compute_fid_kid(images, synthetic, fid=False, kid=True, weights=cfg.fid_weights,
-                              kid_subset_size=len(masks), allow_download=False).kid
+                              kid_subset_size=len(masks), allow_download=False, device=device).kid
         result["val_kid"] = kid
         score += KID_SCALE * kid
     if terms["adherence"]:
         from lawder_core.metrics.adherence import mask_adherence, segmenter_classes
         from lawder_core.predict import load_predictor
 
-        predictor = load_predictor(cfg.segmenter)  # type: ignore[arg-type]
+        predictor = load_predictor(cfg.segmenter, device=device)  # type: ignore[arg-type]
         classes = segmenter_classes(predictor.label_map, predictor.num_classes, read_info(cfg.data).label_names)
         adherence = mask_adherence(predictor.predict_fn, synthetic, masks, lesion_labels=tune_lesion_labels(cfg),
-                                   classes=classes)["dice_mean"]
+                                   classes=classes, device=device)["dice_mean"]
         result["val_adherence"] = adherence
         score += 1.0 - adherence
     result["val_score"] = score

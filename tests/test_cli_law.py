@@ -170,17 +170,23 @@ def test_missing_data_is_a_data_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # two Ray worker processes importing torch: ~20 s on a shared 2-core machine
 def test_sharded_sampling_on_cpu_workers_equals_one_process(run: tuple[Path, dict], data: Path) -> None:
-    from lawder_core.distributed.sample import sample_distributed
+    from lawder_core.distributed.sample import chunk_ranges, sample_distributed
 
     out, _ = run
     _, masks, _ = load_arrays(data, "train")
+    masks = np.concatenate([masks] * 3)  # chunks of 4 masks: several chunks per worker
     seen: list[int] = []
-    sharded = sample_distributed(out, masks, gpus=0, workers=2, steps=2, batch_size=2, seed=9, progress=seen.append)
-    local = sample_pairs(out, masks, steps=2, batch_size=2, seed=9)
+    stats: dict = {}
+    sharded = sample_distributed(out, masks, gpus=0, workers=2, steps=2, batch_size=1, seed=9, progress=seen.append,
+                                 stats=stats)
+    local = sample_pairs(out, masks, steps=2, batch_size=1, seed=9)
     # Same noise and batches, but a Ray worker runs fewer torch threads than this process, which reorders float
     # sums: the images may differ by a rounding step, never by more.
     assert np.abs(sharded.astype(np.int16) - local.astype(np.int16)).max() <= 2
     assert sum(seen) == len(masks) and len(seen) >= 2
+    # one model load per worker, however many chunks it sampled (a process per chunk would load it each time)
+    assert stats == {"workers": 2, "chunks": len(chunk_ranges(len(masks), 2, 1)), "model_loads": 2}
+    assert stats["chunks"] >= 4
 
 
 def test_chunks_are_whole_batches_covering_every_mask() -> None:

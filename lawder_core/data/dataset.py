@@ -79,6 +79,12 @@ class SegDataset(Dataset):
                 masks[start:start + len(block)] = torch.from_numpy(read_rows(f["masks"], block))
         return images, masks
 
+    def held_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split held in memory (uint8 N×C×H×W images, N×H×W masks, as stored), read now if it was not yet."""
+        if self._cached is None:
+            self._cached = self._read_split()
+        return self._cached
+
     def _raw(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample i of the split as stored, channels first: uint8 C×H×W image and H×W labels."""
         if self.cache:

@@ -2,6 +2,9 @@
 
 `--gpus N` gives N GPU workers (NCCL); `--gpus 0` runs on the CPU with `--workers N` gloo workers.
 `--gpus 0 --workers 0` (the default) runs the same function inside this process: no Ray, no ports, no start-up.
+`--gpus G --workers N` (N a multiple of G) puts N/G workers on each GPU, over gloo (NCCL refuses two ranks on one
+GPU): a way to exercise DDP on a single GPU. Every worker is told its device (`runtime.on_device`): `--gpus 0`
+trains on the CPU even where a GPU is visible. `--batch-size` is the global batch, split evenly over the workers.
 The training function must live in the installed package (workers import it by name) and take
 `(config, report)`; it writes its own run folder, which must be on storage every worker can reach
 (an NFS path) when the run spans several machines.
@@ -26,6 +29,7 @@ from typing import Any
 
 from lawder_core import runs
 from lawder_core.config import with_absolute_paths
+from lawder_core.distributed.shared_storage import remove_marker, write_marker
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
 
@@ -43,7 +47,7 @@ RAY_ENV = {
 @dataclass(frozen=True)
 class LaunchConfig:
     gpus: int = 0
-    workers: int = 0  # CPU workers when gpus == 0; 0 = run in this process
+    workers: int = 0  # CPU workers when gpus == 0 (0 = run in this process); with gpus > 0, workers sharing them
     ray_address: str | None = None  # None: start a local Ray sized to this machine; "auto" or host:port: join
     storage: str | None = None  # Ray's storage_path (shared for multi-node: NFS path or s3://)
     name: str = "lawder"
@@ -53,6 +57,20 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         if self.wait_for_resources < 0:
             raise UsageError("--wait-for-resources must be 0 or more seconds.")
+        if self.gpus > 0 and self.workers > 0 and (self.workers < self.gpus or self.workers % self.gpus):
+            raise UsageError(f"--workers {self.workers} with --gpus {self.gpus}: the workers share the GPUs evenly, "
+                             "so --workers must be a multiple of --gpus.",
+                             f"Use --workers {self.gpus * max(1, self.workers // self.gpus)}, or drop --workers "
+                             "for one worker per GPU.")
+
+    @property
+    def device(self) -> str:
+        """Where every worker trains: 'cuda' with --gpus, else 'cpu' (even where a GPU is visible)."""
+        return "cuda" if self.gpus > 0 else "cpu"
+
+    @property
+    def world_size(self) -> int:
+        return max(self.workers, self.gpus, 1)
 
     def needs(self) -> dict[str, float]:
         """What the worker group asks the cluster for."""
@@ -180,10 +198,18 @@ def quiet_cleaner_crash(default: Callable[[Any], None]) -> Callable[[Any], None]
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: the plain training function with Ray's reporter."""
+    """What each Ray Train worker runs: the plain training function with Ray's reporter, on the device the
+    launcher chose, after checking (on a joined cluster) that it sees the driver's run folder."""
     import ray.train
 
+    from lawder_core.train.runtime import DEVICE_ENV
+
     quiet_ray_logs()
+    os.environ[DEVICE_ENV] = config.get("device", "auto")  # this worker process exists for this training only
+    if config.get("shared_token"):
+        from lawder_core.distributed.shared_storage import check_marker
+
+        check_marker(config["cfg"].out, config["shared_token"])
 
     def report(metrics: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)})
@@ -216,6 +242,9 @@ def scaling_config(launch: LaunchConfig) -> Any:
     if launch.gpus < 0 or launch.workers < 0:
         raise UsageError("--gpus and --workers must be non-negative.")
     if launch.gpus > 0:
+        if launch.workers > launch.gpus:  # several workers on each GPU: a share of it each
+            return ScalingConfig(num_workers=launch.workers, use_gpu=True,
+                                 resources_per_worker={"GPU": launch.gpus / launch.workers})
         return ScalingConfig(num_workers=launch.gpus, use_gpu=True)
     cpus = launch.cpus_per_worker or local_cpus_per_worker(launch)
     resources = {"CPU": cpus} if cpus else None
@@ -259,7 +288,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     and it keeps metrics only beside checkpoints): read results from there.
     """
     if launch.gpus == 0 and launch.workers == 0:
-        return run_here(fn, with_absolute_paths(cfg))
+        return run_here(fn, with_absolute_paths(cfg), launch.device)
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -267,10 +296,12 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     wait_for_resources(launch.ray_address, launch.needs(), launch.wait_for_resources)
     cfg = with_absolute_paths(cfg)
     storage = launch.storage or str(Path(getattr(cfg, "out", ".")).resolve() / "ray")
+    # on a joined cluster every worker must see the run folder the driver reads (distributed/shared_storage.py)
+    token = write_marker(cfg.out) if launch.ray_address is not None and getattr(cfg, "out", None) else None
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"fn": fn, "cfg": cfg},
-        torch_config=TorchConfig(backend="nccl" if launch.gpus > 0 else "gloo"),
+        train_loop_config={"fn": fn, "cfg": cfg, "device": launch.device, "shared_token": token},
+        torch_config=TorchConfig(backend="nccl" if launch.gpus > 0 and launch.workers <= launch.gpus else "gloo"),
         scaling_config=scaling_config(launch),
         run_config=RunConfig(storage_path=storage, name=launch.name),
     )
@@ -342,9 +373,11 @@ def interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
-    """One worker, this process: the CPU default, and what --workers 0 promises. Returns the last report, as
-    Ray's `fit.metrics` would."""
+def run_here(fn: Callable[..., dict[str, Any]], cfg: Any, device: str = "cpu") -> dict[str, Any]:
+    """One worker, this process, on `device`: the CPU default, and what --workers 0 promises. Returns the last
+    report, as Ray's `fit.metrics` would."""
+    from lawder_core.train.runtime import on_device
+
     last: dict[str, Any] = {}
 
     def keep_last(metrics: dict[str, Any]) -> None:
@@ -352,7 +385,8 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
         last.update(metrics)
 
     try:
-        fn(cfg, report=keep_last)
+        with on_device(device):
+            fn(cfg, report=keep_last)
         return last
     except LawderError:
         raise
@@ -363,7 +397,7 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
 
 
 def world_size(launch: LaunchConfig) -> int:
-    return launch.gpus if launch.gpus > 0 else max(launch.workers, 1)
+    return launch.world_size
 
 
 def check_resources(launch_cfg: LaunchConfig) -> None:
@@ -377,6 +411,7 @@ def run_and_summarise(fn: Callable[..., dict[str, Any]], summarise: Callable[[An
     """Open the run folder (refuse, resume or force), train on the workers, write summary.json."""
     runs.open_run(cfg.out, resume=cfg.resume, force=force)
     launch(fn, cfg, launch_cfg)
+    remove_marker(cfg.out)
     summary = summarise(cfg.out)
     runs.write_summary(cfg.out, summary)
     return summary
@@ -386,7 +421,7 @@ def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> d
     """`lawder train-order`: validate, open the run folder, train on the workers, write summary.json."""
     from lawder_core.train.configs import check_seg_config
 
-    check_seg_config(cfg)
+    check_seg_config(cfg, world_size(launch_cfg))
     check_resources(launch_cfg)
     from lawder_core.train.seg import summarise_run, train_segmenter
 

@@ -10,6 +10,10 @@ each trial keeps its state in lawder's own files (`trials/NNNNN-HASH/`: the trai
 JSON lines, `trial.json` once it ended), `--resume` starts a fresh Ray experiment with the same seed (hence the same
 trials in the same order), and each trial replays its recorded reports, returns if it had ended, or continues
 training from its last checkpoint.
+
+A trial trains and scores on the device its resources name: a GPU with `--gpus-per-trial` above 0, else the
+CPU (even where a GPU is visible: Ray's accounting would not know of it). On a joined cluster every trial first
+checks that it sees the sweep folder the driver reads (`shared_storage.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,9 +33,10 @@ import yaml
 
 from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
-from lawder_core.distributed.train import check_local_gpus, ensure_ray, wait_for_resources
+from lawder_core.distributed.shared_storage import check_marker, remove_marker, write_marker
+from lawder_core.distributed.train import check_local_gpus, ensure_ray, find_lawder_error, wait_for_resources
 from lawder_core.environment import DEFAULT_WAIT_S
-from lawder_core.errors import TrainingError, UsageError
+from lawder_core.errors import EnvironmentProblem, TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
 from lawder_core.tune import apply_params, flatten_params
 
@@ -106,10 +112,26 @@ def replaying_reporter(folder: Path) -> tuple[Callable[[dict[str, Any]], None], 
     return report, (folder / ENDED).exists()
 
 
-def order_trial(params: dict[str, Any], base: Any, out: str) -> None:
+def trial_device(opts: TuneOptions) -> str:
+    """Where each trial trains and scores: a GPU when it holds (a share of) one, else the CPU."""
+    return "cuda" if opts.gpus_per_trial > 0 else "cpu"
+
+
+def start_trial(out: str, device: str, shared_token: str | None) -> None:
+    """In the trial's process: train on `device`, and (joined cluster) see the sweep folder the driver reads."""
+    from lawder_core.train.runtime import DEVICE_ENV
+
+    os.environ[DEVICE_ENV] = device
+    if shared_token:
+        check_marker(out, shared_token)
+
+
+def order_trial(params: dict[str, Any], base: Any, out: str, device: str = "auto",
+                shared_token: str | None = None) -> None:
     """One ORDER trial: train_segmenter with the trial's knobs; reports validation Dice every epoch."""
     from lawder_core.train.seg import train_segmenter
 
+    start_trial(out, device, shared_token)
     run = trial_folder(Path(out), params)
     report, ended = replaying_reporter(run)
     if ended:
@@ -118,11 +140,15 @@ def order_trial(params: dict[str, Any], base: Any, out: str) -> None:
     train_segmenter(cfg, report=lambda m: report({"val_dice": m["val_dice"], "epoch": m["epoch"]}))
 
 
-def law_trial(params: dict[str, Any], base: Any, out: str) -> None:
-    """One LAW trial: train_diffusion with a checkpoint per round; each checkpoint is sampled and scored."""
+def law_trial(params: dict[str, Any], base: Any, out: str, device: str = "auto",
+              shared_token: str | None = None) -> None:
+    """One LAW trial: train_diffusion with a checkpoint per round; each checkpoint is sampled and scored on the
+    trial's device."""
     from lawder_core.train.diffusion import train_diffusion
+    from lawder_core.train.runtime import device_kind
     from lawder_core.tune import evaluation_set, generation_score, scoring_terms, training_config
 
+    start_trial(out, device, shared_token)
     cfg = apply_params(base, params)
     run = trial_folder(Path(out), params)
     report, ended = replaying_reporter(run)
@@ -135,7 +161,7 @@ def law_trial(params: dict[str, Any], base: Any, out: str) -> None:
         if "checkpoint" in record:
             # law_departure: how far this trial's map has left the prior (clamp ranges only differ once it has)
             report({"step": record["step"], "law_departure": record.get("law_departure"),
-                    **generation_score(cfg, str(run), terms, images, masks)})
+                    **generation_score(cfg, str(run), terms, images, masks, device=device_kind())})
 
     resume = (run / "metrics.jsonl").exists()
     train_diffusion(training_config(cfg, str(run), resume), report=score_checkpoint)
@@ -181,12 +207,15 @@ def grid_size(space: dict[str, dict[str, Any]], search: str) -> int:
     return math.prod(sizes) if sizes else 1
 
 
-def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Path, opts: TuneOptions) -> Any:
+def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Path, opts: TuneOptions,
+                shared_token: str | None = None) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sweep = sweep_for(kind)
-    trainable = tune.with_resources(tune.with_parameters(sweep.trainable, base=base, out=str(out)),
+    trainable = tune.with_resources(tune.with_parameters(sweep.trainable, base=base, out=str(out),
+                                                         device=trial_device(opts),
+                                                         shared_token=shared_token),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, opts.budget), grace_period=1,
                                reduction_factor=2) if opts.scheduler == "asha" else FIFOScheduler())
@@ -274,11 +303,17 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
     wait_for_resources(opts.ray_address, trial_needs, opts.wait_for_resources)
     base = with_absolute_paths(base)
     sweep = sweep_for(kind)
-    grid = build_tuner(kind, base, space, out, opts).fit()
+    token = write_marker(out) if opts.ray_address is not None else None
+    grid = build_tuner(kind, base, space, out, opts, token).fit()
+    remove_marker(out)
     mark_ended(grid, out)
     table = results_table(grid, sweep)
     rows = [row for row, _ in table]
     if not rows or rows[0][f"best_{sweep.metric}"] is None:
+        storage = next((e for e in (find_lawder_error(r.error) for r in grid if r.error)
+                        if isinstance(e, EnvironmentProblem)), None)
+        if storage is not None:  # e.g. the sweep folder not shared with the trials' machines
+            raise storage
         errors = {r["error"] for r in rows if r["error"]}
         raise TrainingError(f"no trial of the sweep reported {sweep.metric}.",
                             f"Trial errors: {sorted(errors)[:3]}" if errors else "Check the trial logs in " + str(out))

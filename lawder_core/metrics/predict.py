@@ -35,6 +35,17 @@ def logits_to_labels(logits: torch.Tensor, size: tuple[int, int], threshold: flo
     return logits.argmax(dim=1).to(torch.uint8)
 
 
+def on_device(predict_fn: PredictFn, device: torch.device) -> PredictFn:
+    """A predict_fn for a model on `device` that takes batches from anywhere (the callers build them on the CPU)."""
+    if device.type == "cpu":
+        return predict_fn
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        return predict_fn(batch.to(device, non_blocking=True))
+
+    return predict
+
+
 def at_size(predict_fn: PredictFn, size: int | None) -> PredictFn:
     """A predict_fn for images of any size, for a network trained at `size`×`size`.
 

@@ -28,12 +28,23 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        """One step towards `module`'s weights; its buffers are copied.
+
+        Multi-tensor (`torch._foreach_*`) kernels: a denoiser has hundreds of tensors, and one launch per tensor
+        and operation would cost a GPU step more than the arithmetic does."""
         self.num_updates += 1
         weight = 1 - self.current_decay()
-        for shadow, live in zip(self.shadow.parameters(), module.parameters(), strict=True):
-            shadow.lerp_(live.detach().to(shadow.dtype), weight)
-        for shadow, live in zip(self.shadow.buffers(), module.buffers(), strict=True):
-            shadow.copy_(live)
+        shadows, lives = list(self.shadow.parameters()), [p.detach() for p in module.parameters()]
+        if len(shadows) != len(lives):
+            raise ValueError(f"EMA of {len(shadows)} parameters updated from a module with {len(lives)}")
+        lives = [live.to(shadow.dtype) for shadow, live in zip(shadows, lives, strict=True)]
+        if shadows:
+            torch._foreach_lerp_(shadows, lives, weight)
+        buffers, live_buffers = list(self.shadow.buffers()), list(module.buffers())
+        if len(buffers) != len(live_buffers):
+            raise ValueError(f"EMA of {len(buffers)} buffers updated from a module with {len(live_buffers)}")
+        if buffers:
+            torch._foreach_copy_(buffers, live_buffers)
 
     def to(self, device: torch.device | str) -> EMA:
         self.shadow.to(device)

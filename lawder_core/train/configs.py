@@ -25,6 +25,21 @@ from lawder_core.models.configs import PRESETS, WEIGHTINGS, LAWConfig, OrderConf
 log = logging.getLogger(__name__)
 
 MAX_SIZE = 1024
+AMP_DTYPES = ("auto", "bf16", "fp16")  # auto: bf16 where the GPU runs it natively, else fp16 (train/amp.py)
+
+
+def check_amp_dtype(wanted: str) -> None:
+    if wanted not in AMP_DTYPES:
+        raise UsageError(f"amp_dtype {wanted!r}: expected one of {', '.join(AMP_DTYPES)}.")
+
+
+def worker_batch_size(batch_size: int, world_size: int) -> int:
+    """--batch-size is the global batch: each of `world_size` workers takes an equal share of it."""
+    if world_size > 1 and batch_size % world_size:
+        nearest = max(1, batch_size // world_size) * world_size
+        raise UsageError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
+                         f"{world_size} workers.", f"Use a multiple of {world_size}, e.g. --batch-size {nearest}.")
+    return max(1, batch_size // max(world_size, 1))
 
 
 # ---------------------------------------------------------------- segmenters
@@ -58,19 +73,23 @@ class SegTrainConfig:
     adapter_lr_scale: float = 0.5  # joint ORDER training: the adapter's lr is lr × this ...
     adapter_warmup_epochs: int = 2  # ... reached by a linear warm-up over these epochs
     encoder_weights: str | None = None
+    # DataLoader processes, for what is not held in memory (a training split that is goes through DeviceBatches)
     loader_workers: int = 0  # lzf HDF5 reads are fast; extra DataLoader processes are slower on 2 cores
-    amp: bool = True  # bf16 autocast on GPUs only
+    amp: bool = True  # autocast on GPUs only
+    amp_dtype: str = "auto"  # auto (bf16 where native, else fp16 with a grad scaler) | bf16 | fp16
     max_steps_per_epoch: int | None = None
     resume: bool = False
 
 
-def check_seg_config(cfg: SegTrainConfig) -> None:
+def check_seg_config(cfg: SegTrainConfig, world_size: int = 1) -> None:
     """Fail before starting workers (and before --force deletes anything) on what can be known up front."""
     check_model_name(cfg.model)
+    check_amp_dtype(cfg.amp_dtype)
     if cfg.size % 32:
         raise UsageError(f"--size {cfg.size} must be divisible by 32 (the U-Nets downsample 5 times).")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1.")
+    worker_batch_size(cfg.batch_size, world_size)
     if cfg.steps is not None and cfg.steps < 1:
         raise UsageError(f"--steps {cfg.steps} must be at least 1.")
     if cfg.select not in runs.SELECTIONS:
@@ -137,7 +156,8 @@ def planned_steps_per_epoch(cfg: SegTrainConfig, world_size: int = 1) -> int:
     if cfg.synthetic and cfg.synthetic_ratio > 0:
         n += min(len(split_indices(cfg.synthetic, None)), int(round(cfg.synthetic_ratio * n)))
     per_worker = math.ceil(n / world_size)
-    steps = per_worker // cfg.batch_size if n > cfg.batch_size * world_size else math.ceil(per_worker / cfg.batch_size)
+    batch = worker_batch_size(cfg.batch_size, world_size)
+    steps = per_worker // batch if n > cfg.batch_size else math.ceil(per_worker / batch)
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
     return max(steps, 1)
@@ -153,7 +173,7 @@ class DiffusionTrainConfig:
     split: str = "train"
     size: int = 64
     steps: int = 2000
-    batch_size: int = 8  # per worker
+    batch_size: int = 8  # the global batch: each of N workers takes batch_size / N
     lr: float = 2e-4  # the denoiser's AdamW (the field uses 1e-5 for ControlNet on SD 1.5)
     lr_warmup_steps: int = 100  # linear warm-up of the denoiser's learning rate
     weight_decay: float = 1e-2
@@ -185,7 +205,8 @@ class DiffusionTrainConfig:
     preview_count: int = 4
     preview_steps: int = 25
     num_workers: int = 0  # DataLoader workers
-    amp: bool = True  # autocast on GPU (bf16 where supported, else fp16 with a grad scaler)
+    amp: bool = True  # autocast on GPU
+    amp_dtype: str = "auto"  # auto (bf16 where native, else fp16 with a grad scaler) | bf16 | fp16
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -203,6 +224,7 @@ class DiffusionTrainConfig:
         if self.backbone == "controlnet" and self.prediction not in (None, "epsilon"):
             raise UsageError("the controlnet backbone keeps its checkpoint's epsilon target.",
                              "Pass --prediction epsilon with --backbone controlnet.")
+        check_amp_dtype(self.amp_dtype)
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UsageError(f"snr_gamma must be positive (or None to switch Min-SNR off), got {self.snr_gamma}.")
 
@@ -244,10 +266,11 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
     check_size(cfg)
     check_init_from(cfg)
     run_lesion_labels(cfg, info.label_names)
+    batch = worker_batch_size(cfg.batch_size, world_size)
     per_worker = n // max(world_size, 1)
-    if per_worker < cfg.batch_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {per_worker} training samples each of "
-                         f"the {world_size} worker(s) sees.", "Lower --batch-size or use fewer workers.")
+    if per_worker < batch:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training samples.",
+                         "Lower --batch-size.")
     if cfg.size > max(info.height, info.width):
         log.warning("--size %d is larger than the data (%d×%d): images are upsampled.", cfg.size, info.height,
                     info.width)

@@ -26,6 +26,7 @@ logged, so arms can be checked for how often the rule bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lawder_core import runs
 from lawder_core.config import build_config, to_dict
@@ -74,13 +75,15 @@ from lawder_core.models.recipe import (
     initial_noise,
     noised_batch,
 )
-from lawder_core.train.configs import DiffusionTrainConfig, init_checkpoint, run_lesion_labels
+from lawder_core.train.amp import precision
+from lawder_core.train.configs import DiffusionTrainConfig, init_checkpoint, run_lesion_labels, worker_batch_size
 from lawder_core.train.runtime import (
     Reporter,
     WorkerContext,
     barrier,
     check_finite,
     no_report,
+    optimizer_options,
     set_sampler_epoch,
     train_sampler,
     worker_context,
@@ -112,19 +115,37 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed(key)
 
 
+class EpochOrder(Sampler[int]):
+    """The indices of the current epoch, replaced between epochs: one DataLoader (and its worker processes)
+    serves the whole run."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 def batches(dataset: SegDataset, ctx: WorkerContext, cfg: DiffusionTrainConfig, start_step: int):
-    """Endless batches; on resume the first epoch skips the batches already seen (indices only, no loading)."""
+    """Endless batches; on resume the first epoch skips the batches already seen (indices only, no loading).
+
+    --batch-size is the global batch: each worker draws its share of it from its own shard of the data."""
     sampler = train_sampler(dataset, ctx, cfg.seed)
-    per_epoch = len(sampler) // cfg.batch_size  # type: ignore[arg-type]
+    batch = worker_batch_size(cfg.batch_size, ctx.world_size)
+    per_epoch = len(sampler) // batch  # type: ignore[arg-type]
     if per_epoch == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(sampler)} training samples "  # type: ignore[arg-type]
-                         "each worker sees.", "Lower --batch-size or use fewer workers.")
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training samples.",
+                         "Lower --batch-size.")
     epoch, skip = divmod(start_step, per_epoch)
+    order = EpochOrder()
+    loader = DataLoader(dataset, batch_size=batch, sampler=order, drop_last=True, num_workers=cfg.num_workers,
+                        persistent_workers=cfg.num_workers > 0, pin_memory=ctx.device.type == "cuda")
     while True:
         set_sampler_epoch(sampler, epoch, cfg.seed)
-        order = list(sampler)[skip * cfg.batch_size:]
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,  # type: ignore[arg-type]
-                            num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda")
+        order.order = list(sampler)[skip * batch:]
         yield from loader
         epoch, skip = epoch + 1, 0
 
@@ -142,9 +163,9 @@ def random_hflip(images: Tensor, masks: Tensor, g: torch.Generator) -> tuple[Ten
 
 
 def amp_settings(cfg: DiffusionTrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    if not (cfg.amp and device.type == "cuda"):
-        return False, torch.float32
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """Autocast on or off, and its type: bf16 where the GPU runs it natively, else fp16 (`train/amp.py`)."""
+    amp = precision(device, cfg.amp, cfg.amp_dtype)
+    return amp.enabled, amp.dtype
 
 
 @dataclass
@@ -190,11 +211,11 @@ def build_trainer(cfg: DiffusionTrainConfig, ctx: WorkerContext, spec: DenoiserS
     law = LAW(denoiser.feature_channels, cfg.law).to(ctx.device) if cfg.weighting == "law" else None
     grabber = FeatureGrabber(denoiser.feature_module(cfg.law.feature_module)) if law is not None else None
     params = [p for p in denoiser.trainable_module().parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_options(ctx.device))
     warm = max(cfg.lr_warmup_steps, 1)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-    law_optimizer = (torch.optim.AdamW(law.parameters(), lr=cfg.law.lr, weight_decay=cfg.law.weight_decay)
-                     if law is not None else None)
+    law_optimizer = (torch.optim.AdamW(law.parameters(), lr=cfg.law.lr, weight_decay=cfg.law.weight_decay,
+                                       **optimizer_options(ctx.device)) if law is not None else None)
     use_amp, amp_dtype = amp_settings(cfg, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     trainer = Trainer(cfg, ctx, denoiser, denoiser, ema, optimizer, lr_schedule, scaler, law, law, law_optimizer,
@@ -246,9 +267,9 @@ def law_row_weight(cfg: DiffusionTrainConfig, denoiser: Denoiser, batch: NoisedB
     return None
 
 
-def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> tuple[LossTerms, float]:
+def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> tuple[LossTerms, Tensor]:
     """One optimiser step of the denoiser (and LAW once active); returns the loss terms and the denoiser's
-    gradient norm before clipping."""
+    gradient norm before clipping (a tensor: read at the log line, not at every step)."""
     cfg, ctx, denoiser = tr.cfg, tr.ctx, tr.denoiser
     images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
     g = step_generator(cfg.seed, step, ctx.rank, ctx.device)
@@ -279,7 +300,6 @@ def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> tupl
                                     law=tr.law_model, features=features, timesteps=batch.model_timesteps,
                                     active=active, config=cfg.law, keep=~drop, time_weight=time_weight,
                                     law_row_weight=law_row_weight(cfg, denoiser, batch), influence=influence)
-    check_finite(terms.total, step)
     optimizers = [tr.optimizer] + ([tr.law_optimizer] if active and tr.law_optimizer is not None else [])
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -296,14 +316,17 @@ def training_step(tr: Trainer, images: Tensor, masks: Tensor, step: int) -> tupl
     tr.scaler.update()
     tr.lr_schedule.step()
     tr.ema.update(denoiser.trainable_module())
-    return terms, float(grad_norm)
+    return terms, grad_norm.detach()
 
 
 # ---------------------------------------------------------------- metrics
 
 
 class Window:
-    """Running sums of the logged quantities between two log lines (NaN entries are skipped)."""
+    """Running sums of the logged quantities between two log lines (NaN entries are skipped).
+
+    `add` only keeps the step's (detached) tensors; they are read when the line is logged, so a step never
+    waits for the GPU to report its numbers."""
 
     # averaged; w_max is the largest weight seen. lesion_frac: the share of loss-space pixels that are lesion
     # (the lesion labels'), what LAW's ratio prior is computed from. clipped: the share of steps whose gradient
@@ -318,8 +341,24 @@ class Window:
         self.w_max = 0.0
         self.tic = time.perf_counter()
         self.steps = 0
+        self.pending: list[tuple[Any, ...]] = []
 
-    def add(self, terms: LossTerms, lesion: Tensor, grad_norm: float = float("nan")) -> None:
+    def add(self, *step_values: Any) -> None:
+        self.pending.append(tuple(detached(v) for v in step_values))
+
+    def check_finite(self, step: int) -> None:
+        """A diverged run stops at the log line, before its checkpoint is written."""
+        totals = [values[0].total for values in self.pending]
+        if totals:
+            check_finite(torch.stack([t.float() for t in totals]).sum(), step)
+
+    def flush(self) -> None:
+        for values in self.pending:
+            self.accumulate(*values)
+        self.pending = []
+
+    def accumulate(self, terms: LossTerms, lesion: Tensor, grad_norm: Tensor | float = float("nan")) -> None:
+        grad_norm = float(grad_norm)
         stats = weight_stats(terms.weights, lesion)
         self.w_max = max(self.w_max, stats.pop("w_max"))
         optional = {"law_objective": terms.law_objective, "law_departure": terms.departure}
@@ -334,6 +373,7 @@ class Window:
         self.steps += 1
 
     def summary(self, ctx: WorkerContext) -> dict[str, float | None]:
+        self.flush()
         totals = torch.tensor([self.sums[k] for k in self.KEYS] + [self.counts[k] for k in self.KEYS],
                               dtype=torch.float64, device=ctx.device)
         w_max = torch.tensor([self.w_max], dtype=torch.float64, device=ctx.device)
@@ -346,6 +386,16 @@ class Window:
         out["w_max"] = float(w_max)
         out["sec_per_step"] = (time.perf_counter() - self.tic) / max(self.steps, 1)
         return out
+
+
+def detached(value: Any) -> Any:
+    """A tensor, or a dataclass of tensors (LossTerms), without its autograd graph."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: detached(getattr(value, f.name)) for f in dataclasses.fields(value)
+                                 if isinstance(getattr(value, f.name), Tensor)})
+    return value
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -493,7 +543,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
     data = batches(dataset, ctx, cfg, start)
     tr.model.train()
     for step in range(start, cfg.steps):
-        images, masks = next(data)
+        images, masks = (x.to(ctx.device, non_blocking=True) for x in next(data))  # once: the step and the log
         terms, grad_norm = training_step(tr, images, masks, step)
         map_size = terms.weights.shape[-2:] if terms.weights is not None else masks.shape[-2:]
         window.add(terms, lesion_at(masks.to(ctx.device), tuple(map_size), tr.lesion_labels), grad_norm)
@@ -501,6 +551,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, report: Reporter = no_report) -> 
         saved = due(done, cfg.save_every, cfg.steps)
         if not (saved or due(done, cfg.log_every, cfg.steps)):
             continue
+        window.check_finite(done)
         record: dict[str, Any] = {"step": done, **window.summary(ctx), "lr": tr.lr_schedule.get_last_lr()[0],
                                   "law_active": tr.law is not None and law_active(step, cfg.steps, cfg.law)}
         if ctx.is_main:

@@ -70,11 +70,14 @@ def multiclass_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor
     return ce + (1.0 - soft_dice).mean()
 
 
-def resize_classes(classes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B,H,W) class indices at a coarser `size`: the class covering most of each output pixel's area."""
+def resize_classes(classes: torch.Tensor, size: tuple[int, int], num_classes: int | None = None) -> torch.Tensor:
+    """(B,H,W) class indices at a coarser `size`: the class covering most of each output pixel's area.
+
+    Give `num_classes` in a training step: without it the count is read from the data, a wait for the GPU."""
     if tuple(classes.shape[-2:]) == tuple(size):
         return classes
-    one_hot = F.one_hot(classes, int(classes.max()) + 1).permute(0, 3, 1, 2).float()
+    count = num_classes if num_classes is not None else int(classes.max()) + 1
+    one_hot = F.one_hot(classes, count).permute(0, 3, 1, 2).float()
     return F.interpolate(one_hot, size=size, mode="area").argmax(dim=1)
 
 
@@ -135,7 +138,7 @@ def multiclass_segmentation_loss(logits: torch.Tensor, aux_list: Sequence[torch.
     """
     loss = multiclass_loss(logits, classes)
     for aux, weight in zip(aux_list, weights, strict=True):
-        small = resize_classes(classes, aux.shape[-2:])
+        small = resize_classes(classes, aux.shape[-2:], logits.shape[1])
         if aux.shape[1] == logits.shape[1]:
             loss = loss + weight * multiclass_loss(aux, small)
         else:

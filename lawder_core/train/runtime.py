@@ -4,13 +4,19 @@ The same plain-PyTorch loop runs in three places: called directly (tests, one pr
 Train worker (DDP over gloo or NCCL, set up by Ray before the loop starts), or inside a Ray Tune trial.
 The loop asks this module for its rank and device, wraps its model with `wrap_model`, and reports metrics
 through the `Reporter` it was given; it never touches Ray itself.
+
+The device is the launcher's decision, not the worker's: the launcher sets LAWDER_DEVICE (`cpu` or `cuda`) in
+every process it trains in (`on_device`), so `--gpus 0` stays on the CPU even where a GPU is visible (Ray leaves
+CUDA_VISIBLE_DEVICES alone for workers that asked for no GPU). Unset, as when a loop is called directly, the
+first visible GPU is used when there is one.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +25,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
 
-from lawder_core.errors import TrainingError
+from lawder_core.errors import EnvironmentProblem, TrainingError, UsageError
 
 Reporter = Callable[[dict[str, Any]], None]
+
+DEVICE_ENV = "LAWDER_DEVICE"
+DEVICE_KINDS = ("auto", "cpu", "cuda")
 
 
 def no_report(metrics: dict[str, Any]) -> None:
@@ -44,18 +53,67 @@ class WorkerContext:
 
 
 def worker_context() -> WorkerContext:
-    """Rank, world size and device of this process (rank 0 of 1 on the CPU when not distributed)."""
+    """Rank, world size and device of this process (rank 0 of 1 when not distributed).
+
+    The device kind comes from LAWDER_DEVICE (see the module docstring); a CUDA worker takes the GPU of its
+    local rank among the visible ones, and gets cuDNN's autotuner and TF32 matmuls.
+    """
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    if torch.cuda.is_available() and os.environ.get("LAWDER_FORCE_CPU") != "1":
+    if device_kind() == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+        enable_cuda_speedups()
     else:
         device = torch.device("cpu")
     return WorkerContext(rank=rank, world_size=world, device=device)
+
+
+def device_kind() -> str:
+    """'cpu' or 'cuda': what the launcher told this process (LAWDER_DEVICE), else CUDA when PyTorch sees one."""
+    kind = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if kind not in DEVICE_KINDS:
+        raise UsageError(f"{DEVICE_ENV}={kind!r}: expected one of {', '.join(DEVICE_KINDS)}.")
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem("this worker was given a GPU, but PyTorch sees none here.",
+                                 "Check `lawder env` on that machine (a CUDA build of PyTorch, a visible GPU), "
+                                 "or train on the CPU with --gpus 0.")
+    return kind
+
+
+@contextmanager
+def on_device(kind: str) -> Iterator[None]:
+    """Train in this process on `kind` ('cpu' or 'cuda'): what `worker_context` will pick until the block ends."""
+    if kind not in DEVICE_KINDS:
+        raise UsageError(f"unknown device {kind!r}; expected one of {', '.join(DEVICE_KINDS)}.")
+    before = os.environ.get(DEVICE_ENV)
+    os.environ[DEVICE_ENV] = kind
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DEVICE_ENV, None)
+        else:
+            os.environ[DEVICE_ENV] = before
+
+
+def enable_cuda_speedups() -> None:
+    """cuDNN picks the fastest convolution for each input shape (training shapes repeat), and float32 matmuls and
+    convolutions use TF32 tensor cores: ~10 bits of mantissa in the products, far below what training notices."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def optimizer_options(device: torch.device) -> dict[str, Any]:
+    """Keyword arguments for AdamW on `device`: the fused CUDA kernel (one launch per step instead of several per
+    parameter) on a GPU, PyTorch's default elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {}
 
 
 def wrap_model(model: nn.Module, ctx: WorkerContext) -> nn.Module:

@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader
 from lawder_core import runs
 from lawder_core.config import to_dict
 from lawder_core.data.dataset import SegDataset, set_dataset_epoch, to_model_input, with_synthetic
+from lawder_core.data.device_batches import DeviceBatches, supports
 from lawder_core.data.h5 import read_info
 from lawder_core.data.labels import LabelMap, label_map
 from lawder_core.errors import DataError
 from lawder_core.models.factory import build_segmenter, load_segmenter, save_segmenter
 from lawder_core.models.order import is_adapter_parameter
-from lawder_core.train.configs import SegTrainConfig, training_indices, validation_indices
+from lawder_core.train.amp import Precision, precision
+from lawder_core.train.configs import SegTrainConfig, training_indices, validation_indices, worker_batch_size
 from lawder_core.train.losses import boundary_kernel, segmentation_loss
 from lawder_core.train.plots import plot_curves
 from lawder_core.train.runtime import (
@@ -36,6 +38,7 @@ from lawder_core.train.runtime import (
     check_finite,
     mean_across_workers,
     no_report,
+    optimizer_options,
     set_sampler_epoch,
     train_sampler,
     unwrap_model,
@@ -92,7 +95,9 @@ def run_label_map(cfg: SegTrainConfig) -> LabelMap:
     return label_map(read_info(cfg.data).label_names, cfg.labels)
 
 
-def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader, DataLoader, Any]:
+def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader | DeviceBatches, DataLoader, Any]:
+    """Training batches from `DeviceBatches` (gathered and augmented whole, on the training device) when the
+    training set is held in memory, else from a DataLoader; validation batches from a DataLoader."""
     # uint8 batches: a quarter of the bytes through loader workers and to the GPU (converted on the device)
     real = SegDataset(cfg.data, "train", size=cfg.size, augment=cfg.augment, seed=cfg.seed + ctx.rank, raw=True,
                       indices=training_indices(cfg))
@@ -105,9 +110,15 @@ def build_loaders(cfg: SegTrainConfig, ctx: WorkerContext) -> tuple[DataLoader, 
         log.warning("%s has no validation split; validating on the training split", cfg.data)
     sampler = train_sampler(train_set, ctx, cfg.seed)
     pin = ctx.device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train_set) >
-                              cfg.batch_size * ctx.world_size, num_workers=cfg.loader_workers, pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=pin)
+    batch = worker_batch_size(cfg.batch_size, ctx.world_size)  # --batch-size is the global batch
+    drop_last = len(train_set) > cfg.batch_size
+    train_loader: DataLoader | DeviceBatches
+    if supports(train_set):
+        train_loader = DeviceBatches(train_set, sampler, batch, drop_last, ctx.device)
+    else:
+        train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=drop_last,
+                                  num_workers=cfg.loader_workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=batch, num_workers=cfg.loader_workers, pin_memory=pin)
     return train_loader, val_loader, sampler
 
 
@@ -133,8 +144,9 @@ def training_budget(cfg: SegTrainConfig, loader: DataLoader) -> Budget:
 
 
 def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
-    """Load `last/` into model, optimiser and scheduler; returns (next epoch, best Dice so far).
+            scheduler: torch.optim.lr_scheduler.LRScheduler,
+            scaler: torch.amp.GradScaler | None = None) -> tuple[int, float]:
+    """Load `last/` into model, optimiser, scheduler (and fp16 grad scaler); returns (next epoch, best Dice so far).
 
     The model must already be on its device: the optimiser's state is loaded onto its parameters' devices.
     """
@@ -150,6 +162,8 @@ def restore(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler.last_epoch = int(state["scheduler"]["last_epoch"])
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
             group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return int(state["epoch"]) + 1, float(state["best_dice"])
 
 
@@ -161,27 +175,32 @@ def aux_loss_weights(model: torch.nn.Module, count: int, cfg: SegTrainConfig) ->
 
 
 def train_one_epoch(model, loader, optimizer, cfg: SegTrainConfig, ctx: WorkerContext, epoch: int,
-                    lookup: torch.Tensor, steps: int, kernel: int) -> float:
+                    lookup: torch.Tensor, steps: int, kernel: int, amp: Precision | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> float:
     """`steps` optimiser steps over `loader`; returns the mean loss (accumulated on the device: no host sync
-    per step; a non-finite loss is caught once per epoch, before the checkpoint is written)."""
+    per step; a non-finite loss is caught once per epoch, before the checkpoint is written).
+
+    `amp` is the autocast type (default: the run's, for this device); an fp16 run's `scaler` scales the loss."""
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     done = 0
-    use_amp = cfg.amp and ctx.device.type == "cuda"
+    amp = amp if amp is not None else precision(ctx.device, cfg.amp, cfg.amp_dtype)
+    scaler = scaler if scaler is not None else amp.grad_scaler()
     weights: list[float] | None = None
     train_mode(model, cfg)
     for step, (image, mask) in enumerate(loader):
         if step >= steps:
             break
         image, mask = to_model_input(image, mask, ctx.device)
-        with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device_type=ctx.device.type, dtype=amp.dtype, enabled=amp.enabled):
             logits, aux = model(image, return_aux=True)
         if weights is None:
             weights = aux_loss_weights(unwrap_model(model), len(aux), cfg)
         target = model_target(class_target(mask, lookup), logits.shape[1])
         loss = segmentation_loss(logits.float(), [a.float() for a in aux], target, weights, kernel)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total += loss.detach()
         done += 1
     mean = total / max(done, 1)
@@ -215,7 +234,8 @@ def build_optimizer(model: torch.nn.Module, cfg: SegTrainConfig, epochs: int
     if adapter:
         scale = 1.0 if cfg.freeze_trunk else cfg.adapter_lr_scale
         groups.append({"params": adapter, "lr": cfg.lr * scale, "adapter": True})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device = next(model.parameters()).device  # the model is on its device before its optimiser exists
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_options(device))
 
     def cosine(epoch: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
@@ -265,7 +285,9 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
     # On its device before the optimiser exists: restored optimiser state lands on the parameters' device.
     model = model.to(ctx.device)
     optimizer, scheduler = build_optimizer(model, cfg, budget.epochs)
-    start, best = restore(out, model, optimizer, scheduler) if cfg.resume else (0, -1.0)
+    amp = precision(ctx.device, cfg.amp, cfg.amp_dtype)
+    scaler = amp.grad_scaler()
+    start, best = restore(out, model, optimizer, scheduler, scaler) if cfg.resume else (0, -1.0)
     model = wrap_model(model, ctx)
     kernel = boundary_kernel(cfg.size)
     if ctx.is_main:
@@ -281,7 +303,7 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
         set_dataset_epoch(train_loader.dataset, epoch)
         tic = time.perf_counter()
         steps = budget.steps_in(epoch)
-        loss = train_one_epoch(model, train_loader, optimizer, cfg, ctx, epoch, lookup, steps, kernel)
+        loss = train_one_epoch(model, train_loader, optimizer, cfg, ctx, epoch, lookup, steps, kernel, amp, scaler)
         scheduler.step()
         loss = mean_across_workers(loss, ctx)
         done = min(budget.total, (epoch + 1) * budget.per_epoch)
@@ -290,7 +312,7 @@ def train_segmenter(cfg: SegTrainConfig, report: Reporter = no_report) -> dict[s
         if ctx.is_main:
             plain = unwrap_model(model)
             dice = validate(plain, val_loader, lookup, ctx.device)
-            best = save_epoch(out, plain, optimizer, scheduler, cfg, epoch, dice, best, labels)
+            best = save_epoch(out, plain, optimizer, scheduler, cfg, epoch, dice, best, labels, scaler)
             metrics.update(val_dice=dice, best_dice=best, seconds=time.perf_counter() - tic)
             runs.append_metrics(out, metrics)
             plot_curves(out / runs.METRICS, out / "curves.png", ["train_loss", "val_dice"])
@@ -320,7 +342,7 @@ def evaluate_start(out: Path, model: torch.nn.Module, val_loader: DataLoader, lo
 
 
 def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: SegTrainConfig, epoch: int,
-               dice: float, best: float, labels: LabelMap) -> float:
+               dice: float, best: float, labels: LabelMap, scaler: torch.amp.GradScaler | None = None) -> float:
     extra = {"epoch": epoch, "val_dice": dice, "train_config": to_dict(cfg), "label_map": labels.to_dict()}
     if dice > best:
         best = dice
@@ -330,8 +352,11 @@ def save_epoch(out: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Seg
     # last/ is committed after best/, so a run killed in between resumes without losing the best checkpoint.
     tmp = runs.new_checkpoint(out, runs.LAST)
     save_segmenter(model, tmp, extra=extra)
-    runs.save_state(tmp, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "epoch": epoch, "best_dice": best})
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+             "best_dice": best}
+    if scaler is not None and scaler.is_enabled():  # fp16: the loss scale it has found continues on --resume
+        state["scaler"] = scaler.state_dict()
+    runs.save_state(tmp, state)
     runs.commit_checkpoint(tmp, out, runs.LAST, {"epoch": epoch, "val_dice": dice, "best_dice": best})
     return best
 
