@@ -108,24 +108,34 @@ class ColourModel:
 
 
 def fit_colour_model(images: np.ndarray, lesions: np.ndarray) -> ColourModel:
-    """Fisher's linear discriminant on the real pairs' pixels: lesion pixels against the pixels beyond the ring."""
-    inside, beyond = [], []
+    """Fisher's linear discriminant on the real pairs' pixels: lesion pixels against the pixels beyond the ring.
+
+    The class means and covariances are accumulated image by image (counts, sums, sums of outer products), so a
+    large reference set never holds all its pixels at once.
+    """
+    channels = as_float(images[0]).shape[-1]
+    count = {True: 0, False: 0}
+    total = {True: np.zeros(channels), False: np.zeros(channels)}
+    outer = {True: np.zeros((channels, channels)), False: np.zeros((channels, channels))}
     for image, lesion in zip(images, lesions, strict=True):
         if not lesion.any():
             continue
         _, outside = lesion_regions(lesion)
         x = as_float(image)
         x = x - np.median(x[outside], axis=0)
-        inside.append(x[lesion])
-        beyond.append(x[outside])
-    if not inside:
+        for side, where in ((True, lesion), (False, outside)):
+            v = x[where]
+            count[side] += len(v)
+            total[side] += v.sum(0)
+            outer[side] += v.T @ v
+    if not count[True] or not count[False]:
         raise DataError("the real reference pairs have no lesion pixels: judge-free adherence has nothing to learn "
                         "lesion colours from.", "Pass --real pairs whose masks contain the lesion labels.")
-    a, b = np.concatenate(inside), np.concatenate(beyond)
-    pooled = (np.cov(a, rowvar=False, bias=True).reshape(a.shape[1], a.shape[1]) * len(a)
-              + np.cov(b, rowvar=False, bias=True).reshape(b.shape[1], b.shape[1]) * len(b)) / (len(a) + len(b))
-    pooled += 1e-6 * np.eye(len(pooled))
-    direction = np.linalg.solve(pooled, a.mean(0) - b.mean(0))
+    means = {side: total[side] / count[side] for side in (True, False)}
+    # pooled within-class covariance: Σ_side (Σ v vᵀ − n μ μᵀ) / n_all
+    pooled = sum(outer[side] - count[side] * np.outer(means[side], means[side]) for side in (True, False))
+    pooled = pooled / (count[True] + count[False]) + 1e-6 * np.eye(channels)
+    direction = np.linalg.solve(pooled, means[True] - means[False])
     direction /= np.linalg.norm(direction) or 1.0
     model = ColourModel(direction=direction, threshold=0.0)
     scores = [model.score_map(image, lesion_regions(lesion)[1])[lesion]
