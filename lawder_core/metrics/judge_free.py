@@ -17,7 +17,8 @@ Per pair (image in [0, 1], its conditioning mask's lesion L):
 - `lesion_frac`: the lesion's share of the frame; every figure is also reported per size bin (`SIZE_BINS`).
 
 The reference is a set of real pairs of the same data (`lawder evaluate --adherence --real FILE.h5`, its
-`--real-split`, train by default), resized to the synthetic size (images bilinear, masks nearest) first.
+`--real-split`, train by default; at most `MAX_REFERENCE_PAIRS`, evenly spaced), resized to the synthetic size
+(images bilinear, masks nearest) first.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ SIZE_BINS: tuple[tuple[str, float, float], ...] = (
     ("<1%", 0.0, 0.01), ("1-3%", 0.01, 0.03), ("3-10%", 0.03, 0.10), (">=10%", 0.10, 1.0 + 1e-9))
 HIT_QUANTILE = 0.10
 RING_GAP = 1  # pixels between the lesion and its ring
+# A larger real split is thinned to this many evenly spaced pairs: quantiles and the colour model are settled
+# long before, and a KiTS train split of thousands of slices would cost minutes for nothing.
+MAX_REFERENCE_PAIRS = 1000
 SMOOTH = 3  # the lesion-likeness score is averaged over SMOOTH × SMOOTH pixels before the threshold
 
 
@@ -249,6 +253,9 @@ def real_reference(real: str | os.PathLike, real_split: str | None, size: tuple[
     if len(images) == 0:
         raise DataError(f"{real} has no pairs in split {real_split!r} to judge adherence against.",
                         "Choose another --real-split.")
+    if len(images) > MAX_REFERENCE_PAIRS:
+        keep = np.linspace(0, len(images) - 1, MAX_REFERENCE_PAIRS).round().astype(int)
+        images, masks = images[keep], masks[keep]
     fitted = fit_reference(resize_images(images, size), lesion_of(resize_masks(masks, size), lesion_labels))
     return replace(fitted, size=size, lesion_labels=None if lesion_labels is None else list(lesion_labels))
 
