@@ -29,11 +29,11 @@ Decision rule: an arm beats uniform on a metric when its mean paired difference 
 direction, exceeds twice the replicate spread (the RMS over seeds of uniform-rep − uniform) with the same sign on
 every seed; the t-interval over seeds is reported beside it.
 
-Budget (the defaults): 600 images, base 3,000 steps, 5 arms × 4 seeds × 1,500 steps (law-influence costs ~1.35×
+Budget (the defaults): 600 images, base 3,000 steps, 5 arms × 4 seeds × 1,500 steps (law-influence costs ~1.5×
 a step: one extra forward), 240 samples × 25 DDIM steps per run, judge mkunet-base 40 epochs. At 0.7 s per step
 (small UNet, batch 8, 64 px, one thread per process, both cores busy) that is about 35 min of base (the second
-process trains the judge meanwhile, then waits), then ~3.1 h of fine-tuning, ~25 min of sampling and ~10 min of
-scoring per process: about 4.3 h on two cores; about 6 h at 1 s per step (beside other jobs).
+process trains the judge meanwhile, then waits), then ~3.2 h of fine-tuning, ~25 min of sampling and ~10 min of
+scoring per process: about 4.4 h on two cores; about 6 h at 1 s per step (beside other jobs).
 
 Shared by one single-thread process per core (`--shard I/N`): shard I takes every N-th (seed, arm) job; the base
 and the judge are each trained by the first process that reaches them (the others wait on a lock, and take over
