@@ -40,9 +40,9 @@ and the judge are each trained by the first process that reaches them (the other
 a stage whose process died). Launch (two cores):
 
     cd WORKTREE && for i in 0 1; do PYTHONPATH=. nohup .venv/bin/python benchmarks/bench_law_quality.py \\
-        --work /tmp/law3 --shard $i/2 > /tmp/law3-$i.log 2>&1 & done
+        --work /tmp/law-r3 --shard $i/2 > /tmp/law-r3-$i.log 2>&1 & done
     # rerun the same command to resume; `--merge-only` rewrites the result from what is scored
-    .venv/bin/python benchmarks/bench_law_quality.py --smoke --work /tmp/law3-smoke   # ~5 min: every stage, tiny
+    .venv/bin/python benchmarks/bench_law_quality.py --smoke --work /tmp/law-r3-smoke   # every stage, tiny
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ SMOKE = Budget(n=40, size=32, preset="tiny", batch_size=4, base_steps=6, steps=4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/law3", help="Data, runs, samples and summaries (kept: a rerun resumes).")
+    p.add_argument("--work", default="/tmp/lawder-bench/law_quality_r3",
+                   help="Data, runs, samples and summaries (kept: a rerun resumes).")
     p.add_argument("--out", default=str(HERE / "results" / "bench_law_quality.json"))
     p.add_argument("--smoke", action="store_true", help="A tiny budget through every stage (minutes).")
     for field, default in Budget().__dict__.items():
