@@ -29,20 +29,20 @@ Decision rule: an arm beats uniform on a metric when its mean paired difference 
 direction, exceeds twice the replicate spread (the RMS over seeds of uniform-rep − uniform) with the same sign on
 every seed; the t-interval over seeds is reported beside it.
 
-Budget (the defaults): 600 images, base 3,000 steps, 5 arms × 4 seeds × 1,500 steps (law-influence costs ~1.35×
+Budget (the defaults): 600 images, base 3,000 steps, 5 arms × 4 seeds × 1,500 steps (law-influence costs ~1.5×
 a step: one extra forward), 240 samples × 25 DDIM steps per run, judge mkunet-base 40 epochs. At 0.7 s per step
 (small UNet, batch 8, 64 px, one thread per process, both cores busy) that is about 35 min of base (the second
-process trains the judge meanwhile, then waits), then ~3.1 h of fine-tuning, ~25 min of sampling and ~10 min of
-scoring per process: about 4.3 h on two cores; about 6 h at 1 s per step (beside other jobs).
+process trains the judge meanwhile, then waits), then ~3.2 h of fine-tuning, ~25 min of sampling and ~10 min of
+scoring per process: about 4.4 h on two cores; about 6 h at 1 s per step (beside other jobs).
 
 Shared by one single-thread process per core (`--shard I/N`): shard I takes every N-th (seed, arm) job; the base
 and the judge are each trained by the first process that reaches them (the others wait on a lock, and take over
 a stage whose process died). Launch (two cores):
 
     cd WORKTREE && for i in 0 1; do PYTHONPATH=. nohup .venv/bin/python benchmarks/bench_law_quality.py \\
-        --work /tmp/law3 --shard $i/2 > /tmp/law3-$i.log 2>&1 & done
+        --work /tmp/law-r3 --shard $i/2 > /tmp/law-r3-$i.log 2>&1 & done
     # rerun the same command to resume; `--merge-only` rewrites the result from what is scored
-    .venv/bin/python benchmarks/bench_law_quality.py --smoke --work /tmp/law3-smoke   # ~5 min: every stage, tiny
+    .venv/bin/python benchmarks/bench_law_quality.py --smoke --work /tmp/law-r3-smoke   # every stage, tiny
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ SMOKE = Budget(n=40, size=32, preset="tiny", batch_size=4, base_steps=6, steps=4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/law3", help="Data, runs, samples and summaries (kept: a rerun resumes).")
+    p.add_argument("--work", default="/tmp/lawder-bench/law_quality_r3",
+                   help="Data, runs, samples and summaries (kept: a rerun resumes).")
     p.add_argument("--out", default=str(HERE / "results" / "bench_law_quality.json"))
     p.add_argument("--smoke", action="store_true", help="A tiny budget through every stage (minutes).")
     for field, default in Budget().__dict__.items():

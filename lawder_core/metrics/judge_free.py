@@ -17,7 +17,8 @@ Per pair (image in [0, 1], its conditioning mask's lesion L):
 - `lesion_frac`: the lesion's share of the frame; every figure is also reported per size bin (`SIZE_BINS`).
 
 The reference is a set of real pairs of the same data (`lawder evaluate --adherence --real FILE.h5`, its
-`--real-split`, train by default), resized to the synthetic size (images bilinear, masks nearest) first.
+`--real-split`, train by default; at most `MAX_REFERENCE_PAIRS`, evenly spaced), resized to the synthetic size
+(images bilinear, masks nearest) first.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ SIZE_BINS: tuple[tuple[str, float, float], ...] = (
     ("<1%", 0.0, 0.01), ("1-3%", 0.01, 0.03), ("3-10%", 0.03, 0.10), (">=10%", 0.10, 1.0 + 1e-9))
 HIT_QUANTILE = 0.10
 RING_GAP = 1  # pixels between the lesion and its ring
+# A larger real split is thinned to this many evenly spaced pairs: quantiles and the colour model are settled
+# long before, and a KiTS train split of thousands of slices would cost minutes for nothing.
+MAX_REFERENCE_PAIRS = 1000
 SMOOTH = 3  # the lesion-likeness score is averaged over SMOOTH × SMOOTH pixels before the threshold
 
 
@@ -108,24 +112,34 @@ class ColourModel:
 
 
 def fit_colour_model(images: np.ndarray, lesions: np.ndarray) -> ColourModel:
-    """Fisher's linear discriminant on the real pairs' pixels: lesion pixels against the pixels beyond the ring."""
-    inside, beyond = [], []
+    """Fisher's linear discriminant on the real pairs' pixels: lesion pixels against the pixels beyond the ring.
+
+    The class means and covariances are accumulated image by image (counts, sums, sums of outer products), so a
+    large reference set never holds all its pixels at once.
+    """
+    channels = as_float(images[0]).shape[-1]
+    count = {True: 0, False: 0}
+    total = {True: np.zeros(channels), False: np.zeros(channels)}
+    outer = {True: np.zeros((channels, channels)), False: np.zeros((channels, channels))}
     for image, lesion in zip(images, lesions, strict=True):
         if not lesion.any():
             continue
         _, outside = lesion_regions(lesion)
         x = as_float(image)
         x = x - np.median(x[outside], axis=0)
-        inside.append(x[lesion])
-        beyond.append(x[outside])
-    if not inside:
+        for side, where in ((True, lesion), (False, outside)):
+            v = x[where]
+            count[side] += len(v)
+            total[side] += v.sum(0)
+            outer[side] += v.T @ v
+    if not count[True] or not count[False]:
         raise DataError("the real reference pairs have no lesion pixels: judge-free adherence has nothing to learn "
                         "lesion colours from.", "Pass --real pairs whose masks contain the lesion labels.")
-    a, b = np.concatenate(inside), np.concatenate(beyond)
-    pooled = (np.cov(a, rowvar=False, bias=True).reshape(a.shape[1], a.shape[1]) * len(a)
-              + np.cov(b, rowvar=False, bias=True).reshape(b.shape[1], b.shape[1]) * len(b)) / (len(a) + len(b))
-    pooled += 1e-6 * np.eye(len(pooled))
-    direction = np.linalg.solve(pooled, a.mean(0) - b.mean(0))
+    means = {side: total[side] / count[side] for side in (True, False)}
+    # pooled within-class covariance: Σ_side (Σ v vᵀ − n μ μᵀ) / n_all
+    pooled = sum(outer[side] - count[side] * np.outer(means[side], means[side]) for side in (True, False))
+    pooled = pooled / (count[True] + count[False]) + 1e-6 * np.eye(channels)
+    direction = np.linalg.solve(pooled, means[True] - means[False])
     direction /= np.linalg.norm(direction) or 1.0
     model = ColourModel(direction=direction, threshold=0.0)
     scores = [model.score_map(image, lesion_regions(lesion)[1])[lesion]
@@ -239,6 +253,9 @@ def real_reference(real: str | os.PathLike, real_split: str | None, size: tuple[
     if len(images) == 0:
         raise DataError(f"{real} has no pairs in split {real_split!r} to judge adherence against.",
                         "Choose another --real-split.")
+    if len(images) > MAX_REFERENCE_PAIRS:
+        keep = np.linspace(0, len(images) - 1, MAX_REFERENCE_PAIRS).round().astype(int)
+        images, masks = images[keep], masks[keep]
     fitted = fit_reference(resize_images(images, size), lesion_of(resize_masks(masks, size), lesion_labels))
     return replace(fitted, size=size, lesion_labels=None if lesion_labels is None else list(lesion_labels))
 
