@@ -27,7 +27,7 @@ from typing import Any
 from lawder_core import runs
 from lawder_core.config import with_absolute_paths
 from lawder_core.environment import DEFAULT_WAIT_S
-from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
+from lawder_core.errors import EnvironmentProblem, LawderError, Terminated, TrainingError, UsageError, known_cause
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def ensure_ray(address: str | None) -> None:
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     if ray.is_initialized():
         return
+    # ray.init replaces the SIGTERM handler with a bare sys.exit(15); lawder's (stop like Ctrl-C) is put back
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if address is None:
             start_local_ray()
@@ -76,6 +78,9 @@ def ensure_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise EnvironmentProblem(f"cannot start or join Ray at {address or 'a local instance'}: {err}",
                                  "Check `ray status` on the head node, or drop --ray-address to run locally.") from err
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for_resources(address: str | None, needs: dict[str, float], seconds: float) -> None:
@@ -277,16 +282,17 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     try:
         fit = fit_interruptibly(trainer)
     except Exception as err:  # Ray wraps worker errors; surface ours, explain the rest
-        found = find_lawder_error(err)
+        found = find_lawder_error(err) or known_cause(err)
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed training failed: {err}",
-                            "See the worker log above; rerun with --resume to continue from the last epoch.") from err
+                            "See the worker log above.") from err
     return dict(fit.metrics or {})
 
 
 def fit_interruptibly(trainer: Any) -> Any:
-    """`trainer.fit()`, with Ctrl-C and SIGTERM ending the command the documented way (exit 130).
+    """`trainer.fit()`, with Ctrl-C and SIGTERM ending the command the documented way (exit 130;
+    143 for SIGTERM).
 
     Ray Train installs its own SIGINT handler when `fit` runs in the main thread, and after it the driver exits 1
     without a word. In a helper thread it installs none, so the signal reaches lawder here: Ray is shut down (its
@@ -338,8 +344,8 @@ def stop_forwarding_worker_logs() -> None:
 
 
 def interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM (a scheduler's stop, `kill`) ends a training like Ctrl-C does."""
-    raise KeyboardInterrupt
+    """SIGTERM (a scheduler's stop, `kill`) ends a training like Ctrl-C does (exit 143 instead of 130)."""
+    raise Terminated
 
 
 def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
@@ -357,8 +363,11 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
     except LawderError:
         raise
     except Exception as err:
+        known = known_cause(err)  # a full disk or no memory is the machine's (exit 4), not the training's
+        if known is not None:
+            raise known from err
         raise TrainingError(f"training failed: {err}",
-                            "Rerun with --resume to continue from the last checkpoint; --debug shows the traceback."
+                            "--debug shows the traceback."
                             ) from err
 
 
@@ -376,7 +385,13 @@ def run_and_summarise(fn: Callable[..., dict[str, Any]], summarise: Callable[[An
                       launch_cfg: LaunchConfig, force: bool) -> dict[str, Any]:
     """Open the run folder (refuse, resume or force), train on the workers, write summary.json."""
     runs.open_run(cfg.out, resume=cfg.resume, force=force)
-    launch(fn, cfg, launch_cfg)
+    try:
+        launch(fn, cfg, launch_cfg)
+    except BaseException as err:
+        runs.remove_partial_checkpoints(cfg.out)  # a checkpoint cut short (full disk, Ctrl-C) is not kept
+        if isinstance(err, LawderError):
+            raise runs.with_resume_advice(err, cfg.out) from err.__cause__
+        raise
     summary = summarise(cfg.out)
     runs.write_summary(cfg.out, summary)
     return summary
