@@ -134,17 +134,20 @@ def memory_wanted(error: BaseException) -> str:
     return ""
 
 
-def known_cause(error: BaseException, disk_hint: str = DISK_FULL_HINT) -> LawderError | None:
+def known_cause(error: BaseException, writing: object = None) -> LawderError | None:
     """What a failure outside lawder's own checks means to the user: a full disk or no memory (exit 4), a
-    corrupt HDF5 chunk or a path it cannot use (exit 3); None when the cause is not known."""
+    corrupt HDF5 chunk or a path it cannot use (exit 3); None when the cause is not known.
+
+    `writing` names the output the command was writing, for a full disk whose error names no file.
+    """
     if isinstance(error, LawderError):
         return error
     if is_out_of_memory(error):
         return EnvironmentProblem(f"out of memory{memory_wanted(error)}.", MEMORY_HINT)
     if is_disk_full(error):
-        names = [e.filename for e in causes(error) if isinstance(e, OSError) and e.filename]
-        where = f" while writing {names[0]}" if names else ""
-        return EnvironmentProblem(f"the disk is full{where} (No space left on device).", disk_hint)
+        names = [e.filename for e in causes(error) if isinstance(e, OSError) and e.filename] or [writing]
+        where = f" while writing {names[0]}" if names[0] else ""
+        return EnvironmentProblem(f"the disk is full{where} (No space left on device).", DISK_FULL_HINT)
     if isinstance(error, OSError) and "filter returned failure" in str(error):
         # HDF5 chunks carry a Fletcher-32 checksum (lawder writes them with one): changed bytes are caught here
         return DataError(f"an HDF5 file is corrupt: a chunk failed its checksum or decompression "

@@ -282,7 +282,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     try:
         fit = fit_interruptibly(trainer)
     except Exception as err:  # Ray wraps worker errors; surface ours, explain the rest
-        found = find_lawder_error(err) or known_cause(err)
+        found = find_lawder_error(err) or known_cause(err, writing=getattr(cfg, "out", None))
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed training failed: {err}",
@@ -363,7 +363,8 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
     except LawderError:
         raise
     except Exception as err:
-        known = known_cause(err)  # a full disk or no memory is the machine's (exit 4), not the training's
+        # a full disk or no memory is the machine's (exit 4), not the training's
+        known = known_cause(err, writing=getattr(cfg, "out", None))
         if known is not None:
             raise known from err
         raise TrainingError(f"training failed: {err}",
