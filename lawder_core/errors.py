@@ -88,7 +88,7 @@ DISK_FULL_HINT = "Free space on that disk, or write the output elsewhere."
 MEMORY_HINT = "Use a smaller --size or --batch-size, or a machine with more memory."
 _DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded")
 _OOM_WORDS = ("out of memory", "can't allocate memory", "Cannot allocate memory", "Failed to allocate memory",
-              "bad allocation")
+              "bad_alloc", "bad allocation")
 
 
 def causes(error: BaseException) -> list[BaseException]:
@@ -130,7 +130,7 @@ def memory_wanted(error: BaseException) -> str:
             amount, unit = float(found.group(1)), found.group(2)
             if unit == "bytes":
                 amount, unit = amount / 2**30, "GiB"
-            return f" ({amount:.3g} {unit} asked for)"
+            return f" ({amount:,.0f} {unit} asked for)" if amount >= 100 else f" ({amount:.3g} {unit} asked for)"
     return ""
 
 

@@ -36,7 +36,7 @@ from lawder_core.environment import DEFAULT_WAIT_S, package_version, pick_device
 from lawder_core.errors import DataError, UsageError
 from lawder_core.files import atomic_save
 from lawder_core.locks import hold_output_lock, release_output_lock
-from lawder_core.models.configs import SAMPLERS, SPEC_FILE, check_sampler, default_sampler
+from lawder_core.models.configs import SAMPLERS, SPEC_FILE, check_sampler, check_steps, default_sampler
 from lawder_core.viz import save_pair_grid
 
 # torch and diffusers are imported where they are used: a bad `lawder sample` request is refused before they load
@@ -362,6 +362,7 @@ def sample_and_write(cfg: SampleConfig, out: Path, progress: Callable[[int], Non
     info = run_info(cfg.run)
     if cfg.scheduler is not None:
         check_sampler(info.spec.prediction, cfg.scheduler)
+    check_steps(info.spec.prediction, cfg.steps, info.spec.num_train_timesteps)  # before the model loads
     label_names, lesion = source_labels(cfg, info)
     plan, masks_size = load_plan(cfg, info.spec.size)
     if on_plan is not None:

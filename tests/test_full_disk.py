@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
-from tests.helpers import synthetic_h5
+from tests.helpers import synthetic_h5, tiny_law_run
 
 pytestmark = pytest.mark.faults
 
@@ -152,13 +152,7 @@ def test_train_law_on_a_full_disk_exits_4_without_resume_advice(data, tmp_path, 
 
 @pytest.fixture(scope="module")
 def law_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lawder_core.models.law import LAWConfig
-    from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
-
-    run = tmp_path_factory.mktemp("full") / "law"
-    train_diffusion(DiffusionTrainConfig(data=str(data), out=str(run), size=32, steps=2, batch_size=4, preset="tiny",
-                                         sample_every=0, law=LAWConfig(warmup_frac=0.0)))
-    return run
+    return tiny_law_run(data, tmp_path_factory.mktemp("full") / "law")
 
 
 @pytest.mark.parametrize("free", [60 << 10, 150 << 10], ids=["in-the-images", "at-the-grid"])
