@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import Any, TypeVar
@@ -19,15 +18,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lawder_core.errors import (
-    InternalError,
-    LawderError,
-    exit_code_of,
-    first_line,
-    known_cause,
-    raise_terminated,
-    signal_name,
-)
+from lawder_core.errors import InternalError, LawderError, first_line, known_cause
+from lawder_core.interrupts import exit_code_of, on_sigterm, raise_terminated, signal_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,13 +99,6 @@ def handle_errors(fn: F) -> F:
             on_sigterm(previous)
 
     return wrapper  # type: ignore[return-value]
-
-
-def on_sigterm(handler: Any) -> Any:
-    """Install a SIGTERM handler (where Python can: the main thread); returns the one it replaced."""
-    if threading.current_thread() is not threading.main_thread() or handler is None:
-        return None
-    return signal.signal(signal.SIGTERM, handler)
 
 
 @contextmanager

@@ -64,24 +64,6 @@ class InternalError(LawderError):
     exit_code = EXIT_INTERNAL
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, `kill`, `timeout`) turned into Ctrl-C's exception: every `except
-    KeyboardInterrupt` clean-up runs for it too; the CLI then exits 143 instead of 130."""
-
-
-def raise_terminated(signum: int, frame: object) -> None:
-    """A SIGTERM handler: stop the way Ctrl-C stops."""
-    raise Terminated
-
-
-def exit_code_of(stop: KeyboardInterrupt) -> int:
-    return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
-
-
-def signal_name(stop: KeyboardInterrupt) -> str:
-    return "SIGTERM" if isinstance(stop, Terminated) else "SIGINT (Ctrl-C)"
-
-
 # ---------------------------------------------------------------- known causes of foreign exceptions
 
 DISK_FULL_HINT = "Free space on that disk, or write the output elsewhere."

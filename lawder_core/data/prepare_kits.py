@@ -36,9 +36,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, wri
 from lawder_core.data.resize import resize_image, resize_mask_priority
 from lawder_core.data.splits import splits_for
 from lawder_core.errors import DataError, UsageError
+from lawder_core.interrupts import signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +392,18 @@ def converted_cases(cases: Sequence[KitsCase], settings: SliceSettings) -> Itera
         return
     # spawn, not fork: the parent may hold threads (Ray, torch) or an open HDF5 file.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(settings.kits.jobs, len(cases))) as pool:
+    with ExitStack() as stack:
+        with signals_deferred():  # a pool half started is never terminated: a signal waits until it is whole
+            pool = stack.enter_context(context.Pool(min(settings.kits.jobs, len(cases)),
+                                                    initializer=_leave_interrupts_to_the_parent))
         yield pool.imap(_convert_task, tasks, chunksize=1)
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """A pool worker ignores Ctrl-C (the terminal sends it to the whole process group): the parent stops,
+    removes the partial file and terminates the pool, instead of every worker printing a traceback and then
+    BrokenPipe errors into a closed pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def preprocessing_record(options: PrepareOptions, kits: KitsOptions, skipped: list[str],

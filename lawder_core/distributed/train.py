@@ -27,7 +27,14 @@ from typing import Any
 from lawder_core import runs
 from lawder_core.config import with_absolute_paths
 from lawder_core.environment import DEFAULT_WAIT_S
-from lawder_core.errors import EnvironmentProblem, LawderError, Terminated, TrainingError, UsageError, known_cause
+from lawder_core.errors import (
+    EnvironmentProblem,
+    LawderError,
+    TrainingError,
+    UsageError,
+    known_cause,
+)
+from lawder_core.interrupts import raise_terminated
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +328,7 @@ def fit_interruptibly(trainer: Any) -> Any:
         import ray
 
         stop_forwarding_worker_logs()
+        no_auto_init()
         ray.shutdown()
         thread.join(30)
         raise
@@ -343,9 +351,21 @@ def stop_forwarding_worker_logs() -> None:
         pass
 
 
+def no_auto_init() -> None:
+    """After the interrupt's `ray.shutdown`, the fit thread still calls Ray's API on its way out (Tune's
+    controller does), and Ray would start a fresh local instance for the first such call (its auto-init): seconds
+    of start-up, in a thread, for nothing. Turned off for this process, which is ending."""
+    try:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    except (ImportError, AttributeError):  # another Ray version: it may start one, which exit shuts down
+        pass
+
+
 def interrupt(signum: int, frame: Any) -> None:
     """SIGTERM (a scheduler's stop, `kill`) ends a training like Ctrl-C does (exit 143 instead of 130)."""
-    raise Terminated
+    raise_terminated(signum, frame)
 
 
 def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import yaml
 
 from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
-from lawder_core.distributed.train import check_local_gpus, ensure_ray, wait_for_resources
+from lawder_core.distributed.train import check_local_gpus, ensure_ray, fit_interruptibly, wait_for_resources
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
@@ -269,7 +269,9 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
     wait_for_resources(opts.ray_address, trial_needs, opts.wait_for_resources)
     base = with_absolute_paths(base)
     sweep = sweep_for(kind)
-    grid = build_tuner(kind, base, space, out, opts).fit()
+    # Off the main thread, Tune installs no SIGINT handler of its own (which let a Ctrl-C finish the sweep with
+    # exit 0 or 5, and ray.init's SIGTERM handler exited 1): lawder's treatment applies, exit 130 or 143.
+    grid = fit_interruptibly(build_tuner(kind, base, space, out, opts))
     mark_ended(grid, out)
     table = results_table(grid, sweep)
     rows = [row for row, _ in table]
