@@ -324,7 +324,7 @@ def fit_interruptibly(trainer: Any) -> Any:
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
-        log.warning("interrupted: stopping the Ray workers (the last complete checkpoint stays)")
+        log.warning("stopping the Ray workers; the last complete checkpoint stays")
         import ray
 
         stop_forwarding_worker_logs()
