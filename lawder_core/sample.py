@@ -183,6 +183,11 @@ def sample_pairs(
         noise = initial_noise(shape, seed, range(first_index + start, first_index + stop)).to(dev)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
             images = generate(denoiser, batch, noise, steps=steps, scheduler=scheduler, guidance=guidance)
+        if not bool(torch.isfinite(images).all()):  # uint8 would turn NaN into black images that look valid
+            raise DataError(f"the diffusion model in {run_folder} generated NaN or infinite values (images "
+                            f"{first_index + start}–{first_index + stop - 1}): its weights are damaged, or its "
+                            "training diverged; nothing was written.",
+                            "Use another run (or an earlier copy of this one), or train it again.")
         out[start:stop] = to_uint8(images)
         if progress is not None:
             progress(stop - start)

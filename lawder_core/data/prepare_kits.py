@@ -187,13 +187,28 @@ def check_pair(case: KitsCase) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     return imaging, segmentation
 
 
+AIR_HU = -1024.0  # what a NaN voxel is read as: air, the lowest value a CT holds (black in every window)
+
+
 def canonical_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The voxel array in RAS+ order, in its stored dtype (not float64: volumes are hundreds of MB)."""
+    """The voxel array in RAS+ order, in its stored dtype (not float64: volumes are hundreds of MB).
+
+    NaN voxels (a float volume damaged in conversion) would silently become black slices through the window;
+    they are read as air (AIR_HU) instead, with a warning that names the volume and counts them.
+    """
     try:
-        return np.asanyarray(nib.as_closest_canonical(image).dataobj)
+        array = np.asanyarray(nib.as_closest_canonical(image).dataobj)
     except Exception as err:  # truncated gzip streams fail only here, when the data is read
         raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}).",
                         "It may be truncated or corrupt: download or unpack it again.") from err
+    if array.dtype.kind == "f":
+        nan = np.isnan(array)
+        count = int(nan.sum())
+        if count:
+            log.warning("%s: %d of %d voxels are NaN (%.2g%%); they were read as air (%g HU)", path, count,
+                        array.size, 100 * count / array.size, AIR_HU)
+            array = np.where(nan, np.asarray(AIR_HU, array.dtype), array)
+    return array
 
 
 def canonical_zooms(image: nib.Nifti1Image) -> tuple[float, float, float]:
