@@ -275,7 +275,8 @@ def check_schema(path: Path, f: h5py.File) -> None:
                         "Re-create it with this version of lawder: `lawder prepare ... -o FILE.h5 --force`.")
     # Each dataset is opened once: h5py's f[name] costs a lookup every time, and this runs on every open.
     found = {name: f[name] for name in (*REQUIRED, "slice_index", "case_geometry") if name in f}
-    problem = _dataset_problem(found) or _length_problem(found) or _attribute_problem(f)
+    problem = (_dataset_problem(found) or _length_problem(found) or _size_problem(found, path)
+               or _attribute_problem(f))
     if problem:
         raise DataError(f"{path} is not a valid lawder data file: {problem}.", RECREATE)
 
@@ -320,6 +321,45 @@ def _length_problem(found: dict[str, Any]) -> str | None:
     if lengths["images"] == 0:
         return "it holds no samples"
     return None
+
+
+# Sane bounds on what a file may declare: a 10 KB file that declares 64 × 60000² images passed the checks above,
+# then `inspect` read fill values for minutes and training asked for 10 GiB.
+MAX_SIDE = 16384  # pixels, height and width
+MAX_CHANNELS = 4
+
+
+def _size_problem(found: dict[str, Any], path: Path) -> str | None:
+    """Declared sizes within sane bounds, and backed by data the file really holds: every chunk the shape needs is
+    written (lawder writes them all) and no dataset claims more bytes than the file has. Metadata only."""
+    _, height, width, channels = found["images"].shape
+    if height > MAX_SIDE or width > MAX_SIDE or channels > MAX_CHANNELS:
+        return (f"dataset 'images' declares {height}×{width} pixels with {channels} channel(s); lawder reads at most "
+                f"{MAX_SIDE}×{MAX_SIDE} with {MAX_CHANNELS}")
+    file_size = path.stat().st_size
+    for name in ("images", "masks"):
+        dataset = found[name]
+        if dataset.is_virtual or dataset.external:
+            return f"dataset '{name}' refers to data in other files"
+        declared = dataset.size * dataset.dtype.itemsize
+        stored = dataset.id.get_storage_size()
+        if dataset.chunks is None:
+            missing = stored < declared
+        else:
+            needed = int(np.prod([-(-n // c) for n, c in zip(dataset.shape, dataset.chunks, strict=True)]))
+            missing = dataset.id.get_num_chunks() < needed
+        if missing or stored > file_size:
+            return (f"dataset '{name}' declares {'×'.join(map(str, dataset.shape))} ({_bytes(declared)}) but the "
+                    f"file ({_bytes(file_size)}) holds {_bytes(stored)} of it")
+    return None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _attribute_problem(f: h5py.File) -> str | None:
