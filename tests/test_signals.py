@@ -224,3 +224,23 @@ def test_a_signal_stops_a_tune_sweep_with_130_or_143_not_1(data, tmp_path, signu
         process.kill()
     stopped_once(output, process.returncode, expected, name)
     assert "--resume" in output
+
+
+def test_prepare_interrupted_just_after_its_rename_leaves_the_fingerprint_too(tmp_path, monkeypatch):
+    """The side files are written before the HDF5 file is renamed into place: a file that exists has them."""
+    out = tmp_path / "d.h5"
+    release = h5.release_output_lock
+    calls = {"n": 0}
+
+    def interrupted_after_the_rename(path):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            assert out.exists()  # the rename has happened
+            raise KeyboardInterrupt
+        release(path)
+
+    monkeypatch.setattr(h5, "release_output_lock", interrupted_after_the_rename)
+    result = runner.invoke(app, ["prepare", "synthetic", "-o", str(out), "--n", "8", "--size", "16"])
+    stopped_once(result.output, result.exit_code, EXIT_INTERRUPTED, "SIGINT")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.fingerprint.json", "d.h5", "d.splits.json"]
+    assert json.loads((tmp_path / "d.fingerprint.json").read_text())["samples"] == 8
