@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
-from tests.helpers import synthetic_h5, tiny_law_run
+from tests.helpers import synthetic_h5
 
 pytestmark = pytest.mark.faults
 
@@ -148,11 +148,6 @@ def test_train_law_on_a_full_disk_exits_4_without_resume_advice(data, tmp_path, 
         assert result.exit_code == 4, result.output
         assert "the disk is full" in result.output and "--resume" not in result.output
         assert not list(out.glob("*.partial"))
-
-
-@pytest.fixture(scope="module")
-def law_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_law_run(data, tmp_path_factory.mktemp("full") / "law")
 
 
 @pytest.mark.parametrize("free", [60 << 10, 150 << 10], ids=["in-the-images", "at-the-grid"])

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.errors import DataError, EnvironmentProblem, known_cause
-from tests.helpers import untrained_checkpoint
+from tests.helpers import synthetic_h5, untrained_checkpoint
 
 pytestmark = pytest.mark.faults
 
@@ -82,3 +82,12 @@ def test_a_checkpoint_config_of_the_wrong_type_is_a_data_error(tmp_path: Path, f
         load_segmenter(checkpoint)
     result = runner.invoke(app, ["export", "onnx", "--run", str(checkpoint), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 3 and "is damaged" in result.output, result.output
+
+
+def test_sample_steps_beyond_the_model_s_timesteps_is_a_usage_error(law_run: Path, tmp_path: Path):
+    data = synthetic_h5(tmp_path / "s.h5", n=4, size=32)
+    result = runner.invoke(app, ["sample", "--run", str(law_run), "--masks", str(data), "-o", str(tmp_path / "x.h5"),
+                                 "--steps", "100000"])
+    assert result.exit_code == 2, result.output
+    assert "--steps 100000 is more than the 1000 timesteps" in " ".join(result.output.split())
+    assert "unexpectedly" not in result.output

@@ -21,7 +21,7 @@ from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_kits import KitsOptions, prepare_kits
 from lawder_core.predict import load_predictor, predict_to_folder
 from lawder_core.predict_output import SkippedInputs
-from tests.helpers import synthetic_h5, tiny_law_run, untrained_checkpoint, write_kits_folder, write_pair_folder
+from tests.helpers import synthetic_h5, untrained_checkpoint, write_kits_folder, write_pair_folder
 
 pytestmark = pytest.mark.faults
 
@@ -93,9 +93,9 @@ def test_predict_skips_an_input_whose_outputs_turn_non_finite_after_the_first_ba
     assert "NaN" in summary["skipped_inputs"][0]["reason"]
 
 
-@pytest.fixture(scope="module")
-def nan_law_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tiny_law_run(data, tmp_path_factory.mktemp("nan") / "law")
+@pytest.fixture()
+def nan_law_run(law_run: Path, tmp_path: Path) -> Path:
+    run = shutil.copytree(law_run, tmp_path / "law")
     for weights in (run / "last" / "denoiser_ema").rglob("*.safetensors"):
         poison(weights)
     return run
@@ -107,7 +107,7 @@ def test_sample_refuses_a_model_that_generates_nan(nan_law_run, data, tmp_path):
                                  "--steps", "2"])
     assert result.exit_code == 3, result.output
     assert "generated NaN or infinite values" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no file of black images
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["law"]  # no file of black images
 
 
 def nan_volume(case: Path) -> int:

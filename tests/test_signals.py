@@ -18,7 +18,7 @@ from lawder_cli.main import app
 from lawder_core import runs
 from lawder_core.data import h5
 from lawder_core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
-from tests.helpers import synthetic_h5, tiny_law_run, write_kits_folder
+from tests.helpers import synthetic_h5, write_kits_folder
 
 pytestmark = pytest.mark.faults
 
@@ -74,11 +74,6 @@ def test_a_signal_stops_train_law(data, tmp_path, monkeypatch, signum, expected,
                                  "--sample-every", "0"])
     stopped_once(result.output, result.exit_code, expected, name)
     assert not list(out.glob("*.partial"))
-
-
-@pytest.fixture(scope="module")
-def law_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_law_run(data, tmp_path_factory.mktemp("signals") / "law")
 
 
 @pytest.mark.parametrize(("signum", "expected", "name"), SIGNALS, ids=SIGNAL_IDS)
