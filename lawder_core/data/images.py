@@ -93,7 +93,7 @@ def read_image(path: Path, mode: str) -> np.ndarray:
     with _open(path) as im:
         if im.mode not in HIGH_BIT_MODES:
             try:
-                return np.asarray(im.convert(mode))
+                return np.array(im.convert(mode))  # a writable copy: torch warns about read-only arrays
             except (OSError, ValueError) as err:
                 raise DataError(f"cannot read {path}: {err}", READ_HINT) from err
         values = np.asarray(im, dtype=np.float64)
