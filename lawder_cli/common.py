@@ -23,6 +23,7 @@ from lawder_core.interrupts import exit_code_of, on_sigterm, raise_terminated, s
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 class PrintableConsole(Console):
     """A rich Console that shows control characters in text as escapes: a file named with ANSI sequences (or a
     bell, a carriage return) cannot recolour, rewrite or clear the user's terminal through lawder's messages."""

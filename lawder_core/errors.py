@@ -93,8 +93,9 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """MemoryError (NumPy's too), torch's OutOfMemoryError (CUDA) and its CPU allocator's RuntimeError."""
+    """MemoryError (NumPy's too), torch's OutOfMemoryError (CUDA), its CPU allocator's RuntimeError, ENOMEM."""
     return any(isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+               or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
                or (isinstance(e, RuntimeError) and any(w in str(e) for w in _OOM_WORDS)) for e in causes(error))
 
 
