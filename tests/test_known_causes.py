@@ -42,12 +42,13 @@ class SafetensorError(Exception):
                   "tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)"),
      EnvironmentProblem, "out of memory (4,096 GiB asked for)"),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), EnvironmentProblem, "out of memory"),
+    (OSError(errno.ENOMEM, "Cannot allocate memory"), EnvironmentProblem, "out of memory"),
     (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
      EnvironmentProblem, "the disk is full"),
     (torch_save_on_a_full_disk(), EnvironmentProblem, "the disk is full"),
     (OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: time = Fri Dec  4 22:10:55 2026\n"
                            ", filename = 'b.h5.partial', errno = 28)"), EnvironmentProblem, "the disk is full"),
-], ids=["MemoryError", "torch-cpu-allocator", "torch-cuda", "safetensors", "torch.save", "h5py"])
+], ids=["MemoryError", "torch-cpu-allocator", "torch-cuda", "ENOMEM", "safetensors", "torch.save", "h5py"])
 def test_out_of_memory_and_a_full_disk_are_recognised_in_any_library_s_wrapping(error, kind, words):
     found = known_cause(error)
     assert isinstance(found, kind) and words in found.message and "\n" not in found.message
