@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import inspect
 import json
 import logging
 import os
+import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
@@ -17,18 +18,31 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lawder_core.errors import (
-    EXIT_INTERRUPTED,
-    DataError,
-    EnvironmentProblem,
-    InternalError,
-    LawderError,
-)
+from lawder_core.errors import InternalError, LawderError, first_line, known_cause
+from lawder_core.interrupts import exit_code_of, on_sigterm, raise_terminated, signal_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class PrintableConsole(Console):
+    """A rich Console that shows control characters in text as escapes: a file named with ANSI sequences (or a
+    bell, a carriage return) cannot recolour, rewrite or clear the user's terminal through lawder's messages."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+# C0 controls but newline and tab, DEL and the C1 controls (0x9b is a one-byte CSI on some terminals)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as its escape (ESC as \\x1b)."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 # Logs and tables go to stderr so that `--json` leaves stdout holding only the result.
-err_console = Console(stderr=True)
+err_console = PrintableConsole(stderr=True)
 
 
 def fail(error: LawderError) -> None:
@@ -45,31 +59,18 @@ def debugging() -> bool:
 
 
 def as_lawder_error(error: Exception) -> LawderError:
-    """What a failure outside lawder's own checks means to the user: full disk, no memory, a path it cannot use."""
-    if isinstance(error, MemoryError):
-        return EnvironmentProblem("out of memory.", "Use a smaller --size or --batch-size, or a larger machine.")
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return EnvironmentProblem(f"the disk is full: {error}", "Free space or write --out elsewhere.")
-    if isinstance(error, OSError) and "filter returned failure" in str(error):
-        # HDF5 chunks carry a Fletcher-32 checksum (lawder writes them with one): changed bytes are caught here
-        return DataError(f"an HDF5 file is corrupt: a chunk failed its checksum or decompression ({error}).",
-                         "Prepare the file again from the raw data (or restore it from a copy).")
-    if isinstance(error, FileExistsError) and error.filename:
-        return DataError(f"cannot create the folder {error.filename}: a file is in the way.",
-                         "Choose another output path, or move that file.")
-    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
-                                                      errno.EISDIR, errno.ENOENT):
-        name = error.filename or ""
-        return DataError(f"cannot use {name}: {error.strerror}." if name else f"{error}",
-                         "Check the path and its permissions.")
-    return InternalError(f"lawder failed unexpectedly: {type(error).__name__}: {error}",
-                         "Rerun with --debug (or LAWDER_DEBUG=1) for the traceback, and please report it.")
+    """What a failure outside lawder's own checks means to the user (`errors.known_cause`), else exit 70."""
+    return known_cause(error) or InternalError(
+        f"lawder failed unexpectedly: {type(error).__name__}: {first_line(error)}",
+        "Rerun with --debug (or LAWDER_DEBUG=1) for the traceback, and please report it.")
 
 
 def handle_errors(fn: F) -> F:
-    """The one error boundary: a one-line cause, a hint and the documented exit code; Ctrl-C exits 130.
+    """The one error boundary: a one-line cause, a hint and the documented exit code.
 
-    `--debug` / LAWDER_DEBUG=1 lets the traceback through instead.
+    Ctrl-C and SIGTERM are one treatment: SIGTERM raises `Terminated` (a KeyboardInterrupt), so the same clean-up
+    runs (partial files removed, child processes and Ray stopped), then one line and exit 130 (SIGINT) or 143
+    (SIGTERM). `--debug` / LAWDER_DEBUG=1 lets the traceback through instead.
     """
 
     # only commands that have --resume may suggest it (`prepare` has none)
@@ -77,21 +78,26 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = on_sigterm(raise_terminated)
         try:
             return fn(*args, **kwargs)
         except LawderError as error:
             if debugging():
                 raise
             fail(error)
-        except KeyboardInterrupt:
-            err_console.print(f"interrupted: outputs written so far are complete{resume_hint}.")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as stop:
+            on_sigterm(signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short or print a traceback
+            err_console.print(f"interrupted by {signal_name(stop)}: outputs written so far are complete"
+                              f"{resume_hint}.", markup=False, highlight=False)
+            raise typer.Exit(exit_code_of(stop)) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as error:
             if debugging():
                 raise
             fail(as_lawder_error(error))
+        finally:
+            on_sigterm(previous)
 
     return wrapper  # type: ignore[return-value]
 
@@ -110,9 +116,22 @@ def print_json(result: Any) -> None:
     sys.stdout.write(json.dumps(result, indent=1, default=str) + "\n")
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped (see `printable`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+# Commands that configure no logging (prepare, inspect) print warnings through Python's last-resort handler.
+if logging.lastResort is not None:
+    logging.lastResort.setFormatter(PrintableFormatter("%(message)s"))
 
 
 @contextmanager

@@ -183,11 +183,18 @@ def read_batches(source: str | os.PathLike, items: list[InputItem], outcome: Out
 
 
 def predict_each(predictor: Predictor, items: list[InputItem], images: np.ndarray,
-                 outcome: Outcome) -> list[tuple[InputItem, np.ndarray, np.ndarray]]:
-    """(item, image, mask) for a batch; when the batch fails, image by image, skipping the ones that fail."""
+                 outcome: Outcome, first: bool = False) -> list[tuple[InputItem, np.ndarray, np.ndarray]]:
+    """(item, image, mask) for a batch; when the batch fails, image by image, skipping the ones that fail.
+
+    NaN or infinite outputs on the `first` batch refuse the model (exit 3) instead of skipping every input.
+    """
+    from lawder_core.metrics.predict import NonFiniteOutputs, non_finite_model
+
     try:
         return list(zip(items, images, predict_images(predictor, images), strict=True))
     except Exception as error:
+        if first and isinstance(error, NonFiniteOutputs):
+            raise non_finite_model(predictor.checkpoint, error) from error
         if not input_failure(error):
             raise
         if len(items) == 1:
@@ -244,8 +251,8 @@ def predict_to_folder(predictor: Predictor | str | os.PathLike, source: str | os
     import torch
 
     with summary_on_abort(out, outcome, result), torch.inference_mode():
-        for batch_items, images in read_batches(source, items, outcome):
-            for item, image, mask in predict_each(predictor, batch_items, images, outcome):
+        for number, (batch_items, images) in enumerate(read_batches(source, items, outcome)):
+            for item, image, mask in predict_each(predictor, batch_items, images, outcome, first=number == 0):
                 write_png(mask_png(mask, predictor.binary), out / MASKS / f"{item.name}.png")
                 write_png(overlay(image, mask), out / OVERLAYS / f"{item.name}.png")
                 lesion_pixels += int((mask > 0).sum())

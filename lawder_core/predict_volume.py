@@ -216,7 +216,7 @@ def segment_volume(predictor: VolumePredictor, hu: np.ndarray, zooms: tuple[floa
     """Canonical (RAS) uint8 labels for a canonical HU volume, one batch of axial slices at a time."""
     import torch
 
-    from lawder_core.metrics.predict import images_to_tensor, logits_to_labels
+    from lawder_core.metrics.predict import finite_logits, images_to_tensor, logits_to_labels
 
     x, y, z_count = hu.shape
     native = (y, x)  # a displayed slice: rows along y, cols along x
@@ -235,7 +235,7 @@ def segment_volume(predictor: VolumePredictor, hu: np.ndarray, zooms: tuple[floa
             for i, z in enumerate(zs):  # as prepare_kits.convert_slice
                 image = resize_image(window_to_uint8(radiological_view(hu[:, :, z]), settings.window), target)
                 canvas[i, top:top + target[0], left:left + target[1]] = image[..., None]
-            logits = predictor.predict_fn(images_to_tensor(canvas))  # at the training size
+            logits = finite_logits(predictor.predict_fn(images_to_tensor(canvas)))  # at the training size
             if not whole:  # the slice's region of the canvas (logits brought to the canvas size first)
                 if tuple(logits.shape[-2:]) != canvas_side:
                     logits = torch.nn.functional.interpolate(logits.float(), size=canvas_side, mode="bilinear",
@@ -325,6 +325,10 @@ def predict_volumes(predictor: VolumePredictor, source: str | os.PathLike, out: 
                 labels = segment_volume(predictor, hu, zooms, settings)
                 stored = canonical_to_stored(labels, image.affine)
             except Exception as error:
+                from lawder_core.metrics.predict import NonFiniteOutputs, non_finite_model  # torch is loaded
+
+                if isinstance(error, NonFiniteOutputs) and not outcome.written and not outcome.skipped:
+                    raise non_finite_model(predictor.checkpoint, error) from error  # the model, not this volume
                 if not input_failure(error):
                     raise
                 outcome.skip(str(path.relative_to(source)) if source.is_dir() else path.name, error)

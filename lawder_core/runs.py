@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lawder_core.errors import DataError, UsageError
+from lawder_core.errors import DataError, EnvironmentProblem, LawderError, TrainingError, UsageError
 from lawder_core.files import append_jsonl, read_jsonl, write_json, write_jsonl
 from lawder_core.locks import hold_output_lock
 
@@ -184,6 +184,29 @@ def commit_checkpoint(tmp: Path, out: str | os.PathLike, name: str, progress: di
     return final
 
 
+def remove_partial_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Delete checkpoint folders cut short (`NAME.partial`: a full disk, an interrupt in the middle of a save);
+    the committed ones, and a `.old` a crashed swap left (`find_checkpoint` reads it), stay."""
+    out = Path(out)
+    removed = sorted(out.glob("*" + _PARTIAL)) if out.is_dir() else []
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def with_resume_advice(error: LawderError, out: str | os.PathLike) -> LawderError:
+    """A training that stopped on the machine's or the training's account (exit 4, 5): say how to go on, and
+    suggest --resume only when a checkpoint exists to resume from."""
+    if not isinstance(error, EnvironmentProblem | TrainingError) or "resume" in (error.hint or ""):
+        return error
+    if find_checkpoint(out, LAST) is not None:
+        advice = "then rerun with --resume to continue from the last checkpoint."
+    else:
+        advice = "no checkpoint was written: rerun with --force to start over."
+    hint = f"{error.hint.rstrip('.')}; {advice}" if error.hint else advice[0].upper() + advice[1:]
+    return type(error)(error.message, hint)
+
+
 def read_progress(checkpoint: Path,
                   hint: str = "Start the run over with --force, or restore the folder from a copy.") -> dict[str, Any]:
     """The checkpoint's progress record; a torn or foreign one is a DataError, for every command that reads it."""
@@ -197,7 +220,10 @@ def read_progress(checkpoint: Path,
 def save_state(checkpoint: Path, state: dict[str, Any]) -> None:
     import torch
 
-    torch.save(state, checkpoint / STATE)
+    # through a Python file object: on a full disk torch's own error ("unexpected pos ...") then carries the
+    # OSError (ENOSPC) it met as its context, which `errors.known_cause` recognises
+    with open(checkpoint / STATE, "wb") as f:
+        torch.save(state, f)
 
 
 def load_state(checkpoint: Path, map_location: Any = "cpu") -> dict[str, Any] | None:

@@ -34,7 +34,9 @@ from lawder_core.data.h5 import H5Writer, load_arrays, read_info, refuse_overwri
 from lawder_core.data.labels import default_lesion_labels, lesion_labels, lesion_names
 from lawder_core.environment import DEFAULT_WAIT_S, package_version, pick_device
 from lawder_core.errors import DataError, UsageError
-from lawder_core.models.configs import SAMPLERS, SPEC_FILE, check_sampler, default_sampler
+from lawder_core.files import atomic_save
+from lawder_core.locks import hold_output_lock, release_output_lock
+from lawder_core.models.configs import SAMPLERS, SPEC_FILE, check_sampler, check_steps, default_sampler
 from lawder_core.viz import save_pair_grid
 
 # torch and diffusers are imported where they are used: a bad `lawder sample` request is refused before they load
@@ -213,6 +215,11 @@ def sample_loaded(loaded: LoadedSampler, masks: np.ndarray, *, steps: int = 50, 
         noise = initial_noise(shape, seed, range(first_index + start, first_index + stop)).to(dev)
         with torch.autocast(device_type=dev.type, dtype=amp.dtype, enabled=amp.enabled):
             images = generate(denoiser, batch, noise, steps=steps, scheduler=scheduler, guidance=guidance)
+        if not bool(torch.isfinite(images).all()):  # uint8 would turn NaN into black images that look valid
+            raise DataError(f"the diffusion model in {info.model_folder} generated NaN or infinite values (images "
+                            f"{first_index + start}–{first_index + stop - 1}): its weights are damaged, or its "
+                            "training diverged; nothing was written.",
+                            "Use another run (or an earlier copy of this one), or train it again.")
         out[start:stop] = to_uint8(images)
         if progress is not None:
             progress(stop - start)
@@ -377,10 +384,22 @@ def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
                ) -> dict[str, Any]:
     """Sample and write; `on_plan(n)` is told the number of images before sampling starts (for a progress bar)."""
     out = Path(cfg.out)
+    # Locked for the whole command, as a training locks its run folder: a second `sample -o` the same file
+    # (with --force or not) is refused at once, not after both have sampled for minutes.
+    hold_output_lock(out)
+    try:
+        return sample_and_write(cfg, out, progress, on_plan, generate_images)
+    finally:
+        release_output_lock(out)
+
+
+def sample_and_write(cfg: SampleConfig, out: Path, progress: Callable[[int], None] | None,
+                     on_plan: Callable[[int], None] | None, generate_images: Generator) -> dict[str, Any]:
     refuse_overwrite(out, cfg.force)  # before minutes of sampling, not after
     info = run_info(cfg.run)
     if cfg.scheduler is not None:
         check_sampler(info.spec.prediction, cfg.scheduler)
+    check_steps(info.spec.prediction, cfg.steps, info.spec.num_train_timesteps)  # before the model loads
     label_names, lesion = source_labels(cfg, info)
     plan, masks_size = load_plan(cfg, info.spec.size)
     if on_plan is not None:
@@ -417,11 +436,17 @@ def write_synthetic_h5(
     if len(images) == 0:
         raise DataError("no synthetic samples to write.", "Check --n and the mask file's split.")
     n, h, w, c = images.shape
-    with H5Writer(out, height=h, width=w, channels=c, label_names=list(label_names), source="lawder sample",
-                  preprocessing={"synthetic": True}, extra_attrs=dict(provenance), force=force) as writer:
+    writer = H5Writer(out, height=h, width=w, channels=c, label_names=list(label_names), source="lawder sample",
+                      preprocessing={"synthetic": True}, extra_attrs=dict(provenance), force=force)
+    try:
         for start in range(0, n, 256):
             stop = min(start + 256, n)
             writer.add_batch(images[start:stop].astype(np.uint8), masks[start:stop].astype(np.uint8),
                              [str(c) for c in case_ids[start:stop]], ["train"] * (stop - start))
-    save_pair_grid(out.with_suffix(".png"), images, masks)
+        # the grid before the rename: a file that exists has its grid (a full disk fails both, leaves neither)
+        grid = out.with_suffix(".png")
+        writer.close(before_commit=lambda _: atomic_save(lambda p: save_pair_grid(p, images, masks), grid))
+    except BaseException:
+        writer.abort()
+        raise
     return out

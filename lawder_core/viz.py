@@ -44,7 +44,7 @@ def pair_grid(images: np.ndarray, masks: np.ndarray, max_pairs: int = 16, column
 
 def save_pair_grid(path: str | os.PathLike, images: np.ndarray, masks: np.ndarray, max_pairs: int = 16) -> Path:
     path = Path(path)
-    pair_grid(images, masks, max_pairs).save(path)
+    pair_grid(images, masks, max_pairs).save(path, format="PNG")
     return path
 
 

@@ -81,3 +81,13 @@ def no_network(monkeypatch):
         raise AssertionError("a test tried to use the network")
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.fixture(scope="session")
+def law_run(tmp_path_factory):
+    """A tiny `train-law` run (trained once per session) for the tests that sample from one; their own data sets
+    of the synthetic kind condition it."""
+    from tests.helpers import synthetic_h5, tiny_law_run
+
+    root = tmp_path_factory.mktemp("law")
+    return tiny_law_run(synthetic_h5(root / "s.h5", n=8, size=32), root / "run")

@@ -98,3 +98,23 @@ def write_kits_folder(root: Path, cases: int = 6, shape: tuple[int, int, int] = 
         nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), folder / "imaging.nii.gz")
         nib.save(nib.Nifti1Image(labels, affine), folder / "segmentation.nii.gz")
     return root
+
+
+def tiny_law_run(data: Path, run: Path, steps: int = 2) -> Path:
+    """A `train-law` run folder in a few seconds: the tiny UNet, a couple of steps, no previews."""
+    from lawder_core.models.law import LAWConfig
+    from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
+
+    train_diffusion(DiffusionTrainConfig(data=str(data), out=str(run), size=32, steps=steps, batch_size=4,
+                                         preset="tiny", sample_every=0, law=LAWConfig(warmup_frac=0.0)))
+    return run
+
+
+def untrained_checkpoint(folder: Path, model: str = "mkunet-t", size: int = 32, channels: int = 3) -> Path:
+    """A segmenter checkpoint folder (config.json + model.safetensors) as training writes it, untrained."""
+    from lawder_core.models.factory import build_segmenter, save_segmenter
+
+    torch.manual_seed(0)
+    save_segmenter(build_segmenter(model, in_channels=channels), folder,
+                   extra={"train_config": {"size": size, "model": model}})
+    return folder

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from lawder_core.errors import DataError, UsageError
+from lawder_core.errors import DISK_FULL_HINT, DataError, EnvironmentProblem, UsageError, is_disk_full
 from lawder_core.locks import hold_output_lock, release_output_lock
 
 SCHEMA_VERSION = 1
@@ -92,28 +92,32 @@ class H5Writer:
         self.tmp_path = self.path.with_name(self.path.name + ".partial")
         self.shape = (height, width, channels)
         self.n = 0
-        self._file = h5py.File(self.tmp_path, "w")
-        f = self._file
-        f.create_dataset(
-            "images", shape=(0, height, width, channels), maxshape=(None, height, width, channels),
-            dtype=np.uint8, chunks=(1, height, width, channels), compression=compression, fletcher32=True,
-        )
-        f.create_dataset(
-            "masks", shape=(0, height, width), maxshape=(None, height, width),
-            dtype=np.uint8, chunks=(1, height, width), compression=compression, fletcher32=True,
-        )
-        f.create_dataset("case_id", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
-        f.create_dataset("split", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
-        if slice_index:
-            f.create_dataset("slice_index", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1024,))
         self.geometry: dict[str, Any] = {}
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["source"] = source
-        f.attrs["label_names"] = json.dumps(list(label_names))
-        f.attrs["preprocessing"] = json.dumps(dict(preprocessing or {}))
-        f.attrs["created_by"] = "lawder"
-        for key, value in (extra_attrs or {}).items():
-            f.attrs[key] = json.dumps(value)
+        self._file: h5py.File | None = None
+        with self._writing():
+            self._file = f = h5py.File(self.tmp_path, "w")
+            # Held for the writer's life, not looked up per batch: a dataset object h5py frees flushes its chunks
+            # in a destructor, where a full disk can only print "Can't decrement id ref count" and carry on.
+            self._datasets = {
+                "images": f.create_dataset(
+                    "images", shape=(0, height, width, channels), maxshape=(None, height, width, channels),
+                    dtype=np.uint8, chunks=(1, height, width, channels), compression=compression, fletcher32=True),
+                "masks": f.create_dataset(
+                    "masks", shape=(0, height, width), maxshape=(None, height, width),
+                    dtype=np.uint8, chunks=(1, height, width), compression=compression, fletcher32=True),
+                "case_id": f.create_dataset("case_id", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,)),
+                "split": f.create_dataset("split", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,)),
+            }
+            if slice_index:
+                self._datasets["slice_index"] = f.create_dataset("slice_index", shape=(0,), maxshape=(None,),
+                                                                 dtype=np.int32, chunks=(1024,))
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["source"] = source
+            f.attrs["label_names"] = json.dumps(list(label_names))
+            f.attrs["preprocessing"] = json.dumps(dict(preprocessing or {}))
+            f.attrs["created_by"] = "lawder"
+            for key, value in (extra_attrs or {}).items():
+                f.attrs[key] = json.dumps(value)
 
     def add(self, image: np.ndarray, mask: np.ndarray, case_id: str, split: str,
             slice_index: int | None = None) -> None:
@@ -132,45 +136,95 @@ class H5Writer:
     def add_batch(self, images: np.ndarray, masks: np.ndarray, case_ids: list[str], splits: list[str],
                   slice_indices: np.ndarray | list[int] | None = None) -> None:
         k = len(images)
-        f = self._file
-        has_index = "slice_index" in f
+        datasets = self._datasets
+        has_index = "slice_index" in datasets
         if (slice_indices is not None) != has_index:
             raise DataError("slice indices must be given for every sample of a file created with slice_index=True, "
                             "and only there.")
-        names = ("images", "masks", "case_id", "split") + (("slice_index",) if has_index else ())
-        for name in names:
-            f[name].resize(self.n + k, axis=0)
-        f["images"][self.n:self.n + k] = images
-        f["masks"][self.n:self.n + k] = masks
-        f["case_id"][self.n:self.n + k] = case_ids
-        f["split"][self.n:self.n + k] = splits
-        if has_index:
-            f["slice_index"][self.n:self.n + k] = np.asarray(slice_indices, dtype=np.int32)
+        with self._writing():
+            for dataset in datasets.values():
+                dataset.resize(self.n + k, axis=0)
+            datasets["images"][self.n:self.n + k] = images
+            datasets["masks"][self.n:self.n + k] = masks
+            datasets["case_id"][self.n:self.n + k] = case_ids
+            datasets["split"][self.n:self.n + k] = splits
+            if has_index:
+                datasets["slice_index"][self.n:self.n + k] = np.asarray(slice_indices, dtype=np.int32)
         self.n += k
 
     def add_case_geometry(self, case_id: str, geometry: Mapping[str, Any]) -> None:
         """A case's source geometry (JSON values), written as the `case_geometry` dataset on close."""
         self.geometry[case_id] = dict(geometry)
 
-    def close(self) -> Path:
-        """Finish the file and move it into place atomically."""
+    def close(self, before_commit: Callable[[Path], None] | None = None) -> Path:
+        """Finish the file and move it into place atomically.
+
+        `before_commit(partial_path)` runs on the finished file before the rename (side files that must exist
+        whenever the file does, e.g. the fingerprint); if it fails, the file is discarded.
+        """
         if self.n == 0:
             self.abort()
             raise DataError("no samples were written: the data set is empty.",
                             "Check the input folder and the filters (e.g. --empty-share for KiTS).")
-        if self.geometry:
-            self._file.create_dataset("case_geometry", data=json.dumps(self.geometry), dtype=_STR)
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
+        with self._writing():
+            if self.geometry:
+                self._file.create_dataset("case_geometry", data=json.dumps(self.geometry), dtype=_STR)
+            self._file.flush()  # a full disk is refused here, as an exception, not in a destructor
+            self._file.close()
+            self._datasets = {}
+            if before_commit is not None:
+                before_commit(self.tmp_path)
+            os.replace(self.tmp_path, self.path)
         release_output_lock(self.path)  # the file is complete: a later writer now meets it (and --force)
         return self.path
 
     def abort(self) -> None:
+        """Discard the partial file (it may be called again: the second call does nothing)."""
         try:
-            self._file.close()
+            self._discard_file()
         finally:
             self.tmp_path.unlink(missing_ok=True)
             release_output_lock(self.path)
+
+    def _discard_file(self) -> None:
+        """Close the HDF5 file without writing it out.
+
+        HDF5 has no "close without flushing": closing writes out the chunks and metadata it still caches, which a
+        full disk refuses; the file then stays open inside the library, which retries at interpreter exit and
+        crashed there (a segfault). The partial file is deleted anyway, so its descriptor is pointed at /dev/null
+        first: the flush succeeds into nothing and the close is clean.
+        """
+        f, self._file = self._file, None
+        if f is None or not f.id.valid:
+            self._datasets = {}
+            return
+        try:
+            fd = f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        except (OSError, TypeError, ValueError):  # a driver without a plain descriptor: close it as it is
+            pass
+        self._datasets = {}  # freed only now: a dataset's destructor flushes, which now goes nowhere
+        try:
+            f.close()
+        except (OSError, RuntimeError):  # nothing to keep: the file is deleted next
+            pass
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Any failure while writing discards the partial file at once; a full disk becomes one clear
+        EnvironmentProblem (exit 4) instead of h5py's multi-line error."""
+        try:
+            yield
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, Exception) and is_disk_full(err):
+                raise EnvironmentProblem(f"the disk is full: cannot write {self.path} (the partial file was "
+                                         "removed).", DISK_FULL_HINT) from err
+            raise
 
     def __enter__(self) -> H5Writer:
         return self
@@ -221,7 +275,8 @@ def check_schema(path: Path, f: h5py.File) -> None:
                         "Re-create it with this version of lawder: `lawder prepare ... -o FILE.h5 --force`.")
     # Each dataset is opened once: h5py's f[name] costs a lookup every time, and this runs on every open.
     found = {name: f[name] for name in (*REQUIRED, "slice_index", "case_geometry") if name in f}
-    problem = _dataset_problem(found) or _length_problem(found) or _attribute_problem(f)
+    problem = (_dataset_problem(found) or _length_problem(found) or _size_problem(found, path)
+               or _attribute_problem(f))
     if problem:
         raise DataError(f"{path} is not a valid lawder data file: {problem}.", RECREATE)
 
@@ -266,6 +321,45 @@ def _length_problem(found: dict[str, Any]) -> str | None:
     if lengths["images"] == 0:
         return "it holds no samples"
     return None
+
+
+# Sane bounds on what a file may declare: a 10 KB file that declares 64 × 60000² images passed the checks above,
+# then `inspect` read fill values for minutes and training asked for 10 GiB.
+MAX_SIDE = 16384  # pixels, height and width
+MAX_CHANNELS = 4
+
+
+def _size_problem(found: dict[str, Any], path: Path) -> str | None:
+    """Declared sizes within sane bounds, and backed by data the file really holds: every chunk the shape needs is
+    written (lawder writes them all) and no dataset claims more bytes than the file has. Metadata only."""
+    _, height, width, channels = found["images"].shape
+    if height > MAX_SIDE or width > MAX_SIDE or channels > MAX_CHANNELS:
+        return (f"dataset 'images' declares {height}×{width} pixels with {channels} channel(s); lawder reads at most "
+                f"{MAX_SIDE}×{MAX_SIDE} with {MAX_CHANNELS}")
+    file_size = path.stat().st_size
+    for name in ("images", "masks"):
+        dataset = found[name]
+        if dataset.is_virtual or dataset.external:
+            return f"dataset '{name}' refers to data in other files"
+        declared = dataset.size * dataset.dtype.itemsize
+        stored = dataset.id.get_storage_size()
+        if dataset.chunks is None:
+            missing = stored < declared
+        else:
+            needed = int(np.prod([-(-n // c) for n, c in zip(dataset.shape, dataset.chunks, strict=True)]))
+            missing = dataset.id.get_num_chunks() < needed
+        if missing or stored > file_size:
+            return (f"dataset '{name}' declares {'×'.join(map(str, dataset.shape))} ({_bytes(declared)}) but the "
+                    f"file ({_bytes(file_size)}) holds {_bytes(stored)} of it")
+    return None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _attribute_problem(f: h5py.File) -> str | None:

@@ -13,6 +13,8 @@ noisy empty JPEG mask is never read as a 0/1 label mask.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +42,50 @@ def list_images(folder: Path) -> dict[str, Path]:
 HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
-def _open(path: Path) -> Image.Image:
+# Pillow's own default bound (89,478,485 pixels, about 9459²), kept even where a library has switched Pillow's off:
+# a 1 MB PNG can declare 20000² pixels and need gigabytes to decode (a decompression bomb).
+MAX_PIXELS = 89_478_485
+READ_HINT = "The file may be truncated or not an image."
+
+
+def _open_header(path: Path) -> Image.Image:
+    """The image with only its header read; a declared size beyond MAX_PIXELS is refused before any decoding."""
     try:
-        im = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its bound
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow says how many pixels, not the width and height
+        raise too_large(path, f"{int(found.group(1)):,} pixels" if found else "more pixels") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {err}", READ_HINT) from err
+    width, height = im.size
+    if width * height > MAX_PIXELS:
+        im.close()
+        raise too_large(path, f"{width}×{height} pixels")
+    return im
+
+
+def too_large(path: Path, declared: str) -> DataError:
+    return DataError(f"{path} declares {declared}, more than lawder decodes ({MAX_PIXELS:,}); it was not read.",
+                     "A real image this large must be downscaled first; a small file that declares it is a "
+                     "decompression bomb.")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header alone."""
+    with _open_header(path) as im:
+        return im.size
+
+
+def _open(path: Path) -> Image.Image:
+    im = _open_header(path)
+    try:
         im.load()
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read {path}: {err}", "The file may be truncated or not an image.") from err
+        im.close()
+        raise DataError(f"cannot read {path}: {err}", READ_HINT) from err
 
 
 def read_image(path: Path, mode: str) -> np.ndarray:
@@ -54,9 +93,9 @@ def read_image(path: Path, mode: str) -> np.ndarray:
     with _open(path) as im:
         if im.mode not in HIGH_BIT_MODES:
             try:
-                return np.asarray(im.convert(mode))
+                return np.array(im.convert(mode))  # a writable copy: torch warns about read-only arrays
             except (OSError, ValueError) as err:
-                raise DataError(f"cannot read {path}: {err}", "The file may be truncated or not an image.") from err
+                raise DataError(f"cannot read {path}: {err}", READ_HINT) from err
         values = np.asarray(im, dtype=np.float64)
     low, high = float(values.min()), float(values.max())
     grey = np.zeros(values.shape, np.uint8) if high <= low else np.round(

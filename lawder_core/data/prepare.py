@@ -6,7 +6,6 @@ KiTS volume of hundreds of MB is never held twice and converters can run cases i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from lawder_core.data.h5 import H5Writer, refuse_overwrite
 from lawder_core.data.resize import resize_image, resize_mask
 from lawder_core.data.splits import splits_for, write_split_file
 from lawder_core.errors import DataError, UsageError
+from lawder_core.files import write_json
 
 Progress = Callable[[int], None]
 RESIZE_MODES = ("pad", "stretch")
@@ -114,13 +114,25 @@ def write_dataset(
                 progress(1)
         if writer is None:
             raise DataError("no samples were produced: the data set is empty.", "Check the input folder.")
-        writer.close()
+        written_cases = {c: s for c, s in mapping.items() if c in set(case_ids)}
+        fingerprint: dict[str, Any] = {}
+
+        def write_side_files(finished: Path) -> None:
+            # before the rename: whenever `out` exists, its fingerprint and split file do too (an interrupt
+            # between them leaves only side files, which the next run replaces)
+            try:
+                write_split_file(splits_path, written_cases)
+                fingerprint.update(compute_fingerprint(finished), path=str(out))
+                write_json(fingerprint_path, fingerprint)
+            except BaseException:
+                if not out.exists():  # side files of no data set (a full disk) are not left behind
+                    splits_path.unlink(missing_ok=True)
+                    fingerprint_path.unlink(missing_ok=True)
+                raise
+
+        writer.close(before_commit=write_side_files)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    written_cases = {c: s for c, s in mapping.items() if c in set(case_ids)}
-    write_split_file(splits_path, written_cases)
-    fingerprint = compute_fingerprint(out)
-    fingerprint_path.write_text(json.dumps(fingerprint, indent=1))
     return fingerprint

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from lawder_core.data.images import (
     IMAGE_SUFFIXES,
     binary_mask,
+    image_size,
     list_images,
     mask_scale,
     mask_values,
@@ -111,8 +111,7 @@ def check_uniform_size(pairs: list[tuple[str, Path, Path]], size: int | None) ->
         return
     sizes = set()
     for _, image_path, _ in pairs:
-        with Image.open(image_path) as im:
-            sizes.add(im.size)
+        sizes.add(image_size(image_path))  # the header only, with the decompression-bomb guard
         if len(sizes) > 1:
             raise DataError(f"images have different sizes ({sorted(sizes)[:3]}) and no --size was given.",
                             "Pass --size N to resize every pair to N×N.")

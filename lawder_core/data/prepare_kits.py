@@ -36,9 +36,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, wri
 from lawder_core.data.resize import resize_image, resize_mask_priority
 from lawder_core.data.splits import splits_for
 from lawder_core.errors import DataError, UsageError
+from lawder_core.interrupts import signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +187,28 @@ def check_pair(case: KitsCase) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     return imaging, segmentation
 
 
+AIR_HU = -1024.0  # what a NaN voxel is read as: air, the lowest value a CT holds (black in every window)
+
+
 def canonical_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The voxel array in RAS+ order, in its stored dtype (not float64: volumes are hundreds of MB)."""
+    """The voxel array in RAS+ order, in its stored dtype (not float64: volumes are hundreds of MB).
+
+    NaN voxels (a float volume damaged in conversion) would silently become black slices through the window;
+    they are read as air (AIR_HU) instead, with a warning that names the volume and counts them.
+    """
     try:
-        return np.asanyarray(nib.as_closest_canonical(image).dataobj)
+        array = np.asanyarray(nib.as_closest_canonical(image).dataobj)
     except Exception as err:  # truncated gzip streams fail only here, when the data is read
         raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}).",
                         "It may be truncated or corrupt: download or unpack it again.") from err
+    if array.dtype.kind == "f":
+        nan = np.isnan(array)
+        count = int(nan.sum())
+        if count:
+            log.warning("%s: %d of %d voxels are NaN (%.2g%%); they were read as air (%g HU)", path, count,
+                        array.size, 100 * count / array.size, AIR_HU)
+            array = np.where(nan, np.asarray(AIR_HU, array.dtype), array)
+    return array
 
 
 def canonical_zooms(image: nib.Nifti1Image) -> tuple[float, float, float]:
@@ -390,8 +407,18 @@ def converted_cases(cases: Sequence[KitsCase], settings: SliceSettings) -> Itera
         return
     # spawn, not fork: the parent may hold threads (Ray, torch) or an open HDF5 file.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(settings.kits.jobs, len(cases))) as pool:
+    with ExitStack() as stack:
+        with signals_deferred():  # a pool half started is never terminated: a signal waits until it is whole
+            pool = stack.enter_context(context.Pool(min(settings.kits.jobs, len(cases)),
+                                                    initializer=_leave_interrupts_to_the_parent))
         yield pool.imap(_convert_task, tasks, chunksize=1)
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """A pool worker ignores Ctrl-C (the terminal sends it to the whole process group): the parent stops,
+    removes the partial file and terminates the pool, instead of every worker printing a traceback and then
+    BrokenPipe errors into a closed pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def preprocessing_record(options: PrepareOptions, kits: KitsOptions, skipped: list[str],

@@ -31,7 +31,14 @@ from lawder_core import runs
 from lawder_core.config import with_absolute_paths
 from lawder_core.distributed.shared_storage import remove_marker, write_marker
 from lawder_core.environment import DEFAULT_WAIT_S
-from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
+from lawder_core.errors import (
+    EnvironmentProblem,
+    LawderError,
+    TrainingError,
+    UsageError,
+    known_cause,
+)
+from lawder_core.interrupts import raise_terminated
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +93,8 @@ def ensure_ray(address: str | None) -> None:
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     if ray.is_initialized():
         return
+    # ray.init replaces the SIGTERM handler with a bare sys.exit(15); lawder's (stop like Ctrl-C) is put back
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if address is None:
             start_local_ray()
@@ -94,6 +103,9 @@ def ensure_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise EnvironmentProblem(f"cannot start or join Ray at {address or 'a local instance'}: {err}",
                                  "Check `ray status` on the head node, or drop --ray-address to run locally.") from err
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for_resources(address: str | None, needs: dict[str, float], seconds: float) -> None:
@@ -308,16 +320,17 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     try:
         fit = fit_interruptibly(trainer)
     except Exception as err:  # Ray wraps worker errors; surface ours, explain the rest
-        found = find_lawder_error(err)
+        found = find_lawder_error(err) or known_cause(err, writing=getattr(cfg, "out", None))
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed training failed: {err}",
-                            "See the worker log above; rerun with --resume to continue from the last epoch.") from err
+                            "See the worker log above.") from err
     return dict(fit.metrics or {})
 
 
 def fit_interruptibly(trainer: Any) -> Any:
-    """`trainer.fit()`, with Ctrl-C and SIGTERM ending the command the documented way (exit 130).
+    """`trainer.fit()`, with Ctrl-C and SIGTERM ending the command the documented way (exit 130;
+    143 for SIGTERM).
 
     Ray Train installs its own SIGINT handler when `fit` runs in the main thread, and after it the driver exits 1
     without a word. In a helper thread it installs none, so the signal reaches lawder here: Ray is shut down (its
@@ -342,10 +355,11 @@ def fit_interruptibly(trainer: Any) -> Any:
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
-        log.warning("interrupted: stopping the Ray workers (the last complete checkpoint stays)")
+        log.warning("stopping the Ray workers; the last complete checkpoint stays")
         import ray
 
         stop_forwarding_worker_logs()
+        no_auto_init()
         ray.shutdown()
         thread.join(30)
         raise
@@ -368,9 +382,21 @@ def stop_forwarding_worker_logs() -> None:
         pass
 
 
+def no_auto_init() -> None:
+    """After the interrupt's `ray.shutdown`, the fit thread still calls Ray's API on its way out (Tune's
+    controller does), and Ray would start a fresh local instance for the first such call (its auto-init): seconds
+    of start-up, in a thread, for nothing. Turned off for this process, which is ending."""
+    try:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    except (ImportError, AttributeError):  # another Ray version: it may start one, which exit shuts down
+        pass
+
+
 def interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM (a scheduler's stop, `kill`) ends a training like Ctrl-C does."""
-    raise KeyboardInterrupt
+    """SIGTERM (a scheduler's stop, `kill`) ends a training like Ctrl-C does (exit 143 instead of 130)."""
+    raise_terminated(signum, frame)
 
 
 def run_here(fn: Callable[..., dict[str, Any]], cfg: Any, device: str = "cpu") -> dict[str, Any]:
@@ -391,8 +417,12 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any, device: str = "cpu") -
     except LawderError:
         raise
     except Exception as err:
+        # a full disk or no memory is the machine's (exit 4), not the training's
+        known = known_cause(err, writing=getattr(cfg, "out", None))
+        if known is not None:
+            raise known from err
         raise TrainingError(f"training failed: {err}",
-                            "Rerun with --resume to continue from the last checkpoint; --debug shows the traceback."
+                            "--debug shows the traceback."
                             ) from err
 
 
@@ -410,7 +440,13 @@ def run_and_summarise(fn: Callable[..., dict[str, Any]], summarise: Callable[[An
                       launch_cfg: LaunchConfig, force: bool) -> dict[str, Any]:
     """Open the run folder (refuse, resume or force), train on the workers, write summary.json."""
     runs.open_run(cfg.out, resume=cfg.resume, force=force)
-    launch(fn, cfg, launch_cfg)
+    try:
+        launch(fn, cfg, launch_cfg)
+    except BaseException as err:
+        runs.remove_partial_checkpoints(cfg.out)  # a checkpoint cut short (full disk, Ctrl-C) is not kept
+        if isinstance(err, LawderError):
+            raise runs.with_resume_advice(err, cfg.out) from err.__cause__
+        raise
     remove_marker(cfg.out)
     summary = summarise(cfg.out)
     runs.write_summary(cfg.out, summary)

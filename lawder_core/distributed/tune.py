@@ -34,7 +34,13 @@ import yaml
 from lawder_core import runs
 from lawder_core.config import to_dict, with_absolute_paths
 from lawder_core.distributed.shared_storage import check_marker, remove_marker, write_marker
-from lawder_core.distributed.train import check_local_gpus, ensure_ray, find_lawder_error, wait_for_resources
+from lawder_core.distributed.train import (
+    check_local_gpus,
+    ensure_ray,
+    find_lawder_error,
+    fit_interruptibly,
+    wait_for_resources,
+)
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import EnvironmentProblem, TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
@@ -304,7 +310,9 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
     base = with_absolute_paths(base)
     sweep = sweep_for(kind)
     token = write_marker(out) if opts.ray_address is not None else None
-    grid = build_tuner(kind, base, space, out, opts, token).fit()
+    # Off the main thread, Tune installs no SIGINT handler of its own (which let a Ctrl-C finish the sweep with
+    # exit 0 or 5, and ray.init's SIGTERM handler exited 1): lawder's treatment applies, exit 130 or 143.
+    grid = fit_interruptibly(build_tuner(kind, base, space, out, opts, token))
     remove_marker(out)
     mark_ended(grid, out)
     table = results_table(grid, sweep)

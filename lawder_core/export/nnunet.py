@@ -32,7 +32,6 @@ of the real training volumes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import importlib.util
 import logging
@@ -40,7 +39,9 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from lawder_core.data.h5 import (
 from lawder_core.environment import package_version
 from lawder_core.errors import DataError, UsageError
 from lawder_core.files import write_json
+from lawder_core.interrupts import signals_deferred
 from lawder_core.predict_volume import from_radiological_view
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,25 @@ def export_nnunet(data: str | os.PathLike, out: str | os.PathLike, dataset_id: i
         shutil.rmtree(root)
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    try:
+        real, fake, ending, volumes, notes = write_dataset_folder(data, info, extra, synthetic or [], partial, name,
+                                                                  seed)
+        partial.rename(root)
+    except BaseException:  # a full disk, a bad input, Ctrl-C or SIGTERM: no half-written folder stays
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    result = {"out": str(root), "training": len(real) + len(fake), "real": len(real), "synthetic": len(fake),
+              "test": len(list((root / "imagesTs").glob(f"*{ending}"))), "labels": label_spec(info.label_names)[0],
+              "file_ending": ending, "verified_by": verify(root)}
+    if volumes:
+        result["geometry"] = notes["geometry"]
+    return result
+
+
+def write_dataset_folder(data: str | os.PathLike, info: H5Info, extra: list[H5Info], synthetic: list[str | os.PathLike],
+                         partial: Path, name: str, seed: int) -> tuple[list[str], list[str], str, bool, dict[str, Any]]:
+    """Everything of the data set into `partial`; returns (real cases, synthetic cases, file ending, volumes?,
+    notes)."""
     dirs = {d: partial / d for d in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
     for d in dirs.values():
         d.mkdir(parents=True)
@@ -135,7 +156,7 @@ def export_nnunet(data: str | os.PathLike, out: str | os.PathLike, dataset_id: i
         real, fake, notes = export_volumes(info, extra, dirs, partial / SLICES_FILE)
         description = notes.pop("description")
     else:
-        real, fake = export_slices(data, synthetic or [], dirs)
+        real, fake = export_slices(data, synthetic, dirs)
     labels, regions = label_spec(info.label_names)
     if volumes:
         channels = {"0": "CT"}
@@ -145,7 +166,7 @@ def export_nnunet(data: str | os.PathLike, out: str | os.PathLike, dataset_id: i
     dataset: dict[str, Any] = {
         "channel_names": channels, "labels": labels, "numTraining": len(real) + len(fake), "file_ending": ending,
         "name": name,
-        "lawder": {"data": str(info.path), "synthetic": [str(p) for p in synthetic or []],
+        "lawder": {"data": str(info.path), "synthetic": [str(p) for p in synthetic],
                    "real_training": len(real), "synthetic_cases": len(fake), **notes}}
     if regions is not None:
         dataset["regions_class_order"] = regions
@@ -154,13 +175,7 @@ def export_nnunet(data: str | os.PathLike, out: str | os.PathLike, dataset_id: i
         dataset["description"] = description
     write_json(partial / "dataset.json", dataset)
     write_json(partial / "splits_final.json", folds(real, fake, seed))
-    partial.rename(root)
-    result = {"out": str(root), "training": len(real) + len(fake), "real": len(real), "synthetic": len(fake),
-              "test": len(list((root / "imagesTs").glob(f"*{ending}"))), "labels": labels,
-              "file_ending": ending, "verified_by": verify(root)}
-    if volumes:
-        result["geometry"] = notes["geometry"]
-    return result
+    return real, fake, ending, volumes, notes
 
 
 def export_slices(data: str | os.PathLike, synthetic: list[str | os.PathLike],
@@ -323,14 +338,67 @@ def verify(root: Path) -> str | None:
     """
     if importlib.util.find_spec("nnunetv2") is None:
         return None
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        try:
-            pool.submit(nnunet_integrity_check, str(root)).result()
-        except (AssertionError, RuntimeError, ValueError) as err:
-            raise DataError(f"nnU-Net's integrity check rejected {root}: {err}",
-                            "This is a lawder bug; please report it with the data set's fingerprint.") from err
+    try:
+        run_in_child(nnunet_integrity_check, str(root))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise DataError(f"nnU-Net's integrity check rejected {root}: {err}",
+                        "This is a lawder bug; please report it with the data set's fingerprint.") from err
     return f"nnunetv2 {package_version('nnunetv2')}"
+
+
+def run_in_child(fn: Callable[..., None], *args: Any) -> None:
+    """`fn(*args)` in a freshly spawned process, its exception raised here.
+
+    The child leads a process group of its own and ignores SIGINT: Ctrl-C and SIGTERM reach this process, which
+    then terminates the child's whole group (nnU-Net's pool too) and waits for it, instead of leaving a worker of
+    hundreds of MB running after lawder has exited.
+    """
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(send, fn, args), name="lawder-nnunet-check")
+    try:
+        with signals_deferred():  # a child half started reads a torn start-up message and prints a traceback
+            child.start()
+        send.close()
+        try:
+            kind, value = receive.recv()
+        except EOFError:  # it died without a word (killed, out of memory)
+            kind, value = "died", None
+        child.join()
+    except BaseException:
+        stop_child(child)
+        raise
+    finally:
+        receive.close()
+    if kind == "error":
+        raise value
+    if kind == "died":
+        raise RuntimeError(f"the check's process ended with exit code {child.exitcode}")
+
+
+def _child_main(send: Any, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    try:
+        fn(*args)
+        send.send(("ok", None))
+    except Exception as err:
+        send.send(("error", err))
+
+
+def stop_child(child: Any, grace: float = 10.0) -> None:
+    """SIGTERM to the child's process group, SIGKILL after `grace` seconds; waits for it either way."""
+    if child.pid is None:  # never started
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):  # not yet a group leader (or gone): the child alone
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, sig)
+        child.join(grace)
+        if not child.is_alive():
+            return
 
 
 def nnunet_integrity_check(root: str) -> None:

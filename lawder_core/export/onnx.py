@@ -63,6 +63,8 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
     folded = count_batchnorms(reference) - count_batchnorms(model)
     channels = int(config["in_channels"])
     x = torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        refuse_non_finite(reference(x).numpy(), f"the checkpoint {folder}")  # before anything is written
     spatial = dynamic and not config["name"].endswith("-order")
     if dynamic and not spatial:
         log.warning("%s: ORDER's selection count and pooled grid depend on the input size, so the height and "
@@ -72,7 +74,11 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
                 "lawder": package_version("lawder"), "opset": OPSET,
                 "label_map": (config.get("extra") or {}).get("label_map")}
     atomic_save(lambda p: write_onnx(model, x, p, spatial, metadata), out)
-    diff = check_against_torch(out, reference, x, size)
+    try:
+        diff = check_against_torch(out, reference, x, size)
+    except BaseException:
+        out.unlink(missing_ok=True)  # a file that failed its check is not left to be used
+        raise
     log.info("wrote %s (opset %d, %d BatchNorms folded); max |ONNX − PyTorch| = %.2e", out, OPSET, folded, diff)
     return {"out": str(out), **metadata, "batchnorms_folded": folded, "max_abs_diff": diff,
             "onnxruntime": package_version("onnxruntime")}
@@ -116,8 +122,27 @@ def check_against_torch(path: Path, reference: Any, x: Any, size: int) -> float:
         got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
         with torch.no_grad():
             expected = reference(batch).numpy()
-        diff = max(diff, float(np.abs(got - expected).max()))
+        refuse_non_finite(expected, "the checkpoint")
+        refuse_non_finite(got, f"ONNX Runtime's run of {path}")
+        diff = max(diff, max_abs_difference(got, expected))
     return diff
+
+
+def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a − b|, NaN-aware: NaN where the other is not counts as infinitely far (a plain max over NaN is NaN,
+    and Python's max(0.0, nan) is 0.0, which reported an all-NaN model as a perfect export)."""
+    gap = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    gap[np.isnan(a) & np.isnan(b)] = 0.0
+    gap[np.isnan(gap)] = np.inf
+    return float(gap.max()) if gap.size else 0.0
+
+
+def refuse_non_finite(outputs: np.ndarray, what: str) -> None:
+    bad = int((~np.isfinite(outputs)).sum())
+    if bad:
+        raise DataError(f"{what} gives NaN or infinite outputs ({bad} of {outputs.size} values on a test batch): "
+                        "its weights are damaged, or its training diverged; nothing was exported.",
+                        "Use another checkpoint of the run (e.g. its last/), or train it again.")
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:

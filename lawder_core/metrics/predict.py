@@ -13,6 +13,26 @@ from lawder_core.errors import DataError
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class NonFiniteOutputs(DataError):
+    """The segmenter's logits hold NaN or infinity (its masks would be empty or arbitrary, without a word)."""
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """`logits`, refused when any value is NaN or infinite: sigmoid and argmax would turn them into plausible-looking
+    empty masks."""
+    if isinstance(logits, torch.Tensor) and not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise NonFiniteOutputs(f"the segmenter's outputs hold {bad} NaN or infinite value(s) of {logits.numel()}")
+    return logits
+
+
+def non_finite_model(checkpoint: object, error: NonFiniteOutputs) -> DataError:
+    """What `predict` says when the first images already give non-finite outputs: the model, not an input."""
+    return DataError(f"the model {checkpoint} gives NaN or infinite outputs on the first images ({error.message}): "
+                     "its weights are damaged, or its training diverged.",
+                     "Use another checkpoint of the run (e.g. its last/), or train it again.")
+
+
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N,H,W[,C]) uint8 -> (N,3,H,W) float in [0,1], grey repeated to RGB as the segmenters expect."""
     if images.ndim == 3:
@@ -73,6 +93,6 @@ def predict_labels(predict_fn: PredictFn, images: np.ndarray, *, batch_size: int
     out = np.empty(images.shape[:3], np.uint8)
     for start in range(0, len(images), batch_size):
         batch = images_to_tensor(images[start:start + batch_size]).to(device)
-        labels = logits_to_labels(predict_fn(batch), size=images.shape[1:3], threshold=threshold)
+        labels = logits_to_labels(finite_logits(predict_fn(batch)), size=images.shape[1:3], threshold=threshold)
         out[start:start + len(batch)] = labels.cpu().numpy()
     return out

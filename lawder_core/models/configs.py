@@ -129,6 +129,16 @@ def check_sampler(prediction: str, sampler: str) -> None:
                          f"{allowed}.")
 
 
+def check_steps(prediction: str, steps: int, num_train: int) -> None:
+    """DDIM and DPM-Solver pick `steps` of the timesteps the model was trained on, so they cannot take more; the
+    flow ODE solvers take any number."""
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}.")
+    if check_prediction(prediction) != "flow" and steps > num_train:
+        raise UsageError(f"--steps {steps} is more than the {num_train} timesteps this model was trained with.",
+                         f"Use --steps {num_train} or fewer (the default is 50).")
+
+
 WEIGHTINGS = ("uniform", "ratio", "law")
 OBJECTIVES = ("hardness", "influence", "descent")
 WARMUP_WEIGHTS = ("uniform", "prior")

@@ -132,10 +132,24 @@ def read_segmenter_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not valid JSON: {err}", CORRUPT_HINT) from err
+    if not isinstance(config, dict):
+        raise DataError(f"{path} is not a JSON object.", CORRUPT_HINT)
     missing = {"name", "num_classes", "in_channels"} - set(config)
     if missing:
         raise DataError(f"{path} lacks {sorted(missing)}.", CORRUPT_HINT)
+    wrong = [f"'{key}' is {config[key]!r}, not {kind}" for key, kind, ok in (
+        ("name", "a string", isinstance(config["name"], str)),
+        ("num_classes", "an integer", _is_int(config["num_classes"])),
+        ("in_channels", "an integer", _is_int(config["in_channels"])),
+        ("order", "an object", config.get("order") is None or isinstance(config.get("order"), dict)),
+    ) if not ok]
+    if wrong:
+        raise DataError(f"{path} is damaged: {'; '.join(wrong)}.", CORRUPT_HINT)
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_segmenter(folder: Path, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -35,6 +35,7 @@ from lawder_core.models.configs import (
     PREDICTIONS,
     check_prediction,
     check_sampler,
+    check_steps,
     default_sampler,
 )
 
@@ -201,8 +202,7 @@ def generate(model_fn: ModelFn, cond: Tensor, null: Tensor | None, noise: Tensor
     `scheduler_config` is the denoiser's saved training scheduler config, `prediction` its spec's target;
     `sampler` defaults to DDIM for v/epsilon and Euler for flow; guidance 1 runs the conditional branch only.
     """
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}.")
+    check_steps(prediction, steps, int(scheduler_config["num_train_timesteps"]))
     sampler = sampler or default_sampler(prediction)
     check_sampler(prediction, sampler)
     if prediction == "flow":
