@@ -47,15 +47,15 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
                        wait: float = DEFAULT_WAIT_S,
                        **kwargs: Any) -> np.ndarray:
     """`sample_pairs` over `gpus` GPU workers, or `workers` CPU workers when gpus == 0."""
-    import ray
-
     if gpus < 0 or workers < 0:
         raise UsageError("--gpus and --workers must be non-negative.")
     parallel = gpus if gpus > 0 else workers
     if parallel < 1:
         raise UsageError("distributed sampling needs --gpus N or --workers N of at least 1.")
     check_local_gpus(gpus, ray_address)
-    ensure_ray(ray_address)
+    ensure_ray(ray_address)  # before `import ray`: a local Ray's loopback mode is read at import
+    import ray
+
     wait_for_resources(ray_address, {"GPU": 1.0} if gpus > 0 else {"CPU": 1.0}, wait)
     task = ray.remote(num_gpus=1 if gpus > 0 else 0, num_cpus=1, max_retries=0)(sample_chunk)
     device = "cuda" if gpus > 0 else "cpu"

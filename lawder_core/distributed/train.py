@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +40,11 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 
+# Ray's single-machine mode (the one it uses on macOS and Windows), read once when `ray` is imported
+# (`ray._private.ray_constants.ENABLE_RAY_CLUSTER`): with "0" the node address is 127.0.0.1 and GCS, the raylet,
+# the agents and every worker listen there only. Its child processes inherit it from this environment.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -62,7 +68,12 @@ class LaunchConfig:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Start (or join) Ray once per process, small, quiet and closed to others (see `start_local_ray`)."""
+    """Start (or join) Ray once per process, small, quiet and closed to others (see `start_local_ray`).
+
+    A local Ray listens on loopback only; a joined cluster (`address`) keeps the network set-up of its operator.
+    """
+    if address is None:
+        loopback_only()
     import ray
 
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
@@ -76,6 +87,18 @@ def ensure_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise EnvironmentProblem(f"cannot start or join Ray at {address or 'a local instance'}: {err}",
                                  "Check `ray status` on the head node, or drop --ray-address to run locally.") from err
+
+
+def loopback_only() -> None:
+    """Switch on Ray's single-machine mode for the Ray this process is about to start (see LOOPBACK_ENV).
+
+    Set before `ray` is first imported; where something imported it earlier, its flag is set as the import would
+    have set it (Ray reads the module attribute each time it picks the node address).
+    """
+    os.environ[LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def wait_for_resources(address: str | None, needs: dict[str, float], seconds: float) -> None:
@@ -113,10 +136,10 @@ def describe(resources: dict[str, float], names: dict[str, float]) -> str:
 def start_local_ray() -> None:
     """A Ray for this command only.
 
-    - Token authentication on, with a random token for this command (unless the user set RAY_AUTH_MODE): Ray
-      2.60's gRPC servers listen on every interface and Ray turns a 127.0.0.1 node address back into the
-      machine's address (`services.resolve_ip_for_localhost`), so loopback-only is not available; the token is
-      what keeps other machines and other users' processes out.
+    - Listening on loopback only (`loopback_only`, set by `ensure_ray` before Ray is imported): no other machine
+      can reach it.
+    - Token authentication on, with a random token for this command (unless the user set RAY_AUTH_MODE): it keeps
+      other users' processes on this machine out.
     - Its temp tree (sockets, logs, runtime resources) under a fresh folder of mode 0700 — Ray makes its own
       folder world-writable — removed when the command exits; a second command gets its own, so two local
       commands never see each other's sockets.
@@ -260,10 +283,10 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     """
     if launch.gpus == 0 and launch.workers == 0:
         return run_here(fn, with_absolute_paths(cfg))
+    ensure_ray(launch.ray_address)  # first: a local Ray's loopback mode is set before Ray is imported
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray(launch.ray_address)
     wait_for_resources(launch.ray_address, launch.needs(), launch.wait_for_resources)
     cfg = with_absolute_paths(cfg)
     storage = launch.storage or str(Path(getattr(cfg, "out", ".")).resolve() / "ray")
