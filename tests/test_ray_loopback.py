@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from lawder_core.distributed import train
+from lawder_core.distributed.train import LOOPBACK_ENV
+from lawder_core.distributed.train import ensure_ray as real_ensure_ray  # before conftest's guard replaces it
+
 pytestmark = pytest.mark.faults
 
 # The driver starts lawder's local Ray, starts a worker process (an actor) and holds everything until told.
@@ -134,3 +138,34 @@ def test_every_listener_of_a_local_ray_is_on_loopback():
     outside = [(host, port, who.get(pid, "?")) for host, port, pid in rows if not on_loopback(host)]
     assert outside == [], f"listening beyond loopback: {outside}"
     assert driver.returncode == 0
+
+
+def test_a_joined_cluster_keeps_its_operators_network_set_up(monkeypatch):
+    """--ray-address: lawder neither sets the loopback mode nor changes what the operator set."""
+    import ray
+    import ray._private.ray_constants as constants
+
+    joined = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: joined.append(kwargs["address"]))
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setenv(LOOPBACK_ENV, "1")
+    monkeypatch.delenv(LOOPBACK_ENV)  # recorded as set, so it is restored after the test
+    real_ensure_ray("head:6379")
+    assert joined == ["head:6379"]
+    assert LOOPBACK_ENV not in os.environ and constants.ENABLE_RAY_CLUSTER is True
+    monkeypatch.setenv(LOOPBACK_ENV, "1")
+    real_ensure_ray("auto")
+    assert os.environ[LOOPBACK_ENV] == "1"
+
+
+def test_the_loopback_mode_reaches_a_ray_imported_earlier(monkeypatch):
+    """A process that imported Ray before lawder starts one (a notebook, a test) still gets the loopback mode."""
+    import ray._private.ray_constants as constants
+    from ray._private import services
+
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setenv(LOOPBACK_ENV, "1")  # recorded, so the test leaves the environment as it found it
+    train.loopback_only()
+    assert os.environ[LOOPBACK_ENV] == "0"
+    assert services.get_node_ip_address() == "127.0.0.1"  # what GCS, raylet and workers are told to bind to
