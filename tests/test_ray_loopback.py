@@ -7,38 +7,23 @@ GCS, raylet, the agents and the workers all descend from the command that starte
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from lawder_core.distributed import train
-from lawder_core.distributed.train import LOOPBACK_ENV
+from lawder_core.distributed import loopback
+from lawder_core.distributed.loopback import LOOPBACK_ENV
 from lawder_core.distributed.train import ensure_ray as real_ensure_ray  # before conftest's guard replaces it
 
 pytestmark = pytest.mark.faults
 
-# The driver starts lawder's local Ray, starts a worker process (an actor) and holds everything until told.
-DRIVER = textwrap.dedent("""
-    import json, os, sys
-    from lawder_core.distributed.train import ensure_ray
-    ensure_ray(None)
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Worker:
-        def pid(self):
-            return os.getpid()
-
-    worker = Worker.remote()
-    print(json.dumps({"worker": ray.get(worker.pid.remote()),
-                      "mode": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}), flush=True)
-    sys.stdin.readline()  # hold the cluster until the test has read the sockets
-""")
+# `lawder train-order` on two Ray CPU workers: Ray's servers, its workers and PyTorch's rendezvous store and gloo
+# connections between the two ranks.
+COMMAND = "import sys; from lawder_cli.main import app; sys.argv[0] = 'lawder'; app()"
 
 TCP_LISTEN = "0A"
 
@@ -120,24 +105,30 @@ def names(pids: set[int]) -> dict[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_every_listener_of_a_local_ray_is_on_loopback():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env)
-    try:
-        info = json.loads(driver.stdout.readline())
-        tree = descendants(driver.pid)
-        rows = listeners(tree)
+def test_every_listener_of_a_local_ray_training_is_on_loopback(tmp_path):
+    from lawder_core.data.prepare import PrepareOptions
+    from lawder_core.data.synthetic import prepare_synthetic
+
+    prepare_synthetic(tmp_path / "s.h5", n=24, size=32, seed=0, options=PrepareOptions(size=32))
+    env = {k: v for k, v in os.environ.items() if k not in (LOOPBACK_ENV, *loopback.INTERFACE_ENV)}
+    args = ["train-order", "--data", str(tmp_path / "s.h5"), "--out", str(tmp_path / "run"), "--model", "mkunet-t",
+            "--size", "32", "--epochs", "2", "--batch-size", "4", "--workers", "2"]
+    command = subprocess.Popen([sys.executable, "-c", COMMAND, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    seen: dict[tuple[str, int], str] = {}
+    while command.poll() is None:  # read the sockets over the whole run: servers come and go
+        tree = descendants(command.pid)
         who = names(tree)
-    finally:
-        driver.communicate("\n", timeout=120)
-    assert info["mode"] == "0"
-    assert info["worker"] in tree  # the worker processes are among those read
-    listening = {who.get(pid, "?") for _, _, pid in rows}
-    assert {"gcs_server", "raylet"} <= listening, rows  # the servers were found, so the check below means something
-    outside = [(host, port, who.get(pid, "?")) for host, port, pid in rows if not on_loopback(host)]
-    assert outside == [], f"listening beyond loopback: {outside}"
-    assert driver.returncode == 0
+        for host, port, pid in listeners(tree):
+            seen[(host, port)] = who.get(pid, "?")
+        time.sleep(0.1)
+    output = command.stdout.read()
+    assert command.returncode == 0, output[-3000:]
+    listening = set(seen.values())
+    # the servers were found, so the check below means something: Ray's and the rank-0 worker's (rendezvous store)
+    assert {"gcs_server", "raylet"} <= listening and any("RayTrainWo" in name for name in listening), seen
+    outside = {address: name for address, name in seen.items() if not on_loopback(address[0])}
+    assert outside == {}, f"listening beyond loopback: {outside}"
 
 
 def test_a_joined_cluster_keeps_its_operators_network_set_up(monkeypatch):
@@ -149,11 +140,13 @@ def test_a_joined_cluster_keeps_its_operators_network_set_up(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: joined.append(kwargs["address"]))
     monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", True)
-    monkeypatch.setenv(LOOPBACK_ENV, "1")
-    monkeypatch.delenv(LOOPBACK_ENV)  # recorded as set, so it is restored after the test
+    for name in (LOOPBACK_ENV, *loopback.INTERFACE_ENV):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.delenv(name)  # recorded as set, so it is restored after the test
     real_ensure_ray("head:6379")
     assert joined == ["head:6379"]
     assert LOOPBACK_ENV not in os.environ and constants.ENABLE_RAY_CLUSTER is True
+    assert all(name not in os.environ for name in loopback.INTERFACE_ENV)
     monkeypatch.setenv(LOOPBACK_ENV, "1")
     real_ensure_ray("auto")
     assert os.environ[LOOPBACK_ENV] == "1"
@@ -166,6 +159,10 @@ def test_the_loopback_mode_reaches_a_ray_imported_earlier(monkeypatch):
 
     monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", True)
     monkeypatch.setenv(LOOPBACK_ENV, "1")  # recorded, so the test leaves the environment as it found it
-    train.loopback_only()
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's choice of interface is kept
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "x")
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME")
+    loopback.loopback_only()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7" and os.environ["NCCL_SOCKET_IFNAME"] == "lo"
     assert os.environ[LOOPBACK_ENV] == "0"
     assert services.get_node_ip_address() == "127.0.0.1"  # what GCS, raylet and workers are told to bind to

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 from lawder_core import runs
 from lawder_core.config import with_absolute_paths
+from lawder_core.distributed.loopback import loopback_only, loopback_torch_config
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
 
@@ -39,11 +39,6 @@ RAY_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-
-# Ray's single-machine mode (the one it uses on macOS and Windows), read once when `ray` is imported
-# (`ray._private.ray_constants.ENABLE_RAY_CLUSTER`): with "0" the node address is 127.0.0.1 and GCS, the raylet,
-# the agents and every worker listen there only. Its child processes inherit it from this environment.
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -87,18 +82,6 @@ def ensure_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise EnvironmentProblem(f"cannot start or join Ray at {address or 'a local instance'}: {err}",
                                  "Check `ray status` on the head node, or drop --ray-address to run locally.") from err
-
-
-def loopback_only() -> None:
-    """Switch on Ray's single-machine mode for the Ray this process is about to start (see LOOPBACK_ENV).
-
-    Set before `ray` is first imported; where something imported it earlier, its flag is set as the import would
-    have set it (Ray reads the module attribute each time it picks the node address).
-    """
-    os.environ[LOOPBACK_ENV] = "0"
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
 
 
 def wait_for_resources(address: str | None, needs: dict[str, float], seconds: float) -> None:
@@ -287,13 +270,16 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    backend = "nccl" if launch.gpus > 0 else "gloo"
+    # a local Ray: the ranks' rendezvous store listens on loopback too (distributed/loopback.py)
+    torch_config = TorchConfig(backend=backend) if launch.ray_address else loopback_torch_config(backend)
     wait_for_resources(launch.ray_address, launch.needs(), launch.wait_for_resources)
     cfg = with_absolute_paths(cfg)
     storage = launch.storage or str(Path(getattr(cfg, "out", ".")).resolve() / "ray")
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"fn": fn, "cfg": cfg},
-        torch_config=TorchConfig(backend="nccl" if launch.gpus > 0 else "gloo"),
+        torch_config=torch_config,
         scaling_config=scaling_config(launch),
         run_config=RunConfig(storage_path=storage, name=launch.name),
     )
