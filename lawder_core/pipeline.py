@@ -49,14 +49,15 @@ WEIGHTINGS = ("uniform", "law")
 SEG_MODELS = ("mkunet-t", "mkunet-t-order")
 SEG_DATA = ("real", "real+law", "real+uniform")
 JUDGE = "mkunet-t-order"  # the real-data segmenter that judges mask adherence
-PROFILE_SIZE = 256  # the paper's cost figures are at 256×256
+PROFILE_SIZE = 256  # lawder reports model cost at 256×256 (the paper's abstract names no size)
 # Raw sources the pipeline can prepare by itself (a generic folder needs --images/--masks: prepare it first).
 PIPELINE_SOURCES = tuple(s for s in SOURCES if s != "folder")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Budgets of one pipeline run; `tiny` is for tests, `cpu-small` for the demo, `gpu-paper` for the paper.
+    """Budgets of one pipeline run (lawder's own): `tiny` for tests, `cpu-small` for the demo, `gpu-paper` lawder's
+    full-scale budget for the paper's three claims.
 
     Hardware is not part of a preset: --gpus and --workers mean what they mean for every command.
     """
@@ -297,7 +298,8 @@ class Stages:
     def setup_note(self) -> str:
         p = self.preset
         limit = f" for at most {p.sample_limit} training masks per synthetic set" if p.sample_limit else ""
-        return (f"Preset `{self.cfg.preset}`: {p.size} px, diffusion {p.law_steps} steps ({p.denoiser} UNet), "
+        return (f"Preset `{self.cfg.preset}` (lawder's budget): {p.size} px, diffusion {p.law_steps} steps "
+                f"({p.denoiser} UNet), "
                 f"DDIM {p.sample_steps} steps{limit}, segmenters {p.seg_epochs} epochs (real + synthetic: every "
                 f"synthetic image once per epoch), seeds {list(p.seeds)}. Data: `{self.data}`.")
 
