@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lawder_core import numbers
 from lawder_core.environment import pick_device
 from lawder_core.errors import DataError, UsageError
 from lawder_core.metrics.dice import EMPTY_POLICIES, DiceReport, EmptyPolicy
@@ -107,6 +108,9 @@ class EvaluateRequest:
     metadata: Mapping[str, Any] = field(default_factory=dict)  # merged into summary["metadata"] (command, stage)
 
 
+# What a gate's threshold can mean: a Dice in [0, 1], an upper bound on a distance (finite, ≥ 0).
+GATE_RANGES = {"min_dice": numbers.DICE_GATE, "max_fid": numbers.DISTANCE_GATE, "max_kid": numbers.DISTANCE_GATE,
+               "min_adherence": numbers.DICE_GATE}
 # Which metric each gate needs, so a gate on a metric nobody asked for fails before any work is done.
 GATE_NEEDS = {"min_dice": "dice", "max_fid": "fid", "max_kid": "kid", "min_adherence": "adherence"}
 # The inputs each metric needs, named as the command's options.
@@ -138,10 +142,10 @@ def check_request(request: EvaluateRequest) -> None:
     if options.empty_policy not in EMPTY_POLICIES:
         raise UsageError(f"unknown --empty-policy {options.empty_policy!r}.",
                          f"Choose one of: {', '.join(EMPTY_POLICIES)}.")
-    if options.batch_size < 1 or options.repeats < 1:
-        raise UsageError("--batch-size and the profile's repeats must be at least 1.")
+    numbers.check_fields(request.gates, GATE_RANGES)
+    numbers.check_fields(options, {"batch_size": numbers.BATCH, "repeats": numbers.COUNT, "seed": numbers.SEED})
     if metrics.profile:
-        check_profile_size(inputs.size)
+        numbers.check_number("--size", inputs.size, numbers.SEG_SIZE)
         check_model_ref(inputs.model)
     check_mode(options.mode)
 

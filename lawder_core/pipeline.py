@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lawder_core import runs
+from lawder_core import numbers, runs
 from lawder_core.data.sources import SOURCES, SourceOptions, check_source
 from lawder_core.distributed.train import LaunchConfig, train_law, train_order
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
@@ -123,8 +123,7 @@ def check_pipeline_config(cfg: PipelineConfig) -> Preset:
             raise UsageError(f"unknown --source {cfg.source!r}.", f"Choose one of: {', '.join(PIPELINE_SOURCES)} "
                              "(prepare a generic folder with `lawder prepare folder` and pass --data).")
         check_source(cfg.source, cfg.in_dir)
-    if cfg.gpus < 0 or cfg.workers < 0:
-        raise UsageError("--gpus and --workers must be non-negative.")
+    numbers.check_fields(cfg, {"seed": numbers.SEED, "gpus": numbers.GPUS, "workers": numbers.WORKERS})
     if cfg.data is not None and not Path(cfg.data).exists():
         raise DataError(f"--data {cfg.data} does not exist.", "Pass a file written by `lawder prepare`.")
     return PRESETS[cfg.preset]

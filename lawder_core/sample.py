@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lawder_core import runs
+from lawder_core import numbers, runs
 from lawder_core.data.h5 import H5Writer, load_arrays, read_info, refuse_overwrite
 from lawder_core.data.labels import default_lesion_labels, lesion_labels, lesion_names
 from lawder_core.environment import DEFAULT_WAIT_S, package_version, pick_device
@@ -260,6 +260,10 @@ class SampleConfig:
     lesion_labels: str | None = None  # recorded in the file for adherence; None: the run's LAW lesion set
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, {"n": numbers.COUNT, "steps": numbers.SAMPLING_STEPS,
+                                    "guidance": numbers.GUIDANCE, "batch_size": numbers.BATCH, "seed": numbers.SEED,
+                                    "gpus": numbers.GPUS, "workers": numbers.WORKERS,
+                                    "wait_for_resources": numbers.WAIT_S})
         if self.scheduler is not None and self.scheduler not in SAMPLERS:
             raise UsageError(f"unknown --scheduler {self.scheduler!r}; expected one of {SAMPLERS}.")
         if self.steps < 1 or self.batch_size < 1:

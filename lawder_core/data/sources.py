@@ -8,10 +8,12 @@ bad --window is reported at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lawder_core import numbers
 from lawder_core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -35,6 +37,10 @@ class SourceOptions:
     skip_incomplete: bool = False  # kits: leave out cases without segmentation.nii.gz
     spacing: float | None = None  # kits: in-plane mm per pixel before --size; None keeps each case's own
 
+    def __post_init__(self) -> None:
+        numbers.check_fields(self, {"n": numbers.COUNT, "empty_share": numbers.RATIO, "jobs": numbers.JOBS,
+                                    "channels": numbers.CHANNELS, "spacing": numbers.SPACING_MM})
+
 
 def check_source(source: str, in_dir: str | Path | None, source_options: SourceOptions | None = None) -> None:
     """Every UsageError of a source and its options, raised before any file is read."""
@@ -53,6 +59,8 @@ def parse_window(text: str) -> tuple[float, float]:
         low, high = (float(v) for v in text.split(","))
     except ValueError as err:
         raise UsageError(f"--window {text!r} must be LOW,HIGH in HU, e.g. -79,304") from err
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UsageError(f"--window {text!r}: LOW and HIGH must be finite numbers of HU, e.g. -79,304.")
     if low >= high:
         raise UsageError(f"--window {text!r}: LOW must be below HIGH.")
     return low, high

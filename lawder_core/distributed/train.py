@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lawder_core import runs
+from lawder_core import numbers, runs
 from lawder_core.config import with_absolute_paths
 from lawder_core.distributed.loopback import loopback_only, loopback_torch_config
 from lawder_core.environment import DEFAULT_WAIT_S
@@ -52,8 +52,8 @@ class LaunchConfig:
     wait_for_resources: float = DEFAULT_WAIT_S  # a joined cluster: how long to wait for free GPUs/CPUs
 
     def __post_init__(self) -> None:
-        if self.wait_for_resources < 0:
-            raise UsageError("--wait-for-resources must be 0 or more seconds.")
+        numbers.check_fields(self, {"gpus": numbers.GPUS, "workers": numbers.WORKERS,
+                                    "cpus_per_worker": numbers.CPUS, "wait_for_resources": numbers.WAIT_S})
 
     def needs(self) -> dict[str, float]:
         """What the worker group asks the cluster for."""

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from lawder_core import runs
+from lawder_core import numbers, runs
 from lawder_core.config import to_dict, with_absolute_paths
 from lawder_core.distributed.train import check_local_gpus, ensure_ray, wait_for_resources
 from lawder_core.environment import DEFAULT_WAIT_S
@@ -55,6 +56,14 @@ class TuneOptions:
     wait_for_resources: float = DEFAULT_WAIT_S  # a joined cluster: seconds to wait for one trial's resources
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, {"trials": numbers.TRIALS, "budget": numbers.EPOCHS,
+                                    "gpus_per_trial": numbers.GPUS, "cpus_per_trial": numbers.CPUS,
+                                    "seed": numbers.SEED, "wait_for_resources": numbers.WAIT_S})
+        cores = os.cpu_count() or 1
+        if self.ray_address is None and self.cpus_per_trial > cores:  # a local Ray would wait for them forever
+            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial:g} asks for more CPUs than this machine has "
+                             f"({cores}).", f"Use --cpus-per-trial {cores} or fewer, or join a larger cluster "
+                                            "with --ray-address.")
         if self.scheduler not in ("asha", "none") or self.search not in ("random", "grid"):
             raise UsageError("--scheduler must be asha or none; --search must be random or grid.")
         if self.trials < 1 or self.budget < 1:

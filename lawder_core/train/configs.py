@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lawder_core import runs
+from lawder_core import numbers, runs
 from lawder_core.config import build_config
 from lawder_core.data.h5 import read_info, split_indices
 from lawder_core.data.labels import label_map, lesion_labels
@@ -47,6 +47,14 @@ class SegTrainConfig:
     amp: bool = True  # bf16 autocast on GPUs only
     max_steps_per_epoch: int | None = None
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        numbers.check_fields(self, SEG_RANGES)
+
+
+SEG_RANGES = {"synthetic_ratio": numbers.RATIO, "size": numbers.SEG_SIZE, "epochs": numbers.EPOCHS,
+              "batch_size": numbers.BATCH, "lr": numbers.LEARNING_RATE, "weight_decay": numbers.FRACTION,
+              "seed": numbers.SEED, "loader_workers": numbers.WORKERS, "max_steps_per_epoch": numbers.COUNT}
 
 
 def check_seg_config(cfg: SegTrainConfig) -> None:
@@ -109,6 +117,7 @@ class DiffusionTrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, LAW_TRAIN_RANGES)
         if self.weighting not in WEIGHTINGS:
             raise UsageError(f"unknown --weighting {self.weighting!r}; expected one of {WEIGHTINGS}.")
         if self.backbone == "unet" and self.preset not in PRESETS:
@@ -124,6 +133,14 @@ class DiffusionTrainConfig:
                              "Pass --prediction epsilon with --backbone controlnet.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UsageError(f"snr_gamma must be positive (or None to switch Min-SNR off), got {self.snr_gamma}.")
+
+
+LAW_TRAIN_RANGES = {"size": numbers.LAW_SIZE, "steps": numbers.COUNT, "batch_size": numbers.BATCH,
+                    "lr": numbers.LEARNING_RATE, "lr_warmup_steps": numbers.EVERY, "weight_decay": numbers.FRACTION,
+                    "max_grad_norm": numbers.POSITIVE, "snr_gamma": numbers.POSITIVE, "ema_decay": numbers.FRACTION,
+                    "seed": numbers.SEED, "log_every": numbers.COUNT, "save_every": numbers.EVERY,
+                    "sample_every": numbers.EVERY, "preview_count": numbers.BATCH,
+                    "preview_steps": numbers.SAMPLING_STEPS, "num_workers": numbers.WORKERS}
 
 
 def law_config(config_file: str | Path | None, law_overrides: dict[str, Any] | None = None,
