@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
-import json
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from lawder_core.errors import (
     InternalError,
     LawderError,
 )
+from lawder_core.files import json_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,7 +107,8 @@ def quiet_stdout(enabled: bool = True) -> Iterator[None]:
 
 
 def print_json(result: Any) -> None:
-    sys.stdout.write(json.dumps(result, indent=1, default=str) + "\n")
+    """The result as strict JSON on stdout (NaN and infinity as null: `files.json_text`)."""
+    sys.stdout.write(json_text(result, indent=1) + "\n")
 
 
 def setup_logging(verbose: bool = False) -> None:

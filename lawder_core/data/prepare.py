@@ -6,7 +6,6 @@ KiTS volume of hundreds of MB is never held twice and converters can run cases i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from lawder_core.data.h5 import H5Writer, refuse_overwrite
 from lawder_core.data.resize import resize_image, resize_mask
 from lawder_core.data.splits import splits_for, write_split_file
 from lawder_core.errors import DataError, UsageError
+from lawder_core.files import json_text
 
 Progress = Callable[[int], None]
 RESIZE_MODES = ("pad", "stretch")
@@ -124,5 +124,5 @@ def write_dataset(
     written_cases = {c: s for c, s in mapping.items() if c in set(case_ids)}
     write_split_file(splits_path, written_cases)
     fingerprint = compute_fingerprint(out)
-    fingerprint_path.write_text(json.dumps(fingerprint, indent=1))
+    fingerprint_path.write_text(json_text(fingerprint, indent=1))
     return fingerprint
