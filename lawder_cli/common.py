@@ -24,6 +24,7 @@ from lawder_core.errors import (
     LawderError,
 )
 from lawder_core.files import json_text
+from lawder_core.limits import out_of_memory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,8 +47,9 @@ def debugging() -> bool:
 
 def as_lawder_error(error: Exception) -> LawderError:
     """What a failure outside lawder's own checks means to the user: full disk, no memory, a path it cannot use."""
-    if isinstance(error, MemoryError):
-        return EnvironmentProblem("out of memory.", "Use a smaller --size or --batch-size, or a larger machine.")
+    oom = out_of_memory(error)  # MemoryError, PyTorch's "can't allocate memory", CUDA's out of memory
+    if oom is not None:
+        return oom
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return EnvironmentProblem(f"the disk is full: {error}", "Free space or write --out elsewhere.")
     if isinstance(error, OSError) and "filter returned failure" in str(error):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lawder_core import numbers
+from lawder_core import limits, numbers
 from lawder_core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -66,12 +66,24 @@ def parse_window(text: str) -> tuple[float, float]:
     return low, high
 
 
+def check_prepare_memory(source: str, options: PrepareOptions, extra: SourceOptions) -> None:
+    """The requested size (and CT jobs) against this machine's memory, before any file is read; a source kept
+    at its own size (--size 0) is only known once read."""
+    size = options.size or (128 if source == "synthetic" else None)
+    if size is not None:
+        limits.check_prepare(size, samples=extra.n if source == "synthetic" else None,
+                             jobs=extra.jobs if source == "kits" else 1, volumes=source == "kits")
+
+
 def prepare_source(source: str, in_dir: str | Path | None, out: str | Path, options: PrepareOptions,
                    source_options: SourceOptions | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Convert one raw source into a lawder HDF5 file with its splits and fingerprint; returns the fingerprint."""
     check_source(source, in_dir, source_options)
     extra = source_options or SourceOptions()
     out = Path(out)
+    check_prepare_memory(source, options, extra)
+    if source == "synthetic":
+        limits.check_output_disk("prepare synthetic", out, extra.n, options.size or 128, 3)
     if source == "synthetic":
         from lawder_core.data.synthetic import prepare_synthetic
 

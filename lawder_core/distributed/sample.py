@@ -24,6 +24,7 @@ from lawder_core.distributed.train import (
 )
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import TrainingError, UsageError
+from lawder_core.limits import out_of_memory
 from lawder_core.sample import SampleConfig, generate_here, sample_pairs, sampling_kwargs
 from lawder_core.sample import run_sample as run_sample_with
 
@@ -79,7 +80,7 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
     except Exception as err:
         for ref in pending:
             ray.cancel(ref, force=True)
-        found = find_lawder_error(err)
+        found = find_lawder_error(err) or out_of_memory(err)
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed sampling failed: {err}", "See the worker log above.") from err

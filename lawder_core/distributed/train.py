@@ -29,6 +29,7 @@ from lawder_core.config import with_absolute_paths
 from lawder_core.distributed.loopback import loopback_only, loopback_torch_config
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import EnvironmentProblem, LawderError, TrainingError, UsageError
+from lawder_core.limits import out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     try:
         fit = fit_interruptibly(trainer)
     except Exception as err:  # Ray wraps worker errors; surface ours, explain the rest
-        found = find_lawder_error(err)
+        found = find_lawder_error(err) or out_of_memory(err)
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed training failed: {err}",
@@ -366,9 +367,20 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
     except LawderError:
         raise
     except Exception as err:
+        oom = out_of_memory(err)  # a smaller request helps, --resume would fail the same way
+        if oom is not None:
+            raise oom from err
         raise TrainingError(f"training failed: {err}",
                             "Rerun with --resume to continue from the last checkpoint; --debug shows the traceback."
                             ) from err
+
+
+def memory_shape(launch: LaunchConfig) -> tuple[int, bool]:
+    """How many training processes hold a batch in this machine's memory (0: a joined cluster's, elsewhere), and
+    whether their activations are on GPUs instead."""
+    if launch.ray_address is not None:
+        return 0, launch.gpus > 0
+    return world_size(launch), launch.gpus > 0
 
 
 def world_size(launch: LaunchConfig) -> int:
@@ -395,7 +407,7 @@ def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> d
     """`lawder train-order`: validate, open the run folder, train on the workers, write summary.json."""
     from lawder_core.train.configs import check_seg_config
 
-    check_seg_config(cfg)
+    check_seg_config(cfg, *memory_shape(launch_cfg))
     check_resources(launch_cfg)
     from lawder_core.train.seg import summarise_run, train_segmenter
 
@@ -406,7 +418,7 @@ def train_law(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dic
     """`lawder train-law`: validate, open the run folder, train on the workers, write summary.json."""
     from lawder_core.train.configs import check_law_config
 
-    check_law_config(cfg, world_size(launch_cfg))
+    check_law_config(cfg, world_size(launch_cfg), *memory_shape(launch_cfg))
     check_resources(launch_cfg)
     from lawder_core.train.diffusion import summarise_law_run, train_diffusion
 

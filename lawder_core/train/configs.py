@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lawder_core import numbers, runs
+from lawder_core import limits, numbers, runs
 from lawder_core.config import build_config
 from lawder_core.data.h5 import read_info, split_indices
 from lawder_core.data.labels import label_map, lesion_labels
@@ -57,8 +57,9 @@ SEG_RANGES = {"synthetic_ratio": numbers.RATIO, "size": numbers.SEG_SIZE, "epoch
               "seed": numbers.SEED, "loader_workers": numbers.WORKERS, "max_steps_per_epoch": numbers.COUNT}
 
 
-def check_seg_config(cfg: SegTrainConfig) -> None:
-    """Fail before starting workers (and before --force deletes anything) on what can be known up front."""
+def check_seg_config(cfg: SegTrainConfig, processes: int = 1, on_gpu: bool = False) -> None:
+    """Fail before starting workers (and before --force deletes anything) on what can be known up front,
+    memory included: `processes` training processes on this machine (0: all elsewhere), on GPUs or not."""
     check_model_name(cfg.model)
     if cfg.size % 32:
         raise UsageError(f"--size {cfg.size} must be divisible by 32 (the U-Nets downsample 5 times).")
@@ -67,10 +68,13 @@ def check_seg_config(cfg: SegTrainConfig) -> None:
     info = read_info(cfg.data)
     label_map(info.label_names, cfg.labels)
     # Reading the splits also refuses a misspelt value before the run folder exists.
-    if not len(split_indices(cfg.data, "train")) and not cfg.synthetic:
+    train = len(split_indices(cfg.data, "train"))
+    if not train and not cfg.synthetic:
         raise DataError(f"{cfg.data} has no training samples.", "Check the split with `lawder inspect`.")
     if cfg.synthetic:
         read_info(cfg.synthetic)
+    limits.check_seg_training(cfg.model, cfg.size, cfg.batch_size, (info.height, info.width, info.channels),
+                              train + len(split_indices(cfg.data, "val")), processes=processes, on_gpu=on_gpu)
 
 
 # ---------------------------------------------------------------- diffusion
@@ -169,8 +173,10 @@ def check_size(cfg: DiffusionTrainConfig) -> None:
         raise UsageError(f"unknown --backbone {cfg.backbone!r}; expected unet or controlnet.")
 
 
-def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
-    """Fail before starting workers on what can be known up front: data, split, size, batch, backbone."""
+def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1, processes: int = 1,
+                     on_gpu: bool = False) -> None:
+    """Fail before starting workers on what can be known up front: data, split, size, batch, backbone, and the
+    memory of `processes` training processes on this machine (0: all elsewhere), on GPUs or not."""
     if not cfg.data:
         raise UsageError("no training data given.", "Pass --data FILE.h5 (see `lawder prepare`).")
     info = read_info(cfg.data)
@@ -183,6 +189,8 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
     if per_worker < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {per_worker} training samples each of "
                          f"the {world_size} worker(s) sees.", "Lower --batch-size or use fewer workers.")
+    if cfg.backbone == "unet":  # a ControlNet's cost is its checkpoint's, not a preset's
+        limits.check_law_training(cfg.preset, cfg.size, cfg.batch_size, processes=processes, on_gpu=on_gpu)
     if cfg.size > max(info.height, info.width):
         log.warning("--size %d is larger than the data (%d×%d): images are upsampled.", cfg.size, info.height,
                     info.width)
