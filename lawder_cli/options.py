@@ -29,6 +29,7 @@ def in_range(allowed: numbers.Range) -> Callable[[Any], Any]:
                 raise typer.BadParameter(problem)
         return value
 
+    check.allowed = allowed  # type: ignore[attr-defined]  # what tests read back for every numeric option
     return check
 
 

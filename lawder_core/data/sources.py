@@ -50,8 +50,7 @@ def check_source(source: str, in_dir: str | Path | None, source_options: SourceO
         raise UsageError("`prepare kits` needs the KiTS folder (with case_XXXXX/ sub-folders).")
     if source in ("kvasir", "cvc") and in_dir is None:
         raise UsageError(f"`prepare {source}` needs the input folder.")
-    if source == "kits":
-        parse_window((source_options or SourceOptions()).window)
+    parse_window((source_options or SourceOptions()).window)  # a kits option, but a bad one is refused anywhere
 
 
 def parse_window(text: str) -> tuple[float, float]:
