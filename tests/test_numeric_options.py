@@ -295,3 +295,42 @@ def test_an_allocation_that_fails_during_the_work_is_out_of_memory(args, tiny_se
     assert one_error(output) and "out of memory" in output and "smaller --size" in output, output
     assert "--resume" not in output
     assert done.returncode != EXIT_DATA
+
+
+# ---------------------------------------------------------------- the estimate and the out-of-memory mapping, fast
+
+
+def test_the_largest_value_that_fits_is_the_largest(monkeypatch):
+    from lawder_core import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 10 * 2**30)
+    need = lambda s: s * s * 1000.0  # noqa: E731
+    choice = limits.Choice("--size", 4096, need, 32, 32)
+    largest = limits.largest_fitting(choice, limits.SHARE * 10 * 2**30)
+    assert largest % 32 == 0 and need(largest) <= limits.SHARE * 10 * 2**30 < need(largest + 32)
+    with pytest.raises(UsageError) as refused:
+        limits.check_fits("train-order", [choice])
+    assert f"--size {largest}" in refused.value.hint and "needs about 15.6 GiB" in refused.value.message
+    monkeypatch.setenv("LAWDER_NO_MEMORY_CHECK", "1")
+    limits.check_fits("train-order", [choice])  # skipped on request
+
+
+def test_allocation_failures_are_out_of_memory_wherever_they_are_wrapped():
+    from lawder_core.distributed.train import run_here
+    from lawder_core.errors import EnvironmentProblem
+    from lawder_core.limits import out_of_memory
+
+    torch_message = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes."
+    wrapped = RuntimeError("Training failed due to controller error")
+    wrapped.__cause__ = RuntimeError(torch_message)
+    for error in (MemoryError(), RuntimeError(torch_message), wrapped, OSError(12, "Cannot allocate memory")):
+        found = out_of_memory(error)
+        assert isinstance(found, EnvironmentProblem) and found.exit_code == EXIT_ENVIRONMENT
+        assert "--resume" not in found.hint and "smaller --size" in found.hint
+    assert out_of_memory(ValueError("height and width must be > 0")) is None
+
+    def train(cfg, report):
+        raise RuntimeError(torch_message)
+
+    with pytest.raises(EnvironmentProblem, match="out of memory"):
+        run_here(train, None)
