@@ -31,16 +31,20 @@ SHARE = 0.9  # of the available memory one request may plan to use: the rest is 
 PROCESS_BYTES = 700 * MiB  # one process with torch loaded and its model built (the baseline of bench_memory.py)
 
 # Peak bytes per input pixel (batch × height × width) of one training step and one inference pass, CPU, float32
-# (benchmarks/results/bench_memory.json; the largest of the measured values, rounded up). A model that is not
-# listed gets the largest of its kind.
+# (benchmarks/results/bench_memory.json: the measured values plus about 10 %). A model that is not listed
+# (unetpp-r34) gets the largest of its kind.
 SEG_TRAIN_BPP = {
-    "mkunet-t": 1500, "mkunet-t-order": 2500, "mkunet-t-wide": 1800,
+    "mkunet-t": 1500, "mkunet-t-order": 2600, "mkunet-t-wide": 1800, "mkunet-s": 2400, "mkunet-s-order": 3300,
+    "mkunet-base": 4000, "mkunet-base-order": 5100, "mkunet-m": 7700, "mkunet-l": 14100, "unet-r18": 2200,
+    "unet-r34": 2000, "unet-mbv2": 2000,  # unet-mbv2 not measured: taken as its sibling unet-r34
 }
 SEG_INFER_BPP = {
-    "mkunet-t": 150, "mkunet-t-order": 450, "mkunet-t-wide": 200,
+    "mkunet-t": 140, "mkunet-t-order": 460, "mkunet-t-wide": 210, "mkunet-s": 240, "mkunet-s-order": 500,
+    "mkunet-base": 500, "mkunet-base-order": 650, "mkunet-m": 1100, "mkunet-l": 1100, "unet-r18": 850,
+    "unet-r34": 970, "unet-mbv2": 970,
 }
-LAW_TRAIN_BPP = {"tiny": 7000}
-LAW_SAMPLE_BPP = {"tiny": 2200}
+LAW_TRAIN_BPP = {"tiny": 8200, "small": 12900, "base": 44000}
+LAW_SAMPLE_BPP = {"tiny": 2400, "small": 3600, "base": 7800}
 # `prepare`: resizing one sample (PIL and NumPy copies, the procedural set's float64 fields) and the fingerprint,
 # which reads the masks back in blocks of up to 64 MiB (data/fingerprint.py) and works on them in float
 PREPARE_SAMPLE_BPP = 150
