@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lawder_core.errors import InternalError, LawderError, first_line, known_cause
+from lawder_core.files import json_text
 from lawder_core.interrupts import exit_code_of, on_sigterm, raise_terminated, signal_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,7 +113,8 @@ def quiet_stdout(enabled: bool = True) -> Iterator[None]:
 
 
 def print_json(result: Any) -> None:
-    sys.stdout.write(json.dumps(result, indent=1, default=str) + "\n")
+    """The result as strict JSON on stdout (NaN and infinity as null: `files.json_text`)."""
+    sys.stdout.write(json_text(result, indent=1) + "\n")
 
 
 class PrintableFormatter(logging.Formatter):

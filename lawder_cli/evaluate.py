@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout
-from lawder_cli.options import JSON, SEED
+from lawder_cli.options import JSON, SEED, in_range
+from lawder_core import numbers
 from lawder_core.errors import EXIT_GATE_FAILED
 
 # Spelled out rather than imported: metrics/fid.py imports torch, and --help must not.
@@ -128,17 +129,23 @@ def evaluate(
                               "cases a --folds run held out). Default: fold for a --folds run, else test."),
     segmenter: Path = typer.Option(None, "--segmenter", help="--adherence: segmenter run trained on real data."),
     model: str = typer.Option(None, "--model", help="--profile: a model name (e.g. mkunet-t) or a run folder."),
-    size: int = typer.Option(256, "--size", help="--profile: input size (size×size)."),
+    size: int = typer.Option(256, "--size", callback=in_range(numbers.SEG_SIZE),
+                             help="--profile: input size (size×size, divisible by 32)."),
     empty_policy: str = typer.Option("one", "--empty-policy",
                                      help="Region empty in both masks: 'one' (Dice 1) or 'nan' (left out)."),
     mode: str = typer.Option("auto", "--mode", help="Segmenter inference path: auto, eager, channels_last, compile."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (FID features, Dice, adherence)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    batch_size: int = typer.Option(32, "--batch-size", callback=in_range(numbers.BATCH),
+                                   help="Images per forward pass."),
     seed: int = SEED,
-    min_dice: float = typer.Option(None, "--min-dice", help="Gate: exit 1 if foreground-mean Dice is below."),
-    max_fid: float = typer.Option(None, "--max-fid", help="Gate: exit 1 if FID is above."),
-    max_kid: float = typer.Option(None, "--max-kid", help="Gate: exit 1 if KID is above."),
-    min_adherence: float = typer.Option(None, "--min-adherence", help="Gate: exit 1 if adherence Dice is below."),
+    min_dice: float = typer.Option(None, "--min-dice", callback=in_range(numbers.DICE_GATE),
+                                   help="Gate: exit 1 if foreground-mean Dice is below (0-1)."),
+    max_fid: float = typer.Option(None, "--max-fid", callback=in_range(numbers.DISTANCE_GATE),
+                                  help="Gate: exit 1 if FID is above."),
+    max_kid: float = typer.Option(None, "--max-kid", callback=in_range(numbers.DISTANCE_GATE),
+                                  help="Gate: exit 1 if KID is above."),
+    min_adherence: float = typer.Option(None, "--min-adherence", callback=in_range(numbers.DICE_GATE),
+                                        help="Gate: exit 1 if adherence Dice is below (0-1)."),
     json_out: bool = JSON,
 ) -> None:
     """Evaluate images and segmenters; write summary.json (nnU-Net's shape plus FID, adherence, profile).

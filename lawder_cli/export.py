@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json
-from lawder_cli.options import FORCE, JSON
+from lawder_cli.options import FORCE, JSON, in_range
+from lawder_core import numbers
 
 app = typer.Typer(help="Export results to the tools the field uses.", no_args_is_help=True)
 
@@ -17,7 +18,8 @@ app = typer.Typer(help="Export results to the tools the field uses.", no_args_is
 def onnx(
     run: Path = typer.Option(..., "--run", help="Run folder of `lawder train-order` (its best/ checkpoint)."),
     out: Path = typer.Option(..., "-o", "--out", help="The .onnx file to write."),
-    size: int = typer.Option(0, "--size", help="Input height and width (default: the training size)."),
+    size: int = typer.Option(0, "--size", callback=in_range(numbers.EXPORT_SIZE),
+                             help="Input height and width (default: the training size)."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Also free height and width (not ORDER: its "
                                  "selection depends on the input size). The batch size is always dynamic."),
     force: bool = FORCE,
@@ -43,7 +45,8 @@ def onnx(
 def nnunet(
     data: Path = typer.Argument(..., help="A lawder HDF5 file (real data; its test split becomes imagesTs)."),
     out: Path = typer.Option(..., "-o", "--out", help="nnU-Net's raw folder (nnUNet_raw)."),
-    dataset_id: int = typer.Option(..., "--dataset-id", help="NNN of DatasetNNN_NAME (1-999)."),
+    dataset_id: int = typer.Option(..., "--dataset-id", callback=in_range(numbers.DATASET_ID),
+                                   help="NNN of DatasetNNN_NAME (1-999)."),
     name: str = typer.Option(..., "--name", help="NAME of DatasetNNN_NAME."),
     synthetic: list[Path] = typer.Option(None, "--synthetic", help="`lawder sample` output to add to the "
                                          "training cases (repeatable); never in a validation fold."),

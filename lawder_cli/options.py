@@ -5,21 +5,40 @@ Nothing heavy is imported here: every command module imports this one, and `lawd
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from lawder_core import numbers
 from lawder_core.environment import DEFAULT_WAIT_S
 
 if TYPE_CHECKING:
     from lawder_core.distributed.train import LaunchConfig
 
+
+def in_range(allowed: numbers.Range) -> Callable[[Any], Any]:
+    """An option callback: a value outside `allowed` (NaN and ±inf included) is refused while the options are
+    parsed, before anything is imported or read (exit 2, "Invalid value for '--lr': nan is not a finite number")."""
+
+    def check(value: Any) -> Any:
+        if value is not None:
+            problem = allowed.problem(value)
+            if problem is not None:
+                raise typer.BadParameter(problem)
+        return value
+
+    check.allowed = allowed  # type: ignore[attr-defined]  # what tests read back for every numeric option
+    return check
+
+
 JSON = typer.Option(False, "--json", help="Print only the result as JSON on stdout (logs go to stderr).")
 # None means 0, unless a --config file or the run being resumed has a seed of its own: a flag default of 0 would
 # silently replace that seed.
-SEED = typer.Option(None, "--seed", help="Random seed (default 0; --config or a resumed run keeps its own). "
-                                         "The same seed and inputs give the same result.")
+SEED = typer.Option(None, "--seed", callback=in_range(numbers.SEED),
+                    help="Random seed (default 0; --config or a resumed run keeps its own). "
+                         "The same seed and inputs give the same result.")
 LABELS = typer.Option(None, "--labels", help="Classes to learn, by name or number: ',' between classes, '+' merges "
                       "labels into one (KiTS default kidney,tumor,cyst; 'tumor+cyst' trains one binary class). "
                       "Default: every foreground label of the data set.")
@@ -28,14 +47,15 @@ LESION_LABELS = typer.Option(None, "--lesion-labels",
                                   "tumor+cyst; other data: every label > 0). The model is conditioned on every label.")
 FORCE = typer.Option(False, "--force", help="Replace what --out already holds (a run, a sweep, a file) and start over.")
 RESUME = typer.Option(False, "--resume", help="Continue what --out already holds from where it stopped.")
-# min=0: a negative count is refused by the option parser, before anything is imported or started.
-GPUS = typer.Option(0, "--gpus", min=0, help="GPU workers (Ray); 0 runs on the CPU.")
-WORKERS = typer.Option(0, "--workers", min=0,
+# A negative count is refused by the option parser, before anything is imported or started.
+GPUS = typer.Option(0, "--gpus", callback=in_range(numbers.GPUS), help="GPU workers (Ray); 0 runs on the CPU.")
+WORKERS = typer.Option(0, "--workers", callback=in_range(numbers.WORKERS),
                        help="With --gpus 0: 0 runs in this process; N starts N Ray CPU workers (gloo). With "
                             "--gpus G: N workers share the G GPUs (a multiple of G; gloo), e.g. DDP on one GPU.")
 RAY_ADDRESS = typer.Option(None, "--ray-address",
                            help="Join a Ray cluster ('auto' or host:port); default: start a local Ray when needed.")
-WAIT_FOR_RESOURCES = typer.Option(DEFAULT_WAIT_S, "--wait-for-resources", min=0, metavar="SECONDS",
+WAIT_FOR_RESOURCES = typer.Option(DEFAULT_WAIT_S, "--wait-for-resources", callback=in_range(numbers.WAIT_S),
+                                  metavar="SECONDS",
                                   help="With --ray-address: how long to wait for the cluster to have the GPUs/CPUs "
                                        "asked for before giving up (exit 4).")
 STORAGE = typer.Option(None, "--storage", help="Ray storage path (shared for multi-node: NFS or s3://).")

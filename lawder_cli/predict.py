@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json, setup_logging
-from lawder_cli.options import FORCE, JSON
+from lawder_cli.options import FORCE, JSON, in_range
+from lawder_core import numbers
 
 
 @handle_errors
@@ -18,7 +19,8 @@ def predict(
     run: Path = typer.Option(None, "--run", help="Run folder of `lawder train-order` (its best/ checkpoint)."),
     onnx: Path = typer.Option(None, "--onnx", help="Instead of --run: a file of `lawder export onnx`, run by "
                               "ONNX Runtime (pip install 'lawder\\[onnx]')."),
-    threads: int = typer.Option(0, "--threads", help="--onnx: ONNX Runtime threads (0: its default)."),
+    threads: int = typer.Option(0, "--threads", callback=in_range(numbers.WORKERS),
+                                help="--onnx: ONNX Runtime threads (0: its default)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: masks/ and overlays/ PNGs; for CT volumes "
                              "CASE_seg.nii.gz and overlays/."),
     split: str = typer.Option("test", help="HDF5 input: train, val, test or all."),

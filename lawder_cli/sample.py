@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from lawder_cli.common import err_console, handle_errors, print_json, progress_bar, quiet_stdout, setup_logging
-from lawder_cli.options import FORCE, GPUS, JSON, RAY_ADDRESS, SEED, WAIT_FOR_RESOURCES, WORKERS
+from lawder_cli.options import FORCE, GPUS, JSON, RAY_ADDRESS, SEED, WAIT_FOR_RESOURCES, WORKERS, in_range
+from lawder_core import numbers
 
 
 @handle_errors
@@ -17,13 +18,16 @@ def sample(
     masks: str = typer.Option(..., "--masks", help="Prepared HDF5 file whose masks condition the samples."),
     out: Path = typer.Option(..., "-o", "--out", help="Synthetic HDF5 file to write (a PNG grid goes beside it)."),
     split: str = typer.Option("train", "--split", help="Split of --masks to take the masks from ('all' for all)."),
-    n: int = typer.Option(None, "--n", help="Number of samples (default: one per mask)."),
+    n: int = typer.Option(None, "--n", callback=in_range(numbers.COUNT),
+                          help="Number of samples (default: one per mask)."),
     mask_aug: bool = typer.Option(False, "--mask-aug",
                                   help="Random flips/90° rotations of the masks (seeded); lets --n exceed the masks."),
-    steps: int = typer.Option(50, "--steps", help="Sampling steps."),
+    steps: int = typer.Option(50, "--steps", callback=in_range(numbers.SAMPLING_STEPS), help="Sampling steps."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | dpm"),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1: none)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
+    guidance: float = typer.Option(1.0, "--guidance", callback=in_range(numbers.GUIDANCE),
+                                   help="Classifier-free guidance scale (1: none)."),
+    batch_size: int = typer.Option(16, "--batch-size", callback=in_range(numbers.BATCH),
+                                   help="Images per forward pass."),
     lesion_labels: str = typer.Option(None, "--lesion-labels",
                                       help="Labels the synthetic file records as lesion (what mask adherence judges), "
                                            "by name or number, '+'-separated (default: the run's LAW lesion labels; "

@@ -20,8 +20,10 @@ from lawder_cli.options import (
     STORAGE,
     WAIT_FOR_RESOURCES,
     WORKERS,
+    in_range,
     launch_config,
 )
+from lawder_core import numbers
 from lawder_core.errors import UsageError
 from lawder_core.runs import config_path
 
@@ -30,20 +32,26 @@ from lawder_core.runs import config_path
 def train_law(
     data: str = typer.Option(None, "--data", help="Prepared HDF5 file (its train split is used)."),
     out: Path = typer.Option(..., "--out", help="Run folder."),
-    size: int = typer.Option(None, "--size", help="Training resolution (default 64)."),
-    steps: int = typer.Option(None, "--steps", help="Total optimiser steps (default 2000)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="The global batch (default 8): N workers take "
-                                   "batch/N each, so --gpus changes the speed, not the steps or the schedule."),
-    lr: float = typer.Option(None, "--lr", help="Denoiser learning rate (default 2e-4)."),
+    size: int = typer.Option(None, "--size", callback=in_range(numbers.LAW_SIZE),
+                             help="Training resolution (default 64)."),
+    steps: int = typer.Option(None, "--steps", callback=in_range(numbers.COUNT),
+                              help="Total optimiser steps (default 2000)."),
+    batch_size: int = typer.Option(None, "--batch-size", callback=in_range(numbers.BATCH),
+                                   help="The global batch (default 8): N workers take batch/N each, so --gpus "
+                                        "changes the speed, not the steps or the schedule."),
+    lr: float = typer.Option(None, "--lr", callback=in_range(numbers.LEARNING_RATE),
+                             help="Denoiser learning rate (default 2e-4)."),
     weighting: str = typer.Option(None, "--weighting", help="uniform | ratio | law (default law)."),
     objective: str = typer.Option(None, "--objective",
                                   help="LAW objective: hardness (default: weight goes where the denoiser errs) | "
                                        "influence (where the mask changes the prediction, |v_cond - v_uncond|; "
                                        "one extra forward pass per step) | descent (the first build's, an "
                                        "ablation: inverse-variance weighting)."),
-    w_min: float = typer.Option(None, "--w-min", help="Lowest factor LAW may put on the prior (default 0.2)."),
-    w_max: float = typer.Option(None, "--w-max", help="Highest factor LAW may put on the prior (default 5.0)."),
-    gamma: float = typer.Option(None, "--gamma",
+    w_min: float = typer.Option(None, "--w-min", callback=in_range(numbers.W_MIN),
+                                help="Lowest factor LAW may put on the prior (default 0.2)."),
+    w_max: float = typer.Option(None, "--w-max", callback=in_range(numbers.W_MAX),
+                                help="Highest factor LAW may put on the prior (default 5.0)."),
+    gamma: float = typer.Option(None, "--gamma", callback=in_range(numbers.GAMMA),
                                 help="Prior exponent: lesion weight ∝ (lesion share)^-γ (default 0.5; 0: uniform)."),
     lesion_labels: str = LESION_LABELS,
     prediction: str = typer.Option(None, "--prediction",
@@ -63,9 +71,12 @@ def train_law(
     backbone: str = typer.Option(None, "--backbone", help="unet (default, pixel space) | controlnet."),
     pretrained: str = typer.Option(None, "--pretrained", help="controlnet: local Stable Diffusion 1.5-style folder."),
     prompt: str = typer.Option(None, "--prompt", help="controlnet: text prompt."),
-    save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
-    sample_every: int = typer.Option(None, "--sample-every", help="Preview grid every N steps (0: never)."),
-    log_every: int = typer.Option(None, "--log-every", help="Metrics line every N steps."),
+    save_every: int = typer.Option(None, "--save-every", callback=in_range(numbers.EVERY),
+                                   help="Checkpoint every N steps (0: only at the end)."),
+    sample_every: int = typer.Option(None, "--sample-every", callback=in_range(numbers.EVERY),
+                                     help="Preview grid every N steps (0: never)."),
+    log_every: int = typer.Option(None, "--log-every", callback=in_range(numbers.COUNT),
+                                  help="Metrics line every N steps."),
     seed: int = SEED,
     gpus: int = GPUS,
     workers: int = WORKERS,

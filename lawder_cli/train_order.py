@@ -19,8 +19,10 @@ from lawder_cli.options import (
     STORAGE,
     WAIT_FOR_RESOURCES,
     WORKERS,
+    in_range,
     launch_config,
 )
+from lawder_core import numbers
 
 
 @handle_errors
@@ -29,12 +31,15 @@ def train_order(
     out: Path = typer.Option(..., "--out", help="Run folder."),
     model: str = typer.Option(None, "--model", help="mkunet-t-order (default), mkunet-{t,s,base,m,l}, unet-r34, ..."),
     synthetic: str = typer.Option(None, "--synthetic", help="Synthetic HDF5 from `lawder sample` to add."),
-    synthetic_ratio: float = typer.Option(None, "--synthetic-ratio", help="Synthetic samples per real one."),
-    size: int = typer.Option(None, "--size", help="Training size (divisible by 32)."),
-    epochs: int = typer.Option(None, "--epochs"),
-    batch_size: int = typer.Option(None, "--batch-size", help="The global batch (default 16): N workers take "
-                                   "batch/N each, so --gpus changes the speed, not the steps or the schedule."),
-    lr: float = typer.Option(None, "--lr"),
+    synthetic_ratio: float = typer.Option(None, "--synthetic-ratio", callback=in_range(numbers.RATIO),
+                                          help="Synthetic samples per real one."),
+    size: int = typer.Option(None, "--size", callback=in_range(numbers.SEG_SIZE),
+                             help="Training size (divisible by 32)."),
+    epochs: int = typer.Option(None, "--epochs", callback=in_range(numbers.EPOCHS)),
+    batch_size: int = typer.Option(None, "--batch-size", callback=in_range(numbers.BATCH),
+                                   help="The global batch (default 16): N workers take batch/N each, so --gpus "
+                                        "changes the speed, not the steps or the schedule."),
+    lr: float = typer.Option(None, "--lr", callback=in_range(numbers.LEARNING_RATE)),
     encoder_weights: str = typer.Option(None, "--encoder-weights", help="smp baselines: e.g. imagenet (downloads)."),
     steps: int = typer.Option(None, "--steps", help="Optimiser steps in all (equal budgets across compared runs); "
                               "the epochs follow from it. Default: --epochs full epochs."),

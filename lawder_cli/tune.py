@@ -9,7 +9,18 @@ import typer
 from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout, setup_logging
-from lawder_cli.options import CONFIG, FORCE, JSON, LESION_LABELS, RAY_ADDRESS, RESUME, SEED, WAIT_FOR_RESOURCES
+from lawder_cli.options import (
+    CONFIG,
+    FORCE,
+    JSON,
+    LESION_LABELS,
+    RAY_ADDRESS,
+    RESUME,
+    SEED,
+    WAIT_FOR_RESOURCES,
+    in_range,
+)
+from lawder_core import numbers
 
 
 class SweepKind(str, Enum):
@@ -23,10 +34,12 @@ def tune(
     kind: SweepKind = typer.Argument(..., help="law-clamp | law-reg | order"),
     data: str = typer.Option(..., "--data", help="Prepared HDF5 file (train split trains, val split scores)."),
     out: Path = typer.Option(..., "--out", help="Experiment folder (an existing one needs --resume or --force)."),
-    trials: int = typer.Option(8, "--trials", help="Number of trials (grid spaces: trials per grid point)."),
-    budget: int = typer.Option(10, "--budget", help="Per trial: epochs (order) or evaluation rounds (law)."),
-    gpus_per_trial: float = typer.Option(0, "--gpus-per-trial"),
-    cpus_per_trial: float = typer.Option(1, "--cpus-per-trial"),
+    trials: int = typer.Option(8, "--trials", callback=in_range(numbers.TRIALS),
+                               help="Number of trials (grid spaces: trials per grid point)."),
+    budget: int = typer.Option(10, "--budget", callback=in_range(numbers.EPOCHS),
+                               help="Per trial: epochs (order) or evaluation rounds (law)."),
+    gpus_per_trial: float = typer.Option(0, "--gpus-per-trial", callback=in_range(numbers.GPUS)),
+    cpus_per_trial: float = typer.Option(1, "--cpus-per-trial", callback=in_range(numbers.CPUS)),
     scheduler: str = typer.Option("asha", "--scheduler", help="asha (stop bad trials early) or none."),
     search: str = typer.Option("random", "--search", help="random or grid (choices become grids)."),
     space: Path = typer.Option(None, "--space", help="YAML search space replacing the built-in one."),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -78,8 +79,12 @@ SIMPLE_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "tr
 
 
 def _check_type(owner: str, key: str, tp: Any, value: Any) -> None:
-    """Refuse `size: "abc"` or `size: [64]` in a config file before any work (not a TypeError mid-run)."""
+    """Refuse `size: "abc"`, `size: [64]` or `lr: .nan` in a config file before any work (not a TypeError
+    mid-run)."""
     if _matches(tp, value):
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan/.inf, JSON's NaN/Infinity
+            raise UsageError(f"option {key!r} of {owner} must be a finite number, not {value}.",
+                             "Fix the value in the config file or on the command line.")
         return
     raise UsageError(f"option {key!r} of {owner} must be {_describe(tp)}, not {value!r} ({type(value).__name__}).",
                      "Fix the value in the config file or on the command line.")

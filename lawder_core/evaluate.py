@@ -15,17 +15,19 @@ reporting a usage error) costs a fraction of a second.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lawder_core import limits, numbers
 from lawder_core.environment import pick_device
 from lawder_core.errors import DataError, UsageError
 from lawder_core.metrics.dice import EMPTY_POLICIES, DiceReport, EmptyPolicy
 from lawder_core.metrics.summary import build_summary, gate_table, summary_path, to_jsonable, write_summary
-from lawder_core.models.configs import available_models, check_mode
+from lawder_core.models.configs import CHECKPOINT_CONFIG, available_models, check_mode
 
 if TYPE_CHECKING:
     import torch
@@ -108,6 +110,9 @@ class EvaluateRequest:
     metadata: Mapping[str, Any] = field(default_factory=dict)  # merged into summary["metadata"] (command, stage)
 
 
+# What a gate's threshold can mean: a Dice in [0, 1], an upper bound on a distance (finite, ≥ 0).
+GATE_RANGES = {"min_dice": numbers.DICE_GATE, "max_fid": numbers.DISTANCE_GATE, "max_kid": numbers.DISTANCE_GATE,
+               "min_adherence": numbers.DICE_GATE}
 # Which metric each gate needs, so a gate on a metric nobody asked for fails before any work is done.
 GATE_NEEDS = {"min_dice": "dice", "max_fid": "fid", "max_kid": "kid", "min_adherence": "adherence"}
 # The inputs each metric needs, named as the command's options.
@@ -140,10 +145,10 @@ def check_request(request: EvaluateRequest) -> None:
     if options.empty_policy not in EMPTY_POLICIES:
         raise UsageError(f"unknown --empty-policy {options.empty_policy!r}.",
                          f"Choose one of: {', '.join(EMPTY_POLICIES)}.")
-    if options.batch_size < 1 or options.repeats < 1:
-        raise UsageError("--batch-size and the profile's repeats must be at least 1.")
+    numbers.check_fields(request.gates, GATE_RANGES)
+    numbers.check_fields(options, {"batch_size": numbers.BATCH, "repeats": numbers.COUNT, "seed": numbers.SEED})
     if metrics.profile:
-        check_profile_size(inputs.size)
+        numbers.check_number("--size", inputs.size, numbers.SEG_SIZE)
         check_model_ref(inputs.model)
     check_mode(options.mode)
 
@@ -174,6 +179,34 @@ def check_profile_size(size: int, batch: int = 1, repeats: int = 1) -> None:
         raise UsageError(f"--size {size}, batch {batch} and repeats {repeats} must be at least 8, 1 and 1.")
 
 
+def check_memory(request: EvaluateRequest) -> None:
+    """The profile's size and the segmenters' batches against this machine's memory, before anything loads."""
+    inputs, batch = request.inputs, request.options.batch_size
+    if request.metrics.profile and inputs.model is not None:
+        name, _ = recorded_model(inputs.model) if Path(inputs.model).is_dir() else (inputs.model, 0)
+        limits.check_inference("evaluate --profile", name, inputs.size, copies=2)  # the model and its fast path
+    for flag, run in (("--dice", inputs.run), ("--adherence", inputs.segmenter)):
+        if run is not None and getattr(request.metrics, flag[2:]) and Path(run).is_dir():
+            name, size = recorded_model(run)
+            if size:
+                limits.check_fits(f"evaluate {flag}", [limits.Choice(
+                    "--batch-size", batch, lambda b, name=name, size=size: limits.PROCESS_BYTES + b * size * size
+                    * limits.bpp(limits.SEG_INFER_BPP, name))], f" ({name} at its training size {size})")
+
+
+def recorded_model(run: str | os.PathLike) -> tuple[str, int]:
+    """The model name and training size a run's checkpoint records (its config.json; no weights loaded);
+    ("", 0) when unreadable, which the loader then reports."""
+    from lawder_core.predict import checkpoint_folder
+
+    try:
+        config = json.loads((checkpoint_folder(run) / CHECKPOINT_CONFIG).read_text())
+        size = ((config.get("extra") or {}).get("train_config") or {}).get("size") or 0
+        return str(config.get("name", "")), int(size)
+    except (DataError, OSError, ValueError, TypeError, AttributeError):
+        return "", 0
+
+
 def check_model_ref(model: str) -> None:
     """Fail early on a --model that is neither an existing folder nor a known model name."""
     path = Path(model)
@@ -197,6 +230,7 @@ def evaluate(request: EvaluateRequest, *, real_features: dict[tuple, Any] | None
     ones (the pipeline's uniform and LAW sets, a benchmark's arms) is read and embedded once.
     """
     check_request(request)
+    check_memory(request)
     metrics, inputs, options = request.metrics, request.inputs, request.options
     device = str(pick_device(options.device))
     parts: dict[str, Any] = {}

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lawder_core import runs
+from lawder_core import numbers, runs
 from lawder_core.data.sources import SOURCES, SourceOptions, check_source
 from lawder_core.distributed.train import LaunchConfig, train_law, train_order
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
@@ -49,14 +49,15 @@ WEIGHTINGS = ("uniform", "law")
 SEG_MODELS = ("mkunet-t", "mkunet-t-order")
 SEG_DATA = ("real", "real+law", "real+uniform")
 JUDGE = "mkunet-t-order"  # the real-data segmenter that judges mask adherence
-PROFILE_SIZE = 256  # the paper's cost figures are at 256×256
+PROFILE_SIZE = 256  # lawder reports model cost at 256×256 (the paper's abstract names no size)
 # Raw sources the pipeline can prepare by itself (a generic folder needs --images/--masks: prepare it first).
 PIPELINE_SOURCES = tuple(s for s in SOURCES if s != "folder")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Budgets of one pipeline run; `tiny` is for tests, `cpu-small` for the demo, `gpu-paper` for the paper.
+    """Budgets of one pipeline run (lawder's own): `tiny` for tests, `cpu-small` for the demo, `gpu-paper` lawder's
+    full-scale budget for the paper's three claims.
 
     Hardware is not part of a preset: --gpus and --workers mean what they mean for every command.
     """
@@ -122,8 +123,7 @@ def check_pipeline_config(cfg: PipelineConfig) -> Preset:
             raise UsageError(f"unknown --source {cfg.source!r}.", f"Choose one of: {', '.join(PIPELINE_SOURCES)} "
                              "(prepare a generic folder with `lawder prepare folder` and pass --data).")
         check_source(cfg.source, cfg.in_dir)
-    if cfg.gpus < 0 or cfg.workers < 0:
-        raise UsageError("--gpus and --workers must be non-negative.")
+    numbers.check_fields(cfg, {"seed": numbers.SEED, "gpus": numbers.GPUS, "workers": numbers.WORKERS})
     if cfg.data is not None and not Path(cfg.data).exists():
         raise DataError(f"--data {cfg.data} does not exist.", "Pass a file written by `lawder prepare`.")
     return PRESETS[cfg.preset]
@@ -313,10 +313,10 @@ class Stages:
     def setup_note(self) -> str:
         p = self.preset
         limit = f" for at most {p.sample_limit} training masks per synthetic set" if p.sample_limit else ""
-        return (f"Preset `{self.cfg.preset}`: {p.size} px, diffusion {p.law_steps} steps ({p.denoiser} UNet), "
-                f"DDIM {p.sample_steps} steps{limit}, segmenters {self.seg_steps()} optimiser steps each (the preset's "
-                f"{p.seg_epochs} epochs over the largest training set, real + synthetic; real-only arms run the same "
-                f"steps in more epochs), seeds {list(p.seeds)}. Data: `{self.data}`.")
+        return (f"Preset `{self.cfg.preset}` (lawder's budget): {p.size} px, diffusion {p.law_steps} steps "
+                f"({p.denoiser} UNet), DDIM {p.sample_steps} steps{limit}, segmenters {self.seg_steps()} optimiser "
+                f"steps each (the preset's {p.seg_epochs} epochs over the largest training set, real + synthetic; "
+                f"real-only arms run the same steps in more epochs), seeds {list(p.seeds)}. Data: `{self.data}`.")
 
     # ---------------------------------------------------------------- all
     def run_all(self) -> dict[str, Any]:

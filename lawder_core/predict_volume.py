@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -174,6 +175,8 @@ def check_window(window: tuple[float, float] | str | None) -> tuple[float, float
     if window is None:
         return None
     low, high = parse_window(window) if isinstance(window, str) else (float(window[0]), float(window[1]))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UsageError(f"--window {low:g},{high:g}: LOW and HIGH must be finite numbers of HU, e.g. -79,304.")
     if not high > low:  # `not >` also refuses NaN
         raise UsageError(f"--window {low:g},{high:g} must have LOW < HIGH (HU), e.g. -79,304.")
     return low, high

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lawder_core import runs
-from lawder_core.data.h5 import H5Writer, load_arrays, read_info, refuse_overwrite
+from lawder_core import limits, numbers, runs
+from lawder_core.data.h5 import H5Writer, load_arrays, read_info, refuse_overwrite, split_indices
 from lawder_core.data.labels import default_lesion_labels, lesion_labels, lesion_names
 from lawder_core.environment import DEFAULT_WAIT_S, package_version, pick_device
 from lawder_core.errors import DataError, UsageError
@@ -299,6 +299,10 @@ class SampleConfig:
     lesion_labels: str | None = None  # recorded in the file for adherence; None: the run's LAW lesion set
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, {"n": numbers.COUNT, "steps": numbers.SAMPLING_STEPS,
+                                    "guidance": numbers.GUIDANCE, "batch_size": numbers.BATCH, "seed": numbers.SEED,
+                                    "gpus": numbers.GPUS, "workers": numbers.WORKERS,
+                                    "wait_for_resources": numbers.WAIT_S})
         if self.scheduler is not None and self.scheduler not in SAMPLERS:
             raise UsageError(f"unknown --scheduler {self.scheduler!r}; expected one of {SAMPLERS}.")
         if self.steps < 1 or self.batch_size < 1:
@@ -342,10 +346,17 @@ def source_labels(cfg: SampleConfig, info: RunInfo) -> tuple[tuple[str, ...], tu
     return names, lesion
 
 
-def load_plan(cfg: SampleConfig, size: int) -> tuple[MaskPlan, tuple[int, int]]:
-    """The masks to condition on (every label kept), and the size they were stored at."""
+def load_plan(cfg: SampleConfig, spec: DenoiserSpec) -> tuple[MaskPlan, tuple[int, int]]:
+    """The masks to condition on (every label kept), and the size they were stored at; the request is checked
+    against this machine's memory first, from the file's shape and split (no pixels read)."""
     if not Path(cfg.masks).exists():
         raise DataError(f"--masks {cfg.masks} does not exist.", "Pass a file written by `lawder prepare`.")
+    size = spec.size
+    stored, count = read_info(cfg.masks), len(split_indices(cfg.masks, cfg.split))
+    limits.check_sampling(spec.preset, size, spec.image_channels, cfg.batch_size, cfg.n or count, cfg.guidance,
+                          stored_masks=count * stored.height * stored.width, processes=cfg.workers,
+                          on_gpu=cfg.gpus > 0)
+    limits.check_output_disk("sample", cfg.out, cfg.n or count, size, spec.image_channels)
     _, masks, cases = load_arrays(cfg.masks, cfg.split)
     if len(masks) == 0:
         raise DataError(f"{cfg.masks} has no masks in split {cfg.split!r}.", "Choose another --split.")
@@ -401,7 +412,7 @@ def sample_and_write(cfg: SampleConfig, out: Path, progress: Callable[[int], Non
         check_sampler(info.spec.prediction, cfg.scheduler)
     check_steps(info.spec.prediction, cfg.steps, info.spec.num_train_timesteps)  # before the model loads
     label_names, lesion = source_labels(cfg, info)
-    plan, masks_size = load_plan(cfg, info.spec.size)
+    plan, masks_size = load_plan(cfg, info.spec)
     if on_plan is not None:
         on_plan(len(plan.masks))
     tic = time.perf_counter()

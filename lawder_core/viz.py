@@ -48,6 +48,11 @@ def save_pair_grid(path: str | os.PathLike, images: np.ndarray, masks: np.ndarra
     return path
 
 
+def colour_bar_labels(low: float, high: float) -> list[str]:
+    """The weight-map colour bar's ticks (lowest, 1, highest) to 3 significant digits: 0.181, 1, 5.53."""
+    return [f"{low:.3g}", "1", f"{high:.3g}"]
+
+
 def save_weight_preview(path: str | os.PathLike, images: np.ndarray, masks: np.ndarray, weights: np.ndarray,
                         samples: np.ndarray, w_range: tuple[float, float], title: str) -> Path:
     """Rows of: real image, its mask, the weight map the loss used, an EMA sample for that mask.
@@ -70,7 +75,7 @@ def save_weight_preview(path: str | os.PathLike, images: np.ndarray, masks: np.n
         im = axes[i, 2].imshow(np.clip(weights[i], norm.vmin, norm.vmax), cmap="magma", norm=norm,
                                interpolation="nearest")
         bar = fig.colorbar(im, ax=axes[i, 2], fraction=0.046, pad=0.04)
-        bar.set_ticks([norm.vmin, 1.0, norm.vmax], labels=[f"{norm.vmin:g}", "1", f"{norm.vmax:g}"])
+        bar.set_ticks([norm.vmin, 1.0, norm.vmax], labels=colour_bar_labels(norm.vmin, norm.vmax))
         bar.ax.minorticks_off()
         axes[i, 3].imshow(to_rgb(samples[i]))
         for j in range(4):

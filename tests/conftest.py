@@ -55,12 +55,12 @@ def ray_only_where_asked(request, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray for the module's tests (started once per process)."""
-    import ray
-
+    """A local Ray for the module's tests (started once per process), as a command starts it."""
     from lawder_core.distributed.train import ensure_ray
 
-    ensure_ray(None)
+    ensure_ray(None)  # before `import ray`: lawder's loopback mode is read at import
+    import ray
+
     yield
     # A leaked placement group would make the next Ray call wait forever: all CPUs must be free again. Ray Train
     # removes a finished run's group asynchronously, so a loaded machine gets a bounded wait for it.

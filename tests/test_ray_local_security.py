@@ -1,4 +1,7 @@
-"""A local Ray started by lawder is closed to others: token auth, a private temp tree removed on exit (issue 16)."""
+"""A local Ray started by lawder is closed to others: token auth, a private temp tree removed on exit (issue 16).
+
+Its listeners are on loopback only: `test_ray_loopback.py`.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ DRIVER = textwrap.dedent("""
     sys.stdin.readline()  # hold the cluster until the test is done probing it
 """)
 
+# A process of another user on the same machine, in the same loopback mode (from another machine nothing listens).
 INTRUDER = textwrap.dedent("""
     import os, sys
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = "0" * 64
     import ray

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lawder_core import numbers
 from lawder_core.data.fingerprint import compute_fingerprint
 from lawder_core.data.h5 import H5Writer, refuse_overwrite
 from lawder_core.data.resize import resize_image, resize_mask
@@ -50,6 +51,7 @@ class PrepareOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, {"size": numbers.PREPARE_SIZE, "seed": numbers.SEED})
         if self.resize_mode not in RESIZE_MODES:
             raise UsageError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}.")
 

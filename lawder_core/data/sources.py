@@ -8,10 +8,12 @@ bad --window is reported at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lawder_core import limits, numbers
 from lawder_core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -41,6 +43,10 @@ class SourceOptions:
     skip_incomplete: bool = False  # kits: leave out cases without segmentation.nii.gz
     spacing: float | None = None  # kits: in-plane mm per pixel before --size; None keeps each case's own
 
+    def __post_init__(self) -> None:
+        numbers.check_fields(self, {"n": numbers.COUNT, "empty_share": numbers.RATIO, "jobs": numbers.JOBS,
+                                    "channels": numbers.CHANNELS, "spacing": numbers.SPACING_MM})
+
 
 def check_source(source: str, in_dir: str | Path | None, source_options: SourceOptions | None = None) -> None:
     """Every UsageError of a source and its options, raised before any file is read."""
@@ -51,8 +57,7 @@ def check_source(source: str, in_dir: str | Path | None, source_options: SourceO
     if source in ("kvasir", "cvc") and in_dir is None:
         raise UsageError(f"`prepare {source}` needs the input folder.")
     extra = source_options or SourceOptions()
-    if source == "kits":
-        parse_window(extra.window)
+    parse_window(extra.window)  # a kits option, but a bad one is refused anywhere
     if source != "synthetic" and (extra.lesion_frac is not None or extra.blobs is not None):
         raise UsageError("--lesion-frac and --blobs belong to `prepare synthetic`.",
                          f"`prepare {source}` takes its lesions from the data.")
@@ -87,9 +92,20 @@ def parse_window(text: str) -> tuple[float, float]:
         low, high = (float(v) for v in text.split(","))
     except ValueError as err:
         raise UsageError(f"--window {text!r} must be LOW,HIGH in HU, e.g. -79,304") from err
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UsageError(f"--window {text!r}: LOW and HIGH must be finite numbers of HU, e.g. -79,304.")
     if low >= high:
         raise UsageError(f"--window {text!r}: LOW must be below HIGH.")
     return low, high
+
+
+def check_prepare_memory(source: str, options: PrepareOptions, extra: SourceOptions) -> None:
+    """The requested size (and CT jobs) against this machine's memory, before any file is read; a source kept
+    at its own size (--size 0) is only known once read."""
+    size = options.size or (128 if source == "synthetic" else None)
+    if size is not None:
+        limits.check_prepare(size, samples=extra.n if source == "synthetic" else None,
+                             jobs=extra.jobs if source == "kits" else 1, volumes=source == "kits")
 
 
 def prepare_source(source: str, in_dir: str | Path | None, out: str | Path, options: PrepareOptions,
@@ -98,6 +114,9 @@ def prepare_source(source: str, in_dir: str | Path | None, out: str | Path, opti
     check_source(source, in_dir, source_options)
     extra = source_options or SourceOptions()
     out = Path(out)
+    check_prepare_memory(source, options, extra)
+    if source == "synthetic":
+        limits.check_output_disk("prepare synthetic", out, extra.n, options.size or 128, 3)
     if source == "synthetic":
         from lawder_core.data.synthetic import prepare_synthetic
 

@@ -20,7 +20,8 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError as err:
         raise UsageError(f"--split {text!r} must be three numbers like 0.8,0.1,0.1") from err
-    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
+    # `not <=` refuses NaN too (every comparison with NaN is false)
+    if len(parts) != 3 or not all(0 <= p <= 1 for p in parts) or not abs(sum(parts) - 1.0) <= 1e-6:
         raise UsageError(f"--split {text!r} must be three non-negative fractions summing to 1, e.g. 0.8,0.1,0.1")
     return parts  # type: ignore[return-value]
 

@@ -25,6 +25,7 @@ from lawder_core.distributed.train import (
 )
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import TrainingError, UsageError
+from lawder_core.limits import out_of_memory
 from lawder_core.sample import SampleConfig, generate_here, sampling_kwargs
 from lawder_core.sample import run_sample as run_sample_with
 
@@ -71,7 +72,7 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
     if parallel < 1:
         raise UsageError("distributed sampling needs --gpus N or --workers N of at least 1.")
     check_local_gpus(gpus, ray_address)
-    ensure_ray(ray_address)
+    ensure_ray(ray_address)  # before `import ray`: a local Ray's loopback mode is read at import
     import ray
 
     wait_for_resources(ray_address, {"GPU": 1.0} if gpus > 0 else {"CPU": 1.0}, wait)
@@ -104,7 +105,7 @@ def sample_distributed(run: str | os.PathLike, masks: np.ndarray, *, gpus: int, 
     except Exception as err:
         for ref in pending:
             ray.cancel(ref, force=True)
-        found = find_lawder_error(err)
+        found = find_lawder_error(err) or out_of_memory(err)
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed sampling failed: {err}", "See the worker log above.") from err

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lawder_core import runs
+from lawder_core import numbers, runs
 from lawder_core.config import with_absolute_paths
+from lawder_core.distributed.loopback import loopback_only, loopback_torch_config
 from lawder_core.distributed.shared_storage import remove_marker, write_marker
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import (
@@ -39,6 +40,7 @@ from lawder_core.errors import (
     known_cause,
 )
 from lawder_core.interrupts import raise_terminated
+from lawder_core.limits import out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,8 @@ class LaunchConfig:
     wait_for_resources: float = DEFAULT_WAIT_S  # a joined cluster: how long to wait for free GPUs/CPUs
 
     def __post_init__(self) -> None:
-        if self.wait_for_resources < 0:
-            raise UsageError("--wait-for-resources must be 0 or more seconds.")
+        numbers.check_fields(self, {"gpus": numbers.GPUS, "workers": numbers.WORKERS,
+                                    "cpus_per_worker": numbers.CPUS, "wait_for_resources": numbers.WAIT_S})
         if self.gpus > 0 and self.workers > 0 and (self.workers < self.gpus or self.workers % self.gpus):
             raise UsageError(f"--workers {self.workers} with --gpus {self.gpus}: the workers share the GPUs evenly, "
                              "so --workers must be a multiple of --gpus.",
@@ -87,7 +89,12 @@ class LaunchConfig:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Start (or join) Ray once per process, small, quiet and closed to others (see `start_local_ray`)."""
+    """Start (or join) Ray once per process, small, quiet and closed to others (see `start_local_ray`).
+
+    A local Ray listens on loopback only; a joined cluster (`address`) keeps the network set-up of its operator.
+    """
+    if address is None:
+        loopback_only()
     import ray
 
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
@@ -143,10 +150,10 @@ def describe(resources: dict[str, float], names: dict[str, float]) -> str:
 def start_local_ray() -> None:
     """A Ray for this command only.
 
-    - Token authentication on, with a random token for this command (unless the user set RAY_AUTH_MODE): Ray
-      2.60's gRPC servers listen on every interface and Ray turns a 127.0.0.1 node address back into the
-      machine's address (`services.resolve_ip_for_localhost`), so loopback-only is not available; the token is
-      what keeps other machines and other users' processes out.
+    - Listening on loopback only (`loopback_only`, set by `ensure_ray` before Ray is imported): no other machine
+      can reach it.
+    - Token authentication on, with a random token for this command (unless the user set RAY_AUTH_MODE): it keeps
+      other users' processes on this machine out.
     - Its temp tree (sockets, logs, runtime resources) under a fresh folder of mode 0700 — Ray makes its own
       folder world-writable — removed when the command exits; a second command gets its own, so two local
       commands never see each other's sockets.
@@ -301,10 +308,13 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     """
     if launch.gpus == 0 and launch.workers == 0:
         return run_here(fn, with_absolute_paths(cfg), launch.device)
+    ensure_ray(launch.ray_address)  # first: a local Ray's loopback mode is set before Ray is imported
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray(launch.ray_address)
+    backend = "nccl" if launch.gpus > 0 and launch.workers <= launch.gpus else "gloo"
+    # a local Ray: the ranks' rendezvous store listens on loopback too (distributed/loopback.py)
+    torch_config = TorchConfig(backend=backend) if launch.ray_address else loopback_torch_config(backend)
     wait_for_resources(launch.ray_address, launch.needs(), launch.wait_for_resources)
     cfg = with_absolute_paths(cfg)
     storage = launch.storage or str(Path(getattr(cfg, "out", ".")).resolve() / "ray")
@@ -313,14 +323,14 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"fn": fn, "cfg": cfg, "device": launch.device, "shared_token": token},
-        torch_config=TorchConfig(backend="nccl" if launch.gpus > 0 and launch.workers <= launch.gpus else "gloo"),
+        torch_config=torch_config,
         scaling_config=scaling_config(launch),
         run_config=RunConfig(storage_path=storage, name=launch.name),
     )
     try:
         fit = fit_interruptibly(trainer)
     except Exception as err:  # Ray wraps worker errors; surface ours, explain the rest
-        found = find_lawder_error(err) or known_cause(err, writing=getattr(cfg, "out", None))
+        found = find_lawder_error(err) or known_cause(err, writing=getattr(cfg, "out", None)) or out_of_memory(err)
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed training failed: {err}",
@@ -418,12 +428,20 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any, device: str = "cpu") -
         raise
     except Exception as err:
         # a full disk or no memory is the machine's (exit 4), not the training's
-        known = known_cause(err, writing=getattr(cfg, "out", None))
+        known = known_cause(err, writing=getattr(cfg, "out", None)) or out_of_memory(err)
         if known is not None:
             raise known from err
         raise TrainingError(f"training failed: {err}",
                             "--debug shows the traceback."
                             ) from err
+
+
+def memory_shape(launch: LaunchConfig) -> tuple[int, bool]:
+    """How many training processes hold a batch in this machine's memory (0: a joined cluster's, elsewhere), and
+    whether their activations are on GPUs instead."""
+    if launch.ray_address is not None:
+        return 0, launch.gpus > 0
+    return world_size(launch), launch.gpus > 0
 
 
 def world_size(launch: LaunchConfig) -> int:
@@ -457,7 +475,7 @@ def train_order(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> d
     """`lawder train-order`: validate, open the run folder, train on the workers, write summary.json."""
     from lawder_core.train.configs import check_seg_config
 
-    check_seg_config(cfg, world_size(launch_cfg))
+    check_seg_config(cfg, world_size(launch_cfg), *memory_shape(launch_cfg))
     check_resources(launch_cfg)
     from lawder_core.train.seg import summarise_run, train_segmenter
 
@@ -468,7 +486,7 @@ def train_law(cfg: Any, launch_cfg: LaunchConfig, *, force: bool = False) -> dic
     """`lawder train-law`: validate, open the run folder, train on the workers, write summary.json."""
     from lawder_core.train.configs import check_law_config
 
-    check_law_config(cfg, world_size(launch_cfg))
+    check_law_config(cfg, world_size(launch_cfg), *memory_shape(launch_cfg))
     check_resources(launch_cfg)
     from lawder_core.train.diffusion import summarise_law_run, train_diffusion
 

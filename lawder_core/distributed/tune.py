@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from lawder_core import runs
+from lawder_core import limits, numbers, runs
 from lawder_core.config import to_dict, with_absolute_paths
 from lawder_core.distributed.shared_storage import check_marker, remove_marker, write_marker
 from lawder_core.distributed.train import (
@@ -67,6 +67,14 @@ class TuneOptions:
     wait_for_resources: float = DEFAULT_WAIT_S  # a joined cluster: seconds to wait for one trial's resources
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, {"trials": numbers.TRIALS, "budget": numbers.EPOCHS,
+                                    "gpus_per_trial": numbers.GPUS, "cpus_per_trial": numbers.CPUS,
+                                    "seed": numbers.SEED, "wait_for_resources": numbers.WAIT_S})
+        cores = os.cpu_count() or 1
+        if self.ray_address is None and self.cpus_per_trial > cores:  # a local Ray would wait for them forever
+            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial:g} asks for more CPUs than this machine has "
+                             f"({cores}).", f"Use --cpus-per-trial {cores} or fewer, or join a larger cluster "
+                                            "with --ray-address.")
         if self.scheduler not in ("asha", "none") or self.search not in ("random", "grid"):
             raise UsageError("--scheduler must be asha or none; --search must be random or grid.")
         if self.trials < 1 or self.budget < 1:
@@ -286,6 +294,25 @@ def write_results(rows: list[dict[str, Any]], out: Path, base: Any, best_params:
         atomic_save(lambda p: p.write_text(yaml.safe_dump(best, sort_keys=False)), out / "best.yaml")
 
 
+def check_sweep_memory(base: Any, opts: TuneOptions) -> None:
+    """On a local Ray the trials run side by side, as many as its CPUs allow: each holds one training's memory.
+    Checked against this machine before the sweep folder is touched (a joined cluster's nodes are its own)."""
+    if opts.ray_address is not None:
+        return
+    from lawder_core.data.h5 import read_info, split_indices
+    from lawder_core.train.configs import SegTrainConfig
+
+    side_by_side = max(1, min(opts.trials, int((os.cpu_count() or 1) // opts.cpus_per_trial)))
+    on_gpu = opts.gpus_per_trial > 0
+    if isinstance(base, SegTrainConfig):
+        info = read_info(base.data)
+        samples = len(split_indices(base.data, "train")) + len(split_indices(base.data, "val"))
+        limits.check_seg_training(base.model, base.size, base.batch_size, (info.height, info.width, info.channels),
+                                  samples, processes=side_by_side, on_gpu=on_gpu, what="tune order")
+    elif getattr(base, "backbone", "unet") == "unet":
+        limits.check_law_training(base.preset, base.size, base.batch_size, processes=side_by_side, on_gpu=on_gpu)
+
+
 def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | Path,
              opts: TuneOptions, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Run a sweep, or resume it with `resume`; writes config.json, results.csv/json, best.yaml, summary.json."""
@@ -298,6 +325,7 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
     if resume and not force and not holds_sweep:
         raise UsageError(f"--resume: {out} holds no sweep to continue.", "Drop --resume to start one.")
     check_local_gpus(opts.gpus_per_trial, opts.ray_address)
+    check_sweep_memory(base, opts)
     runs.open_run(out, resume=resume, force=force)
     if resume and (out / EXPERIMENT).exists():
         # Ray's state is never restored (it is pickles): the trials resume from lawder's own files instead.

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from lawder_core import limits
 from lawder_core.data.h5 import refuse_overwrite
 from lawder_core.environment import package_version
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
@@ -58,6 +59,8 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
     if size <= 0 or size % 32:
         raise UsageError(f"--size {size or '(none recorded)'} must be a positive multiple of 32.",
                          "Pass --size N (the U-Nets downsample 5 times); the default is the training size.")
+    # the reference, the folded copy and ONNX Runtime each run the batch once
+    limits.check_inference("export onnx", config["name"], size, batch=batch, copies=3)
     reference = load_segmenter(folder).eval()
     model = fold_batchnorms(reference)  # a folded copy; the reference stays as trained, to check against
     folded = count_batchnorms(reference) - count_batchnorms(model)

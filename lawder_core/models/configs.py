@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lawder_core import numbers
 from lawder_core.errors import UsageError
 
 # ---------------------------------------------------------------- segmenters
@@ -72,6 +73,7 @@ class OrderConfig:
     detach_heads: bool = True
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, {"aux_weight": numbers.Range(0, 1000)}, prefix="ORDER ")
         if not 0.0 < self.rho <= 1.0:
             raise UsageError(f"ORDER rho must lie in (0, 1], got {self.rho}.", "Typical values are 0.1-0.5.")
         if self.kv_grid < 1:
@@ -194,6 +196,7 @@ class LAWConfig:
     feature_module: str = ""  # dotted submodule of the denoiser's UNet to hook; "" = the last decoder block
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, LAW_RANGES)
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown LAW objective {self.objective!r}; expected one of {OBJECTIVES}.")
         if self.time_weight not in LAW_TIME_WEIGHTS:
@@ -213,3 +216,9 @@ class LAWConfig:
             raise UsageError("LAW penalty weights and learning rate must be non-negative.")
         if self.hidden < 1 or self.hidden % self.groups:
             raise UsageError(f"LAW hidden={self.hidden} must be a positive multiple of groups={self.groups}.")
+
+
+# Finite, and what each knob means (the flags' names: --gamma, --w-min, ...; the rest are config/sweep keys).
+LAW_RANGES = {"gamma": numbers.GAMMA, "w_min": numbers.W_MIN, "w_max": numbers.W_MAX,
+              "lambda_prior": numbers.Range(0, 1000), "lambda_tv": numbers.Range(0, 1000),
+              "beta_kl": numbers.Range(0, 1000), "lr": numbers.Range(0, 1), "weight_decay": numbers.FRACTION}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lawder_core import runs
+from lawder_core import limits, numbers, runs
 from lawder_core.config import build_config
 from lawder_core.data.h5 import read_info, split_indices
 from lawder_core.data.labels import label_map, lesion_labels
@@ -80,9 +80,20 @@ class SegTrainConfig:
     max_steps_per_epoch: int | None = None
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        numbers.check_fields(self, SEG_RANGES)
 
-def check_seg_config(cfg: SegTrainConfig, world_size: int = 1) -> None:
-    """Fail before starting workers (and before --force deletes anything) on what can be known up front."""
+
+SEG_RANGES = {"synthetic_ratio": numbers.RATIO, "size": numbers.SEG_SIZE, "epochs": numbers.EPOCHS,
+              "batch_size": numbers.BATCH, "lr": numbers.LEARNING_RATE, "weight_decay": numbers.FRACTION,
+              "seed": numbers.SEED, "loader_workers": numbers.WORKERS, "max_steps_per_epoch": numbers.COUNT}
+
+
+def check_seg_config(cfg: SegTrainConfig, world_size: int = 1, processes: int | None = None,
+                     on_gpu: bool = False) -> None:
+    """Fail before starting workers (and before --force deletes anything) on what can be known up front,
+    memory included: `processes` training processes on this machine (default: `world_size`; 0: all elsewhere),
+    on GPUs or not."""
     check_model_name(cfg.model)
     check_amp_dtype(cfg.amp_dtype)
     if cfg.size % 32:
@@ -101,10 +112,13 @@ def check_seg_config(cfg: SegTrainConfig, world_size: int = 1) -> None:
     info = read_info(cfg.data)
     label_map(info.label_names, cfg.labels)
     # Reading the splits also refuses a misspelt value before the run folder exists.
-    if not len(training_indices(cfg)) and not cfg.synthetic:
+    train = len(training_indices(cfg))
+    if not train and not cfg.synthetic:
         raise DataError(f"{cfg.data} has no training samples.", "Check the split with `lawder inspect`.")
     if cfg.synthetic:
         read_info(cfg.synthetic)
+    limits.check_seg_training(cfg.model, cfg.size, cfg.batch_size, (info.height, info.width, info.channels),
+                              train + len(split_indices(cfg.data, "val")), processes=processes, on_gpu=on_gpu)
 
 
 def check_folds(cfg: SegTrainConfig) -> None:
@@ -210,6 +224,7 @@ class DiffusionTrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        numbers.check_fields(self, LAW_TRAIN_RANGES)
         if self.weighting not in WEIGHTINGS:
             raise UsageError(f"unknown --weighting {self.weighting!r}; expected one of {WEIGHTINGS}.")
         if self.backbone == "unet" and self.preset not in PRESETS:
@@ -227,6 +242,14 @@ class DiffusionTrainConfig:
         check_amp_dtype(self.amp_dtype)
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UsageError(f"snr_gamma must be positive (or None to switch Min-SNR off), got {self.snr_gamma}.")
+
+
+LAW_TRAIN_RANGES = {"size": numbers.LAW_SIZE, "steps": numbers.COUNT, "batch_size": numbers.BATCH,
+                    "lr": numbers.LEARNING_RATE, "lr_warmup_steps": numbers.EVERY, "weight_decay": numbers.FRACTION,
+                    "max_grad_norm": numbers.POSITIVE, "snr_gamma": numbers.POSITIVE, "ema_decay": numbers.FRACTION,
+                    "seed": numbers.SEED, "log_every": numbers.COUNT, "save_every": numbers.EVERY,
+                    "sample_every": numbers.EVERY, "preview_count": numbers.BATCH,
+                    "preview_steps": numbers.SAMPLING_STEPS, "num_workers": numbers.WORKERS}
 
 
 def law_config(config_file: str | Path | None, law_overrides: dict[str, Any] | None = None,
@@ -255,8 +278,10 @@ def check_size(cfg: DiffusionTrainConfig) -> None:
         raise UsageError(f"unknown --backbone {cfg.backbone!r}; expected unet or controlnet.")
 
 
-def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
-    """Fail before starting workers on what can be known up front: data, split, size, batch, backbone."""
+def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1, processes: int = 1,
+                     on_gpu: bool = False) -> None:
+    """Fail before starting workers on what can be known up front: data, split, size, batch, backbone, and the
+    memory of `processes` training processes on this machine (0: all elsewhere), on GPUs or not."""
     if not cfg.data:
         raise UsageError("no training data given.", "Pass --data FILE.h5 (see `lawder prepare`).")
     info = read_info(cfg.data)
@@ -271,6 +296,8 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1) -> None:
     if per_worker < batch:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n} training samples.",
                          "Lower --batch-size.")
+    if cfg.backbone == "unet":  # a ControlNet's cost is its checkpoint's, not a preset's
+        limits.check_law_training(cfg.preset, cfg.size, cfg.batch_size, processes=processes, on_gpu=on_gpu)
     if cfg.size > max(info.height, info.width):
         log.warning("--size %d is larger than the data (%d×%d): images are upsampled.", cfg.size, info.height,
                     info.width)
