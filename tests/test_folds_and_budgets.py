@@ -1,11 +1,6 @@
 """k-fold training, step budgets, --select, and a resumed segmenter run that equals an uninterrupted one."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,31 +151,3 @@ def test_augmentation_depends_on_seed_epoch_and_sample_only(data):
     two.set_epoch(1)
     assert any(not torch.equal(one[i][0], two[i][0]) for i in range(6))
     assert np.array_equal(one.indices, two.indices)
-
-
-LAWDER = str(Path(sys.executable).with_name("lawder"))
-
-
-@pytest.mark.faults
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_command_stopped_by_a_signal_resumes_to_the_uninterrupted_weights(data, tmp_path, signum, code):
-    """A real signal to `lawder train-order` after its first epoch, then --resume: the final weights are those of
-    the run that was never stopped, bit for bit."""
-    args = ["train-order", "--data", str(data), "--model", "mkunet-t", "--size", "32", "--epochs", "12",
-            "--batch-size", "4", "--seed", "3"]
-    whole = subprocess.run([LAWDER, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
-    out = tmp_path / "stopped"
-    proc = subprocess.Popen([LAWDER, *args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
-    assert len(read_metrics(out)) < 12  # stopped before the end
-    resumed = subprocess.run([LAWDER, *args, "--out", str(out), "--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = (load_segmenter(run / "last").state_dict() for run in (tmp_path / "whole", out))
-    assert all(torch.equal(a[k], b[k]) for k in a)
