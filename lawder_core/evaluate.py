@@ -188,10 +188,8 @@ def check_memory(request: EvaluateRequest) -> None:
     for flag, run in (("--dice", inputs.run), ("--adherence", inputs.segmenter)):
         if run is not None and getattr(request.metrics, flag[2:]) and Path(run).is_dir():
             name, size = recorded_model(run)
-            if size:
-                limits.check_fits(f"evaluate {flag}", [limits.Choice(
-                    "--batch-size", batch, lambda b, name=name, size=size: limits.PROCESS_BYTES + b * size * size
-                    * limits.bpp(limits.SEG_INFER_BPP, name))], f" ({name} at its training size {size})")
+            if size:  # images go through the network at the run's training size
+                limits.check_inference_batch(f"evaluate {flag}", name, size, batch)
 
 
 def recorded_model(run: str | os.PathLike) -> tuple[str, int]:

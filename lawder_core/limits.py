@@ -283,6 +283,15 @@ def check_inference(what: str, model: str, size: int, batch: int = 1, copies: in
     check_fits(what, [Choice("--size", size, need, 32, 32)], f" ({model})")
 
 
+def check_inference_batch(what: str, model: str, size: int, batch: int) -> None:
+    """Batches of `batch` images through a segmenter at size×size (evaluate's --dice and --adherence)."""
+
+    def need(b: int) -> float:
+        return PROCESS_BYTES + b * size * size * bpp(SEG_INFER_BPP, model)
+
+    check_fits(what, [Choice("--batch-size", batch, need)], f" ({model} at its training size {size})")
+
+
 def check_prepare(size: int, *, samples: int | None = None, jobs: int = 1, volumes: bool = False) -> None:
     """`prepare`: each sample resized to size×size, the fingerprint reading the masks back in blocks, and with
     CT volumes one volume per parallel job."""

@@ -37,20 +37,27 @@ class Range:
         if value in self.also:
             return None
         if self.step > 1 and value % self.step:
-            return f"{value:g} is not divisible by {self.step}"
+            return f"{show(value)} is not divisible by {self.step}"
         below = value < self.low or (self.low_open and value == self.low)
         above = value > self.high or (self.high_open and value == self.high)
         if below or above:
-            return f"{value:g} is outside {self}" + (f" ({self.meaning})" if self.meaning else "")
+            return f"{show(value)} is outside {self}" + (f" ({self.meaning})" if self.meaning else "")
         return None
 
     def __str__(self) -> str:
         if self.high == math.inf:
-            text = f"{'>' if self.low_open else '≥'} {self.low:g}"
+            text = f"{'>' if self.low_open else '≥'} {show(self.low)}"
         else:
-            text = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        extra = [f"{v:g}" for v in self.also]
+            text = f"{'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}{')' if self.high_open else ']'}"
+        extra = [show(v) for v in self.also]
         return f"{text} or {', '.join(extra)}" if extra else text
+
+
+def show(value: float) -> str:
+    """A number as a person writes it: 10000000, not 1e+07; 0.5; 1e-30."""
+    if math.isfinite(value) and float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
 
 
 def check_number(name: str, value: Any, allowed: Range, hint: str | None = None) -> None:
