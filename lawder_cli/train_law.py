@@ -45,7 +45,7 @@ def train_law(
     objective: str = typer.Option(None, "--objective",
                                   help="LAW objective: hardness (default: weight goes where the denoiser errs) | "
                                        "influence (where the mask changes the prediction, |v_cond - v_uncond|; "
-                                       "one extra forward pass per step) | descent (the first build's, an "
+                                       "one extra forward pass per step) | descent (the original objective, an "
                                        "ablation: inverse-variance weighting)."),
     w_min: float = typer.Option(None, "--w-min", callback=in_range(numbers.W_MIN),
                                 help="Lowest factor LAW may put on the prior (default 0.2)."),

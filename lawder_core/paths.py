@@ -1,4 +1,4 @@
-"""Paths built from untrusted names, and writing that never goes through a symbolic link (issue 16, item 9).
+"""Paths built from untrusted names, and writing that never goes through a symbolic link.
 
 Names that come from data (HDF5 case ids, image file stems, CT volume names) become file names only through
 `safe_name` / `unique_names`: the result is one path component of [A-Za-z0-9._-], so it cannot climb out of its

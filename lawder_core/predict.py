@@ -54,7 +54,7 @@ class Predictor:
     num_classes: int
     checkpoint: Path
     info: dict[str, Any]
-    label_map: LabelMap | None = None  # None: a binary run from before label maps (issue 15)
+    label_map: LabelMap | None = None  # None: a binary run saved before label maps existed
 
     @property
     def binary(self) -> bool:

@@ -1,5 +1,5 @@
 """`lawder predict`'s output folder: refusals before anything is written, safe writes, inputs skipped one by one,
-and `OUT/predict_summary.json` (issue 16, item 9).
+and `OUT/predict_summary.json`.
 
 - OUT, OUT/masks and OUT/overlays must not be symbolic links, nor any file predict is about to write (checked
   before the first write and again at each write, `paths.write_safely`): a DataError (exit 3) names the link,

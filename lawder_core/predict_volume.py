@@ -1,4 +1,4 @@
-"""Segment CT volumes (NIfTI) slice by slice, exactly as `prepare kits` made the training slices (issue 15).
+"""Segment CT volumes (NIfTI) slice by slice, exactly as `prepare kits` made the training slices.
 
 Input: a `.nii`/`.nii.gz` file, a KiTS case folder (`case_XXXXX/imaging.nii.gz`), or a folder of volumes (NIfTI
 files in it and `*/imaging.nii.gz` case folders). Output, for each volume named CASE (the file name without

@@ -1,4 +1,4 @@
-"""`lawder sample`: synthetic image/mask pairs from a trained `train-law` run (design brief §2).
+"""`lawder sample`: synthetic image/mask pairs from a trained `train-law` run.
 
 Masks come from an HDF5 split, are resized (nearest) to the run's size, planned (one per mask, or cycled with
 flips/rotations under `mask_aug`), sampled, and written in the lawder HDF5 schema with the run, step,

@@ -1,7 +1,7 @@
 """What `lawder tune` sweeps and how a trial is scored, without Ray (the runner is `distributed/tune.py`).
 
-Search spaces are plain data (design brief §1.1–1.2 sweeps). A space maps a dotted config path (`law.w_min`,
-`order.rho`) to a distribution:
+Search spaces are plain data (every LAW and ORDER knob marked for sweeping). A space maps a dotted config path
+(`law.w_min`, `order.rho`) to a distribution:
   {"choice": [...]}, {"grid": [...]}, {"uniform": [low, high]}, {"loguniform": [low, high]},
   {"randint": [low, high]}. A key may also name a group: {"choice": [{"law.w_min": 0.5, "law.w_max": 2}, ...]}
 sets several fields together (a clamp range is one choice, not two independent ones).

@@ -1,4 +1,4 @@
-"""Which stored labels a segmenter learns, as which output classes: the label map (issue 15).
+"""Which stored labels a segmenter learns, as which output classes: the label map.
 
 A data set's HDF5 names its labels (`label_names`: polyps `background, lesion`; KiTS `background, kidney, tumor,
 cyst`). A segmenter learns either one foreground (binary: one sigmoid channel) or several classes (a softmax

@@ -288,7 +288,7 @@ def local_cpus_per_worker(launch: LaunchConfig) -> int | None:
     """On a local Ray, give each CPU worker its share of the cores (Ray's default is one CPU, hence one thread).
 
     Ray sets a worker's OMP_NUM_THREADS to the CPUs it holds; a single worker on 2 cores trains a LAW diffusion
-    step in ~0.45 s with both instead of 0.75 s with one (measured in #7). On a joined cluster the user's
+    step in ~0.45 s with both instead of 0.75 s with one (measured on a 2-core machine). On a joined cluster the user's
     resources decide.
     """
     if launch.ray_address is not None or launch.workers < 1:

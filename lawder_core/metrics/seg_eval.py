@@ -35,8 +35,8 @@ def segmenter_dice(
 
     Predicted classes become stored labels through the checkpoint's `label_map`; the data set's regions (nested
     regions for KiTS) are scored where the map can tell them apart (a model that merged tumour and cyst is not
-    scored on tumour). A one-channel segmenter without a label map (before issue 15) on multi-label data is
-    scored on the foreground region only. Cases come from the file's case ids. `indices` (a cross-validation
+    scored on tumour). A one-channel segmenter saved without a label map (an older run) on multi-label data
+    is scored on the foreground region only. Cases come from the file's case ids. `indices` (a cross-validation
     fold's samples) replaces the split.
     """
     info = read_info(data)

@@ -151,7 +151,7 @@ LAW_TIME_WEIGHTS = ("denoiser", "layout", "none")
 
 @dataclass(frozen=True)
 class LAWConfig:
-    """Every knob of design brief §1.1; the (sweep) ones are reachable from `lawder tune`.
+    """Every knob of LAW; the sweepable ones are reachable from `lawder tune`.
 
     lr and λ_prior (revision 3) were chosen so that the map leaves the prior within a run. Measured by
     fine-tuning a small UNet (64 px, batch 8, from a base trained 500 steps with the condition dropped) with LAW

@@ -1,4 +1,4 @@
-"""Mask-conditioned denoisers through diffusers, behind one interface (design brief §1.1 "Backbones").
+"""Mask-conditioned denoisers through diffusers, behind one interface.
 
 - `unet` (default): a pixel-space `UNet2DModel` that sees the image and the mask concatenated at the input,
   trained from scratch (presets `tiny` for tests, `small` for CPU runs at 64–128 px, `base` for GPUs).
@@ -59,7 +59,8 @@ class DenoiserSpec:
     image_channels: int = 3
     label_names: tuple[str, ...] = ("background", "lesion")
     num_train_timesteps: int = 1000
-    # The defaults are the first build's recipe, so a saved spec without these fields loads as what it was
+    # The defaults are the original recipe (epsilon, linear schedule), so a saved spec without these fields loads
+    # as what it was
     # and DenoiserSpec() still builds it; new runs pass prediction="v" (or "flow"),
     # beta_schedule="squaredcos_cap_v2" and timestep_spacing="trailing".
     beta_schedule: str = "linear"  # unet v/epsilon only; flow has no betas, controlnet takes the checkpoint's

@@ -1,4 +1,4 @@
-"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (design brief §1.1, revision 3).
+"""LAW, the Learnable Adaptive Weighter: a per-pixel weight map for the diffusion loss (revision 3).
 
 A small CNN looks at stop-gradient denoiser features, the lesion mask (and optionally the timestep and the
 detached per-pixel error) and predicts one logit z per loss-space pixel. The map is
@@ -18,8 +18,8 @@ the loss scale never changes (the per-sample centring of z is explained at `cent
 with err′ the detached per-pixel error over its per-sample mean and m′ the mask influence |v_cond − v_uncond|
 (the gap classifier-free guidance amplifies) over its per-sample mean. `hardness` ascends the weighted error:
 weight goes where the denoiser is wrong (lesion borders, texture). `influence` puts weight where the mask
-changes the prediction most. `descent` is the first build's objective, kept only to be measured against: its
-optimum is inverse-variance weighting (weight flows to easy pixels).
+changes the prediction most. `descent` is the original objective (minimising the weighted error), kept only
+to be measured against: its optimum is inverse-variance weighting (weight flows to easy pixels).
 
 Each row's objective is weighted by a per-row time weight (`LAWConfig.time_weight`): by default the same
 Min-SNR weight the denoiser's loss gets at that noise level, so LAW learns where its map changes the denoiser's
@@ -164,7 +164,7 @@ def law_objective(w: Tensor, w_prior: Tensor, target_n: Tensor, config: LAWConfi
                bound how far. On a free map (TV and KL aside) it settles at
                log(w / w_prior) ≈ w · (err′ − mean(w · err′)) / (2 λ_prior): above-average error gains weight.
     influence: −mean(w · m′) + anchors: the same, with weight going where the mask changes the prediction.
-    descent:   +mean(w · err′) + the same anchors: the first build's objective, an ablation only. Minimising
+    descent:   +mean(w · err′) + the same anchors: the original objective, an ablation only. Minimising
                the weighted error under mean(w) = 1 is inverse-variance weighting: weight flows to the pixels the
                denoiser already gets right (corr(w, err) = −0.81 on a free map).
     """

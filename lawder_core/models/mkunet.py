@@ -1,4 +1,4 @@
-"""MK-UNet (Rahman & Marculescu, 2025): a tiny multi-kernel U-Net, written from the design brief §1.2.
+"""MK-UNet (Rahman & Marculescu, 2025): a tiny multi-kernel U-Net, written from the published architecture.
 
 Read top to bottom: the building blocks (MKIR, channel/spatial attention, grouped attention gate), then the
 encoder, the decoder and the heads. With one output class the five variants have exactly the published

@@ -1,4 +1,4 @@
-"""ORDER — Optimal Region Detection with Efficient Resolution — on MK-UNet (design brief §1.2, revision 2).
+"""ORDER — Optimal Region Detection with Efficient Resolution — on MK-UNet.
 
 ORDER starts as MK-UNet-T and adds, at the late (high-resolution) decoder stages, a correction at the pixels
 where the network is unsure:

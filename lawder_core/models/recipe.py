@@ -1,9 +1,9 @@
-"""The pixel backbone's diffusion recipe: how noise, targets, timesteps and samplers are defined (design brief §1.1).
+"""The pixel backbone's diffusion recipe: how noise, targets, timesteps and samplers are defined.
 
 Three prediction targets (`DenoiserSpec.prediction`):
 - `v` (default for new runs): v = α·ε − σ·x0 on the cosine schedule (`squaredcos_cap_v2`), uniform integer
   timesteps. v stays informative at every noise level, so the model also learns something at SNR ≈ 0.
-- `epsilon`: the first build's target (and the ControlNet/SD path's, which keeps its checkpoint's schedule).
+- `epsilon`: the original DDPM target (and the ControlNet/SD path's, which keeps its checkpoint's schedule).
 - `flow`: rectified flow, x_t = (1 − t)·x0 + t·ε with target ε − x0, t ∈ (0, 1) drawn logit-normal (mean 0,
   std 1) and fed to the model as t · num_train_timesteps; sampled by an Euler or Heun ODE solver from t = 1 to 0.
 
@@ -42,7 +42,7 @@ from lawder_core.models.configs import (
 # diffusers' names for the two targets its DDPM/DDIM schedulers know.
 PREDICTION_TYPES = {"v": "v_prediction", "epsilon": "epsilon"}
 MIN_SNR_GAMMA = 5.0
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # diffusers' names; the first build saved 'leading'
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # diffusers' names; older runs saved 'leading'
 
 TrainingScheduler = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (noisy, model timesteps, condition) → model output
@@ -56,7 +56,7 @@ def training_scheduler(prediction: str, beta_schedule: str = "squaredcos_cap_v2"
     saved folder says what it is; it has no betas, and `beta_schedule` and `timestep_spacing` are ignored (the
     flow sampler walks its own uniform grid). v/epsilon keep a DDPM config that records the spacing sampling will
     use; `clip_sample` clips predicted x0 to the image range [−1, 1]. With beta_schedule='linear' and
-    timestep_spacing='leading' an epsilon scheduler is exactly the first build's.
+    timestep_spacing='leading' an epsilon scheduler is exactly the one older runs saved.
     """
     if check_prediction(prediction) == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)

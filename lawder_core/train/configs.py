@@ -198,9 +198,9 @@ class DiffusionTrainConfig:
     # number joined by '+'; None: the data set's default (KiTS tumor+cyst, other data every label > 0). The
     # denoiser is conditioned on every label whatever this says (data/labels.py: lesion_labels).
     lesion_labels: str | None = None
-    # the pixel backbone's recipe (design brief §1.1 rev. 2); ControlNet keeps its checkpoint's epsilon and schedule
+    # the pixel backbone's recipe (models/recipe.py); ControlNet keeps its checkpoint's epsilon and schedule
     prediction: str | None = None  # 'v' (the unet's default) | 'flow' (rectified flow) | 'epsilon' (controlnet's)
-    beta_schedule: str = "squaredcos_cap_v2"  # cosine; 'linear' was the first build's
+    beta_schedule: str = "squaredcos_cap_v2"  # cosine; 'linear' is the original DDPM schedule
     timestep_spacing: str = "trailing"  # sampling starts at the last training timestep
     snr_gamma: float | None = 5.0  # Min-SNR-γ timestep weighting; None (--snr-gamma none) weighs every level alike
     backbone: str = "unet"  # 'unet' | 'controlnet'
