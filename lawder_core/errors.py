@@ -69,13 +69,17 @@ class InternalError(LawderError):
 DISK_FULL_HINT = "Free space on that disk, or write the output elsewhere."
 MEMORY_HINT = "Use a smaller --size or --batch-size, or a machine with more memory."
 _DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded")
-_OOM_WORDS = ("out of memory", "can't allocate memory", "Cannot allocate memory", "Failed to allocate memory",
-              "bad_alloc", "bad allocation")
+# lower case; matched against "TypeName: message" of every exception in the chain
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate memory",
+              "bad_alloc", "bad allocation", "outofmemoryerror", "running low on memory")
+# Where wrappers keep the exception they wrap: Python's chain, and Ray Train's worker and controller failures and
+# RayTaskError's cause (read by name: this module imports no Ray).
+_WRAPPED = ("__cause__", "__context__", "cause", "controller_failure")
 
 
 def causes(error: BaseException) -> list[BaseException]:
-    """`error` and everything it was raised from or during (libraries wrap the OSError they met: safetensors
-    and torch.save turn a full disk into their own exception types)."""
+    """`error` and everything it was raised from or during, including what Ray's wrappers carry (libraries wrap
+    the OSError they met: safetensors and torch.save turn a full disk into their own exception types)."""
     seen: list[BaseException] = []
     stack = [error]
     while stack:
@@ -83,7 +87,8 @@ def causes(error: BaseException) -> list[BaseException]:
         if any(err is s for s in seen):
             continue
         seen.append(err)
-        stack.extend(e for e in (err.__cause__, err.__context__) if e is not None)
+        stack.extend(getattr(err, "worker_failures", {}).values())
+        stack.extend(e for e in (getattr(err, attr, None) for attr in _WRAPPED) if isinstance(e, BaseException))
     return seen
 
 
@@ -93,10 +98,16 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """MemoryError (NumPy's too), torch's OutOfMemoryError (CUDA), its CPU allocator's RuntimeError, ENOMEM."""
-    return any(isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
-               or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
-               or (isinstance(e, RuntimeError) and any(w in str(e) for w in _OOM_WORDS)) for e in causes(error))
+    """MemoryError (NumPy's too), torch's OutOfMemoryError (CUDA), its CPU allocator's RuntimeError, ENOMEM, Ray's
+    memory monitor killing a worker; anywhere in the chain of wrapped exceptions."""
+    return any(isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
+               or (not isinstance(e, LawderError) and any(w in f"{type(e).__name__}: {e}".lower() for w in _OOM_WORDS))
+               for e in causes(error))
+
+
+def out_of_memory(error: BaseException) -> EnvironmentProblem | None:
+    """"out of memory" (exit 4, a smaller-size hint, never --resume) when `error` is an allocation failure."""
+    return EnvironmentProblem(f"out of memory{memory_wanted(error)}.", MEMORY_HINT) if is_out_of_memory(error) else None
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -125,8 +136,9 @@ def known_cause(error: BaseException, writing: object = None) -> LawderError | N
     """
     if isinstance(error, LawderError):
         return error
-    if is_out_of_memory(error):
-        return EnvironmentProblem(f"out of memory{memory_wanted(error)}.", MEMORY_HINT)
+    oom = out_of_memory(error)
+    if oom is not None:
+        return oom
     if is_disk_full(error):
         names = [e.filename for e in causes(error) if isinstance(e, OSError) and e.filename] or [writing]
         where = f" while writing {names[0]}" if names[0] else ""

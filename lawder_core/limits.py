@@ -6,7 +6,7 @@ and the largest value of each option that fits, instead of growing until the ker
 or, on a shared workstation, someone else's. The estimates are linear in the pixels a step holds, with bytes per
 pixel measured by `benchmarks/bench_memory.py` (lawder's real training and inference loops on the CPU) and rounded
 up. They are upper bounds for the activations, not promises: an allocation can still fail during the work, and
-then `out_of_memory` turns it into "out of memory" (exit 4) with a smaller-size hint, never a "--resume" hint.
+then `errors.out_of_memory` turns it into "out of memory" (exit 4) with a smaller-size hint, never a "--resume" hint.
 
 `LAWDER_NO_MEMORY_CHECK=1` skips the up-front refusal (an estimate that does not fit a machine it was not made
 on); the allocation failure is still reported as out of memory.
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lawder_core.errors import EnvironmentProblem, UsageError
+from lawder_core.errors import UsageError
 
 GiB = 2**30
 MiB = 2**20
@@ -183,41 +183,6 @@ def check_fits(what: str, choices: Sequence[Choice], note: str = "", *, disk: st
     has = "this machine has" if disk is None else "its file system has"
     raise UsageError(f"{what} {asked} needs about {gib(need)} of {where}{note}; {has} {gib(available)} available.",
                      hint + " (LAWDER_NO_MEMORY_CHECK=1 skips this estimate.)")
-
-
-# ---------------------------------------------------------------- an allocation that failed during the work
-
-OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "out of memory", "outofmemoryerror",
-            "running low on memory", "memoryerror", "std::bad_alloc")
-
-
-def out_of_memory(error: BaseException) -> EnvironmentProblem | None:
-    """EnvironmentProblem "out of memory" (exit 4) when `error`, or anything it wraps (Ray's worker failures, an
-    exception's cause), is an allocation failure: MemoryError, PyTorch's "can't allocate memory" and CUDA
-    out-of-memory errors, Ray's memory monitor killing a worker. None otherwise."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [error]
-    while stack:
-        err = stack.pop()
-        if id(err) in seen:
-            continue
-        seen.add(id(err))
-        text = f"{type(err).__name__}: {err}".lower()
-        if isinstance(err, MemoryError) or any(marker in text for marker in OOM_TEXT):
-            return EnvironmentProblem(f"out of memory: {first_line(err)}",
-                                      "Use a smaller --size or --batch-size (or fewer --workers), or a machine with "
-                                      "more memory.")
-        stack.extend(getattr(err, "worker_failures", {}).values())
-        for attr in ("controller_failure", "cause", "__cause__", "__context__"):
-            inner = getattr(err, attr, None)
-            if isinstance(inner, BaseException):
-                stack.append(inner)
-    return None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]
 
 
 # ---------------------------------------------------------------- the estimates, one per kind of request

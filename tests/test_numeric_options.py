@@ -51,6 +51,7 @@ REQUIRED = {
     ("pipeline",): ["--out", "{o}/pipe"],
     ("export", "onnx"): ["--run", "{r}", "-o", "{o}/m.onnx"],
     ("export", "nnunet"): ["{d}", "-o", "{o}/n", "--name", "X", "--dataset-id", "1"],
+    ("compare",): ["A={o}/a/summary.json", "B={o}/b/summary.json"],
 }
 # Options that carry numbers in text: (command, flag, a valid value, a bad member to put in it).
 TEXT_NUMBERS = [
@@ -317,8 +318,7 @@ def test_the_largest_value_that_fits_is_the_largest(monkeypatch):
 
 def test_allocation_failures_are_out_of_memory_wherever_they_are_wrapped():
     from lawder_core.distributed.train import run_here
-    from lawder_core.errors import EnvironmentProblem
-    from lawder_core.limits import out_of_memory
+    from lawder_core.errors import EnvironmentProblem, out_of_memory
 
     torch_message = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes."
     wrapped = RuntimeError("Training failed due to controller error")

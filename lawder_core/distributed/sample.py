@@ -24,8 +24,7 @@ from lawder_core.distributed.train import (
     wait_for_resources,
 )
 from lawder_core.environment import DEFAULT_WAIT_S
-from lawder_core.errors import TrainingError, UsageError
-from lawder_core.limits import out_of_memory
+from lawder_core.errors import TrainingError, UsageError, out_of_memory
 from lawder_core.sample import SampleConfig, generate_here, sampling_kwargs
 from lawder_core.sample import run_sample as run_sample_with
 

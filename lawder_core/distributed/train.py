@@ -37,10 +37,10 @@ from lawder_core.errors import (
     LawderError,
     TrainingError,
     UsageError,
+    causes,
     known_cause,
 )
 from lawder_core.interrupts import raise_terminated
-from lawder_core.limits import out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -238,21 +238,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 def find_lawder_error(error: BaseException) -> LawderError | None:
     """Dig the user-facing error out of Ray's wrappers (worker failures, causes, RayTaskError)."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [error]
-    while stack:
-        err = stack.pop()
-        if id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, LawderError):
-            return err
-        stack.extend(getattr(err, "worker_failures", {}).values())
-        for attr in ("controller_failure", "cause", "__cause__", "__context__"):
-            inner = getattr(err, attr, None)
-            if isinstance(inner, BaseException):
-                stack.append(inner)
-    return None
+    return next((err for err in causes(error) if isinstance(err, LawderError)), None)
 
 
 def scaling_config(launch: LaunchConfig) -> Any:
@@ -330,7 +316,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     try:
         fit = fit_interruptibly(trainer)
     except Exception as err:  # Ray wraps worker errors; surface ours, explain the rest
-        found = find_lawder_error(err) or known_cause(err, writing=getattr(cfg, "out", None)) or out_of_memory(err)
+        found = find_lawder_error(err) or known_cause(err, writing=getattr(cfg, "out", None))
         if found is not None:
             raise found from None
         raise TrainingError(f"distributed training failed: {err}",
@@ -428,7 +414,7 @@ def run_here(fn: Callable[..., dict[str, Any]], cfg: Any, device: str = "cpu") -
         raise
     except Exception as err:
         # a full disk or no memory is the machine's (exit 4), not the training's
-        known = known_cause(err, writing=getattr(cfg, "out", None)) or out_of_memory(err)
+        known = known_cause(err, writing=getattr(cfg, "out", None))
         if known is not None:
             raise known from err
         raise TrainingError(f"training failed: {err}",
