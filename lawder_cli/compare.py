@@ -14,7 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from lawder_cli.common import err_console, handle_errors
-from lawder_cli.options import JSON, SEED
+from lawder_cli.options import JSON, SEED, in_range
+from lawder_core import numbers
 from lawder_core.errors import EXIT_GATE_FAILED, UsageError
 from lawder_core.metrics.arms import METRIC_NAMES  # arms.py imports only the standard library at module level
 
@@ -97,9 +98,11 @@ def compare(
     expect: list[str] = typer.Option(None, "--expect", metavar="'B > A'",
                                      help="Gate: exit 1 unless the CI of B − A lies above --margin ('B < A': below "
                                           "−margin); repeatable."),
-    margin: float = typer.Option(0.0, "--margin", help="How far the CI bound must clear 0 for --expect, in the "
+    margin: float = typer.Option(0.0, "--margin", callback=in_range(numbers.NON_NEGATIVE),
+                                 help="How far the CI bound must clear 0 for --expect, in the "
                                                        "metric's units (0.01 = one Dice point)."),
-    resamples: int = typer.Option(10_000, "--resamples", help="Bootstrap resamples."),
+    resamples: int = typer.Option(10_000, "--resamples", callback=in_range(numbers.RESAMPLES),
+                                  help="Bootstrap resamples."),
     seed: int = SEED,
     out: Path = typer.Option(None, "-o", "--out", help="Write the result JSON to this file."),
     plot: Path = typer.Option(None, "--plot", help="PNG of the paired differences of --metric with their CIs."),

@@ -28,7 +28,8 @@ def prepare(
     lesion_frac: str | None = typer.Option(None, "--lesion-frac", metavar="LOW,HIGH",
                                            help="synthetic: lesion share of the frame, drawn uniformly per sample "
                                                 "(default 0.01,0.20; small lesions: 0.003,0.03)."),
-    blobs: int | None = typer.Option(None, "--blobs", help="synthetic: lesions per sample (default: one to three)."),
+    blobs: int | None = typer.Option(None, "--blobs", callback=in_range(numbers.BLOBS),
+                                     help="synthetic: lesions per sample (default: one to three)."),
     window: str = typer.Option("-79,304", help="kits: CT window in HU, LOW,HIGH."),
     empty_share: float = typer.Option(0.1, callback=in_range(numbers.RATIO),
                                       help="kits: share of kidney-free slices to keep (per kidney slice)."),
@@ -38,7 +39,7 @@ def prepare(
     skip_incomplete: bool = typer.Option(False, help="kits: leave out cases without segmentation.nii.gz."),
     spacing: float | None = typer.Option(None, metavar="MM", callback=in_range(numbers.SPACING_MM),
                                          help="kits: resample slices to MM mm per pixel "
-                                         "(from the NIfTI voxel size) before --size; default: each case's own."),
+                                              "(from the NIfTI voxel size) before --size; default: each case's own."),
     compression: str = typer.Option("lzf", help="HDF5 compression: lzf, none (fastest reads) or gzip (smallest)."),
     force: bool = FORCE,
     json_out: bool = JSON,

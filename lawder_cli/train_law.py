@@ -59,7 +59,7 @@ def train_law(
     snr_gamma: str = typer.Option(None, "--snr-gamma", metavar="GAMMA|none",
                                   help="Min-SNR-γ timestep weighting of the loss (default 5; LAW's objective gets "
                                        "the same weights); 'none' weighs every noise level alike."),
-    cond_dropout: float = typer.Option(None, "--cond-dropout",
+    cond_dropout: float = typer.Option(None, "--cond-dropout", callback=in_range(numbers.FRACTION),
                                        help="Share of rows trained with the null mask, for guidance (default 0.1; "
                                             "1: an unconditional model, a base for --init-from)."),
     init_from: Path = typer.Option(None, "--init-from",

@@ -41,12 +41,15 @@ def train_order(
                                         "changes the speed, not the steps or the schedule."),
     lr: float = typer.Option(None, "--lr", callback=in_range(numbers.LEARNING_RATE)),
     encoder_weights: str = typer.Option(None, "--encoder-weights", help="smp baselines: e.g. imagenet (downloads)."),
-    steps: int = typer.Option(None, "--steps", help="Optimiser steps in all (equal budgets across compared runs); "
-                              "the epochs follow from it. Default: --epochs full epochs."),
-    folds: int = typer.Option(None, "--folds", help="K-fold cross-validation over the non-test cases (with --fold); "
-                              "folds are drawn by case once per data file and kept beside it (DATA.foldsK.json)."),
-    fold: int = typer.Option(None, "--fold", help="With --folds: the held-out fold (0..K-1) to validate on; the "
-                             "run trains on the other folds. `lawder evaluate` then scores that fold."),
+    steps: int = typer.Option(None, "--steps", callback=in_range(numbers.COUNT),
+                              help="Optimiser steps in all (equal budgets across compared runs); "
+                                   "the epochs follow from it. Default: --epochs full epochs."),
+    folds: int = typer.Option(None, "--folds", callback=in_range(numbers.FOLDS),
+                              help="K-fold cross-validation over the non-test cases (with --fold); "
+                                   "folds are drawn by case once per data file and kept beside it (DATA.foldsK.json)."),
+    fold: int = typer.Option(None, "--fold", callback=in_range(numbers.FOLD),
+                             help="With --folds: the held-out fold (0..K-1) to validate on; the "
+                                  "run trains on the other folds. `lawder evaluate` then scores that fold."),
     select: str = typer.Option(None, "--select", help="Checkpoint that evaluate/predict use: best (validation "
                                "Dice, default) or last."),
     init_from: str = typer.Option(None, "--init-from", help="Start from this run's selected checkpoint (ORDER: the "
