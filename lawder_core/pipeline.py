@@ -26,6 +26,7 @@ is reported at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -234,12 +235,14 @@ class Stages:
         synthetic = None if data == "real" else str(self.synthetic(data.split("+")[1]))
         return SegTrainConfig(data=str(self.data), out=str(run), model=model, synthetic=synthetic,
                               synthetic_ratio=1.0, size=self.preset.seg_size or self.preset.size,
-                              epochs=self.preset.seg_epochs, steps=self.seg_steps(), batch_size=self.preset.seg_batch,
+                              epochs=self.preset.seg_epochs, steps=self.seg_steps, batch_size=self.preset.seg_batch,
                               seed=seed, resume=runs.has_run(run), max_steps_per_epoch=self.preset.max_steps_per_epoch)
 
+    @functools.cached_property
     def seg_steps(self) -> int:
         """One optimiser-step budget for every segmenter of a comparison: the preset's epochs over the largest
-        training set (real + synthetic). Real-only arms then run more epochs, not fewer steps."""
+        training set (real + synthetic; read once the synthetic sets exist). Real-only arms then run more epochs,
+        not fewer steps."""
         from lawder_core.train.configs import SegTrainConfig, planned_steps_per_epoch
 
         largest = max(
@@ -314,7 +317,7 @@ class Stages:
         p = self.preset
         limit = f" for at most {p.sample_limit} training masks per synthetic set" if p.sample_limit else ""
         return (f"Preset `{self.cfg.preset}` (lawder's budget): {p.size} px, diffusion {p.law_steps} steps "
-                f"({p.denoiser} UNet), DDIM {p.sample_steps} steps{limit}, segmenters {self.seg_steps()} optimiser "
+                f"({p.denoiser} UNet), DDIM {p.sample_steps} steps{limit}, segmenters {self.seg_steps} optimiser "
                 f"steps each (the preset's {p.seg_epochs} epochs over the largest training set, real + synthetic; "
                 f"real-only arms run the same steps in more epochs), seeds {list(p.seeds)}. Data: `{self.data}`.")
 

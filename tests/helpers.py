@@ -118,3 +118,12 @@ def untrained_checkpoint(folder: Path, model: str = "mkunet-t", size: int = 32, 
     save_segmenter(build_segmenter(model, in_channels=channels), folder,
                    extra={"train_config": {"size": size, "model": model}})
     return folder
+
+
+def quick_seg_config(data: Path, out: Path, **overrides):
+    """A segmenter training config that takes seconds: MK-UNet-T, 32 px, 2 epochs of 2 steps at batch 4."""
+    from lawder_core.train.configs import SegTrainConfig
+
+    base = dict(data=str(data), out=str(out), model="mkunet-t", size=32, epochs=2, batch_size=4,
+                max_steps_per_epoch=2)
+    return SegTrainConfig(**{**base, **overrides})

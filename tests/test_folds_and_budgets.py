@@ -15,8 +15,8 @@ from lawder_core.evaluate import dice_split
 from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics, segmenter_checkpoint
 from lawder_core.train.configs import check_seg_config, planned_steps_per_epoch, training_indices
-from lawder_core.train.seg import SegTrainConfig, train_segmenter
-from tests.helpers import synthetic_h5
+from lawder_core.train.seg import train_segmenter
+from tests.helpers import quick_seg_config, synthetic_h5
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,7 @@ def data(tmp_path_factory):
 
 
 def quick(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model="mkunet-t", size=32, epochs=2, batch_size=4,
-                max_steps_per_epoch=2)
-    return SegTrainConfig(**{**base, **kw})
+    return quick_seg_config(data, out, **kw)
 
 
 def test_folds_are_disjoint_cover_every_non_test_case_once_and_are_kept_beside_the_data(data):

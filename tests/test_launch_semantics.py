@@ -18,7 +18,7 @@ from lawder_core.train import seg
 from lawder_core.train.configs import check_seg_config, planned_steps_per_epoch, worker_batch_size
 from lawder_core.train.runtime import DEVICE_ENV, WorkerContext
 from lawder_core.train.seg import SegTrainConfig, build_loaders, train_segmenter
-from tests.helpers import synthetic_h5
+from tests.helpers import quick_seg_config, synthetic_h5
 
 runner = CliRunner()
 
@@ -29,9 +29,7 @@ def data(tmp_path_factory):
 
 
 def quick(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model="mkunet-t", size=32, epochs=1, batch_size=4,
-                max_steps_per_epoch=2)
-    return SegTrainConfig(**{**base, **kw})
+    return quick_seg_config(data, out, **{"epochs": 1, **kw})
 
 
 class Restored(Exception):

@@ -11,7 +11,7 @@ from lawder_core.runs import read_metrics
 from lawder_core.train.configs import check_seg_config
 from lawder_core.train.losses import segmentation_loss
 from lawder_core.train.seg import SegTrainConfig, aux_loss_weights, build_optimizer, train_segmenter
-from tests.helpers import synthetic_h5
+from tests.helpers import quick_seg_config, synthetic_h5
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,7 @@ def trunk_run(data, tmp_path_factory):
 
 
 def quick(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model="mkunet-t-order", size=32, epochs=2, batch_size=4,
-                max_steps_per_epoch=2)
-    return SegTrainConfig(**{**base, **kw})
+    return quick_seg_config(data, out, **{"model": "mkunet-t-order", **kw})
 
 
 def trunk_of(state: dict) -> dict:

@@ -10,8 +10,8 @@ from lawder_core.distributed.train import LaunchConfig, launch
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics
-from lawder_core.train.seg import SegTrainConfig, train_segmenter
-from tests.helpers import synthetic_h5
+from lawder_core.train.seg import train_segmenter
+from tests.helpers import quick_seg_config, synthetic_h5
 
 runner = CliRunner()
 
@@ -22,9 +22,7 @@ def data(tmp_path_factory):
 
 
 def cfg(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model="mkunet-t", size=32, epochs=1, batch_size=4,
-                max_steps_per_epoch=2)
-    return SegTrainConfig(**{**base, **kw})
+    return quick_seg_config(data, out, **{"epochs": 1, **kw})
 
 
 def test_in_process_launch_reports_metrics(data, tmp_path):

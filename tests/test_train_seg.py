@@ -9,7 +9,7 @@ from lawder_core.errors import TrainingError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics
 from lawder_core.train.seg import SegTrainConfig, class_target, dice_per_image, model_target, train_segmenter
-from tests.helpers import synthetic_h5
+from tests.helpers import quick_seg_config, synthetic_h5
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +18,7 @@ def data(tmp_path_factory):
 
 
 def quick(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model="mkunet-t", size=32, epochs=2, batch_size=4,
-                max_steps_per_epoch=2)
-    return SegTrainConfig(**{**base, **kw})
+    return quick_seg_config(data, out, **kw)
 
 
 def test_training_writes_loadable_best_and_last(data, tmp_path):
