@@ -140,9 +140,9 @@ def test_best_yaml_of_a_law_sweep_is_accepted_as_config(data: Path, tmp_path: Pa
     (["--w-min", "2"], "factor range"),
     (["--prediction", "x0"], "prediction"),
     (["--snr-gamma", "strong"], "--snr-gamma 'strong'"),
-    (["--snr-gamma", "0"], "snr_gamma must be positive"),
+    (["--snr-gamma", "0"], "--snr-gamma: 0 is outside > 0"),
     (["--objective", "vibes"], "objective"),
-    (["--cond-dropout", "1.5"], "cond_dropout"),
+    (["--cond-dropout", "1.5"], "--cond-dropout"),
 ])
 def test_bad_requests_fail_before_workers_start(data: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     result = runner.invoke(app, train_args(data, tmp_path / "bad", *extra))

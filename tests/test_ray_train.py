@@ -102,7 +102,7 @@ def test_more_gpus_than_the_machine_has_exit_4_before_ray_starts(command, data, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     out = tmp_path / "run"
-    result = runner.invoke(app, [command, "--data", str(data), "--out", str(out), "--gpus", "4", "--batch-size", "1"])
+    result = runner.invoke(app, [command, "--data", str(data), "--out", str(out), "--gpus", "4", "--batch-size", "4"])
     assert result.exit_code == 4, result.output
     assert "this machine has 1" in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not out.exists()  # refused before the run folder was opened (and before Ray: the fixture refuses it)

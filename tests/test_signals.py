@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
@@ -194,6 +196,22 @@ def test_a_second_sigterm_during_the_clean_up_is_ignored(tmp_path, monkeypatch):
     stopped_once(result.output, result.exit_code, EXIT_TERMINATED, "SIGTERM")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handlers are undone when it ends
+
+
+@pytest.mark.parametrize(("signum", "expected", "name"), SIGNALS, ids=SIGNAL_IDS)
+def test_a_signalled_then_resumed_train_order_ends_bit_identical_to_an_uninterrupted_one(
+        data, tmp_path, monkeypatch, signum, expected, name):
+    args = ["--data", str(data), "--size", "32", "--epochs", "2", "--batch-size", "8", "--model", "mkunet-t"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert runner.invoke(app, ["train-order", "--out", str(whole), *args]).exit_code == 0
+    signal_self_after(monkeypatch, runs, "append_metrics", signum)  # after epoch 0 is saved and logged
+    result = runner.invoke(app, ["train-order", "--out", str(split), *args])
+    stopped_once(result.output, result.exit_code, expected, name)
+    monkeypatch.undo()
+    resumed = runner.invoke(app, ["train-order", "--out", str(split), *args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = (load_file(run / "last" / "model.safetensors") for run in (whole, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

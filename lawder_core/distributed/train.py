@@ -324,7 +324,7 @@ def launch(fn: Callable[..., dict[str, Any]], cfg: Any, launch: LaunchConfig) ->
     return dict(fit.metrics or {})
 
 
-def fit_interruptibly(trainer: Any) -> Any:
+def fit_interruptibly(trainer: Any, stop: threading.Event | None = None, grace_s: float = 60.0) -> Any:
     """`trainer.fit()`, with Ctrl-C and SIGTERM ending the command the documented way (exit 130;
     143 for SIGTERM).
 
@@ -333,6 +333,10 @@ def fit_interruptibly(trainer: Any) -> Any:
     workers stop; checkpoints are committed atomically, so `last/` is the last complete epoch) and
     KeyboardInterrupt goes up to the CLI's error boundary. Off the main thread (Ray Tune trials, tests) there is
     no signal to handle and `fit` runs as it is.
+
+    `stop`, when given, is an event `fit` watches (a Tune stopper): it is set first and `fit` gets `grace_s` to end
+    by itself, because a `fit` thread that touches Ray after `ray.shutdown()` makes Ray's core worker end the
+    whole process with exit 1.
     """
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
@@ -355,6 +359,9 @@ def fit_interruptibly(trainer: Any) -> Any:
         import ray
 
         stop_forwarding_worker_logs()
+        if stop is not None:
+            stop.set()
+            wait_ignoring_signals(thread, grace_s)
         no_auto_init()
         ray.shutdown()
         thread.join(30)
@@ -364,6 +371,16 @@ def fit_interruptibly(trainer: Any) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def wait_ignoring_signals(thread: threading.Thread, seconds: float) -> None:
+    """Join `thread` for up to `seconds`; a second Ctrl-C or SIGTERM meanwhile cuts the wait short."""
+    deadline = time.monotonic() + seconds
+    try:
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        pass
 
 
 def stop_forwarding_worker_logs() -> None:

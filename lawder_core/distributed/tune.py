@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -221,8 +222,32 @@ def grid_size(space: dict[str, dict[str, Any]], search: str) -> int:
     return math.prod(sizes) if sizes else 1
 
 
+def stopper_on(event: threading.Event | None = None) -> Any:
+    """A Tune stopper that ends every trial once `event` is set (lawder's Ctrl-C and SIGTERM set it).
+
+    Tune copies and pickles its run config; the event stays in this process (a copy gets a fresh, unset one).
+    """
+    event = event if event is not None else threading.Event()
+    from ray.tune.stopper import Stopper
+
+    class StopOnEvent(Stopper):
+        def __init__(self) -> None:
+            self.event = event
+
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return self.event.is_set()
+
+        def stop_all(self) -> bool:
+            return self.event.is_set()
+
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (stopper_on, ())
+
+    return StopOnEvent()
+
+
 def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Path, opts: TuneOptions,
-                shared_token: str | None = None) -> Any:
+                shared_token: str | None = None, stop: threading.Event | None = None) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -243,7 +268,8 @@ def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Pat
         param_space=to_tune_space(space, opts.search),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=samples,
                                     scheduler=scheduler),
-        run_config=tune.RunConfig(storage_path=str(out.resolve()), name=EXPERIMENT, verbose=0),
+        run_config=tune.RunConfig(storage_path=str(out.resolve()), name=EXPERIMENT, verbose=0,
+                                  stop=stopper_on(stop) if stop is not None else None),
     )
 
 
@@ -340,7 +366,8 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
     token = write_marker(out) if opts.ray_address is not None else None
     # Off the main thread, Tune installs no SIGINT handler of its own (which let a Ctrl-C finish the sweep with
     # exit 0 or 5, and ray.init's SIGTERM handler exited 1): lawder's treatment applies, exit 130 or 143.
-    grid = fit_interruptibly(build_tuner(kind, base, space, out, opts, token))
+    stop = threading.Event()
+    grid = fit_interruptibly(build_tuner(kind, base, space, out, opts, token, stop), stop)
     remove_marker(out)
     mark_ended(grid, out)
     table = results_table(grid, sweep)
