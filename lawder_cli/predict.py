@@ -46,8 +46,8 @@ def predict(
     """
     from lawder_core.environment import check_device_name
     from lawder_core.errors import UsageError
-    from lawder_core.predict import predict_to_folder
-    from lawder_core.predict_output import SUMMARY, SkippedInputs
+    from lawder_core.predict.images import predict_to_folder
+    from lawder_core.predict.output import SUMMARY, SkippedInputs
 
     if input is None and input_option is None:
         raise UsageError("Missing argument 'INPUT': the images or volumes to segment.",

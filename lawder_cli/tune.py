@@ -59,7 +59,7 @@ def tune(
     --resume continues the sweep in --out (finished trials are kept); --force deletes it and starts over.
     """
     from lawder_core.distributed.tune import TuneOptions, run_tune
-    from lawder_core.tune import load_space
+    from lawder_core.sweeps import load_sweep_space
 
     setup_logging()
     opts = TuneOptions(trials=trials, budget=budget, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
@@ -67,7 +67,7 @@ def tune(
                        wait_for_resources=wait_for_resources)
     base = base_config(kind, data, out, config, budget, seed, segmenter, fid_weights, lesion_labels)
     with quiet_stdout():
-        result = run_tune(kind.value, base, load_space(kind.value, space), out, opts, resume=resume, force=force)
+        result = run_tune(kind.value, base, load_sweep_space(kind.value, space), out, opts, resume=resume, force=force)
     if json_out:
         print_json(result)
         return
@@ -86,7 +86,7 @@ def base_config(kind: SweepKind, data: str, out: Path, config: Path | None, budg
         from lawder_core.train.configs import SegTrainConfig
 
         return build_config(SegTrainConfig, config, data=data, out=str(out), epochs=budget, seed=seed)
-    from lawder_core.tune import LawTuneConfig, tune_lesion_labels
+    from lawder_core.sweeps import LawTuneConfig, tune_lesion_labels
 
     base = build_config(LawTuneConfig, config, data=data, out=str(out), rounds=budget, seed=seed,
                         segmenter=segmenter, fid_weights=fid_weights, lesion_labels=lesion_labels)

@@ -26,7 +26,7 @@ from lawder_core import limits, numbers
 from lawder_core.environment import pick_device
 from lawder_core.errors import DataError, UsageError
 from lawder_core.metrics.dice import EMPTY_POLICIES, DiceReport, EmptyPolicy
-from lawder_core.metrics.summary import build_summary, gate_table, summary_path, to_jsonable, write_summary
+from lawder_core.metrics.summary import build_summary, gate_table, summary_path, to_jsonable, write_metric_summary
 from lawder_core.models.configs import CHECKPOINT_CONFIG, available_models, check_mode
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def check_memory(request: EvaluateRequest) -> None:
 def recorded_model(run: str | os.PathLike) -> tuple[str, int]:
     """The model name and training size a run's checkpoint records (its config.json; no weights loaded);
     ("", 0) when unreadable, which the loader then reports."""
-    from lawder_core.predict import checkpoint_folder
+    from lawder_core.predictor import checkpoint_folder
 
     try:
         config = json.loads((checkpoint_folder(run) / CHECKPOINT_CONFIG).read_text())
@@ -257,7 +257,7 @@ def evaluate(request: EvaluateRequest, *, real_features: dict[tuple, Any] | None
         summary["lesion_kid"] = lesion_kid(inputs, options, device, real_features).to_dict()
     summary["gates"] = to_jsonable(gate_table(summary, **request.gates.thresholds()))
     summary["metadata"]["summary_file"] = str(summary_path(request.out))
-    write_summary(summary, request.out)
+    write_metric_summary(summary, request.out)
     return summary
 
 
@@ -319,7 +319,7 @@ def dice_for_run(run: str | os.PathLike, data: str | os.PathLike, split: str | N
     out), and the run's description."""
     from lawder_core.data.splits import fold_indices
     from lawder_core.metrics.seg_eval import segmenter_dice
-    from lawder_core.predict import load_predictor
+    from lawder_core.predictor import load_predictor
 
     indices = None
     if split == FOLD_SPLIT:
@@ -339,7 +339,7 @@ def adherence_for_run(segmenter_run: str | os.PathLike, synthetic: str | os.Path
                       empty_policy: EmptyPolicy = "one") -> dict[str, Any]:
     """Mask adherence of a synthetic HDF5 file, judged by a segmenter run trained on real data."""
     from lawder_core.metrics.adherence import adherence_on_h5
-    from lawder_core.predict import load_predictor
+    from lawder_core.predictor import load_predictor
 
     segmenter = load_predictor(segmenter_run, mode, device)
     result = adherence_on_h5(segmenter.predict_fn, synthetic, split, batch_size=batch_size,
@@ -418,7 +418,7 @@ def judge_rows(synthetic: str, split: str | None) -> list[dict[str, Any]]:
 def model_for_profile(model: str) -> tuple[torch.nn.Module, str]:
     """A run/checkpoint folder is loaded with its weights; a model name is built fresh (weights do not matter)."""
     from lawder_core.models.factory import build_segmenter, load_segmenter
-    from lawder_core.predict import checkpoint_folder
+    from lawder_core.predictor import checkpoint_folder
 
     check_model_ref(model)
     if Path(model).is_dir():

@@ -120,7 +120,7 @@ def generate(denoiser: Denoiser, masks: Tensor, noise: Tensor, *, steps: int = 5
     """
     from lawder_core.models import recipe
 
-    x0 = recipe.generate(denoiser, denoiser.condition(masks), denoiser.null_condition(masks), noise,
+    x0 = recipe.denoise(denoiser, denoiser.condition(masks), denoiser.null_condition(masks), noise,
                          scheduler_config=denoiser.scheduler.config, prediction=denoiser.spec.prediction,
                          steps=steps, sampler=scheduler, guidance=guidance)
     return denoiser.decode(x0)
@@ -390,7 +390,7 @@ def provenance(cfg: SampleConfig, info: RunInfo, plan: MaskPlan, masks_size: tup
     }
 
 
-def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
+def sample_to_file(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
                on_plan: Callable[[int], None] | None = None, generate_images: Generator = generate_here
                ) -> dict[str, Any]:
     """Sample and write; `on_plan(n)` is told the number of images before sampling starts (for a progress bar)."""

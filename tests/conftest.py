@@ -56,7 +56,7 @@ def ray_only_where_asked(request, monkeypatch):
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray for the module's tests (started once per process), as a command starts it."""
-    from lawder_core.distributed.train import ensure_ray
+    from lawder_core.distributed.session import ensure_ray
 
     ensure_ray(None)  # before `import ray`: lawder's loopback mode is read at import
     import ray

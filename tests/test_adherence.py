@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lawder_core.errors import DataError
 from lawder_core.metrics.adherence import mask_adherence
-from lawder_core.metrics.predict import predict_labels
+from lawder_core.models.inference import predict_labels
 
 
 def bright_pixels(images: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ from lawder_core.data.h5 import split_indices
 from lawder_core.errors import EXIT_DATA, EXIT_ENVIRONMENT, EXIT_GATE_FAILED, EXIT_USAGE
 from lawder_core.metrics import fid as fidmod
 from lawder_core.metrics.fid import compute_fid_kid
-from lawder_core.metrics.predict import at_size
 from lawder_core.metrics.profile import count_params
 from lawder_core.metrics.seg_eval import segmenter_dice
 from lawder_core.models.factory import build_segmenter, save_segmenter
-from lawder_core.predict import load_predictor
+from lawder_core.models.inference import at_size
+from lawder_core.predictor import load_predictor
 from tests.helpers import synthetic_h5
 
 runner = CliRunner()

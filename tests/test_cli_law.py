@@ -118,7 +118,7 @@ def test_resume_continues_at_the_right_step_with_the_saved_config(data: Path, tm
 
 def test_best_yaml_of_a_law_sweep_is_accepted_as_config(data: Path, tmp_path: Path) -> None:
     from lawder_core.distributed.tune import write_results
-    from lawder_core.tune import LawTuneConfig
+    from lawder_core.sweeps import LawTuneConfig
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()

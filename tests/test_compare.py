@@ -18,7 +18,7 @@ from lawder_core.metrics.arms import ArmSpec, read_run
 from lawder_core.metrics.compare import CompareRequest, compare, parse_pair
 from lawder_core.metrics.dice import segmentation_metrics
 from lawder_core.metrics.paired import hierarchical_bootstrap, paired_difference, percentile_interval
-from lawder_core.metrics.summary import build_summary, write_summary
+from lawder_core.metrics.summary import build_summary, write_metric_summary
 
 runner = CliRunner()
 
@@ -257,7 +257,7 @@ def test_summary_from_build_summary_is_read_case_by_case(tmp_path):
     for name, flip in (("A", 0.2), ("B", 0.05)):
         prediction = np.where(rng.random(reference.shape) < flip, 1 - reference, reference).astype(np.uint8)
         report = segmentation_metrics(reference, prediction, case_ids=["c1", "c1", "c2", "c3", "c3", "c4"])
-        write_summary(build_summary(dice=report, metadata={"inputs": {"run": f"runs/{name}"}}), tmp_path / name)
+        write_metric_summary(build_summary(dice=report, metadata={"inputs": {"run": f"runs/{name}"}}), tmp_path / name)
         arms[name] = report
     run = read_run(tmp_path / "A" / "summary.json")
     assert run.run == "runs/A" and run.empty_policy == "one"

@@ -19,7 +19,7 @@ from lawder_core.models.denoiser import (
     load_denoiser,
 )
 from lawder_core.models.law import LAW, FeatureGrabber, lesion_at, weighted_diffusion_loss
-from lawder_core.models.recipe import generate
+from lawder_core.models.recipe import denoise
 from tests.test_recipe import legacy_generate, legacy_scheduler
 from tests.tiny_sd import build_tiny_sd
 
@@ -98,7 +98,7 @@ def test_an_old_run_folder_loads_as_epsilon_on_linear_betas_and_samples_as_befor
     masks[:, 4:9, 5:10] = 1
     cond, null, noise = back.condition(masks), back.null_condition(masks), torch.randn(2, 3, 16, 16)
     for guidance in (1.0, 2.0):
-        ours = generate(back, cond, null, noise, scheduler_config=back.scheduler.config,
+        ours = denoise(back, cond, null, noise, scheduler_config=back.scheduler.config,
                         prediction=back.spec.prediction, steps=4, guidance=guidance)
         assert torch.equal(ours, legacy_generate(back, cond, null, noise, back.scheduler.config, 4, "ddim", guidance))
 

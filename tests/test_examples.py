@@ -23,7 +23,7 @@ def test_example_configs_load():
     law = build_config(DiffusionTrainConfig, EXAMPLES / "law_small.yaml", data="d.h5", out="o")
     assert law.weighting == "law" and law.law.w_max == 5.0 and law.law.objective == "hardness"
     assert (law.prediction, law.hflip) == ("v", True)  # the example names the default explicitly
-    from lawder_core.tune import LawTuneConfig
+    from lawder_core.sweeps import LawTuneConfig
 
     clamp = build_config(LawTuneConfig, EXAMPLES / "law_clamp_small.yaml", data="d.h5", out="o")
     assert clamp.init_from and clamp.steps_per_round == 250 and clamp.weighting == "law"

@@ -15,7 +15,7 @@ from lawder_core.evaluate import dice_for_run
 from lawder_core.metrics.dice import regions_for
 from lawder_core.models.factory import build_segmenter, read_segmenter_config
 from lawder_core.models.order import uncertainty
-from lawder_core.predict import load_predictor, predict_images
+from lawder_core.predictor import load_predictor, predict_images
 from lawder_core.train.losses import multiclass_loss, resize_classes, segmentation_loss
 from lawder_core.train.seg import SegTrainConfig, dice_per_image, train_segmenter
 from tests.helpers import KITS_LABELS as KITS

@@ -19,8 +19,9 @@ from lawder_cli.main import app
 from lawder_core.data.h5 import load_arrays
 from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_kits import KitsOptions, prepare_kits
-from lawder_core.predict import load_predictor, predict_to_folder
-from lawder_core.predict_output import SkippedInputs
+from lawder_core.predict.images import predict_to_folder
+from lawder_core.predict.output import SkippedInputs
+from lawder_core.predictor import load_predictor
 from tests.helpers import synthetic_h5, untrained_checkpoint, write_kits_folder, write_pair_folder
 
 pytestmark = pytest.mark.faults

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from lawder_cli.main import app
 from lawder_core.errors import DataError
 from lawder_core.models.factory import build_segmenter, save_segmenter
-from lawder_core.predict import load_predictor, predict_images
+from lawder_core.predictor import load_predictor, predict_images
 from tests.helpers import synthetic_h5, write_pair_folder
 
 runner = CliRunner()

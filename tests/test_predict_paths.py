@@ -18,8 +18,9 @@ from lawder_core.data.h5 import H5Writer
 from lawder_core.errors import DataError
 from lawder_core.models.factory import build_segmenter, save_segmenter
 from lawder_core.paths import safe_name, unique_names
-from lawder_core.predict import load_predictor, predict_to_folder
-from lawder_core.predict_output import SUMMARY, SkippedInputs
+from lawder_core.predict.images import predict_to_folder
+from lawder_core.predict.output import SUMMARY, SkippedInputs
+from lawder_core.predictor import load_predictor
 
 pytestmark = pytest.mark.faults
 runner = CliRunner()
@@ -191,7 +192,7 @@ def test_an_aborted_run_leaves_an_incomplete_summary(predictor, tmp_path, monkey
     outside.write_text("keep me")
     (out / "overlays" / "00002_c2.png").unlink()
     # a link that appears during the run (after the checks before the first write) is still refused at its write
-    from lawder_core import predict as predict_module
+    from lawder_core.predict import images as predict_module
 
     real = predict_module.write_png
 

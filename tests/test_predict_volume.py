@@ -13,20 +13,21 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
+from lawder_core.data.ct_geometry import from_radiological_view, window_to_uint8
 from lawder_core.data.h5 import load_arrays
 from lawder_core.data.labels import label_map
 from lawder_core.data.prepare import PrepareOptions
-from lawder_core.data.prepare_kits import LABEL_NAMES, KitsOptions, prepare_kits, window_to_uint8
+from lawder_core.data.prepare_kits import LABEL_NAMES, KitsOptions, prepare_kits
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.factory import build_segmenter, save_segmenter
-from lawder_core.predict import Predictor, load_predictor, predict_images, predict_to_folder
-from lawder_core.predict_volume import (
+from lawder_core.predict.images import predict_to_folder
+from lawder_core.predict.volumes import (
     canonical_to_stored,
     find_volumes,
-    from_radiological_view,
     is_volume_source,
     volume_settings,
 )
+from lawder_core.predictor import Predictor, load_predictor, predict_images
 
 runner = CliRunner()
 X, Y, Z = 24, 20, 7  # canonical (RAS) grid: non-square slices, so prepare pads them to SIZE
@@ -127,7 +128,7 @@ def run(kits, tmp_path_factory) -> Path:
     Its BatchNorm statistics are set by one pass over the HDF5's slices: with the initial ones (mean 0, var 1) a
     fresh network's features are nearly constant and it predicts one class everywhere, which would prove nothing.
     """
-    from lawder_core.metrics.predict import images_to_tensor
+    from lawder_core.models.inference import images_to_tensor
 
     _, h5 = kits
     torch.manual_seed(0)
@@ -230,7 +231,7 @@ def test_header_geometry_is_copied_and_labels_are_plain_uint8(tmp_path):
 
 
 def test_inverse_reorientation_and_view_undo_the_forward_ones():
-    from lawder_core.data.prepare_kits import radiological_view
+    from lawder_core.data.ct_geometry import radiological_view
 
     data = np.arange(X * Y * Z).reshape(X, Y, Z)
     for kind, orient in ORIENTATIONS.items():
@@ -309,7 +310,7 @@ def test_cli_predicts_a_case_and_refuses_a_2d_nifti(kits, run, tmp_path, caplog)
     root, _ = kits
     case = root / "case_kits19" / "imaging.nii.gz"
     out = tmp_path / "pred"
-    with caplog.at_level(logging.INFO, logger="lawder_core.predict_volume"):
+    with caplog.at_level(logging.INFO, logger="lawder_core.predict.volumes"):
         result = runner.invoke(app, ["predict", "--run", str(run), "--in", str(case), "-o", str(out)])
     assert result.exit_code == 0, result.output
     seg = nib.load(out / "case_kits19_seg.nii.gz")

@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from lawder_core.data.ct_geometry import window_to_uint8
 from lawder_core.data.h5 import read_info, read_strings
 from lawder_core.data.prepare import PrepareOptions, side_paths
-from lawder_core.data.prepare_kits import KitsOptions, prepare_kits, window_to_uint8
+from lawder_core.data.prepare_kits import KitsOptions, prepare_kits
 from lawder_core.errors import DataError, UsageError
 
 X, Y, Z = 24, 20, 10  # canonical (RAS) voxel grid of every test case

@@ -12,15 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
+from lawder_core.data.ct_geometry import canonical_zooms, radiological_view
 from lawder_core.data.h5 import read_info
 from lawder_core.data.prepare import side_paths
-from lawder_core.data.prepare_kits import (
-    KitsOptions,
-    canonical_zooms,
-    looks_like_old_kits19,
-    prepare_kits,
-    radiological_view,
-)
+from lawder_core.data.prepare_kits import KitsOptions, looks_like_old_kits19, prepare_kits
 from lawder_core.data.resize import resize_mask, resize_mask_priority
 from lawder_core.errors import UsageError
 from tests.test_prepare_kits import (

@@ -21,7 +21,7 @@ DRIVER = textwrap.dedent("""
     os.environ.pop("RAY_AUTH_MODE", None)
     os.environ.pop("RAY_AUTH_TOKEN", None)
     import ray
-    from lawder_core.distributed.train import ensure_ray
+    from lawder_core.distributed.session import ensure_ray
     ensure_ray(None)
     temp = Path(ray._private.worker._global_node.get_temp_dir_path()).parent
     print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "temp": str(temp),

@@ -17,7 +17,7 @@ import pytest
 
 from lawder_core.distributed import loopback
 from lawder_core.distributed.loopback import LOOPBACK_ENV
-from lawder_core.distributed.train import ensure_ray as real_ensure_ray  # before conftest's guard replaces it
+from lawder_core.distributed.session import ensure_ray as real_ensure_ray  # before conftest's guard replaces it
 
 pytestmark = pytest.mark.faults
 

@@ -77,7 +77,7 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
 
     from ray.train.v2._internal.execution import context  # logs "Reporting training result ..." per report
 
-    from lawder_core.distributed.train import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
+    from lawder_core.distributed.session import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
 
     root = logging.getLogger()
     touched = [root, logging.getLogger("lawder_core"), logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)]

@@ -10,10 +10,10 @@ from lawder_core.errors import UsageError
 from lawder_core.models.recipe import (
     PREDICTIONS,
     default_sampler,
+    denoise,
     diffusion_snr,
     flow_snr,
     flow_times,
-    generate,
     initial_noise,
     load_scheduler,
     min_snr_weight,
@@ -161,7 +161,7 @@ def oracle(prediction: str, x0: torch.Tensor, sched=None):
 def test_each_sampler_returns_x0_from_a_perfect_model(prediction: str, sampler: str, steps: int) -> None:
     sched = training_scheduler(prediction)
     x0, noise, cond, null = batch()
-    out = generate(oracle(prediction, x0, sched), cond, null, noise, scheduler_config=sched.config,
+    out = denoise(oracle(prediction, x0, sched), cond, null, noise, scheduler_config=sched.config,
                    prediction=prediction, steps=steps, sampler=sampler)
     assert torch.allclose(out, x0, atol=2e-3), float((out - x0).abs().max())
 
@@ -182,7 +182,7 @@ def test_a_legacy_run_samples_exactly_as_the_first_build(sampler: str, guidance:
     ddim.set_timesteps(10)
     assert ddim.timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]  # leading, as recorded
     x0, noise, cond, null = batch()
-    ours = generate(toy_model, cond, null, noise, scheduler_config=config, prediction="epsilon", steps=10,
+    ours = denoise(toy_model, cond, null, noise, scheduler_config=config, prediction="epsilon", steps=10,
                     sampler=sampler, guidance=guidance)
     before = legacy_generate(toy_model, cond, null, noise, config, 10, sampler, guidance)
     assert torch.equal(ours, before)
@@ -193,27 +193,27 @@ def test_guidance_one_is_the_unguided_conditional_output(prediction: str) -> Non
     sched = training_scheduler(prediction)
     x0, noise, cond, null = batch()
     kwargs = {"scheduler_config": sched.config, "prediction": prediction, "steps": 4}
-    unguided = generate(toy_model, cond, None, noise, **kwargs)
-    assert torch.equal(generate(toy_model, cond, null, noise, guidance=1.0, **kwargs), unguided)
-    guided = generate(toy_model, cond, null, noise, guidance=3.0, **kwargs)
+    unguided = denoise(toy_model, cond, None, noise, **kwargs)
+    assert torch.equal(denoise(toy_model, cond, null, noise, guidance=1.0, **kwargs), unguided)
+    guided = denoise(toy_model, cond, null, noise, guidance=3.0, **kwargs)
     assert not torch.allclose(guided, unguided)
     # a model that ignores its condition is unaffected by guidance: out_∅ + g·(out − out_∅) = out
     blind = lambda x, t, c: toy_model(x, t, torch.zeros_like(c))  # noqa: E731
-    assert torch.allclose(generate(blind, cond, null, noise, guidance=3.0, **kwargs),
-                          generate(blind, cond, null, noise, **kwargs), atol=1e-6)
+    assert torch.allclose(denoise(blind, cond, null, noise, guidance=3.0, **kwargs),
+                          denoise(blind, cond, null, noise, **kwargs), atol=1e-6)
 
 
 def test_samplers_must_fit_the_prediction() -> None:
     assert default_sampler("flow") == "euler" and default_sampler("v") == "ddim"
     x0, noise, cond, _ = batch(1)
     with pytest.raises(UsageError):
-        generate(toy_model, cond, None, noise, scheduler_config=training_scheduler("flow").config,
+        denoise(toy_model, cond, None, noise, scheduler_config=training_scheduler("flow").config,
                  prediction="flow", sampler="ddim")
     with pytest.raises(UsageError):
-        generate(toy_model, cond, None, noise, scheduler_config=training_scheduler("v").config, prediction="v",
+        denoise(toy_model, cond, None, noise, scheduler_config=training_scheduler("v").config, prediction="v",
                  sampler="heun")
     with pytest.raises(ValueError):  # a v config handed over as epsilon: a wiring mistake, caught
-        generate(toy_model, cond, None, noise, scheduler_config=training_scheduler("v").config,
+        denoise(toy_model, cond, None, noise, scheduler_config=training_scheduler("v").config,
                  prediction="epsilon")
     with pytest.raises(UsageError):
         noised_batch(training_scheduler("v"), "x0", x0, noise)

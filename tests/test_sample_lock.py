@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.locks import lock_path
-from lawder_core.sample import SampleConfig, generate_here, run_sample
+from lawder_core.sample import SampleConfig, generate_here, sample_to_file
 from tests.helpers import synthetic_h5
 
 pytestmark = pytest.mark.faults
@@ -47,7 +47,7 @@ def test_a_second_sampler_is_refused_while_the_first_samples(law_run: Path, tmp_
         return generate_here(cfg, masks, progress)
 
     cfg = SampleConfig(run=str(law_run), masks=str(data), out=str(out), split="all", steps=1, force=True)
-    run_sample(cfg, generate_images=generate_and_meet_a_second_writer)
+    sample_to_file(cfg, generate_images=generate_and_meet_a_second_writer)
     assert seen[0].returncode == 3, seen[0].stderr
     assert f"{out} is being written by lawder" in seen[0].stdout
     assert out.exists() and not lock_path(out).exists()  # written, and the lock given back

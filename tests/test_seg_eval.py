@@ -58,7 +58,7 @@ def test_adherence_on_h5(tmp_path):
 
 
 def test_at_size_runs_the_network_at_its_training_size_and_labels_at_the_image_size():
-    from lawder_core.metrics.predict import at_size, predict_labels
+    from lawder_core.models.inference import at_size, predict_labels
 
     seen = []
 

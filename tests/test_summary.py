@@ -9,7 +9,7 @@ import pytest
 
 from lawder_core.errors import UsageError
 from lawder_core.metrics.dice import segmentation_metrics
-from lawder_core.metrics.summary import SUMMARY_FILE, build_summary, check_gates, gate_table, write_summary
+from lawder_core.metrics.summary import SUMMARY_FILE, build_summary, check_gates, gate_table, write_metric_summary
 
 
 def square(top: int, side: int, label: int = 1, size: int = 8) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_summary_has_nnunet_shape(summary):
 
 
 def test_written_atomically_as_strict_json(summary, tmp_path):
-    path = write_summary(summary, tmp_path / "run")
+    path = write_metric_summary(summary, tmp_path / "run")
     assert path == tmp_path / "run" / SUMMARY_FILE
     assert not list((tmp_path / "run").glob("*.partial"))
 
@@ -58,7 +58,7 @@ def test_written_atomically_as_strict_json(summary, tmp_path):
 
     loaded = json.loads(path.read_text(), parse_constant=refuse)
     assert loaded["mean"] == summary["mean"]
-    write_summary({"mean": {"x": float("nan")}}, path)  # overwriting replaces the whole file
+    write_metric_summary({"mean": {"x": float("nan")}}, path)  # overwriting replaces the whole file
     assert json.loads(path.read_text()) == {"mean": {"x": None}}
 
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from lawder_cli.main import app
 from lawder_core.config import build_config
 from lawder_core.errors import UsageError
+from lawder_core.sweeps import SWEEP_SPACES, apply_params, load_sweep_space
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
-from lawder_core.tune import SPACES, apply_params, load_space
 from tests.helpers import synthetic_h5, tiny_fid_weights
 
 runner = CliRunner()
@@ -35,18 +35,18 @@ def test_apply_params_sets_nested_fields_and_groups():
     assert cfg.order.rho == 0.4 and cfg.order.late_stages == 2 and base.order.rho == 0.25
     with pytest.raises(UsageError, match="order.nope"):
         apply_params(base, {"order.nope": 1})
-    assert set(SPACES) == {"law-clamp", "law-reg", "order"}
-    assert len(SPACES["law-clamp"]["clamp"]["grid"]) == 4
+    assert set(SWEEP_SPACES) == {"law-clamp", "law-reg", "order"}
+    assert len(SWEEP_SPACES["law-clamp"]["clamp"]["grid"]) == 4
 
 
 def test_space_file_is_validated(tmp_path):
     good = tmp_path / "s.yaml"
     good.write_text("order.rho: {uniform: [0.1, 0.2]}\n")
-    assert load_space("order", good) == {"order.rho": {"uniform": [0.1, 0.2]}}
+    assert load_sweep_space("order", good) == {"order.rho": {"uniform": [0.1, 0.2]}}
     bad = tmp_path / "b.yaml"
     bad.write_text("order.rho: {normal: [0, 1]}\n")
     with pytest.raises(UsageError, match="uniform"):
-        load_space("order", bad)
+        load_sweep_space("order", bad)
 
 
 @pytest.mark.slow
@@ -126,7 +126,7 @@ def test_law_sweep_without_any_score_refuses_to_start(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fid, "clean_fid_cache_path", lambda: tmp_path / "none.pt")
     monkeypatch.setattr(fid, "fid_helper_weights_path", lambda: None)
-    from lawder_core.tune import LawTuneConfig, scoring_terms
+    from lawder_core.sweeps import LawTuneConfig, scoring_terms
 
     with pytest.raises(UsageError, match="--segmenter"):
         scoring_terms(LawTuneConfig(data="d.h5"))
@@ -134,7 +134,7 @@ def test_law_sweep_without_any_score_refuses_to_start(tmp_path, monkeypatch):
 
 def test_law_trial_scores_on_images_and_masks_at_the_model_size(tmp_path):
     """Regression: on a file larger than the model, the masks were left at the file's size and every trial failed."""
-    from lawder_core.tune import LawTuneConfig, evaluation_set
+    from lawder_core.sweeps import LawTuneConfig, evaluation_set
 
     data = synthetic_h5(tmp_path / "s.h5", n=8, size=64)
     images, masks = evaluation_set(LawTuneConfig(data=str(data), out=str(tmp_path), size=32, eval_masks=4))

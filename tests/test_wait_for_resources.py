@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lawder_cli.main import app
-from lawder_core.distributed.train import LaunchConfig, wait_for_resources
+from lawder_core.distributed.session import wait_for_resources
+from lawder_core.distributed.train import LaunchConfig
 from lawder_core.errors import EnvironmentProblem, UsageError
 
 pytestmark = pytest.mark.faults

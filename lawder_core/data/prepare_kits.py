@@ -4,12 +4,9 @@ Layout: `IN_DIR/case_XXXXX/imaging.nii.gz` + `segmentation.nii.gz` (KiTS23, whos
 or the same under `IN_DIR/data/` (the KiTS19 repository). The case id is the case folder name (the patient),
 so splits never cut a patient.
 
-Orientation convention. Each volume is reoriented with `nib.as_closest_canonical` to RAS+ (array axis 0 runs
-towards the patient's Right, axis 1 towards Anterior, axis 2 towards Superior), whatever its affine. Axial
-slices are `volume[:, :, z]`, kept in increasing z (inferior to superior). Each slice is then shown the way
-radiologists read axial CT, looking up from the feet: anterior at the top of the image and the patient's
-right on the image's left, i.e. `display[row, col] = slice[X - 1 - col, Y - 1 - row]`. Image and mask go
-through exactly the same function, so they stay aligned.
+Orientation. Volumes are read RAS canonical and axial slices shown in radiological view, as
+`data/ct_geometry.py` defines; slices are kept in increasing z (inferior to superior). Image and mask go
+through the same view, so they stay aligned.
 
 Labels are kept as they are: 0 background, 1 kidney, 2 tumour, 3 cyst. The file always carries the four
 KiTS23 label names, for KiTS19 too (which simply never uses 3), so every KiTS file has the same classes and a
@@ -47,8 +44,18 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from lawder_core.data.ct_geometry import (
+    canonical_array,
+    canonical_zooms,
+    display_shape,
+    fit_to_size,
+    image_on_canvas,
+    on_canvas,
+    radiological_view,
+    slice_geometry,
+)
 from lawder_core.data.prepare import PreparedCase, PrepareOptions, Progress, write_dataset
-from lawder_core.data.resize import resize_image, resize_mask_priority
+from lawder_core.data.resize import resize_mask_priority
 from lawder_core.data.splits import splits_for
 from lawder_core.errors import DataError, UsageError
 from lawder_core.interrupts import signals_deferred
@@ -187,40 +194,6 @@ def check_pair(case: KitsCase) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     return imaging, segmentation
 
 
-AIR_HU = -1024.0  # what a NaN voxel is read as: air, the lowest value a CT holds (black in every window)
-
-
-def canonical_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The voxel array in RAS+ order, in its stored dtype (not float64: volumes are hundreds of MB).
-
-    NaN voxels (a float volume damaged in conversion) would silently become black slices through the window;
-    they are read as air (AIR_HU) instead, with a warning that names the volume and counts them.
-    """
-    try:
-        array = np.asanyarray(nib.as_closest_canonical(image).dataobj)
-    except Exception as err:  # truncated gzip streams fail only here, when the data is read
-        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}).",
-                        "It may be truncated or corrupt: download or unpack it again.") from err
-    if array.dtype.kind == "f":
-        nan = np.isnan(array)
-        count = int(nan.sum())
-        if count:
-            log.warning("%s: %d of %d voxels are NaN (%.2g%%); they were read as air (%g HU)", path, count,
-                        array.size, 100 * count / array.size, AIR_HU)
-            array = np.where(nan, np.asarray(AIR_HU, array.dtype), array)
-    return array
-
-
-def canonical_zooms(image: nib.Nifti1Image) -> tuple[float, float, float]:
-    """Voxel sizes (mm) along the RAS axes, i.e. `as_closest_canonical(image).header.get_zooms()`, from the
-    header alone (reorienting the image itself would read the whole volume)."""
-    axes = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)
-    zooms = [0.0, 0.0, 0.0]
-    for stored_axis, ras_axis in enumerate(axes):
-        zooms[ras_axis] = float(image.header.get_zooms()[stored_axis])
-    return zooms[0], zooms[1], zooms[2]
-
-
 def _same_size(a: float, b: float) -> bool:
     return abs(a - b) <= SAME_SPACING * max(a, b)
 
@@ -282,91 +255,11 @@ def select_slices(labels: np.ndarray, empty_share: float, rng: np.random.Generat
     return np.sort(np.concatenate([kidney, chosen]).astype(np.int64))
 
 
-def canonical_geometry(image: nib.Nifti1Image) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Shape and affine of `nib.as_closest_canonical(image)`, from the header alone (no voxel is read)."""
-    ornt = nib.orientations.io_orientation(image.affine)
-    shape = [0, 0, 0]
-    for stored_axis, ras_axis in enumerate(ornt[:, 0].astype(int)):
-        shape[ras_axis] = int(image.shape[stored_axis])
-    affine = image.affine @ nib.orientations.inv_ornt_aff(ornt, image.shape)
-    return (shape[0], shape[1], shape[2]), affine
-
-
-def canvas_affine(affine: np.ndarray, shape: tuple[int, ...], target: tuple[int, int], offset: tuple[int, int],
-                  size: int) -> np.ndarray:
-    """World (mm) coordinates of canvas voxels, for a canonical volume of `shape` with `affine`.
-
-    The canvas voxel (i, j, z) is `canvas[size-1-j, size-1-i]` of axial slice z (the radiological view undone,
-    `predict_volume.from_radiological_view`, so i runs along canonical x and j along y). The resized
-    slice (rows, cols) = `target` sits at (top, left) = `offset`; pixel centres map as in PIL's resize
-    (centre c of the output <-> (c + 0.5) * input/output - 0.5 of the input), so canonical
-    x = sx * i + X - 0.5 - (size - 0.5 - left) * sx with sx = X / cols, and likewise y with rows and top.
-    The in-plane voxel size is therefore the native one times X / cols and Y / rows; z keeps the native one.
-    """
-    x, y = shape[0], shape[1]
-    rows, cols = target
-    top, left = offset
-    sx, sy = x / cols, y / rows
-    to_canonical = np.array([[sx, 0.0, 0.0, x - 0.5 - (size - 0.5 - left) * sx],
-                             [0.0, sy, 0.0, y - 0.5 - (size - 0.5 - top) * sy],
-                             [0.0, 0.0, 1.0, 0.0],
-                             [0.0, 0.0, 0.0, 1.0]])
-    return affine @ to_canonical
-
-
-def slice_geometry(image: nib.Nifti1Image, target: tuple[int, int], offset: tuple[int, int],
-                   size: int) -> dict[str, Any]:
-    """A case's `case_geometry` record (JSON values): canonical shape and affine, target, offset, canvas_affine."""
-    shape, affine = canonical_geometry(image)
-    return {"shape": list(shape), "affine": affine.tolist(), "target": [int(v) for v in target],
-            "offset": [int(v) for v in offset], "size": int(size),
-            "canvas_affine": canvas_affine(affine, shape, target, offset, size).tolist()}
-
-
-def window_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip to the HU window and map it linearly onto 0..255 (low -> 0, high -> 255)."""
-    low, high = window
-    scaled = (np.clip(hu.astype(np.float32), low, high) - low) * (255.0 / (high - low))
-    return np.rint(scaled).astype(np.uint8)
-
-
-def radiological_view(axial: np.ndarray) -> np.ndarray:
-    """RAS axial slice (x, y) -> display (row, col): anterior up, patient's right on the image's left."""
-    return np.ascontiguousarray(axial.T[::-1, ::-1])
-
-
-def display_shape(canonical_shape: tuple[int, ...], zooms: tuple[float, float, float],
-                  spacing: float | None) -> tuple[float, float]:
-    """(rows, cols) of a displayed slice, at `spacing` mm per pixel when given (rows run along y, cols along x)."""
-    rows, cols = canonical_shape[1], canonical_shape[0]
-    if spacing is None:
-        return float(rows), float(cols)
-    return rows * zooms[1] / spacing, cols * zooms[0] / spacing
-
-
-def fit_to_size(shape: tuple[float, float], size: int, mode: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The resized (rows, cols) and its (top, left) offset on the size×size canvas.
-
-    pad: the longest side becomes `size`, the other keeps the aspect ratio and is centred between zeros;
-    stretch: size×size. Resizing before padding keeps the black border out of the antialiasing filter.
-    """
-    if mode == "stretch":
-        return (size, size), (0, 0)
-    scale = size / max(shape)
-    rows, cols = (min(size, max(1, round(n * scale))) for n in shape)
-    return (rows, cols), ((size - rows) // 2, (size - cols) // 2)
-
-
 def convert_slice(hu: np.ndarray, labels: np.ndarray, target: tuple[int, int], offset: tuple[int, int],
                   size: int, window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """One canonical axial slice -> (image (size,size) uint8, mask (size,size) uint8) in radiological view."""
-    image = resize_image(window_to_uint8(radiological_view(hu), window), target)
     mask = resize_mask_priority(radiological_view(labels), target, LABEL_PRIORITY)
-    top, left = offset
-    canvas_image, canvas_mask = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8)
-    canvas_image[top:top + target[0], left:left + target[1]] = image
-    canvas_mask[top:top + target[0], left:left + target[1]] = mask
-    return canvas_image, canvas_mask
+    return image_on_canvas(hu, target, offset, (size, size), window), on_canvas(mask, offset, (size, size))
 
 
 def convert_case(case: KitsCase, settings: SliceSettings) -> PreparedCase:

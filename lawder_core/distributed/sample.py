@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lawder_core.distributed.train import (
+from lawder_core.distributed.session import (
     check_local_gpus,
     ensure_ray,
     find_lawder_error,
@@ -25,8 +25,7 @@ from lawder_core.distributed.train import (
 )
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import TrainingError, UsageError, out_of_memory
-from lawder_core.sample import SampleConfig, generate_here, sampling_kwargs
-from lawder_core.sample import run_sample as run_sample_with
+from lawder_core.sample import SampleConfig, generate_here, sample_to_file, sampling_kwargs
 
 
 def chunk_ranges(n: int, workers: int, batch_size: int, batches_per_chunk: int = 4) -> list[tuple[int, int]]:
@@ -124,4 +123,4 @@ def run_sample(cfg: SampleConfig, progress: Callable[[int], None] | None = None,
                on_plan: Callable[[int], None] | None = None) -> dict[str, Any]:
     """`lawder sample`: in this process, or over Ray workers with --gpus N / --workers N (same images)."""
     generate = generate_on_workers if cfg.gpus > 0 or cfg.workers > 0 else generate_here
-    return run_sample_with(cfg, progress=progress, on_plan=on_plan, generate_images=generate)
+    return sample_to_file(cfg, progress=progress, on_plan=on_plan, generate_images=generate)

@@ -34,18 +34,18 @@ import yaml
 
 from lawder_core import limits, numbers, runs
 from lawder_core.config import to_dict, with_absolute_paths
-from lawder_core.distributed.shared_storage import check_marker, remove_marker, write_marker
-from lawder_core.distributed.train import (
+from lawder_core.distributed.session import (
     check_local_gpus,
     ensure_ray,
     find_lawder_error,
     fit_interruptibly,
     wait_for_resources,
 )
+from lawder_core.distributed.shared_storage import check_marker, remove_marker, write_marker
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import EnvironmentProblem, TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
-from lawder_core.tune import apply_params, flatten_params
+from lawder_core.sweeps import apply_params, flatten_params
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "experiment"
@@ -159,9 +159,9 @@ def law_trial(params: dict[str, Any], base: Any, out: str, device: str = "auto",
               shared_token: str | None = None) -> None:
     """One LAW trial: train_diffusion with a checkpoint per round; each checkpoint is sampled and scored on the
     trial's device."""
+    from lawder_core.sweeps import evaluation_set, generation_score, scoring_terms, training_config
     from lawder_core.train.diffusion import train_diffusion
     from lawder_core.train.runtime import device_kind
-    from lawder_core.tune import evaluation_set, generation_score, scoring_terms, training_config
 
     start_trial(out, device, shared_token)
     cfg = apply_params(base, params)

@@ -16,7 +16,7 @@ nnU-Net's region form (kidney+masses, masses, tumor) with `regions_class_order`,
 KiTS (an HDF5 from `lawder prepare kits`, source "kits") is exported as CT volumes instead (`.nii.gz`,
 `export_volumes`): each case is one 3D NIfTI, `CASE_0000.nii.gz` + `CASE.nii.gz`, its kept slices stacked along
 z in increasing canonical z (the HDF5's `slice_index`), each slice turned back from the radiological view into
-RAS order (`predict_volume.from_radiological_view`). The affine is the case's recorded `canvas_affine`
+RAS order (`ct_geometry.from_radiological_view`). The affine is the case's recorded `canvas_affine`
 (`prepare_kits.canvas_affine`): world millimetres of the original scanner space, so a test volume (every slice
 kept) overlays the original CT exactly; the in-plane voxel size is the native one times the resize factor (with
 or without --spacing), z the native slice thickness. Train/val cases keep only kidney slices and some empty
@@ -49,6 +49,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from lawder_core.data.ct_geometry import from_radiological_view
 from lawder_core.data.h5 import (
     SPLITS,
     H5Info,
@@ -63,7 +64,6 @@ from lawder_core.environment import package_version
 from lawder_core.errors import DataError, UsageError
 from lawder_core.files import write_json
 from lawder_core.interrupts import signals_deferred
-from lawder_core.predict_volume import from_radiological_view
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text)
 
 
-def case_name(prefix: str, case_id: str, index: int) -> str:
+def nnunet_case_name(prefix: str, case_id: str, index: int) -> str:
     return safe_id(f"{prefix}{case_id}") + f"_{index:05d}"
 
 
@@ -187,7 +187,7 @@ def export_slices(data: str | os.PathLike, synthetic: list[str | os.PathLike],
         images, masks, cases = load_arrays(data, split)
         target = ("imagesTs", "labelsTs") if split == "test" else ("imagesTr", "labelsTr")
         for i, (image, mask, case) in enumerate(zip(images, masks, cases, strict=True)):
-            case_id = case_name("", str(case), offset + i)
+            case_id = nnunet_case_name("", str(case), offset + i)
             write_case(image, mask, case_id, dirs[target[0]], dirs[target[1]])
             if split != "test":
                 real.append(case_id)
@@ -196,7 +196,7 @@ def export_slices(data: str | os.PathLike, synthetic: list[str | os.PathLike],
     for k, path in enumerate(synthetic):
         images, masks, cases = load_arrays(path, None)
         for i, (image, mask, case) in enumerate(zip(images, masks, cases, strict=True)):
-            case_id = case_name(f"synthetic{k}-", str(case), i)
+            case_id = nnunet_case_name(f"synthetic{k}-", str(case), i)
             write_case(image, mask, case_id, dirs["imagesTr"], dirs["labelsTr"])
             fake.append(case_id)
     return real, fake
@@ -211,7 +211,7 @@ def intensity_scale(preprocessing: dict[str, Any]) -> tuple[float, float] | None
     return (high - low) / 255.0, low
 
 
-def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, scale: tuple[float, float] | None = None,
+def write_nnunet_image(array: np.ndarray, affine: np.ndarray, path: Path, scale: tuple[float, float] | None = None,
                 label: bool = False) -> None:
     """uint8 voxels as they are; `scale` (slope, intercept) in the header for the reader to apply."""
     image = nib.Nifti1Image(np.ascontiguousarray(array, dtype=np.uint8), affine)
@@ -276,8 +276,8 @@ def export_volumes(info: H5Info, synthetic: list[H5Info], dirs: dict[str, Path],
                 missing += record is None or z is None
                 affine = volume_affine(record, int(z[0]) if z is not None else 0)
                 image = to_volume(read_rows(f["images"], rows)[..., 0])  # channels > 1 repeat the grey
-                write_nifti(image, affine, dirs[target[0]] / f"{name}_0000{NIFTI}", scale)
-                write_nifti(to_volume(read_rows(f["masks"], rows)), affine, dirs[target[1]] / f"{name}{NIFTI}",
+                write_nnunet_image(image, affine, dirs[target[0]] / f"{name}_0000{NIFTI}", scale)
+                write_nnunet_image(to_volume(read_rows(f["masks"], rows)), affine, dirs[target[1]] / f"{name}{NIFTI}",
                             label=True)
                 kept[name] = {"case": str(case), "split": split,
                               "slice_index": None if z is None else [int(v) for v in z],
@@ -293,9 +293,9 @@ def export_volumes(info: H5Info, synthetic: list[H5Info], dirs: dict[str, Path],
         spacing = median * [info.width / other.width, info.height / other.height, 1.0]  # same field of view
         affine = np.diag([*spacing, 1.0])
         for i, (image, mask, case) in enumerate(zip(images, masks, cases, strict=True)):
-            name = case_name(f"synthetic{k}-", str(case), i)
-            write_nifti(to_volume(image[None, ..., 0]), affine, dirs["imagesTr"] / f"{name}_0000{NIFTI}", scale)
-            write_nifti(to_volume(mask[None]), affine, dirs["labelsTr"] / f"{name}{NIFTI}", label=True)
+            name = nnunet_case_name(f"synthetic{k}-", str(case), i)
+            write_nnunet_image(to_volume(image[None, ..., 0]), affine, dirs["imagesTr"] / f"{name}_0000{NIFTI}", scale)
+            write_nnunet_image(to_volume(mask[None]), affine, dirs["labelsTr"] / f"{name}{NIFTI}", label=True)
             fake.append(name)
     write_json(slices_file, kept)
     return real, fake, volume_notes(info, missing, scale, median)

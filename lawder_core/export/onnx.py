@@ -27,7 +27,7 @@ from lawder_core.data.h5 import refuse_overwrite
 from lawder_core.environment import package_version
 from lawder_core.errors import DataError, EnvironmentProblem, UsageError
 from lawder_core.files import atomic_save
-from lawder_core.predict import Predictor, checkpoint_folder, read_label_map
+from lawder_core.predictor import Predictor, checkpoint_folder, read_label_map
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -175,7 +175,7 @@ def onnx_predictor(path: str | os.PathLike, threads: int | None = None) -> Predi
     """The same Predictor that `load_predictor` gives, backed by ONNX Runtime instead of PyTorch."""
     import torch
 
-    from lawder_core.metrics.predict import at_size
+    from lawder_core.models.inference import at_size
 
     session = onnx_session(path, threads)
     meta = read_metadata(path)

@@ -21,7 +21,7 @@ from lawder_core.data.h5 import load_arrays, read_info
 from lawder_core.data.labels import LabelMap, label_map, lesion_names
 from lawder_core.errors import DataError, UsageError
 from lawder_core.metrics.dice import EMPTY_POLICIES, EmptyPolicy, segmentation_metrics
-from lawder_core.metrics.predict import PredictFn, predict_labels
+from lawder_core.models.inference import PredictFn, predict_labels
 
 
 def mask_adherence(

@@ -12,7 +12,7 @@ from lawder_core.data.h5 import load_arrays, read_info
 from lawder_core.data.labels import LabelMap, stored_labels
 from lawder_core.errors import DataError
 from lawder_core.metrics.dice import FOREGROUND, DiceReport, EmptyPolicy, Region, regions_for, segmentation_metrics
-from lawder_core.metrics.predict import PredictFn, predict_labels
+from lawder_core.models.inference import PredictFn, predict_labels
 
 logger = logging.getLogger(__name__)
 

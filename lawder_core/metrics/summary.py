@@ -96,14 +96,14 @@ def to_jsonable(value: Any) -> Any:
 
 
 def summary_path(path: str | os.PathLike) -> Path:
-    """Where write_summary puts the file: `path` itself if it ends in .json, else `path/summary.json`."""
+    """Where write_metric_summary puts the file: `path` itself if it ends in .json, else `path/summary.json`."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() != ".json":
         return path / SUMMARY_FILE
     return path
 
 
-def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def write_metric_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write atomically (temporary name, then rename): a killed run never leaves half a summary.json.
 
     A folder (or any path not ending in .json) gets `summary.json` inside it.

@@ -194,7 +194,7 @@ def guided(model_fn: ModelFn, x: Tensor, timesteps: Tensor, cond: Tensor, null: 
 
 
 @torch.no_grad()
-def generate(model_fn: ModelFn, cond: Tensor, null: Tensor | None, noise: Tensor, *,
+def denoise(model_fn: ModelFn, cond: Tensor, null: Tensor | None, noise: Tensor, *,
              scheduler_config: Mapping[str, Any], prediction: str, steps: int = 50, sampler: str | None = None,
              guidance: float = 1.0) -> Tensor:
     """Initial noise (B,C,h,w) → loss-space samples x0 (the caller decodes them).

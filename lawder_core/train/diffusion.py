@@ -69,9 +69,9 @@ from lawder_core.models.law import (
 )
 from lawder_core.models.recipe import (
     NoisedBatch,
+    denoise,
     diffusion_snr,
     flow_snr,
-    generate,
     initial_noise,
     noised_batch,
 )
@@ -480,7 +480,7 @@ def write_preview(tr: Trainer, preview: tuple[Tensor, Tensor], step: int) -> Pat
     copy_weights(tr.ema.shadow, denoiser.trainable_module())
     try:
         noise = initial_noise(denoiser.loss_shape(), tr.cfg.seed, range(len(masks))).to(tr.ctx.device)
-        samples = denoiser.decode(generate(denoiser, denoiser.condition(masks), denoiser.null_condition(masks), noise,
+        samples = denoiser.decode(denoise(denoiser, denoiser.condition(masks), denoiser.null_condition(masks), noise,
                                            scheduler_config=denoiser.scheduler.config,
                                            prediction=denoiser.spec.prediction, steps=tr.cfg.preview_steps))
     finally:

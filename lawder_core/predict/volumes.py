@@ -19,7 +19,7 @@ there and was made by `prepare kits`; otherwise the KiTS defaults (window -79,30
 training size, each case's own spacing). `--window` overrides the window. The log says which were used.
 
 `lawder_core.predict.predict_to_folder` loads the run, applies the output-folder rules (no writing into a
-non-empty folder without --force, never through a symbolic link: `predict_output.py`) and dispatches here for
+non-empty folder without --force, never through a symbolic link: `output.py`) and dispatches here for
 NIfTI input. A volume that cannot be read or segmented is skipped; the run then exits 3 after the summary.
 """
 
@@ -36,25 +36,23 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 import nibabel as nib
 import numpy as np
 
-from lawder_core.data.h5 import read_info
-from lawder_core.data.labels import LabelMap, stored_labels
-from lawder_core.data.prepare_kits import (
-    IMAGING,
-    KitsOptions,
+from lawder_core.data.ct_geometry import (
     canonical_array,
     canonical_zooms,
     display_shape,
     fit_to_size,
-    load_header,
-    looks_like_old_kits19,
+    from_radiological_view,
+    image_on_canvas,
     radiological_view,
     window_to_uint8,
 )
-from lawder_core.data.resize import resize_image
+from lawder_core.data.h5 import read_info
+from lawder_core.data.labels import LabelMap, stored_labels
+from lawder_core.data.prepare_kits import IMAGING, KitsOptions, load_header, looks_like_old_kits19
 from lawder_core.data.sources import parse_window
 from lawder_core.errors import DataError, UsageError
 from lawder_core.paths import unique_names, write_safely
-from lawder_core.predict_output import (
+from lawder_core.predict.output import (
     SUMMARY,
     Outcome,
     finish,
@@ -69,7 +67,7 @@ from lawder_core.predict_output import (
 from lawder_core.viz import overlay
 
 if TYPE_CHECKING:
-    from lawder_core.metrics.predict import PredictFn
+    from lawder_core.models.inference import PredictFn
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def case_name(path: Path) -> str:
+def volume_case_name(path: Path) -> str:
     """`case_00012/imaging.nii.gz` -> case_00012; `ct.nii.gz` -> ct."""
     if path.name == IMAGING:
         return path.parent.name
@@ -135,7 +133,7 @@ def find_volumes(source: str | os.PathLike) -> list[tuple[str, Path]]:
         files += [p / IMAGING for p in source.iterdir() if p.is_dir() and (p / IMAGING).is_file()]
     else:
         files = []
-    named = sorted((case_name(p), p) for p in files)
+    named = sorted((volume_case_name(p), p) for p in files)
     names = [name for name, _ in named]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -209,17 +207,12 @@ def canonical_to_stored(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray
     return nib.orientations.apply_orientation(canonical, nib.orientations.ornt_transform(RAS, stored))
 
 
-def from_radiological_view(display: np.ndarray) -> np.ndarray:
-    """The inverse of `radiological_view`: display (row, col) -> RAS axial slice (x, y)."""
-    return np.ascontiguousarray(display[::-1, ::-1].T)
-
-
 def segment_volume(predictor: VolumePredictor, hu: np.ndarray, zooms: tuple[float, float, float],
                    settings: VolumeSettings) -> np.ndarray:
     """Canonical (RAS) uint8 labels for a canonical HU volume, one batch of axial slices at a time."""
     import torch
 
-    from lawder_core.metrics.predict import finite_logits, images_to_tensor, logits_to_labels
+    from lawder_core.models.inference import finite_logits, images_to_tensor, logits_to_labels
 
     x, y, z_count = hu.shape
     native = (y, x)  # a displayed slice: rows along y, cols along x
@@ -235,9 +228,8 @@ def segment_volume(predictor: VolumePredictor, hu: np.ndarray, zooms: tuple[floa
         for start in range(0, z_count, BATCH):
             zs = range(start, min(start + BATCH, z_count))
             canvas = np.zeros((len(zs), *canvas_side, settings.channels), np.uint8)
-            for i, z in enumerate(zs):  # as prepare_kits.convert_slice
-                image = resize_image(window_to_uint8(radiological_view(hu[:, :, z]), settings.window), target)
-                canvas[i, top:top + target[0], left:left + target[1]] = image[..., None]
+            for i, z in enumerate(zs):  # the same canvas as `prepare kits` made for training
+                canvas[i] = image_on_canvas(hu[:, :, z], target, (top, left), canvas_side, settings.window)[..., None]
             logits = finite_logits(predictor.predict_fn(images_to_tensor(canvas)))  # at the training size
             if not whole:  # the slice's region of the canvas (logits brought to the canvas size first)
                 if tuple(logits.shape[-2:]) != canvas_side:
@@ -265,7 +257,7 @@ def segmentation_image(labels: np.ndarray, like: nib.Nifti1Image, description: s
     return image
 
 
-def write_nifti(image: nib.Nifti1Image, path: Path) -> Path:
+def write_segmentation(image: nib.Nifti1Image, path: Path) -> Path:
     """Atomically and never through a link (`paths.write_safely`); the temporary name has no .nii.gz, so the
     bytes are gzipped here."""
 
@@ -291,7 +283,7 @@ def predict_volumes(predictor: VolumePredictor, source: str | os.PathLike, out: 
 
     CASE is made safe (`paths.safe_name`) and unique in the run. In a folder, links that lead outside it are
     followed only with `follow_symlinks`; a volume that cannot be read or segmented is skipped, and
-    `SkippedInputs` (exit 3) reports it after the summary is written (`predict_output.py`). The caller
+    `SkippedInputs` (exit 3) reports it after the summary is written (`output.py`). The caller
     (`predict_to_folder`) has already refused a non-empty `out` without --force, and a linked `out`.
     """
     source, out = Path(source), Path(out)
@@ -328,7 +320,7 @@ def predict_volumes(predictor: VolumePredictor, source: str | os.PathLike, out: 
                 labels = segment_volume(predictor, hu, zooms, settings)
                 stored = canonical_to_stored(labels, image.affine)
             except Exception as error:
-                from lawder_core.metrics.predict import NonFiniteOutputs, non_finite_model  # torch is loaded
+                from lawder_core.models.inference import NonFiniteOutputs, non_finite_model  # torch is loaded
 
                 if isinstance(error, NonFiniteOutputs) and not outcome.written and not outcome.skipped:
                     raise non_finite_model(predictor.checkpoint, error) from error  # the model, not this volume
@@ -336,7 +328,7 @@ def predict_volumes(predictor: VolumePredictor, source: str | os.PathLike, out: 
                     raise
                 outcome.skip(str(path.relative_to(source)) if source.is_dir() else path.name, error)
                 continue
-            seg_path = write_nifti(segmentation_image(stored, image, description), out / f"{name}{SEG_SUFFIX}")
+            seg_path = write_segmentation(segmentation_image(stored, image, description), out / f"{name}{SEG_SUFFIX}")
             for z in overlay_slices(labels):
                 view = window_to_uint8(radiological_view(hu[:, :, z]), settings.window)
                 write_png(overlay(view, radiological_view(labels[:, :, z])), out / OVERLAYS / f"{name}_z{z:03d}.png")

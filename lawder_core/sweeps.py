@@ -1,4 +1,5 @@
-"""What `lawder tune` sweeps and how a trial is scored, without Ray (the runner is `distributed/tune.py`).
+"""What `lawder tune` sweeps (its sweep spaces) and how a trial is scored, without Ray (the runner is
+`distributed/tune.py`).
 
 Search spaces are plain data (every LAW and ORDER knob marked for sweeping). A space maps a dotted config path
 (`law.w_min`, `order.rho`) to a distribution:
@@ -35,7 +36,7 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 CLAMP_RANGES = [(0.5, 2.0), (0.25, 4.0), (0.2, 5.0), (0.1, 10.0)]
 
-SPACES: dict[str, dict[str, dict[str, Any]]] = {
+SWEEP_SPACES: dict[str, dict[str, dict[str, Any]]] = {
     "law-clamp": {
         "clamp": {"grid": [{"law.w_min": lo, "law.w_max": hi} for lo, hi in CLAMP_RANGES]},
     },
@@ -53,11 +54,11 @@ SPACES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def load_space(kind: str, space_file: str | Path | None) -> dict[str, dict[str, Any]]:
-    if kind not in SPACES:
-        raise UsageError(f"unknown sweep {kind!r}; expected one of {sorted(SPACES)}.")
+def load_sweep_space(kind: str, space_file: str | Path | None) -> dict[str, dict[str, Any]]:
+    if kind not in SWEEP_SPACES:
+        raise UsageError(f"unknown sweep {kind!r}; expected one of {sorted(SWEEP_SPACES)}.")
     if space_file is None:
-        return SPACES[kind]
+        return SWEEP_SPACES[kind]
     try:
         space = yaml.safe_load(Path(space_file).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -181,7 +182,7 @@ def generation_score(cfg: LawTuneConfig, run: str, terms: dict[str, bool], image
         score += KID_SCALE * kid
     if terms["adherence"]:
         from lawder_core.metrics.adherence import mask_adherence, segmenter_classes
-        from lawder_core.predict import load_predictor
+        from lawder_core.predictor import load_predictor
 
         predictor = load_predictor(cfg.segmenter, device=device)  # type: ignore[arg-type]
         classes = segmenter_classes(predictor.label_map, predictor.num_classes, read_info(cfg.data).label_names)

@@ -140,7 +140,7 @@ def nothing_found(what: str, source: Path, outcome: Outcome) -> DataError:
     return DataError(f"no {what} in {source}.", hint)
 
 
-def write_summary(out: Path, summary: dict[str, Any]) -> Path:
+def write_predict_summary(out: Path, summary: dict[str, Any]) -> Path:
     refuse_symlink(out / SUMMARY)
     return write_json(out / SUMMARY, summary)
 
@@ -152,7 +152,7 @@ def summary_on_abort(out: Path, outcome: Outcome, result: dict[str, Any]) -> Ite
         yield
     except BaseException as error:
         try:
-            write_summary(out, {**result, **outcome.to_dict(), "complete": False, "error": describe(error)})
+            write_predict_summary(out, {**result, **outcome.to_dict(), "complete": False, "error": describe(error)})
         except Exception as failed:  # a full disk, or the summary itself is a planted link: the error above wins
             log.warning("could not write %s: %s", out / SUMMARY, describe(failed))
         raise
@@ -161,7 +161,7 @@ def summary_on_abort(out: Path, outcome: Outcome, result: dict[str, Any]) -> Ite
 def finish(out: Path, outcome: Outcome, result: dict[str, Any]) -> dict[str, Any]:
     """Write the summary; return it, or raise `SkippedInputs` (exit 3) after writing it when inputs were skipped."""
     summary = {**result, **outcome.to_dict(), "complete": True}
-    path = write_summary(out, summary)
+    path = write_predict_summary(out, summary)
     if outcome.skipped:
         first = outcome.skipped[0]
         more = f"; {len(outcome.skipped) - 1} more" if len(outcome.skipped) > 1 else ""
