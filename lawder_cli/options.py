@@ -5,6 +5,7 @@ Nothing heavy is imported here: every command module imports this one, and `lawd
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,20 @@ from lawder_core.environment import DEFAULT_WAIT_S
 
 if TYPE_CHECKING:
     from lawder_core.distributed.train import LaunchConfig
+
+
+def default(config: type, name: str) -> str:
+    """A config field's default as help text shows it, read from the dataclass (`law.w_min`: a nested field), so
+    the help cannot drift from what a run uses."""
+    owner, _, leaf = name.rpartition(".")
+    value: Any = field_default(config, owner) if owner else None
+    value = getattr(value, leaf) if owner else field_default(config, leaf)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def field_default(config: type, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
 
 
 def in_range(allowed: numbers.Range) -> Callable[[Any], Any]:

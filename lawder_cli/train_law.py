@@ -20,12 +20,13 @@ from lawder_cli.options import (
     STORAGE,
     WAIT_FOR_RESOURCES,
     WORKERS,
+    default,
     in_range,
     launch_config,
 )
 from lawder_core import numbers
 from lawder_core.errors import UsageError
-from lawder_core.runs import config_path
+from lawder_core.train.configs import DiffusionTrainConfig as D  # noqa: N817 (help defaults read from it)
 
 
 @handle_errors
@@ -33,36 +34,41 @@ def train_law(
     data: str = typer.Option(None, "--data", help="Prepared HDF5 file (its train split is used)."),
     out: Path = typer.Option(..., "--out", help="Run folder."),
     size: int = typer.Option(None, "--size", callback=in_range(numbers.LAW_SIZE),
-                             help="Training resolution (default 64)."),
+                             help=f"Training resolution (default {default(D, 'size')})."),
     steps: int = typer.Option(None, "--steps", callback=in_range(numbers.COUNT),
-                              help="Total optimiser steps (default 2000)."),
+                              help=f"Total optimiser steps (default {default(D, 'steps')})."),
     batch_size: int = typer.Option(None, "--batch-size", callback=in_range(numbers.BATCH),
-                                   help="The global batch (default 8): N workers take batch/N each, so --gpus "
+                                   help=f"The global batch (default {default(D, 'batch_size')}): "
+                                        "N workers take batch/N each, so --gpus "
                                         "changes the speed, not the steps or the schedule."),
     lr: float = typer.Option(None, "--lr", callback=in_range(numbers.LEARNING_RATE),
-                             help="Denoiser learning rate (default 2e-4)."),
-    weighting: str = typer.Option(None, "--weighting", help="uniform | ratio | law (default law)."),
+                             help=f"Denoiser learning rate (default {default(D, 'lr')})."),
+    weighting: str = typer.Option(None, "--weighting",
+                                  help=f"uniform | ratio | law (default {default(D, 'weighting')})."),
     objective: str = typer.Option(None, "--objective",
                                   help="LAW objective: hardness (default: weight goes where the denoiser errs) | "
                                        "influence (where the mask changes the prediction, |v_cond - v_uncond|; "
                                        "one extra forward pass per step) | descent (the original objective, an "
                                        "ablation: inverse-variance weighting)."),
     w_min: float = typer.Option(None, "--w-min", callback=in_range(numbers.W_MIN),
-                                help="Lowest factor LAW may put on the prior (default 0.2)."),
+                                help=f"Lowest factor LAW may put on the prior (default {default(D, 'law.w_min')})."),
     w_max: float = typer.Option(None, "--w-max", callback=in_range(numbers.W_MAX),
-                                help="Highest factor LAW may put on the prior (default 5.0)."),
+                                help=f"Highest factor LAW may put on the prior (default {default(D, 'law.w_max')})."),
     gamma: float = typer.Option(None, "--gamma", callback=in_range(numbers.GAMMA),
-                                help="Prior exponent: lesion weight ∝ (lesion share)^-γ (default 0.5; 0: uniform)."),
+                                help="Prior exponent: lesion weight ∝ (lesion share)^-γ "
+                                     f"(default {default(D, 'law.gamma')}; 0: uniform)."),
     lesion_labels: str = LESION_LABELS,
     prediction: str = typer.Option(None, "--prediction",
                                    help="unet target: v (default) | flow (rectified flow) | epsilon."),
     snr_gamma: str = typer.Option(None, "--snr-gamma", metavar="GAMMA|none",
-                                  help="Min-SNR-γ timestep weighting of the loss (default 5; LAW's objective gets "
+                                  help="Min-SNR-γ timestep weighting of the loss "
+                                       f"(default {default(D, 'snr_gamma')}; LAW's objective gets "
                                        "the same weights); 'none' weighs every noise level alike."),
     cond_dropout: float = typer.Option(None, "--cond-dropout", callback=in_range(numbers.FRACTION),
-                                       help="Share of rows trained with the null mask, for guidance (default 0.1; "
+                                       help="Share of rows trained with the null mask, for guidance "
+                                            f"(default {default(D, 'cond_dropout')}; "
                                             "1: an unconditional model, a base for --init-from)."),
-    init_from: Path = typer.Option(None, "--init-from",
+    init_from: str = typer.Option(None, "--init-from",
                                    help="Start the denoiser from this train-law run's EMA weights (fine-tuning); "
                                         "LAW and the optimisers start fresh. Same --size/--preset/--prediction."),
     hflip: bool = typer.Option(None, "--hflip/--no-hflip",
@@ -97,14 +103,11 @@ def train_law(
     from lawder_core.train.configs import law_config
 
     setup_logging()
-    if config is None and resume:
-        config = config_path(out)
-    # Absolute paths: Ray workers on other machines (or another working directory) must find the same files.
     cfg = law_config(config, {"objective": objective, "w_min": w_min, "w_max": w_max, "gamma": gamma},
-                     data=absolute(data), out=str(out.resolve()), size=size, steps=steps, batch_size=batch_size,
+                     data=data, out=str(out), size=size, steps=steps, batch_size=batch_size,
                      lr=lr, weighting=weighting, lesion_labels=lesion_labels, preset=preset, backbone=backbone,
-                     pretrained=absolute(pretrained), prompt=prompt, prediction=prediction, hflip=hflip,
-                     cond_dropout=cond_dropout, init_from=absolute(init_from),
+                     pretrained=pretrained, prompt=prompt, prediction=prediction, hflip=hflip,
+                     cond_dropout=cond_dropout, init_from=init_from,
                      save_every=save_every, sample_every=sample_every, log_every=log_every, seed=seed, resume=resume)
     if snr_gamma is not None:
         cfg = replace(cfg, snr_gamma=parse_snr_gamma(snr_gamma))
@@ -115,10 +118,6 @@ def train_law(
         print_json(result)
         return
     show_summary(result)
-
-
-def absolute(path: str | Path | None) -> str | None:
-    return str(Path(path).resolve()) if path else None
 
 
 def parse_snr_gamma(text: str) -> float | None:

@@ -19,10 +19,12 @@ from lawder_cli.options import (
     STORAGE,
     WAIT_FOR_RESOURCES,
     WORKERS,
+    default,
     in_range,
     launch_config,
 )
 from lawder_core import numbers
+from lawder_core.train.configs import SegTrainConfig
 
 
 @handle_errors
@@ -37,7 +39,8 @@ def train_order(
                              help="Training size (divisible by 32)."),
     epochs: int = typer.Option(None, "--epochs", callback=in_range(numbers.EPOCHS)),
     batch_size: int = typer.Option(None, "--batch-size", callback=in_range(numbers.BATCH),
-                                   help="The global batch (default 16): N workers take batch/N each, so --gpus "
+                                   help=f"The global batch (default {default(SegTrainConfig, 'batch_size')}): "
+                                        "N workers take batch/N each, so --gpus "
                                         "changes the speed, not the steps or the schedule."),
     lr: float = typer.Option(None, "--lr", callback=in_range(numbers.LEARNING_RATE)),
     encoder_weights: str = typer.Option(None, "--encoder-weights", help="smp baselines: e.g. imagenet (downloads)."),
@@ -70,15 +73,11 @@ def train_order(
     json_out: bool = JSON,
 ) -> None:
     """Train a segmenter; writes best/ and last/ checkpoints, metrics.jsonl and curves.png to --out."""
-    from lawder_core.config import build_config
     from lawder_core.distributed.train import train_order as run_train_order
-    from lawder_core.runs import config_path
-    from lawder_core.train.configs import SegTrainConfig
+    from lawder_core.train.configs import seg_config
 
     setup_logging()
-    if config is None and resume:
-        config = config_path(out)  # a resumed run continues with the config it was started with
-    cfg = build_config(SegTrainConfig, config, data=data, out=str(out), model=model, synthetic=synthetic,
+    cfg = seg_config(config, data=data, out=str(out), model=model, synthetic=synthetic,
                        synthetic_ratio=synthetic_ratio, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                        encoder_weights=encoder_weights, labels=labels, seed=seed, resume=resume, steps=steps,
                        folds=folds, fold=fold, select=select, init_from=init_from, freeze_trunk=freeze_trunk)

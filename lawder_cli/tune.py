@@ -59,40 +59,20 @@ def tune(
     --resume continues the sweep in --out (finished trials are kept); --force deletes it and starts over.
     """
     from lawder_core.distributed.tune import TuneOptions, run_tune
-    from lawder_core.sweeps import load_sweep_space
+    from lawder_core.sweeps import load_sweep_space, sweep_base_config
 
     setup_logging()
     opts = TuneOptions(trials=trials, budget=budget, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                        scheduler=scheduler, search=search, seed=seed or 0, ray_address=ray_address,
                        wait_for_resources=wait_for_resources)
-    base = base_config(kind, data, out, config, budget, seed, segmenter, fid_weights, lesion_labels)
+    base = sweep_base_config(kind.value, config, data=data, out=str(out), budget=budget, seed=seed,
+                             segmenter=segmenter, fid_weights=fid_weights, lesion_labels=lesion_labels)
     with quiet_stdout():
         result = run_tune(kind.value, base, load_sweep_space(kind.value, space), out, opts, resume=resume, force=force)
     if json_out:
         print_json(result)
         return
     show_results(result)
-
-
-def base_config(kind: SweepKind, data: str, out: Path, config: Path | None, budget: int, seed: int,
-                segmenter: str | None, fid_weights: str | None, lesion_labels: str | None = None):
-    from lawder_core.config import build_config
-
-    if kind is SweepKind.order:
-        if lesion_labels is not None:
-            from lawder_core.errors import UsageError
-
-            raise UsageError("--lesion-labels applies to the LAW sweeps only.", "Drop it for `lawder tune order`.")
-        from lawder_core.train.configs import SegTrainConfig
-
-        return build_config(SegTrainConfig, config, data=data, out=str(out), epochs=budget, seed=seed)
-    from lawder_core.sweeps import LawTuneConfig, tune_lesion_labels
-
-    base = build_config(LawTuneConfig, config, data=data, out=str(out), rounds=budget, seed=seed,
-                        segmenter=segmenter, fid_weights=fid_weights, lesion_labels=lesion_labels)
-    if base.lesion_labels is not None:
-        tune_lesion_labels(base)  # a bad name is refused here, before Ray starts
-    return base
 
 
 def show_results(result: dict) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomllib
-import yaml
 
 from lawder_core.errors import UsageError
 
@@ -23,6 +22,8 @@ C = TypeVar("C")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    import yaml  # here, not at import: the CLI reads its help defaults from the configs without it
+
     path = Path(path)
     if not path.exists():
         raise UsageError(f"config file {path} does not exist.")

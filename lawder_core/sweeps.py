@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lawder_core.config import from_dict, to_dict
+from lawder_core.config import build_config, from_dict, to_dict
 from lawder_core.data.h5 import load_arrays, read_info
 from lawder_core.data.labels import lesion_labels
 from lawder_core.errors import EnvironmentProblem, UsageError
-from lawder_core.train.configs import DiffusionTrainConfig
+from lawder_core.train.configs import DiffusionTrainConfig, SegTrainConfig
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -134,6 +134,23 @@ def tune_lesion_labels(cfg: LawTuneConfig) -> tuple[int, ...]:
     """The lesion labels every trial trains LAW with and adherence judges; a bad --lesion-labels is a UsageError
     (the command calls this before the sweep starts)."""
     return lesion_labels(read_info(cfg.data).label_names, cfg.lesion_labels)
+
+
+def sweep_base_config(kind: str, config_file: str | Path | None, *, data: str, out: str, budget: int,
+                      seed: int | None, segmenter: str | None = None, fid_weights: str | None = None,
+                      lesion_labels: str | None = None) -> SegTrainConfig | LawTuneConfig:
+    """The config every trial of a `kind` sweep starts from: defaults < `config_file` < the sweep's options.
+    `budget` is epochs for ORDER and evaluation rounds for LAW. A bad lesion-label name is refused here,
+    before Ray starts."""
+    if kind == "order":
+        if lesion_labels is not None:
+            raise UsageError("--lesion-labels applies to the LAW sweeps only.", "Drop it for `lawder tune order`.")
+        return build_config(SegTrainConfig, config_file, data=data, out=out, epochs=budget, seed=seed)
+    base = build_config(LawTuneConfig, config_file, data=data, out=out, rounds=budget, seed=seed,
+                        segmenter=segmenter, fid_weights=fid_weights, lesion_labels=lesion_labels)
+    if base.lesion_labels is not None:
+        tune_lesion_labels(base)
+    return base
 
 
 def scoring_terms(cfg: LawTuneConfig) -> dict[str, bool]:

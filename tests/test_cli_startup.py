@@ -18,8 +18,27 @@ HEAVY = ("torch", "diffusers", "ray", "matplotlib", "cleanfid", "segmentation_mo
 # Nothing but Typer, Rich and the standard library for these two: not even numpy.
 BARE = ("numpy", "h5py", "yaml", "PIL")
 
-COMMANDS = ("prepare", "inspect", "env", "train-order", "predict", "tune", "evaluate", "compare", "pipeline",
-            "train-law", "sample")
+
+
+def every_command() -> list[tuple[str, ...]]:
+    """Every command line's command words, read from the app itself (groups such as `export` and their commands)."""
+    import click
+    import typer.main
+
+    from lawder_cli.main import app
+
+    def walk(group: click.Group, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+        found = []
+        for name, command in group.commands.items():
+            found.append((*prefix, name))
+            if isinstance(command, click.Group):
+                found += walk(command, (*prefix, name))
+        return found
+
+    return walk(typer.main.get_group(app), ())
+
+
+COMMANDS = tuple(words[0] for words in every_command() if len(words) == 1)
 
 # (arguments, exit code, a piece of the message): one usage error per command, in the order they run.
 USAGE_ERRORS: list[tuple[list[str], int, str]] = [
@@ -44,6 +63,8 @@ USAGE_ERRORS: list[tuple[list[str], int, str]] = [
     (["pipeline", "--source", "nope", "--out", "{tmp}/p"], EXIT_USAGE, "unknown --source 'nope'"),
     (["pipeline", "--source", "kvasir", "--out", "{tmp}/p"], EXIT_USAGE, "needs the input folder"),
     (["pipeline", "--data", "{tmp}/none.h5", "--out", "{tmp}/p"], EXIT_DATA, "does not exist"),
+    (["export", "onnx", "--run", "{tmp}/none", "-o", "{tmp}/x.onnx"], EXIT_DATA, "holds no segmenter checkpoint"),
+    (["export", "nnunet", "{tmp}/none.h5", "--out", "{tmp}/n"], EXIT_USAGE, "--dataset-id"),
 ]
 
 # Runs each case through Typer's CliRunner in one fresh interpreter and records, after each, which of the
@@ -85,8 +106,13 @@ def test_help_and_version_import_only_typer_and_rich():
         assert command in results[0]["output"]
 
 
+def test_the_startup_checks_cover_every_command():
+    assert {"prepare", "train-order", "train-law", "export"} <= set(COMMANDS)
+    assert {args[0] for args, _, _ in USAGE_ERRORS} == set(COMMANDS)  # one usage error (at least) per command
+
+
 def test_every_command_help_starts_without_torch():
-    for result in probe([[command, "--help"] for command in COMMANDS]):
+    for result in probe([[*words, "--help"] for words in every_command()]):
         heavy = [m for m in result["loaded"] if m in HEAVY]
         assert result["exit_code"] == EXIT_OK, result["output"]
         assert heavy == [], f"lawder {' '.join(result['args'])} imported {heavy}"

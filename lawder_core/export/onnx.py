@@ -48,12 +48,12 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, size: int | None
     require_onnx()
     out = Path(out)
     refuse_overwrite(out, force)
+    folder = checkpoint_folder(run)  # a wrong --run is refused before PyTorch loads
     import torch
 
     from lawder_core.models.factory import load_segmenter, read_segmenter_config
     from lawder_core.models.fast import fold_batchnorms
 
-    folder = checkpoint_folder(run)
     config = read_segmenter_config(folder)
     size = int(size or ((config.get("extra") or {}).get("train_config") or {}).get("size") or 0)
     if size <= 0 or size % 32:

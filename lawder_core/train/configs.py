@@ -10,17 +10,17 @@ import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from lawder_core import limits, numbers, runs
 from lawder_core.config import build_config
-from lawder_core.data.h5 import read_info, split_indices
-from lawder_core.data.labels import label_map, lesion_labels
-from lawder_core.data.splits import fold_indices
 from lawder_core.errors import DataError, UsageError
 from lawder_core.models.configs import PRESETS, WEIGHTINGS, LAWConfig, OrderConfig, check_model_name, check_prediction
+
+# numpy, h5py and the data readers load inside the checks: the CLI reads its help defaults from these
+# dataclasses at start-up, which must stay light
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ def check_seg_config(cfg: SegTrainConfig, world_size: int = 1, processes: int | 
     """Fail before starting workers (and before --force deletes anything) on what can be known up front,
     memory included: `processes` training processes on this machine (default: `world_size`; 0: all elsewhere),
     on GPUs or not."""
+    from lawder_core.data.h5 import read_info, split_indices
+    from lawder_core.data.labels import label_map
+
     check_model_name(cfg.model)
     check_amp_dtype(cfg.amp_dtype)
     if cfg.size % 32:
@@ -146,6 +149,9 @@ def check_init(cfg: SegTrainConfig) -> None:
 
 def training_indices(cfg: SegTrainConfig) -> np.ndarray:
     """The real samples this run trains on: the train split, or with --folds every non-test case outside --fold."""
+    from lawder_core.data.h5 import split_indices
+    from lawder_core.data.splits import fold_indices
+
     if cfg.folds:
         assert cfg.fold is not None  # check_folds
         return fold_indices(cfg.data, cfg.folds, cfg.fold, "train")
@@ -154,6 +160,9 @@ def training_indices(cfg: SegTrainConfig) -> np.ndarray:
 
 def validation_indices(cfg: SegTrainConfig) -> np.ndarray:
     """The samples this run validates (and selects best/) on: the val split, or with --folds its held-out fold."""
+    from lawder_core.data.h5 import split_indices
+    from lawder_core.data.splits import fold_indices
+
     if cfg.folds:
         assert cfg.fold is not None
         return fold_indices(cfg.data, cfg.folds, cfg.fold, "val")
@@ -166,6 +175,8 @@ def planned_steps_per_epoch(cfg: SegTrainConfig, world_size: int = 1) -> int:
     The pipeline gives every arm of a comparison the same number of optimiser steps with this: an arm with
     synthetic images has more samples per epoch, so it gets fewer epochs.
     """
+    from lawder_core.data.h5 import split_indices
+
     n = len(training_indices(cfg))
     if cfg.synthetic and cfg.synthetic_ratio > 0:
         n += min(len(split_indices(cfg.synthetic, None)), int(round(cfg.synthetic_ratio * n)))
@@ -252,10 +263,25 @@ LAW_TRAIN_RANGES = {"size": numbers.LAW_SIZE, "steps": numbers.COUNT, "batch_siz
                     "preview_steps": numbers.SAMPLING_STEPS, "num_workers": numbers.WORKERS}
 
 
+def starting_config_file(config_file: str | Path | None, out: str | Path | None, resume: bool | None) -> Path | None:
+    """The config a training command builds on: the file given, else (resuming) the one its run started with."""
+    if config_file is None and resume and out is not None:
+        return runs.config_path(out)
+    return Path(config_file) if config_file is not None else None
+
+
+def seg_config(config_file: str | Path | None, **overrides: Any) -> SegTrainConfig:
+    """Defaults < config file (or, resuming, the run's own) < flags."""
+    chosen = starting_config_file(config_file, overrides.get("out"), overrides.get("resume"))
+    return build_config(SegTrainConfig, chosen, **overrides)
+
+
 def law_config(config_file: str | Path | None, law_overrides: dict[str, Any] | None = None,
                **overrides: Any) -> DiffusionTrainConfig:
-    """Defaults < config file (a `tune` best.yaml works as is) < flags; LAW flags change single nested fields."""
-    cfg = build_config(DiffusionTrainConfig, config_file, **overrides)
+    """Defaults < config file (a `tune` best.yaml works as is; resuming, the run's own) < flags; LAW flags change
+    single nested fields."""
+    chosen = starting_config_file(config_file, overrides.get("out"), overrides.get("resume"))
+    cfg = build_config(DiffusionTrainConfig, chosen, **overrides)
     given = {k: v for k, v in (law_overrides or {}).items() if v is not None}
     return replace(cfg, law=replace(cfg.law, **given)) if given else cfg
 
@@ -282,6 +308,8 @@ def check_law_config(cfg: DiffusionTrainConfig, world_size: int = 1, processes: 
                      on_gpu: bool = False) -> None:
     """Fail before starting workers on what can be known up front: data, split, size, batch, backbone, and the
     memory of `processes` training processes on this machine (0: all elsewhere), on GPUs or not."""
+    from lawder_core.data.h5 import read_info, split_indices
+
     if not cfg.data:
         raise UsageError("no training data given.", "Pass --data FILE.h5 (see `lawder prepare`).")
     info = read_info(cfg.data)
@@ -328,6 +356,8 @@ def run_lesion_labels(cfg: DiffusionTrainConfig, label_names: tuple[str, ...] | 
 
     A bad name, or a resume that would change the set mid-run, is a UsageError before any worker starts.
     """
+    from lawder_core.data.labels import lesion_labels
+
     wanted = lesion_labels(label_names, cfg.lesion_labels)
     checkpoint = runs.find_checkpoint(Path(cfg.out)) if cfg.resume and cfg.out else None
     if checkpoint is None:
