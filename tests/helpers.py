@@ -127,3 +127,8 @@ def quick_seg_config(data: Path, out: Path, **overrides):
     base = dict(data=str(data), out=str(out), model="mkunet-t", size=32, epochs=2, batch_size=4,
                 max_steps_per_epoch=2)
     return SegTrainConfig(**{**base, **overrides})
+
+
+# One model list for the tests: every factory model (the contract), and one of each family where a test needs
+# the code paths rather than every size (MK-UNet, MK-UNet + ORDER, an smp baseline).
+ONE_PER_FAMILY = ("mkunet-t", "mkunet-t-order", "unet-r18")

@@ -22,16 +22,15 @@ BARE = ("numpy", "h5py", "yaml", "PIL")
 
 def every_command() -> list[tuple[str, ...]]:
     """Every command line's command words, read from the app itself (groups such as `export` and their commands)."""
-    import click
     import typer.main
 
     from lawder_cli.main import app
 
-    def walk(group: click.Group, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+    def walk(group: object, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
         found = []
-        for name, command in group.commands.items():
+        for name, command in group.commands.items():  # type: ignore[attr-defined]
             found.append((*prefix, name))
-            if isinstance(command, click.Group):
+            if hasattr(command, "commands"):  # a group (Typer carries its own Click: no isinstance check)
                 found += walk(command, (*prefix, name))
         return found
 

@@ -21,8 +21,6 @@ from lawder_core.models.factory import (
 from lawder_core.models.mkunet import MKUNet
 from lawder_core.models.order import MKUNetOrder, OrderConfig
 
-SMALL_MODELS = ["mkunet-t", "mkunet-s", "mkunet-base", "mkunet-t-order", "mkunet-s-order", "unet-mbv2", "unet-r18"]
-
 
 def with_trained_batchnorm(model: torch.nn.Module, channels: int = 3) -> torch.nn.Module:
     """Move BatchNorm running stats off their defaults, so a round trip that drops buffers would show."""
@@ -37,22 +35,6 @@ def test_available_models_cover_the_documented_names() -> None:
     for name in ["mkunet-t", "mkunet-s", "mkunet-base", "mkunet-m", "mkunet-l", "mkunet-t-order",
                  "unet-r34", "unet-r18", "unet-mbv2", "unetpp-r34"]:
         assert name in names
-
-
-@pytest.mark.parametrize("name", SMALL_MODELS)
-def test_forward_contract(name: str) -> None:
-    model = build_segmenter(name, num_classes=2).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        logits = model(x)
-        logits_again, aux = model(x, return_aux=True)
-    assert logits.shape == (1, 2, 64, 64)
-    torch.testing.assert_close(logits, logits_again)
-    assert isinstance(aux, list)
-    if name.startswith("unet"):
-        assert aux == []
-    else:
-        assert len(aux) >= 3
 
 
 def test_heavy_baselines_build_offline() -> None:

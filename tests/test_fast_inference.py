@@ -9,6 +9,7 @@ from torch import nn
 from lawder_core.models import fast
 from lawder_core.models.factory import build_segmenter
 from lawder_core.models.fast import fold_batchnorms, fold_conv_bn, optimize_for_inference
+from tests.helpers import ONE_PER_FAMILY
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -44,7 +45,7 @@ def test_fold_conv_bn_is_exact_in_eval_mode() -> None:
     torch.testing.assert_close(fold_conv_bn(conv, bn)(x), bn(conv(x)), **TOLERANCE)
 
 
-@pytest.mark.parametrize("name", ["mkunet-t", "mkunet-t-order", "unet-r18"])
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_channels_last_matches_eager(name: str) -> None:
     model = with_trained_batchnorm(build_segmenter(name))
     x = torch.randn(2, 3, 64, 64)

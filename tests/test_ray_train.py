@@ -76,11 +76,17 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
     import logging
 
     from ray.train.v2._internal.execution import context  # logs "Reporting training result ..." per report
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
 
-    from lawder_core.distributed.session import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_logs
+    from lawder_core.distributed.session import (
+        AUTOSCALING_CLIENT_LOGGER,
+        PLACEMENT_GROUP_CLEANER_LOGGER,
+        quiet_ray_logs,
+    )
 
     root = logging.getLogger()
-    touched = [root, logging.getLogger("lawder_core"), logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)]
+    touched = [root, logging.getLogger("lawder_core"), logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER),
+               logging.getLogger(AUTOSCALING_CLIENT_LOGGER)]
     levels, handler = [lg.level for lg in touched], logging.NullHandler()
     root.addHandler(handler)  # what a Ray worker starts with: root handlers, root at INFO
     root.setLevel(logging.INFO)
@@ -89,6 +95,7 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
         assert logging.getLogger("lawder_core.train.seg").isEnabledFor(logging.INFO)
         assert not context.logger.isEnabledFor(logging.INFO)
         assert not logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).isEnabledFor(logging.WARNING)
+        assert client.logger.name == AUTOSCALING_CLIENT_LOGGER and not client.logger.isEnabledFor(logging.WARNING)
     finally:  # later tests see the logging set-up they had before
         root.removeHandler(handler)
         for lg, level in zip(touched, levels, strict=True):

@@ -133,6 +133,9 @@ def refresh_ray_config() -> None:
 
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# On a loaded machine the controller's 5 s call to the autoscaling coordinator can time out; it warns with a full
+# traceback and sends the request again on its next poll. A local Ray has no autoscaler to ask.
+AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 
 
 def quiet_ray_logs() -> None:
@@ -146,6 +149,7 @@ def quiet_ray_logs() -> None:
     logging.getLogger().setLevel(logging.WARNING)  # Ray's workers start with the root logger at INFO
     logging.getLogger("lawder_core").setLevel(logging.INFO)
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger(AUTOSCALING_CLIENT_LOGGER).setLevel(logging.ERROR)
     threading.excepthook = quiet_cleaner_crash(threading.excepthook)
 
 

@@ -1,7 +1,8 @@
 """One factory for every segmenter lawder trains, and the save/load contract of its run folders.
 
-Names: `mkunet-{t,s,base,m,l}`, `mkunet-{t,s,base}-order`, and segmentation-models-pytorch baselines
-(`unet-r34`, `unet-r18`, `unet-mbv2`, `unetpp-r34`). Every model answers `model(x)` with logits (B, classes, H, W)
+Names (`models/configs.py: available_models`): `mkunet-{t,s,base,m,l}` and `mkunet-t-wide` (MK-UNet-T
+widened to ORDER's parameter count, its fair control), `mkunet-{t,s,base}-order`, and segmentation-models-pytorch
+baselines (`unet-r34`, `unet-r18`, `unet-mbv2`, `unetpp-r34`). Every model answers `model(x)` with logits
 and `model(x, return_aux=True)` with (logits, aux_logits), so the training loop never asks which one it has.
 
 A saved segmenter is a folder in the `from_pretrained` style: `config.json` (name, classes, input channels,
@@ -30,7 +31,6 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 CORRUPT_HINT = "The checkpoint is corrupt; retrain or restore it."
 
-# name -> (smp architecture class name, encoder name)
 class SMPSegmenter(nn.Module):
     """A segmentation-models-pytorch network behind lawder's forward signature (no auxiliary outputs)."""
 

@@ -1,8 +1,9 @@
 """MK-UNet (Rahman & Marculescu, 2025): a tiny multi-kernel U-Net, written from the published architecture.
 
 Read top to bottom: the building blocks (MKIR, channel/spatial attention, grouped attention gate), then the
-encoder, the decoder and the heads. With one output class the five variants have exactly the published
+encoder, the decoder and the heads. With one output class the five published variants have exactly the published
 parameter counts (T 27,384; S 93,050; base 315,566; M 1,150,166; L 3,758,118); `tests/test_mkunet.py` checks it.
+The sixth, `t-wide` (42,554), is lawder's own: MK-UNet-T widened to ORDER's size, as ORDER's control.
 
 Every conv that is followed by a BatchNorm lives next to it in an `nn.Sequential`, so the fast inference path
 (`lawder_core.models.fast`) can fold the BatchNorm into the conv without tracing the model.
