@@ -3,7 +3,8 @@
 Every command line that begins with `lawder ` inside a fenced code block of README.md or docs/*.md is checked
 against the CLI's parser, without running it: the command (and, for `export`, its sub-command) exists, a
 positional choice such as `prepare kvasir` or `tune law-clamp` is one the command accepts, and every `--flag` is an
-option of that command. Every relative markdown link in those files points to a file that exists.
+option of that command. Every relative markdown link in those files points to a file that exists (and, for
+an anchor into a markdown file, to one of its headings).
 """
 
 from __future__ import annotations
@@ -216,8 +217,10 @@ def _link_cases() -> list:
             if in_fence:
                 continue
             for target in LINK.findall(line):
-                if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-                    continue  # a URL (http:, mailto:) or an anchor in the same page
+                if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                    continue  # a URL (http:, mailto:)
+                if target.startswith("#"):
+                    target = path.name + target  # an anchor in the same page
                 cases.append(pytest.param(path, target, id=f"{path.relative_to(ROOT)}:{number}:{target}"))
     return cases
 
@@ -225,7 +228,29 @@ def _link_cases() -> list:
 LINK_CASES = _link_cases()
 
 
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for a markdown file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors: set[str] = set()
+    in_fence = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("```"):
+            in_fence = not in_fence
+        if in_fence or not line.startswith("#"):
+            continue
+        title = line.lstrip("#").strip().lower()
+        anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
 @pytest.mark.parametrize(("doc", "target"), LINK_CASES)
 def test_relative_link_resolves(doc: Path, target: str) -> None:
-    file_part = target.split("#", 1)[0]
-    assert (doc.parent / file_part).exists(), f"{doc.name} links to {target}, which does not exist"
+    file_part, _, anchor = target.partition("#")
+    linked = doc.parent / file_part
+    assert linked.exists(), f"{doc.name} links to {target}, which does not exist"
+    if anchor and linked.suffix == ".md":
+        assert anchor in heading_anchors(linked), f"{doc.name} links to {target}: no such heading"
+
+
+def test_heading_anchors_follow_github() -> None:
+    doc = ROOT / "docs" / "models.md"
+    assert "law-and-the-diffusion-recipe-revisions-2-and-3" in heading_anchors(doc)
