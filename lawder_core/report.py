@@ -29,6 +29,7 @@ from lawder_core.paper import SOURCE, quoted, value
 # segmenter of neither side of its synthetic-data result, so that one is a row of its own (`synthetic_data_table`).
 PAPER_FID = {"uniform": "fid_uniform", "law": "fid_law"}
 PAPER_ORDER_DICE = {"mkunet-t": "dice_mkunet", "mkunet-t-order": "dice_mkunet_order"}
+MKUNET_COLOUR, ORDER_COLOUR = (0.553, 0.627, 0.796), (0.988, 0.553, 0.384)  # ColorBrewer Set2 blue and orange
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
 
@@ -272,7 +273,7 @@ def dice_figure(inputs: ReportInputs, folder: Path) -> Path:
             means.append(100 * float(np.mean(values)) if values else 0.0)
             sds.append(100 * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
     ax.bar(range(len(labels)), means, yerr=sds, capsize=4,
-           color=["#8da0cb"] * 3 + ["#fc8d62"] * 3)
+           color=[MKUNET_COLOUR] * 3 + [ORDER_COLOUR] * 3)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("test Dice ×100")
     ax.set_title("segmentation Dice (error bars: sd over seeds)")
@@ -350,9 +351,9 @@ def report_notes(inputs: ReportInputs) -> list[str]:
 
 
 def render_html(notes: list[str], tables: list[Table], images: list[tuple[str, Path]]) -> str:
-    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:rgb(34,34,34)}"
              "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px}"
-             "th{background:#f3f3f3}img{max-width:100%}figcaption{font-style:italic;color:#555}")
+             "th{background:#f3f3f3}img{max-width:100%}figcaption{font-style:italic;color:rgb(85,85,85)}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lawder report</title><style>{style}</style>"
              "</head><body><h1>lawder pipeline report</h1><ul>"]
     parts += [f"<li>{html.escape(n[2:])}</li>" for n in notes]
