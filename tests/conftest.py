@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,16 @@ def ray_local():
     while ray.available_resources().get("CPU", 0) != ray.cluster_resources().get("CPU") and time.monotonic() < deadline:
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU")
+
+
+@pytest.fixture(scope="module")
+def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic HDF5 file for the module's tests (its folds and side files stay with the module). A module
+    sets its size with `SYNTHETIC = {"n": 10}` (defaults: 24 images of 32 px)."""
+    from tests.helpers import synthetic_h5
+
+    spec = {"n": 24, "size": 32, **getattr(request.module, "SYNTHETIC", {})}
+    return synthetic_h5(tmp_path_factory.mktemp("data") / "s.h5", **spec)
 
 
 @pytest.fixture()

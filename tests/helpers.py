@@ -7,9 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.synthetic import prepare_synthetic
+
+runner = CliRunner()  # the one runner every CLI test invokes the app with
+
 
 
 def write_pair_folder(root: Path, n: int, size: tuple[int, int] = (40, 30), suffix: str = ".png",

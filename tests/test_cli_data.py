@@ -1,13 +1,10 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.errors import DataError, EnvironmentProblem, TrainingError, UsageError
-from tests.helpers import write_pair_folder
-
-runner = CliRunner()
+from tests.helpers import runner, write_pair_folder
 
 
 def test_version_and_env_json():

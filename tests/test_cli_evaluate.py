@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.h5 import split_indices
@@ -21,9 +20,8 @@ from lawder_core.metrics.seg_eval import segmenter_dice
 from lawder_core.models.factory import build_segmenter, save_segmenter
 from lawder_core.models.inference import at_size
 from lawder_core.predictor import load_predictor
-from tests.helpers import synthetic_h5
+from tests.helpers import runner, synthetic_h5
 
-runner = CliRunner()
 N_IMAGES = 12
 
 pytestmark = pytest.mark.usefixtures("no_network")

@@ -8,21 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.h5 import load_arrays, read_info
 from lawder_core.data.resize import resize_masks
 from lawder_core.runs import read_metrics
 from lawder_core.sample import dihedral, sample_pairs
-from tests.helpers import synthetic_h5
+from tests.helpers import runner, synthetic_h5
 
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_h5(tmp_path_factory.mktemp("law") / "s.h5", n=10, size=32)
+SYNTHETIC = {"n": 10}  # images in the module's `data` (conftest)
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.distributed import tune as distributed_tune
 from lawder_core.errors import EXIT_USAGE
-from tests.helpers import synthetic_h5
-
-runner = CliRunner()
+from tests.helpers import runner, synthetic_h5
 
 
 @pytest.fixture()

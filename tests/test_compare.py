@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.errors import EXIT_DATA, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, DataError, UsageError
@@ -19,8 +18,7 @@ from lawder_core.metrics.compare import CompareRequest, compare, parse_pair
 from lawder_core.metrics.dice import segmentation_metrics
 from lawder_core.metrics.paired import hierarchical_bootstrap, paired_difference, percentile_interval
 from lawder_core.metrics.summary import build_summary, write_metric_summary
-
-runner = CliRunner()
+from tests.helpers import runner
 
 # Fixed numbers: three run pairs (e.g. folds) of unequal size, per-case differences B − A.
 DIFFERENCES = [np.array([0.12, -0.03, 0.05, 0.20, 0.01, -0.07, 0.09]),

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.config import from_dict
 from lawder_core.errors import EXIT_USAGE, UsageError
 from lawder_core.train.configs import SegTrainConfig
-from tests.helpers import synthetic_h5
+from tests.helpers import runner, synthetic_h5
 
 pytestmark = pytest.mark.faults
 
@@ -39,7 +38,7 @@ def test_train_order_with_a_mistyped_config_exits_2_and_leaves_no_run_folder(tmp
     config = tmp_path / "bad.yaml"
     config.write_text("size: abc\n")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train-order", "--data", str(data), "--out", str(out), "--config", str(config)])
+    result = runner.invoke(app, ["train-order", "--data", str(data), "--out", str(out), "--config", str(config)])
     assert result.exit_code == EXIT_USAGE
     assert "'size'" in result.output and "Traceback" not in result.output
     assert not out.exists()

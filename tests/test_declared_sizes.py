@@ -11,16 +11,14 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.images import MAX_PIXELS, image_size, read_image
 from lawder_core.errors import DataError
-from tests.helpers import synthetic_h5, untrained_checkpoint, write_pair_folder
+from tests.helpers import runner, synthetic_h5, untrained_checkpoint, write_pair_folder
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 
 
 def declaring_h5(path: Path, n: int, side: int, chunk_side: int) -> Path:

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.distributed.train import LaunchConfig, _ray_worker, launch
@@ -19,9 +18,7 @@ from lawder_core.errors import EnvironmentProblem, UsageError
 from lawder_core.train.amp import precision
 from lawder_core.train.configs import DiffusionTrainConfig
 from lawder_core.train.runtime import DEVICE_ENV, on_device, optimizer_options, worker_context
-from tests.helpers import synthetic_h5
-
-runner = CliRunner()
+from tests.helpers import runner, synthetic_h5
 
 
 @pytest.fixture()

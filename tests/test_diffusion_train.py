@@ -13,15 +13,12 @@ from safetensors.torch import load_file
 from lawder_core.errors import UsageError
 from lawder_core.models.law import LAWConfig
 from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
-from tests.helpers import synthetic_h5
 from tests.tiny_sd import build_tiny_sd
 
 WEIGHTS = "last/denoiser/unet/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_h5(tmp_path_factory.mktemp("data") / "synth.h5", n=8, size=32)
+SYNTHETIC = {"n": 8}  # images in the module's `data` (conftest)
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> DiffusionTrainConfig:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data import fingerprint
 from lawder_core.errors import EnvironmentProblem
-
-runner = CliRunner()
+from tests.helpers import runner
 
 
 def inspect_raising(monkeypatch, error: BaseException, tmp_path, *extra: str):

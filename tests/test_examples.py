@@ -6,15 +6,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.config import build_config
 from lawder_core.train.diffusion import DiffusionTrainConfig
 from lawder_core.train.seg import SegTrainConfig
+from tests.helpers import runner
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-runner = CliRunner()
 
 
 def test_example_configs_load():

@@ -16,7 +16,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.ct_geometry import canonical_geometry, radiological_view
@@ -24,9 +23,7 @@ from lawder_core.data.h5 import H5Writer, load_arrays, open_h5, read_case_geomet
 from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_kits import KitsOptions, prepare_kits
 from lawder_core.export.nnunet import export_nnunet
-from tests.helpers import KITS_LABELS, kits_like_h5, synthetic_h5, write_kits_folder
-
-runner = CliRunner()
+from tests.helpers import KITS_LABELS, kits_like_h5, runner, synthetic_h5, write_kits_folder
 
 
 def verify(folder: Path) -> None:

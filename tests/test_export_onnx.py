@@ -9,16 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.errors import UsageError
 from lawder_core.export.onnx import export_onnx, onnx_session, read_metadata
 from lawder_core.models.configs import available_models
 from lawder_core.models.factory import build_segmenter, save_segmenter
-from tests.helpers import synthetic_h5
+from tests.helpers import runner, synthetic_h5
 
-runner = CliRunner()
 # ONNX Runtime must agree with PyTorch to 1e-4 of the logit scale beyond PyTorch's own float32 rounding on the
 # model (measured against the same model in float64): two float32 implementations cannot agree more closely than
 # either is exact. That own error is 2e-5–9e-5 here (mkunet-l, unet-mbv2 at 96 px: 6.2e-5, 9.1e-5), so a wrong op,

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.h5 import read_case_splits
@@ -16,12 +15,9 @@ from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics, segmenter_checkpoint
 from lawder_core.train.configs import check_seg_config, planned_steps_per_epoch, training_indices
 from lawder_core.train.seg import train_segmenter
-from tests.helpers import quick_seg_config, synthetic_h5
+from tests.helpers import quick_seg_config, runner
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthetic_h5(tmp_path_factory.mktemp("d") / "s.h5", n=30, size=32)
+SYNTHETIC = {"n": 30}  # images in the module's `data` (conftest)
 
 
 def quick(data, out, **kw):
@@ -93,7 +89,7 @@ def test_evaluate_scores_a_fold_run_on_its_held_out_fold_by_default(data, tmp_pa
     out = tmp_path / "run"
     train_segmenter(quick(data, out, folds=3, fold=1, epochs=1))
     assert dice_split(out, None) == "fold"
-    result = CliRunner().invoke(app, ["evaluate", "--dice", "--run", str(out), "--data", str(data), "-o",
+    result = runner.invoke(app, ["evaluate", "--dice", "--run", str(out), "--data", str(data), "-o",
                                       str(tmp_path / "eval"), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -110,7 +106,7 @@ def test_evaluate_scores_a_fold_run_on_its_held_out_fold_by_default(data, tmp_pa
 
 def test_train_order_cli_takes_the_fold_and_budget_options(data, tmp_path):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["train-order", "--data", str(data), "--out", str(out), "--model", "mkunet-t",
+    result = runner.invoke(app, ["train-order", "--data", str(data), "--out", str(out), "--model", "mkunet-t",
                                       "--size", "32", "--epochs", "3", "--steps", "4", "--batch-size", "8",
                                       "--folds", "3", "--fold", "2", "--select", "last", "--json"])
     assert result.exit_code == 0, result.output

@@ -16,14 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
-from tests.helpers import synthetic_h5
+from tests.helpers import runner
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 LAWDER = str(Path(sys.executable).with_name("lawder"))
 DISK = 4 << 20  # the tmpfs: 4 MiB
 
@@ -117,9 +115,7 @@ def test_prepare_on_a_full_disk_exits_4_with_one_line_and_no_partial_file(tmp_pa
         assert leftovers(disk) == []  # no b.h5.partial, no side files of a data set that does not exist
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_h5(tmp_path_factory.mktemp("full") / "s.h5", n=16, size=32)
+SYNTHETIC = {"n": 16}  # images in the module's `data` (conftest)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from lawder_core.metrics.judge_free import (
     ring_width,
     size_bin,
 )
-from tests.helpers import synthetic_h5
+from tests.helpers import runner, synthetic_h5
 
 SIDE = 32
 
@@ -139,14 +139,13 @@ def test_adherence_requests_are_checked_before_anything_loads(pair_files, tmp_pa
 
 
 def test_cli_shows_judge_free_adherence_and_the_lesion_crop_kid(pair_files, tmp_path: Path):
-    from typer.testing import CliRunner
 
     from lawder_cli.main import app
     from tests.helpers import tiny_fid_weights
 
     real, synthetic = pair_files
     weights = tiny_fid_weights(tmp_path / "fid.pt")
-    result = CliRunner().invoke(app, ["evaluate", "--adherence", "--lesion-kid", "--kid", "--real", str(real),
+    result = runner.invoke(app, ["evaluate", "--adherence", "--lesion-kid", "--kid", "--real", str(real),
                                       "--synthetic", str(synthetic), "--fid-weights", str(weights),
                                       "-o", str(tmp_path / "eval")], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -155,6 +154,6 @@ def test_cli_shows_judge_free_adherence_and_the_lesion_crop_kid(pair_files, tmp_
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["metadata"]["metrics"] == ["--kid", "--adherence", "--lesion-kid"]
     assert summary["fid"]["kid_se"] is not None and summary["lesion_kid"]["kid_se"] is not None
-    refused = CliRunner().invoke(app, ["evaluate", "--adherence", "--synthetic", str(synthetic), "-o",
+    refused = runner.invoke(app, ["evaluate", "--adherence", "--synthetic", str(synthetic), "-o",
                                        str(tmp_path / "no")])
     assert refused.exit_code == 2 and "--segmenter" in refused.output

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.errors import DataError, EnvironmentProblem, known_cause
-from tests.helpers import synthetic_h5, untrained_checkpoint
+from tests.helpers import runner, synthetic_h5, untrained_checkpoint
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 
 
 def torch_save_on_a_full_disk() -> Exception:

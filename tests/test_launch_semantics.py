@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.distributed import shared_storage
@@ -18,14 +17,9 @@ from lawder_core.train import seg
 from lawder_core.train.configs import check_seg_config, planned_steps_per_epoch, worker_batch_size
 from lawder_core.train.runtime import DEVICE_ENV, WorkerContext
 from lawder_core.train.seg import SegTrainConfig, build_loaders, train_segmenter
-from tests.helpers import quick_seg_config, synthetic_h5
+from tests.helpers import quick_seg_config, runner
 
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthetic_h5(tmp_path_factory.mktemp("d") / "s.h5", n=30, size=32)
+SYNTHETIC = {"n": 30}  # images in the module's `data` (conftest)
 
 
 def quick(data, out, **kw):

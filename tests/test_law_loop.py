@@ -17,12 +17,8 @@ from lawder_core.models.ema import EMA
 from lawder_core.models.law import LAWConfig
 from lawder_core.train import diffusion
 from lawder_core.train.diffusion import DiffusionTrainConfig, train_diffusion
-from tests.helpers import synthetic_h5
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_h5(tmp_path_factory.mktemp("data") / "synth.h5", n=10, size=32)
+SYNTHETIC = {"n": 10}  # images in the module's `data` (conftest)
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> DiffusionTrainConfig:

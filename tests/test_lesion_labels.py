@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.h5 import load_arrays, read_info
@@ -19,9 +18,8 @@ from lawder_core.errors import UsageError
 from lawder_core.metrics.adherence import mask_adherence, segmenter_classes
 from lawder_core.models.law import lesion_at, prior_map, weight_stats
 from lawder_core.train.configs import DiffusionTrainConfig, run_lesion_labels
-from tests.helpers import KITS_LABELS, kits_like_h5, synthetic_h5
+from tests.helpers import KITS_LABELS, kits_like_h5, runner, synthetic_h5
 
-runner = CliRunner()
 POLYPS = ("background", "lesion")
 
 

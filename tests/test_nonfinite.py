@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.h5 import load_arrays
@@ -22,11 +21,10 @@ from lawder_core.data.prepare_kits import KitsOptions, prepare_kits
 from lawder_core.predict.images import predict_to_folder
 from lawder_core.predict.output import SkippedInputs
 from lawder_core.predictor import load_predictor
-from tests.helpers import synthetic_h5, untrained_checkpoint, write_kits_folder, write_pair_folder
+from tests.helpers import runner, untrained_checkpoint, write_kits_folder, write_pair_folder
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 
 
 def poison(weights: Path) -> None:
@@ -36,9 +34,7 @@ def poison(weights: Path) -> None:
               metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_h5(tmp_path_factory.mktemp("nan") / "s.h5", n=12, size=32)
+SYNTHETIC = {"n": 12}  # images in the module's `data` (conftest)
 
 
 @pytest.fixture()

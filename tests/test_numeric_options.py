@@ -26,7 +26,6 @@ import typer.main
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core import numbers
@@ -34,9 +33,9 @@ from lawder_core.config import build_config
 from lawder_core.errors import EXIT_DATA, EXIT_ENVIRONMENT, EXIT_USAGE, UsageError
 from lawder_core.files import json_text
 from lawder_core.train.configs import DiffusionTrainConfig, SegTrainConfig
+from tests.helpers import runner
 
 pytestmark = pytest.mark.faults
-runner = CliRunner()
 
 # What each command needs besides the option under test, so that the option is what it fails on. {d}: a prepared
 # HDF5 file; {r}: a run folder; {o}: a folder that must stay empty.

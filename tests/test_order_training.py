@@ -11,12 +11,7 @@ from lawder_core.runs import read_metrics
 from lawder_core.train.configs import check_seg_config
 from lawder_core.train.losses import segmentation_loss
 from lawder_core.train.seg import SegTrainConfig, aux_loss_weights, build_optimizer, train_segmenter
-from tests.helpers import quick_seg_config, synthetic_h5
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthetic_h5(tmp_path_factory.mktemp("d") / "s.h5", n=24, size=32)
+from tests.helpers import quick_seg_config
 
 
 @pytest.fixture(scope="module")

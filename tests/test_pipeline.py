@@ -3,13 +3,10 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.errors import EXIT_DATA, EXIT_USAGE
-from tests.helpers import tiny_fid_weights
-
-runner = CliRunner()
+from tests.helpers import runner, tiny_fid_weights
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [

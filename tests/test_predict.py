@@ -2,15 +2,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.errors import DataError
 from lawder_core.models.factory import build_segmenter, save_segmenter
 from lawder_core.predictor import load_predictor, predict_images
-from tests.helpers import synthetic_h5, write_pair_folder
-
-runner = CliRunner()
+from tests.helpers import runner, synthetic_h5, write_pair_folder
 
 
 @pytest.fixture()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.h5 import H5Writer
@@ -21,9 +20,9 @@ from lawder_core.paths import safe_name, unique_names
 from lawder_core.predict.images import predict_to_folder
 from lawder_core.predict.output import SUMMARY, SkippedInputs
 from lawder_core.predictor import load_predictor
+from tests.helpers import runner
 
 pytestmark = pytest.mark.faults
-runner = CliRunner()
 ODD_CASES = ["../evil", "a/b", "-rf", "..", "", "/etc/passwd", ".hidden", "naïve case", "a\\b:c*?"]
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.ct_geometry import from_radiological_view, window_to_uint8
@@ -28,8 +27,8 @@ from lawder_core.predict.volumes import (
     volume_settings,
 )
 from lawder_core.predictor import Predictor, load_predictor, predict_images
+from tests.helpers import runner
 
-runner = CliRunner()
 X, Y, Z = 24, 20, 7  # canonical (RAS) grid: non-square slices, so prepare pads them to SIZE
 SPACING = (0.8, 0.8, 2.5)
 SIZE = 24  # the HDF5's --size: the longest side, so the slices are padded but not resized

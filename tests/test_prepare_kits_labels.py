@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.data.ct_geometry import canonical_zooms, radiological_view
@@ -18,6 +17,7 @@ from lawder_core.data.prepare import side_paths
 from lawder_core.data.prepare_kits import KitsOptions, looks_like_old_kits19, prepare_kits
 from lawder_core.data.resize import resize_mask, resize_mask_priority
 from lawder_core.errors import UsageError
+from tests.helpers import runner
 from tests.test_prepare_kits import (
     KIDNEY_SLICES,
     Z,
@@ -193,9 +193,9 @@ def test_spacing_refuses_stretch(tmp_path):
 def test_cli_spacing(tmp_path):
     root = spacing_case(tmp_path, (0.8, 1.6, 3.0))
     base = ["prepare", "kits", str(root), "-o", str(tmp_path / "kits.h5"), "--split", "1,0,0", "--empty-share", "0"]
-    bad = CliRunner().invoke(app, [*base, "--size", "20", "--spacing", "0"])
+    bad = runner.invoke(app, [*base, "--size", "20", "--spacing", "0"])
     assert bad.exit_code == 2 and "--spacing" in bad.output
-    good = CliRunner().invoke(app, [*base, "--size", "20", "--spacing", "1.6"])
+    good = runner.invoke(app, [*base, "--size", "20", "--spacing", "1.6"])
     assert good.exit_code == 0, good.output
     assert read_info(tmp_path / "kits.h5").preprocessing["spacing"] == 1.6
 

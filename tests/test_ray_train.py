@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.distributed.train import LaunchConfig, launch
@@ -11,14 +10,7 @@ from lawder_core.errors import DataError, UsageError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics
 from lawder_core.train.seg import train_segmenter
-from tests.helpers import quick_seg_config, synthetic_h5
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthetic_h5(tmp_path_factory.mktemp("d") / "s.h5", n=24, size=32)
+from tests.helpers import quick_seg_config, runner
 
 
 def cfg(data, out, **kw):

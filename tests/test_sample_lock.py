@@ -9,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.locks import lock_path
 from lawder_core.sample import SampleConfig, generate_here, sample_to_file
-from tests.helpers import synthetic_h5
+from tests.helpers import runner, synthetic_h5
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 TRY_LOCK = """
 import sys
 from lawder_core.errors import DataError

@@ -14,18 +14,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core import runs
 from lawder_core.data.h5 import load_arrays, read_info, split_indices
 from lawder_core.errors import EXIT_DATA, DataError
 from lawder_core.models.configs import SPEC_FILE
-from tests.helpers import synthetic_h5
+from tests.helpers import runner, synthetic_h5
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 SIZE = 32
 
 

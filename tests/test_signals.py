@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core import runs
 from lawder_core.data import h5
 from lawder_core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
-from tests.helpers import synthetic_h5, write_kits_folder
+from tests.helpers import runner, synthetic_h5, write_kits_folder
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 LAWDER = str(Path(sys.executable).with_name("lawder"))
 SIGNALS = [(signal.SIGINT, EXIT_INTERRUPTED, "SIGINT"), (signal.SIGTERM, EXIT_TERMINATED, "SIGTERM")]
 SIGNAL_IDS = ["SIGINT", "SIGTERM"]
@@ -49,9 +47,7 @@ def stopped_once(output: str, code: int, expected: int, name: str) -> None:
     assert output.count("interrupted by") == 1
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_h5(tmp_path_factory.mktemp("signals") / "s.h5", n=16, size=32)
+SYNTHETIC = {"n": 16}  # images in the module's `data` (conftest)
 
 
 @pytest.mark.parametrize(("signum", "expected", "name"), SIGNALS, ids=SIGNAL_IDS)

@@ -7,15 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.common import PrintableFormatter, printable
 from lawder_cli.main import app
-from tests.helpers import untrained_checkpoint, write_pair_folder
+from tests.helpers import runner, untrained_checkpoint, write_pair_folder
 
 pytestmark = pytest.mark.faults
 
-runner = CliRunner()
 HOSTILE = "\x1b[2J\x1b[31mred\x07\rclear\x9b"
 
 

@@ -9,12 +9,7 @@ from lawder_core.errors import TrainingError
 from lawder_core.models.factory import load_segmenter
 from lawder_core.runs import read_metrics
 from lawder_core.train.seg import SegTrainConfig, class_target, dice_per_image, model_target, train_segmenter
-from tests.helpers import quick_seg_config, synthetic_h5
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthetic_h5(tmp_path_factory.mktemp("d") / "s.h5", n=24, size=32)
+from tests.helpers import quick_seg_config
 
 
 def quick(data, out, **kw):

@@ -7,16 +7,13 @@ import pickle
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.config import build_config
 from lawder_core.errors import UsageError
 from lawder_core.sweeps import SWEEP_SPACES, apply_params, load_sweep_space
 from lawder_core.train.seg import SegTrainConfig, train_segmenter
-from tests.helpers import synthetic_h5, tiny_fid_weights
-
-runner = CliRunner()
+from tests.helpers import runner, synthetic_h5, tiny_fid_weights
 
 
 class Planted:

@@ -3,12 +3,12 @@
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from lawder_cli.main import app
 from lawder_core.distributed.session import wait_for_resources
 from lawder_core.distributed.train import LaunchConfig
 from lawder_core.errors import EnvironmentProblem, UsageError
+from tests.helpers import runner
 
 pytestmark = pytest.mark.faults
 
@@ -36,5 +36,5 @@ def test_what_a_launch_asks_for_and_negative_waits():
     assert LaunchConfig(workers=3, cpus_per_worker=2).needs() == {"CPU": 6.0}
     with pytest.raises(UsageError, match="wait-for-resources"):
         LaunchConfig(wait_for_resources=-1)
-    result = CliRunner().invoke(app, ["train-order", "--data", "x.h5", "--out", "o", "--wait-for-resources", "-1"])
+    result = runner.invoke(app, ["train-order", "--data", "x.h5", "--out", "o", "--wait-for-resources", "-1"])
     assert result.exit_code == 2
