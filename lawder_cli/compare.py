@@ -38,7 +38,7 @@ def _noise(row: dict[str, Any]) -> str:
         return "(this row)"
     if row["exceeds_noise_floor"] is None:
         return "none"
-    return f"{'>' if row['exceeds_noise_floor'] else '≤'} 2×{row['noise_floor']:.2g}"
+    return f"{'>' if row['exceeds_noise_floor'] else '≤'} {row['noise_floor']:.2g}"
 
 
 def render(result: dict[str, Any]) -> None:
@@ -46,7 +46,7 @@ def render(result: dict[str, Any]) -> None:
     level = f"{result['settings']['level']:.0%}"
     table = Table(title="lawder compare", box=box.SIMPLE_HEAD,
                   caption="sign: run pairs whose mean difference has the overall sign; "
-                          "n: run pairs × cases (− values left out)")
+                          "n: run pairs / distinct cases (− values left out)")
     for column in ("metric", "B − A", "mean A", "mean B", f"difference [{level} CI]", "Wilcoxon p", "sign", "n",
                    "noise floor", "verdict"):
         table.add_column(column, overflow="fold")
@@ -58,7 +58,7 @@ def render(result: dict[str, Any]) -> None:
         left_out = f" (−{row['n_left_out']})" if row["n_left_out"] else ""
         table.add_row(escape(row["metric"]) if row["metric"] != previous else "", escape(f"{row['b']} − {row['a']}"),
                       _fmt(row["mean_a"]), _fmt(row["mean_b"]), f"{_fmt(diff, signed=True)}{ci}",
-                      _p(row["p_wilcoxon"]), f"{agree}/{len(runs)}", f"{row['n_runs']}×{row['n_cases']}{left_out}",
+                      _p(row["p_wilcoxon"]), f"{agree}/{len(runs)}", f"{row['n_runs']} / {row['n_cases']}{left_out}",
                       _noise(row), escape(row["verdict"] or ""))
         previous = row["metric"]
     # a log file has no width to keep: give the table the width it needs there; a terminal keeps its own
@@ -115,7 +115,8 @@ def compare(
     Its CI resamples run pairs, then cases; the Wilcoxon signed-rank p tests the per-case differences.
     "every run": whether each run pair's mean difference has the overall sign.
     A replicate arm (same config, another seed) is the noise floor; a verdict needs a CI that excludes 0,
-    every run pair agreeing and, with a replicate, a difference above twice the noise floor.
+    every run pair agreeing and, with a replicate, a difference above the noise floor (the largest |bound| of
+    the replicate's CI).
 
     Example: lawder compare T='runs/t/fold*/eval/summary.json' ORDER='runs/order/fold*/eval/summary.json'
     --expect 'ORDER > T' --margin 0.01 --plot diff.png

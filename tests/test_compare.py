@@ -284,8 +284,8 @@ def test_replicate_is_found_from_config_and_is_the_noise_floor(tmp_path):
     floor = found["T2 - T"]
     assert floor["kind"] == "noise floor" and floor["verdict"] is None
     diff = found["ORDER - T"]
-    assert diff["noise_floor"] == pytest.approx(abs(floor["difference"]))
-    assert diff["exceeds_noise_floor"] == (abs(diff["difference"]) > 2 * abs(floor["difference"])) is True
+    assert diff["noise_floor"] == pytest.approx(max(abs(floor["ci_low"]), abs(floor["ci_high"])))
+    assert diff["exceeds_noise_floor"] == (abs(diff["difference"]) > diff["noise_floor"]) is True
     assert diff["verdict"] == "ORDER > T" and diff["holds_on_every_replicate"] and diff["ci_low"] > 0
     # --pair replaces the default "against the first arm"; the replicate's noise floor is always reported
     asked = compare(request(t, order, t2, pairs=("ORDER-T2",)))

@@ -12,9 +12,11 @@ case's difference averaged over the run pairs that share it), every run pair's m
 have the sign of the overall mean ("holds on every replicate"), and how many runs and cases are behind it.
 
 A replicate arm (the same configuration as an original arm, another seed: declared, or found from the run
-folders' config.json) is compared with its original and reported as the noise floor. Every other difference is
-then checked against twice the largest replicate |mean difference| of that metric, and its verdict is a
-direction only when the CI excludes 0, the sign holds on every run pair and the noise floor (if any) is cleared.
+folders' config.json) is compared with its original and reported as the noise floor: the largest |bound| of the
+replicate's CI, i.e. the biggest difference that a change of seed alone is compatible with. (Its mean difference
+would be a poor floor: on five folds it can land near 0 by chance while single folds move by ±3 points.) Every
+other difference of that metric must exceed the floor, and its verdict is a direction only when the CI excludes
+0, the sign holds on every run pair and the noise floor (if any) is cleared.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from lawder_core.metrics.summary import to_jsonable
 DEFAULT_METRIC = "Dice"
 NOISE_FLOOR = "noise floor"
 DIFFERENCE = "difference"
-NOISE_FACTOR = 2.0  # a difference counts when it exceeds twice the replicate's |mean difference|
 MIN_RESAMPLES = 100
 # How every figure is made, written into the result beside the numbers.
 METHOD = {
@@ -44,8 +45,8 @@ METHOD = {
     "test": "two-sided Wilcoxon signed-rank on per-case differences (mean over the run pairs sharing a case; "
             "zero differences dropped)",
     "pairing": "runs of two arms pair when they score the same set of cases, in the order given",
-    "noise_floor": f"the largest |mean difference| of a replicate against its original; a difference exceeds it "
-                   f"when larger than {NOISE_FACTOR:g}x",
+    "noise_floor": "the largest |CI bound| of a replicate's difference against its original (what a change of "
+                   "seed alone is compatible with); a difference exceeds it when its |mean| is larger",
     "verdict": "a direction when the CI excludes 0, every run pair has the same sign and the noise floor (when "
                "measured) is exceeded; else undecided",
 }
@@ -247,10 +248,10 @@ def compare_metric(metric: str, a: Arm, b: Arm, *, resamples: int, level: float,
 
 
 def judge(row: dict[str, Any], floor: float | None) -> None:
-    """Add the noise floor, whether the difference clears twice it, and the verdict (in place)."""
+    """Add the noise floor, whether the difference clears it, and the verdict (in place)."""
     row["noise_floor"] = floor
     diff = row["difference"]
-    row["exceeds_noise_floor"] = None if floor is None or diff is None else bool(abs(diff) > NOISE_FACTOR * floor)
+    row["exceeds_noise_floor"] = None if floor is None or diff is None else bool(abs(diff) > floor)
     verdict = "undecided"
     if diff is not None and row["holds_on_every_replicate"] and row["exceeds_noise_floor"] is not False:
         if row["ci_low"] > 0:
@@ -340,7 +341,8 @@ def compare_all(metrics: Sequence[str], arms: Mapping[str, Arm], work: Plan, req
     for metric in metrics:
         found = [(compare_metric(metric, arms[a], arms[b], resamples=request.resamples, level=request.level,
                                  seed=request.seed), (b, a) in work.noise_floors) for b, a in work.pairs]
-        floors = [abs(row["difference"]) for row, is_floor in found if is_floor and row["difference"] is not None]
+        floors = [max(abs(row["ci_low"]), abs(row["ci_high"])) for row, is_floor in found
+                  if is_floor and row["difference"] is not None]
         floor = max(floors) if floors else None
         for row, is_floor in found:
             row["kind"] = NOISE_FLOOR if is_floor else DIFFERENCE

@@ -27,7 +27,7 @@ def save_difference_plot(result: Mapping[str, Any], path: str | os.PathLike, met
     fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.6 * max(len(rows), 1)))
     floors = [r["noise_floor"] for r in rows if r.get("noise_floor") is not None]
     if floors:
-        ax.axvspan(-2 * floors[0], 2 * floors[0], color="0.92", zorder=0, label="±2× noise floor")
+        ax.axvspan(-floors[0], floors[0], color="0.92", zorder=0, label="± noise floor")
     ax.axvline(0.0, color="0.3", linewidth=0.8, zorder=1)
     for y, row in enumerate(reversed(rows)):
         colour = NOISE_COLOUR if row["kind"] == "noise floor" else DIFFERENCE_COLOUR
