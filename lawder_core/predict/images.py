@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,10 +30,6 @@ from lawder_core.predict.output import (
 from lawder_core.predict.volumes import OVERLAYS, check_window, is_volume_source, predict_volumes
 from lawder_core.predictor import Predictor, load_predictor, predict_images
 from lawder_core.viz import overlay
-
-# torch and the models load inside the functions that use them: a wrong request is refused before they do
-if TYPE_CHECKING:
-    pass
 
 MASKS = "masks"
 
