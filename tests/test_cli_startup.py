@@ -76,7 +76,7 @@ PROBE = textwrap.dedent("""
     watched = {watched!r}
     results = []
     for args in json.loads(sys.argv[1]):
-        result = runner.invoke(app, args, terminal_width=200)
+        result = CliRunner().invoke(app, args, terminal_width=200)
         results.append({{"args": args, "exit_code": result.exit_code, "output": result.output,
                          "loaded": sorted(m for m in watched if m in sys.modules)}})
     print(json.dumps(results))
