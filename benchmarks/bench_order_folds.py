@@ -58,6 +58,7 @@ class Arm:
     extended: bool = False  # E + E2 epochs instead of E
     stage_two_of: str | None = None  # E2 epochs from this arm's run of the same fold, trunk frozen
     order: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # other SegTrainConfig fields (the adapter sweep)
 
 
 ARMS = {
@@ -68,6 +69,12 @@ ARMS = {
     "order-joint": Arm("mkunet-t-order", extended=True),
     "wide": Arm("mkunet-t-wide", extended=True),
     "order-2stage-fast": Arm("mkunet-t-order", stage_two_of="t", order={"rho": 0.15, "kv_grid": 8}),
+    # the adapter's own learning rate and warm-up in joint training (a short sweep around 0.5 x lr, 2 epochs)
+    "order-joint-lr1-w2": Arm("mkunet-t-order", extended=True, train={"adapter_lr_scale": 1.0}),
+    "order-joint-lr025-w2": Arm("mkunet-t-order", extended=True, train={"adapter_lr_scale": 0.25}),
+    "order-joint-lr05-w0": Arm("mkunet-t-order", extended=True, train={"adapter_warmup_epochs": 0}),
+    "order-joint-lr1-w0": Arm("mkunet-t-order", extended=True,
+                              train={"adapter_lr_scale": 1.0, "adapter_warmup_epochs": 0}),
 }
 DEFAULT_ARMS = ("t", "order-2stage", "t-rep", "t-ext", "order-joint", "wide")
 REPLICATES = {"t-rep": "t"}
@@ -90,7 +97,7 @@ def train_config(args: argparse.Namespace, h5: Path, arm_name: str, fold: int) -
     out = run_folder(args.work, arm_name, fold)
     cfg = SegTrainConfig(data=str(h5), out=str(out), model=arm.model, size=args.size, epochs=epochs,
                          batch_size=args.batch_size, lr=args.lr, seed=arm.seed, folds=args.folds, fold=fold,
-                         select="last", order=OrderConfig(**arm.order), resume=runs.has_run(out))
+                         select="last", order=OrderConfig(**arm.order), resume=runs.has_run(out), **arm.train)
     if arm.stage_two_of:
         cfg = replace(cfg, init_from=str(run_folder(args.work, arm.stage_two_of, fold)), freeze_trunk=True)
     return cfg
@@ -162,7 +169,7 @@ def write_result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                                  "every model; ORDER region heads 0.2 on ORDER's heads only, detached",
                          "select": "last (held-out fold unbiased); order-2stage also best/ on the test split",
                          "augmentation": "flips, 90° rotations, scale/crop"},
-              "arms": {name: {"model": ARMS[name].model, "seed": ARMS[name].seed,
+              "arms": {name: {"model": ARMS[name].model, "seed": ARMS[name].seed, "train": ARMS[name].train,
                               "epochs": args.extra if ARMS[name].stage_two_of else
                               args.epochs + (args.extra if ARMS[name].extended else 0),
                               "stage_two_of": ARMS[name].stage_two_of, "order": ARMS[name].order}
