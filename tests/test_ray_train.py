@@ -88,10 +88,17 @@ def test_worker_logging_keeps_lawder_info_and_drops_ray_chatter():
         assert not context.logger.isEnabledFor(logging.INFO)
         assert not logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).isEnabledFor(logging.WARNING)
         assert client.logger.name == AUTOSCALING_CLIENT_LOGGER and not client.logger.isEnabledFor(logging.WARNING)
+        # the controller then configures `ray.train` with dictConfig, which resets its children's levels (as here)
+        # and keeps their filters
+        client.logger.setLevel(logging.NOTSET)
+        warning = logging.LogRecord(client.logger.name, logging.WARNING, __file__, 1, "timed out", None, None)
+        assert not client.logger.filter(warning)
+        assert client.logger.filter(logging.makeLogRecord({**vars(warning), "levelno": logging.ERROR}))
     finally:  # later tests see the logging set-up they had before
         root.removeHandler(handler)
         for lg, level in zip(touched, levels, strict=True):
             lg.setLevel(level)
+            lg.filters.clear()
 
 
 @pytest.mark.parametrize("command", ["train-order", "train-law"])

@@ -148,9 +148,21 @@ def quiet_ray_logs() -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # a handler where Ray set none
     logging.getLogger().setLevel(logging.WARNING)  # Ray's workers start with the root logger at INFO
     logging.getLogger("lawder_core").setLevel(logging.INFO)
-    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
-    logging.getLogger(AUTOSCALING_CLIENT_LOGGER).setLevel(logging.ERROR)
+    for name in (PLACEMENT_GROUP_CLEANER_LOGGER, AUTOSCALING_CLIENT_LOGGER):
+        quiet_below_error(logging.getLogger(name))
     threading.excepthook = quiet_cleaner_crash(threading.excepthook)
+
+
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_below_error(logger: logging.Logger) -> None:
+    """ERROR and above only, by level and by a filter: Ray Train's controller configures `ray.train` with
+    `dictConfig` after this hook has run, which resets its child loggers' levels but keeps their filters."""
+    logger.setLevel(logging.ERROR)
+    if errors_only not in logger.filters:
+        logger.addFilter(errors_only)
 
 
 def quiet_cleaner_crash(default: Callable[[Any], None]) -> Callable[[Any], None]:
