@@ -34,12 +34,13 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -61,6 +62,7 @@ from lawder_core.errors import DataError, UsageError
 from lawder_core.interrupts import signals_deferred
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LABEL_NAMES = ("background", "kidney", "tumor", "cyst")
 MAX_LABEL = len(LABEL_NAMES) - 1
@@ -302,9 +304,23 @@ def converted_cases(cases: Sequence[KitsCase], settings: SliceSettings) -> Itera
     context = multiprocessing.get_context("spawn")
     with ExitStack() as stack:
         with signals_deferred():  # a pool half started is never terminated: a signal waits until it is whole
-            pool = stack.enter_context(context.Pool(min(settings.kits.jobs, len(cases)),
-                                                    initializer=_leave_interrupts_to_the_parent))
+            pool = stack.enter_context(spawn_ignoring_ctrl_c(lambda: context.Pool(
+                min(settings.kits.jobs, len(cases)), initializer=_leave_interrupts_to_the_parent)))
         yield pool.imap(_convert_task, tasks, chunksize=1)
+
+
+def spawn_ignoring_ctrl_c(start: Callable[[], T]) -> T:
+    """`start()` with SIGINT ignored in this process for the moment it spawns children: an ignored signal stays
+    ignored through exec, so a Ctrl-C sent to the whole process group while a worker is still importing Python
+    cannot print "Fatal Python error: init_import_site" from it. A Ctrl-C in those milliseconds is dropped.
+    Off the main thread signals cannot be changed (nor received): `start()` runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _leave_interrupts_to_the_parent() -> None:
