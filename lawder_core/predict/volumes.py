@@ -18,7 +18,7 @@ Settings come from the training HDF5's `preprocessing` record (the run's `train_
 there and was made by `prepare kits`; otherwise the KiTS defaults (window -79,304 HU, 1 channel, pad to the
 training size, each case's own spacing). `--window` overrides the window. The log says which were used.
 
-`lawder_core.predict.predict_to_folder` loads the run, applies the output-folder rules (no writing into a
+`images.predict_to_folder` loads the run, applies the output-folder rules (no writing into a
 non-empty folder without --force, never through a symbolic link: `output.py`) and dispatches here for
 NIfTI input. A volume that cannot be read or segmented is skipped; the run then exits 3 after the summary.
 """
@@ -52,18 +52,7 @@ from lawder_core.data.prepare_kits import IMAGING, KitsOptions, load_header, loo
 from lawder_core.data.sources import parse_window
 from lawder_core.errors import DataError, UsageError
 from lawder_core.paths import unique_names, write_safely
-from lawder_core.predict.output import (
-    SUMMARY,
-    Outcome,
-    finish,
-    input_failure,
-    keep_inside,
-    make_output,
-    nothing_found,
-    refuse_links,
-    summary_on_abort,
-    write_png,
-)
+from lawder_core.predict import output as rules  # the output folder's rules, shared with images.py
 from lawder_core.viz import overlay
 
 if TYPE_CHECKING:
@@ -287,27 +276,27 @@ def predict_volumes(predictor: VolumePredictor, source: str | os.PathLike, out: 
     (`predict_to_folder`) has already refused a non-empty `out` without --force, and a linked `out`.
     """
     source, out = Path(source), Path(out)
-    outcome = Outcome("volumes")
+    outcome = rules.Outcome("volumes")
     volumes = find_volumes(source)
     if source.is_dir():
-        volumes = keep_inside(source, volumes, follow_symlinks, outcome)
+        volumes = rules.keep_inside(source, volumes, follow_symlinks, outcome)
     if not volumes:
-        raise nothing_found("NIfTI volumes (.nii, .nii.gz)", source, outcome)
+        raise rules.nothing_found("NIfTI volumes (.nii, .nii.gz)", source, outcome)
     names = unique_names(name for name, _ in volumes)
     settings = volume_settings(predictor.info, predictor.size, window)
     log.info("CT slices as in training: window %g,%g HU, %d channel(s), %s, spacing %s; from %s",
              *settings.window, settings.channels,
              f"{settings.resize_mode} to {settings.size}" if settings.size else "native size",
              f"{settings.spacing} mm" if settings.spacing else "each case's own", settings.origin)
-    refuse_links([out / SUMMARY] + [out / f"{name}{SEG_SUFFIX}" for name in names])
-    make_output(out, (OVERLAYS,))
+    rules.refuse_links([out / rules.SUMMARY] + [out / f"{name}{SEG_SUFFIX}" for name in names])
+    rules.make_output(out, (OVERLAYS,))
     outcome.total = len(volumes)
     run = predictor.info.get("run") or predictor.info.get("onnx") or predictor.checkpoint
     description = f"lawder predict labels: {Path(str(run)).name}"
     cases: list[dict[str, Any]] = []
     result = {"out": str(out), "checkpoint": str(predictor.checkpoint),
               "preprocessing": {**asdict(settings), "window": list(settings.window)}, "cases": cases}
-    with summary_on_abort(out, outcome, result):
+    with rules.summary_on_abort(out, outcome, result):
         for name, (_, path) in zip(names, volumes, strict=True):
             try:
                 image = load_header(path)  # a DataError for an unreadable or non-3D file
@@ -324,17 +313,18 @@ def predict_volumes(predictor: VolumePredictor, source: str | os.PathLike, out: 
 
                 if isinstance(error, NonFiniteOutputs) and not outcome.written and not outcome.skipped:
                     raise non_finite_model(predictor.checkpoint, error) from error  # the model, not this volume
-                if not input_failure(error):
+                if not rules.input_failure(error):
                     raise
                 outcome.skip(str(path.relative_to(source)) if source.is_dir() else path.name, error)
                 continue
             seg_path = write_segmentation(segmentation_image(stored, image, description), out / f"{name}{SEG_SUFFIX}")
             for z in overlay_slices(labels):
                 view = window_to_uint8(radiological_view(hu[:, :, z]), settings.window)
-                write_png(overlay(view, radiological_view(labels[:, :, z])), out / OVERLAYS / f"{name}_z{z:03d}.png")
+                rules.write_png(overlay(view, radiological_view(labels[:, :, z])),
+                                out / OVERLAYS / f"{name}_z{z:03d}.png")
             values, counts = np.unique(stored, return_counts=True)
             cases.append({"case": name, "input": str(path), "segmentation": str(seg_path), "shape": list(stored.shape),
                           "voxels": {int(v): int(c) for v, c in zip(values, counts, strict=True)}})
             outcome.written += 1
             log.info("%s: %d axial slices -> %s", name, labels.shape[2], seg_path)
-    return finish(out, outcome, result)
+    return rules.finish(out, outcome, result)
