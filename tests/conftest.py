@@ -10,11 +10,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 # Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores, so two
-# workers do not each start a thread per core.
+# workers do not each start a thread per core; the commands a test starts as subprocesses (and their Ray workers)
+# inherit the same share through OMP_NUM_THREADS instead of spinning one thread per core against the other worker.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    CORE_SHARE = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(CORE_SHARE))
+    torch.set_num_threads(CORE_SHARE)
 
 # Tests of one model family that export or train a model each: spread over the workers one by one.
 SPREAD_ONE_BY_ONE = ("test_every_factory_model_exports",)
