@@ -19,26 +19,27 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(CORE_SHARE))
     torch.set_num_threads(CORE_SHARE)
 
-# Tests of one model family that export or train a model each: spread over the workers one by one.
-SPREAD_ONE_BY_ONE = ("test_every_factory_model_exports",)
+# Tests that share a costly once-per-process fixture: on one worker, so it is built once.
+SHARED_FIXTURE_GROUPS = {"order_files": "onnx-order"}
 
 
+@pytest.hookimpl(tryfirst=True)  # xdist's worker reads the groups in this same hook: ours must run before it
 def pytest_collection_modifyitems(items):
     """A test that needs a Ray instance says so by asking for `ray_local`; it is marked `ray` for `-m`.
 
     xdist groups (`--dist loadgroup`): every Ray test runs on one worker, one after another (one local Ray per
-    process, never two at once); other tests stay with their module so module fixtures are built once.
+    process, never two at once), and tests sharing a costly fixture run together; every other test goes to
+    whichever worker is free (module fixtures here cost seconds, so spreading beats keeping a module together).
     """
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "ray_local" in fixtures:
             item.add_marker(pytest.mark.ray)
         if item.get_closest_marker("ray"):
-            group = "ray"
-        elif item.originalname in SPREAD_ONE_BY_ONE:
-            group = item.nodeid
-        else:
-            group = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        for fixture, group in SHARED_FIXTURE_GROUPS.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
