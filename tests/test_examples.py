@@ -28,6 +28,17 @@ def test_example_configs_load():
     assert clamp.init_from and clamp.steps_per_round == 250 and clamp.weighting == "law"
 
 
+def test_the_clamp_example_sweeps_every_built_in_range_and_replicates_the_default():
+    from lawder_core.models.configs import LAWConfig
+    from lawder_core.sweeps import CLAMP_RANGES, flatten_params, load_sweep_space
+
+    grid = load_sweep_space("law-clamp", EXAMPLES / "law_clamp_space.yaml")["clamp"]["grid"]
+    ranges = [(p["law.w_min"], p["law.w_max"]) for p in map(flatten_params, grid)]
+    assert ranges[:-1] == CLAMP_RANGES
+    default = (LAWConfig().w_min, LAWConfig().w_max)
+    assert ranges[-1] == default and grid[-1]["seed"] == 1 and all("seed" not in p for p in grid[:-1])
+
+
 def lawder_calls(script: Path) -> list[list[str]]:
     text = script.read_text().replace("\\\n", " ")
     calls = []
