@@ -24,9 +24,8 @@ demo: $(STAMP)
 	$(BIN)/lawder pipeline --preset cpu-small --out demo $(if $(wildcard demo/config.json),--resume)
 	@echo "demo: open demo/report.html (or read demo/report.md)"
 
-# One pytest worker per core (tests/conftest.py keeps Ray tests on one worker and module fixtures together);
-# two per core were measured slower for the Ray tests (a 2-worker gloo training took 361 s instead of 48 s).
-# PARALLEL= runs in one process.
+# One pytest worker per core (tests/conftest.py keeps the Ray tests on one worker, one after another, and spreads
+# the rest); three workers on 2 cores were measured slower (10:11 vs 9:47 idle). PARALLEL= runs in one process.
 PARALLEL ?= -n auto --dist loadgroup
 
 test: $(STAMP)

@@ -34,7 +34,7 @@ def test_a_group_added_at_collection_runs_on_one_worker(tmp_path: Path) -> None:
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_groups.py").write_text(TESTS)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup",
-                             "-p", "no:cacheprovider", "-p", "no:randomly", str(tmp_path)],
+                             "-p", "no:cacheprovider", str(tmp_path)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     workers = {name: (tmp_path / name).read_text() for name in "abcde"}
