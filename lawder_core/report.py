@@ -29,6 +29,8 @@ from lawder_core.paper import SOURCE, quoted, value
 # segmenter of neither side of its synthetic-data result, so that one is a row of its own (`synthetic_data_table`).
 PAPER_FID = {"uniform": "fid_uniform", "law": "fid_law"}
 PAPER_ORDER_DICE = {"mkunet-t": "dice_mkunet", "mkunet-t-order": "dice_mkunet_order"}
+# A test Dice under this: the segmenter has not left the plateau where it predicts background everywhere.
+NOT_LEARNED = 0.2
 MKUNET_COLOUR, ORDER_COLOUR = (0.553, 0.627, 0.796), (0.988, 0.553, 0.384)  # ColorBrewer Set2 blue and orange
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
@@ -346,8 +348,21 @@ def report_notes(inputs: ReportInputs) -> list[str]:
                  "the share of synthetic pairs whose inside-vs-ring contrast reaches the 10th percentile of the real "
                  "training pairs' (90 % of real pairs are hits). A LAW departure near 0 means LAW's map stayed at "
                  "the fixed ratio prior.")
+    stuck = not_learned(inputs)
+    if stuck:
+        notes.append(f"Did not learn at this budget (test Dice ×100 under {100 * NOT_LEARNED:.0f}): "
+                     f"{'; '.join(stuck)}. "
+                     "A segmenter this low still predicts background almost everywhere, so the claims that compare "
+                     "it (and the judge's adherence, if the judge is among them) say nothing about the methods: "
+                     "give the segmenters more optimiser steps or a higher learning rate.")
     notes.append("Every number comes from a `summary.json` in `lawder evaluate`'s shape, under `evaluate/`.")
     return [f"- {n}" for n in notes]
+
+
+def not_learned(inputs: ReportInputs) -> list[str]:
+    """The segmenters whose test Dice shows they never left the all-background start, as 'model on data (seed)'."""
+    return [f"{s.model} on {s.data}, seed {s.seed}: {100 * s.dice:.1f}" for s in inputs.segmentation
+            if s.dice is not None and s.dice < NOT_LEARNED]
 
 
 def render_html(notes: list[str], tables: list[Table], images: list[tuple[str, Path]]) -> str:

@@ -128,3 +128,17 @@ def test_tiny_pipeline_on_kits_reports_the_three_nested_regions(tmp_path, monkey
     header = "| model | training data | kidney_and_masses | masses | tumor | mean |"
     assert "Test Dice per region" in report and header in report
     assert all(f"<th>{region}</th>" in html for region in regions) and "Test Dice per region" in html
+
+
+def test_a_presets_segmenter_learning_rate_reaches_every_segmenter(tmp_path):
+    from lawder_core.pipeline import PRESETS, PipelineConfig, Stages
+    from lawder_core.train.configs import SegTrainConfig
+
+    def first_config(preset: str) -> SegTrainConfig:
+        stages = Stages(PipelineConfig(out=str(tmp_path / preset), preset=preset))
+        stages.__dict__["seg_steps"] = 240  # what the synthetic sets would give: not needed to build a config
+        return stages.seg_config("mkunet-t", "real", 0)
+
+    # cpu-small's 3e-3: at train-order's 1e-3 its 240 steps left real-only arms predicting background
+    assert PRESETS["cpu-small"].seg_lr == 3e-3 and first_config("cpu-small").lr == 3e-3
+    assert PRESETS["tiny"].seg_lr is None and first_config("tiny").lr == SegTrainConfig.lr
