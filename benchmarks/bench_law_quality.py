@@ -68,7 +68,8 @@ import torch
 HERE = Path(__file__).parent
 ARMS = ("uniform", "uniform-rep", "ratio", "law", "law-influence")
 REPLICATE_SEED_OFFSET = 100
-BINS = ("<1%", "1-3%", "3-10%", ">=10%", "all")
+BINS = ("<1%", "1-3%", "<3%", "3-10%", ">=10%", "all")
+SMALL = 0.03  # the goal's bin, "<3%": the union of the two smallest size bins, from the per-pair rows
 # per-pair metrics and the direction that is better; lesion KID is per run
 PAIR_METRICS = {"hit_rate": +1, "contrast_rel": +1, "spurious_area": -1, "dice": +1}
 log = logging.getLogger("bench_law_quality")
@@ -302,7 +303,12 @@ def run_job(arm: str, seed: int, work: Path, data: Path, judge: Path, b: Budget,
 
 
 def bins_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return summary["adherence"]["bins"]
+    """The summary's size bins, plus "<3%" (the goal's bin) computed the same way from its per-pair rows."""
+    from lawder_core.metrics.judge_free import bin_summary
+
+    adherence = summary["adherence"]
+    small = [r for r in adherence.get("per_case", []) if 0 < r.get("lesion_frac", 0) < SMALL]
+    return {**adherence["bins"], **({"<3%": bin_summary(small)["all"]} if small else {})}
 
 
 def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[int, dict[str, Any]]]:
@@ -425,6 +431,53 @@ def text_table(means: dict[str, Any], bin_label: str) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_COLUMNS = (("hit_rate", "hit rate", 1.0, 3), ("contrast_rel", "contrast ÷ real", 1.0, 3),
+                    ("dice", "judge Dice", 1.0, 3), ("spurious_area", "spurious area", 1.0, 4),
+                    ("lesion_kid", "lesion KID ×10³", 1e3, 2))
+VERDICT_MARK = {"beats uniform": " ✓", "worse than uniform": " ✗", "no call": ""}
+
+
+def markdown_cell(means: dict[str, Any], verdicts_: dict[str, Any], arm: str, metric: str, bin_label: str,
+                  scale: float, digits: int) -> str:
+    """'mean' for uniform; 'mean (Δ [95 % CI])' plus the decision rule's mark for every other arm."""
+    entry = means.get(arm, {})
+    if metric == "lesion_kid":
+        mean = (entry.get("lesion_kid") or {}).get("mean")
+    else:
+        mean = ((entry.get("bins", {}).get(bin_label) or {}).get(metric) or {}).get("mean")
+    if mean is None:
+        return "–"
+    cell = fmt(scale * mean, digits)
+    call = (verdicts_.get(arm, {}).get(metric) or {}).get(bin_label)
+    if call is not None:
+        low, high = call["ci95"]
+        interval = "" if low is None else f" [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+        cell += f" ({scale * call['mean']:+.{digits}f}{interval}){VERDICT_MARK[call['verdict']]}"
+    return cell
+
+
+def markdown_tables(means: dict[str, Any], verdicts_: dict[str, Any]) -> str:
+    """One table per size bin: each arm's mean over seeds and, beside it, its paired difference to uniform with the
+    95 % t-interval over seeds; ✓/✗ where the decision rule calls it. The uniform-rep row is the noise floor."""
+    parts = []
+    for bin_label in BINS:
+        if not any(bin_label in entry.get("bins", {}) for entry in means.values()):
+            continue
+        columns = [c for c in MARKDOWN_COLUMNS if c[0] != "lesion_kid" or bin_label == "all"]
+        pairs = next((e["bins"][bin_label].get("n_pairs") for e in means.values() if bin_label in e.get("bins", {})),
+                     None)
+        rows = [f"**Lesions {bin_label}** ({pairs} pairs per run)", "",
+                "| arm | seeds | " + " | ".join(c[1] for c in columns) + " | LAW departure |",
+                "|---" * (len(columns) + 3) + "|"]
+        for arm, entry in means.items():
+            cells = [markdown_cell(means, verdicts_, arm, metric, bin_label, scale, digits)
+                     for metric, _, scale, digits in columns]
+            departure = fmt((entry.get("law_departure") or {}).get("mean"))
+            rows.append(f"| {arm} | {len(entry['seeds'])} | " + " | ".join(cells) + f" | {departure} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
 def write_compare_arms(work: Path, arms: list[str]) -> Path:
     """The arms file `lawder compare --arms` reads: every seed's summary per arm, the replicate declared."""
     import yaml
@@ -478,6 +531,9 @@ def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, 
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp, out)
+    table = out.with_suffix(".md")
+    table.with_suffix(".md.tmp").write_text(markdown_tables(means, result["verdicts"]))
+    os.replace(table.with_suffix(".md.tmp"), table)
     for bin_label in BINS:
         if any(bin_label in entry.get("bins", {}) for entry in means.values()):
             print(text_table(means, bin_label), "\n")

@@ -71,3 +71,31 @@ def test_smoke_run_writes_per_arm_summaries_and_a_result_and_resumes(tmp_path):
     stamp = (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime
     assert bench.main(args) == 0  # complete: nothing is trained, sampled or scored again
     assert (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime == stamp
+
+
+def test_the_goals_small_lesion_bin_pools_the_pairs_under_3_percent():
+    bench = load_bench()
+    per_case = [{"lesion_frac": f, "size_bin": b, "hit": h, "contrast_rel": c, "dice": d, "spurious_area": 0.0}
+                for f, b, h, c, d in ((0.005, "<1%", 1.0, 0.8, 0.9), (0.02, "1-3%", 0.0, 0.4, 0.5),
+                                      (0.029, "1-3%", 1.0, 1.2, 0.7), (0.05, "3-10%", 0.0, 2.0, 0.1))]
+    bins = bench.bins_of({"adherence": {"bins": {"all": {"n": 4}}, "per_case": per_case}})
+    assert bins["<3%"]["n"] == 3
+    assert bins["<3%"]["hit_rate"] == pytest.approx(2 / 3) and bins["<3%"]["contrast_rel"] == pytest.approx(0.8)
+    assert bins["<3%"]["dice"] == pytest.approx(0.7) and bins["all"] == {"n": 4}
+
+
+def test_the_markdown_table_gives_each_arm_its_paired_difference_ci_and_call():
+    bench = load_bench()
+    uniform = {s: row(0.50, 0.010, 0.20) for s in range(4)}
+    table = {"uniform": uniform,
+             "uniform-rep": {s: row(0.50 + (0.02 if s % 2 else -0.02), 0.010, 0.20) for s in range(4)},
+             "law": {s: row(0.56 + 0.01 * s, 0.004, 0.15) for s in range(4)}}
+    arms = ["uniform", "uniform-rep", "law"]
+    text = bench.markdown_tables(bench.arm_means(table), bench.verdicts(table, arms))
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "**Lesions all** (10 pairs per run)" in text
+    assert lines["| uniform"].startswith("| uniform | 4 | 0.500 | ")  # the reference: its mean, no difference
+    law_ci = bench.verdicts(table, arms)["law"]["hit_rate"]["all"]["ci95"]
+    assert f"0.575 (+0.075 [{law_ci[0]:+.3f}, {law_ci[1]:+.3f}]) ✓" in lines["| law"]
+    assert "150.00 (-50.00" in lines["| law"]  # lesion KID ×10³, lower is better: a win
+    assert "(+0.000 [" in lines["| uniform-rep"] and "✓" not in lines["| uniform-rep"]
