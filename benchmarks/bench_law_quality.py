@@ -68,6 +68,7 @@ import torch
 HERE = Path(__file__).parent
 ARMS = ("uniform", "uniform-rep", "ratio", "law", "law-influence")
 REPLICATE_SEED_OFFSET = 100
+MIN_SEEDS_FOR_A_CALL = 2
 BINS = ("<1%", "1-3%", "<3%", "3-10%", ">=10%", "all")
 SMALL = 0.03  # the goal's bin, "<3%": the union of the two smallest size bins, from the per-pair rows
 # per-pair metrics and the direction that is better; lesion KID is per run
@@ -378,9 +379,10 @@ def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str]) -> di
                 mean = float(np.mean(diffs))
                 low, high = t_interval(diffs)
                 same_sign = all(d * sign > 0 for d in diffs)
-                wins = floor is not None and arm != "uniform-rep" and mean * sign > 2 * floor and same_sign
-                loses = floor is not None and arm != "uniform-rep" and -mean * sign > 2 * floor and all(
-                    d * sign < 0 for d in diffs)
+                # one seed has no spread and "the same sign on every seed" holds trivially: no call before two
+                callable_ = floor is not None and arm != "uniform-rep" and len(diffs) >= MIN_SEEDS_FOR_A_CALL
+                wins = callable_ and mean * sign > 2 * floor and same_sign
+                loses = callable_ and -mean * sign > 2 * floor and all(d * sign < 0 for d in diffs)
                 out.setdefault(arm, {}).setdefault(metric, {})[bin_label] = {
                     "per_seed": diffs, "mean": mean, "ci95": [low, high], "noise_floor": floor,
                     "better_direction": "higher" if sign > 0 else "lower",

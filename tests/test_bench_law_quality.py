@@ -99,3 +99,12 @@ def test_the_markdown_table_gives_each_arm_its_paired_difference_ci_and_call():
     assert f"0.575 (+0.075 [{law_ci[0]:+.3f}, {law_ci[1]:+.3f}]) ✓" in lines["| law"]
     assert "150.00 (-50.00" in lines["| law"]  # lesion KID ×10³, lower is better: a win
     assert "(+0.000 [" in lines["| uniform-rep"] and "✓" not in lines["| uniform-rep"]
+
+
+def test_one_seed_gets_no_call_however_large_the_difference():
+    bench = load_bench()
+    table = {"uniform": {0: row(0.50, 0.010, 0.20)}, "uniform-rep": {0: row(0.49, 0.010, 0.20)},
+             "law": {0: row(0.90, 0.0, 0.05)}}
+    calls = bench.verdicts(table, ["uniform", "uniform-rep", "law"])["law"]
+    assert calls["hit_rate"]["all"]["mean"] == pytest.approx(0.40)
+    assert {calls[m]["all"]["verdict"] for m in ("hit_rate", "spurious_area", "lesion_kid")} == {"no call"}
