@@ -353,4 +353,25 @@ def run_pipeline(cfg: PipelineConfig, progress: Callable[[str], None] | None = N
     """`lawder pipeline`: validate, open the run folder (--resume / --force), run every stage, write summary.json."""
     stages = Stages(cfg, progress)
     runs.open_run(cfg.out, resume=resume, force=force)
+    if resume:
+        check_same_settings(cfg, stages.preset)
     return stages.run_all()
+
+
+# Settings a resumed pipeline may change: where it runs, not what it computes.
+HARDWARE_FIELDS = ("out", "gpus", "workers", "ray_address")
+
+
+def check_same_settings(cfg: PipelineConfig, preset: Preset) -> None:
+    """--resume keeps every finished stage, so it must run with the settings that made them: a changed preset (or a
+    newer lawder whose preset changed) would mix two budgets in one report without saying so."""
+    stored = runs.read_config(cfg.out)
+    now = json.loads(json.dumps({"config": asdict(cfg), "preset": asdict(preset)}))
+    changed = [f"{part}.{key} {stored.get(part, {}).get(key, 'not recorded')!r} (now {value!r})"
+               for part in ("config", "preset") for key, value in now[part].items()
+               if key not in HARDWARE_FIELDS and stored.get(part, {}).get(key, "not recorded") != value]
+    if changed:
+        raise UsageError(f"--resume: {cfg.out} was run with other settings: {'; '.join(changed)}.",
+                         "Resume with the settings it was started with, or start over in another --out (or with "
+                         "--force, which deletes this one). A folder made by an older lawder whose preset has "
+                         "changed since must start over.")

@@ -142,3 +142,27 @@ def test_a_presets_segmenter_learning_rate_reaches_every_segmenter(tmp_path):
     # cpu-small's 3e-3: at train-order's 1e-3 its 240 steps left real-only arms predicting background
     assert PRESETS["cpu-small"].seg_lr == 3e-3 and first_config("cpu-small").lr == 3e-3
     assert PRESETS["tiny"].seg_lr is None and first_config("tiny").lr == SegTrainConfig.lr
+
+
+def test_resume_refuses_a_folder_made_with_other_settings_and_keeps_it(tmp_path):
+    from dataclasses import asdict, replace
+
+    from lawder_core.pipeline import PRESETS, PipelineConfig, check_same_settings
+    from lawder_core.runs import write_config
+
+    out = tmp_path / "pipe"
+    cfg = PipelineConfig(out=str(out), preset="tiny")
+    # as an older lawder wrote it: the tiny preset without seg_lr, and on another GPU count
+    old_preset = {k: v for k, v in asdict(PRESETS["tiny"]).items() if k != "seg_lr"}
+    write_config(out, {"config": asdict(replace(cfg, gpus=2)), "preset": old_preset})
+    before = (out / "config.json").read_text()
+    result = runner.invoke(app, ["pipeline", "--out", str(out), "--preset", "tiny", "--resume"])
+    assert result.exit_code == EXIT_USAGE
+    assert "preset.seg_lr 'not recorded' (now None)" in " ".join(result.output.split())
+    assert (out / "config.json").read_text() == before and sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+    write_config(out, {"config": asdict(replace(cfg, gpus=2, seed=1)), "preset": asdict(PRESETS["tiny"])})
+    with pytest.raises(Exception, match=r"config\.seed 1 \(now 0\)"):
+        check_same_settings(cfg, PRESETS["tiny"])
+    write_config(out, {"config": asdict(replace(cfg, gpus=2, workers=3)), "preset": asdict(PRESETS["tiny"])})
+    check_same_settings(cfg, PRESETS["tiny"])  # where it runs may change
