@@ -510,6 +510,8 @@ def judge_report(judge: Path, data: Path) -> dict[str, Any]:
 
 def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, b: Budget, arms: list[str],
           started: float) -> dict[str, Any]:
+    from lawder_core.files import write_text
+
     table = per_seed_table(work, arms, b.seeds)
     means = arm_means(table)
     result = {
@@ -533,9 +535,7 @@ def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, 
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp, out)
-    table = out.with_suffix(".md")
-    table.with_suffix(".md.tmp").write_text(markdown_tables(means, result["verdicts"]))
-    os.replace(table.with_suffix(".md.tmp"), table)
+    write_text(out.with_suffix(".md"), markdown_tables(means, result["verdicts"]))
     for bin_label in BINS:
         if any(bin_label in entry.get("bins", {}) for entry in means.values()):
             print(text_table(means, bin_label), "\n")

@@ -241,8 +241,8 @@ class Stages:
         return SegTrainConfig(data=str(self.data), out=str(run), model=model, synthetic=synthetic,
                               synthetic_ratio=1.0, size=self.preset.seg_size or self.preset.size,
                               epochs=self.preset.seg_epochs, steps=self.seg_steps, batch_size=self.preset.seg_batch,
-                              seed=seed, resume=runs.has_run(run), max_steps_per_epoch=self.preset.max_steps_per_epoch,
-                              **({} if self.preset.seg_lr is None else {"lr": self.preset.seg_lr}))
+                              lr=SegTrainConfig.lr if self.preset.seg_lr is None else self.preset.seg_lr, seed=seed,
+                              resume=runs.has_run(run), max_steps_per_epoch=self.preset.max_steps_per_epoch)
 
     @functools.cached_property
     def seg_steps(self) -> int:
@@ -367,9 +367,10 @@ def check_same_settings(cfg: PipelineConfig, preset: Preset) -> None:
     newer lawder whose preset changed) would mix two budgets in one report without saying so."""
     stored = runs.read_config(cfg.out)
     now = json.loads(json.dumps({"config": asdict(cfg), "preset": asdict(preset)}))
-    changed = [f"{part}.{key} {stored.get(part, {}).get(key, 'not recorded')!r} (now {value!r})"
-               for part in ("config", "preset") for key, value in now[part].items()
-               if key not in HARDWARE_FIELDS and stored.get(part, {}).get(key, "not recorded") != value]
+    before = {part: stored.get(part, {}) for part in now}
+    changed = [f"{part}.{key} {before[part].get(key, 'not recorded')!r} (now {value!r})"
+               for part in now for key, value in now[part].items()
+               if key not in HARDWARE_FIELDS and before[part].get(key, "not recorded") != value]
     if changed:
         raise UsageError(f"--resume: {cfg.out} was run with other settings: {'; '.join(changed)}.",
                          "Resume with the settings it was started with, or start over in another --out (or with "
