@@ -22,6 +22,8 @@ Stages, each skipped when its output is complete (a killed training resumes from
             rate, spurious area, per lesion-size bin) against the real train pairs, KID on lesion-centred crops
             with its standard error. One summary.json per arm and seed: `lawder compare --arms WORK/compare.yaml`
             pairs them case by case.
+  6b. kid   the lesion-crop KID again per size bin, "<3%" included (`lesion_kid_bins.json` beside the summary;
+            the merge computes it for a scored job that lacks it).
   7. merge  when every (arm, seed) is scored: means per arm and size bin, paired differences to uniform per seed,
             the decision rule, and the JSON result (--out).
 
@@ -279,6 +281,32 @@ def score(synthetic: Path, data: Path, judge: Path, out: Path, args: argparse.Na
     return evaluate(request, real_features=cache)
 
 
+def kid_bins() -> tuple[tuple[str, float, float], ...]:
+    """The judge-free size bins plus the goal's bin, "<3%"."""
+    from lawder_core.metrics.judge_free import SIZE_BINS
+
+    return (*SIZE_BINS, ("<3%", 0.0, SMALL))
+
+
+def score_kid_bins(synthetic: Path, data: Path, out: Path, args: argparse.Namespace, seed: int,
+                   cache: dict) -> dict[str, Any]:
+    """The lesion-crop KID per size bin (`kid_bins`), scored as `score` scores the whole set (same real split,
+    weights and seed), so its "all" repeats the summary's KID."""
+    from lawder_core.metrics.fid import lesion_crop_kid
+
+    path = out / "lesion_kid_bins.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    log.info("lesion-crop KID per size bin of %s", synthetic)
+    result = lesion_crop_kid(data, synthetic, real_split="train", weights=args.fid_weights, device="cpu",
+                             seed=seed, allow_download=False, reuse_real=cache.get("kid-bins"), bins=kid_bins())
+    cache["kid-bins"] = result
+    record = {"all": result.kid.kid, "all_se": result.kid.se, "crop": result.crop, "bins": result.bins}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
 def run_job(arm: str, seed: int, work: Path, data: Path, judge: Path, b: Budget, args: argparse.Namespace,
             cache: dict) -> None:
     record_path = work / "jobs" / f"{arm}-seed{seed}.json"
@@ -293,6 +321,7 @@ def run_job(arm: str, seed: int, work: Path, data: Path, judge: Path, b: Budget,
                                               "clipped")}
     score(synthetic, data, judge, work / "eval" / arm / f"seed{seed}", args,
           {"arm": arm, "seed": seed, "train_seed": cfg.seed, "train": train_info}, cache)
+    score_kid_bins(synthetic, data, work / "eval" / arm / f"seed{seed}", args, seed, cache)
     record = {"arm": arm, "seed": seed, "train_seed": cfg.seed, "train": train_info,
               "train_seconds": trained.get("train_seconds"), "sample_seconds": sampled["seconds"],
               "score_seconds": round(time.perf_counter() - tic, 1)}
@@ -312,8 +341,20 @@ def bins_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {**adherence["bins"], **({"<3%": bin_summary(small)["all"]} if small else {})}
 
 
+def kid_bins_of(summary: dict[str, Any], scored: Path) -> dict[str, float | None]:
+    """size bin → lesion-crop KID: `lesion_kid_bins.json` where scored, else the summary's own bins; "all" is the
+    summary's KID."""
+    lesion_kid = summary["lesion_kid"]
+    extra = json.loads(scored.read_text()) if scored.exists() else {}
+    if extra and not math.isclose(extra["all"], lesion_kid["kid"], rel_tol=1e-4, abs_tol=1e-7):
+        log.warning("%s: KID %.6g over all crops, the summary has %.6g", scored, extra["all"], lesion_kid["kid"])
+    bins = extra.get("bins") or lesion_kid.get("bins") or {}
+    return {**{label: entry["kid"] for label, entry in bins.items()}, "all": lesion_kid["kid"]}
+
+
 def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[int, dict[str, Any]]]:
-    """arm → seed → {bins, lesion_kid, lesion_kid_se, law_departure, w ratio, seconds} for every scored job."""
+    """arm → seed → {bins, lesion_kid (per bin), lesion_kid_se, law_departure, w ratio, seconds} for every scored
+    job."""
     table: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:
         for seed in range(seeds):
@@ -325,7 +366,7 @@ def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[in
             record = json.loads(job.read_text()) if job.exists() else {}
             law = (record.get("train") or {}).get("law") or {}
             table.setdefault(arm, {})[seed] = {
-                "bins": bins_of(summary), "lesion_kid": summary["lesion_kid"]["kid"],
+                "bins": bins_of(summary), "lesion_kid": kid_bins_of(summary, path.with_name("lesion_kid_bins.json")),
                 "lesion_kid_se": summary["lesion_kid"]["kid_se"],
                 "law_departure": law.get("law_departure"), "w_lesion": law.get("w_lesion"),
                 "w_background": law.get("w_background"), "sec_per_step": (record.get("train") or {}).get(
@@ -337,7 +378,7 @@ def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[in
 
 def metric_value(row: dict[str, Any], metric: str, bin_label: str) -> float | None:
     if metric == "lesion_kid":
-        return row["lesion_kid"] if bin_label == "all" else None
+        return row["lesion_kid"].get(bin_label)
     value = row["bins"].get(bin_label, {}).get(metric)
     return None if value is None else float(value)
 
@@ -370,7 +411,7 @@ def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str]) -> di
     out: dict[str, Any] = {}
     for arm in [a for a in arms if a != "uniform"]:
         for metric, sign in directions.items():
-            for bin_label in BINS if metric != "lesion_kid" else ("all",):
+            for bin_label in BINS:
                 diffs = paired(table, arm, metric, bin_label)
                 if not diffs:
                     continue
@@ -397,7 +438,7 @@ def arm_means(table: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         rows = list(seeds.values())
         entry: dict[str, Any] = {"seeds": sorted(seeds)}
         for bin_label in BINS:
-            for metric in PAIR_METRICS:
+            for metric in (*PAIR_METRICS, "lesion_kid"):
                 values = [v for r in rows if (v := metric_value(r, metric, bin_label)) is not None]
                 if values:
                     entry.setdefault("bins", {}).setdefault(bin_label, {})[metric] = {
@@ -406,7 +447,7 @@ def arm_means(table: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
             n = [r["bins"][bin_label]["n"] for r in rows if bin_label in r["bins"]]
             if n:
                 entry["bins"][bin_label]["n_pairs"] = n[0]
-        for key in ("lesion_kid", "lesion_kid_se", "law_departure", "w_lesion", "w_background", "sec_per_step",
+        for key in ("lesion_kid_se", "law_departure", "w_lesion", "w_background", "sec_per_step",
                     "clipped", "train_seconds", "sample_seconds", "score_seconds"):
             values = [r[key] for r in rows if r.get(key) is not None]
             entry[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
@@ -425,7 +466,7 @@ def text_table(means: dict[str, Any], bin_label: str) -> str:
     for arm, entry in means.items():
         cells = entry.get("bins", {}).get(bin_label, {})
         mean = {m: (cells.get(m) or {}).get("mean") for m in PAIR_METRICS}
-        kid = (entry.get("lesion_kid") or {}).get("mean") if bin_label == "all" else None
+        kid = (cells.get("lesion_kid") or {}).get("mean")
         lines.append(f"{arm:<14} {fmt(mean['hit_rate']):>9} {fmt(mean['contrast_rel']):>13} "
                      f"{fmt(mean['spurious_area'], 4):>9} {fmt(mean['dice']):>10} "
                      f"{fmt(None if kid is None else 1e3 * kid, 2):>15} "
@@ -442,11 +483,7 @@ VERDICT_MARK = {"beats uniform": " ✓", "worse than uniform": " ✗", "no call"
 def markdown_cell(means: dict[str, Any], verdicts_: dict[str, Any], arm: str, metric: str, bin_label: str,
                   scale: float, digits: int) -> str:
     """'mean' for uniform; 'mean (Δ [95 % CI])' plus the decision rule's mark for every other arm."""
-    entry = means.get(arm, {})
-    if metric == "lesion_kid":
-        mean = (entry.get("lesion_kid") or {}).get("mean")
-    else:
-        mean = ((entry.get("bins", {}).get(bin_label) or {}).get(metric) or {}).get("mean")
+    mean = ((means.get(arm, {}).get("bins", {}).get(bin_label) or {}).get(metric) or {}).get("mean")
     if mean is None:
         return "–"
     cell = fmt(scale * mean, digits)
@@ -465,7 +502,8 @@ def markdown_tables(means: dict[str, Any], verdicts_: dict[str, Any]) -> str:
     for bin_label in BINS:
         if not any(bin_label in entry.get("bins", {}) for entry in means.values()):
             continue
-        columns = [c for c in MARKDOWN_COLUMNS if c[0] != "lesion_kid" or bin_label == "all"]
+        columns = [c for c in MARKDOWN_COLUMNS if c[0] != "lesion_kid" or any(
+            "lesion_kid" in entry.get("bins", {}).get(bin_label, {}) for entry in means.values())]
         pairs = next((e["bins"][bin_label].get("n_pairs") for e in means.values() if bin_label in e.get("bins", {})),
                      None)
         rows = [f"**Lesions {bin_label}** ({pairs} pairs per run)", "",
@@ -508,10 +546,22 @@ def judge_report(judge: Path, data: Path) -> dict[str, Any]:
             "dice_on_real_test_by_bin": {k: {"n": len(v), "dice": float(np.nanmean(v))} for k, v in by_bin.items()}}
 
 
+def score_missing_kid_bins(work: Path, data: Path, arms: list[str], seeds: int, args: argparse.Namespace) -> None:
+    """Step 6b for every scored job without it (jobs scored before it existed)."""
+    cache: dict = {}
+    for arm in arms:
+        for seed in range(seeds):
+            scored = work / "eval" / arm / f"seed{seed}"
+            synthetic = work / "synthetic" / arm / f"seed{seed}.h5"
+            if (scored / "summary.json").exists() and synthetic.exists():
+                score_kid_bins(synthetic, data, scored, args, seed, cache)
+
+
 def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, b: Budget, arms: list[str],
           started: float) -> dict[str, Any]:
     from lawder_core.files import write_text
 
+    score_missing_kid_bins(work, data, arms, b.seeds, args)
     table = per_seed_table(work, arms, b.seeds)
     means = arm_means(table)
     result = {

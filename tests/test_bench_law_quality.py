@@ -20,8 +20,9 @@ def load_bench():
     return module
 
 
-def row(hit: float, spurious: float, kid: float) -> dict:
-    return {"bins": {"all": {"n": 10, "hit_rate": hit, "spurious_area": spurious}}, "lesion_kid": kid}
+def row(hit: float, spurious: float, kid: float, small_kid: float | None = None) -> dict:
+    kids = {"all": kid, **({"<3%": small_kid} if small_kid is not None else {})}
+    return {"bins": {"all": {"n": 10, "hit_rate": hit, "spurious_area": spurious}}, "lesion_kid": kids}
 
 
 def test_decision_rule_needs_twice_the_replicate_spread_and_one_sign_on_every_seed():
@@ -68,9 +69,38 @@ def test_smoke_run_writes_per_arm_summaries_and_a_result_and_resumes(tmp_path):
     assert config["law"]["objective"] == "influence" and config["init_from"] == str(work / "base")
     assert json.loads((work / "base" / "config.json").read_text())["cond_dropout"] == 1.0
     assert (work / "compare.yaml").exists()
+    kid_bins = json.loads((work / "eval" / "uniform" / "seed0" / "lesion_kid_bins.json").read_text())
+    assert kid_bins["all"] == pytest.approx(summary_of(work, "uniform")["lesion_kid"]["kid"], rel=1e-6)
+    assert "<3%" in {label for label, _, _ in bench.kid_bins()}
     stamp = (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime
     assert bench.main(args) == 0  # complete: nothing is trained, sampled or scored again
     assert (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime == stamp
+
+
+def summary_of(work: Path, arm: str) -> dict:
+    return json.loads((work / "eval" / arm / "seed0" / "summary.json").read_text())
+
+
+def test_lesion_kid_per_bin_comes_from_the_rescored_file_and_all_from_the_summary(tmp_path):
+    bench = load_bench()
+    summary = {"lesion_kid": {"kid": 0.05, "bins": {"<1%": {"kid": 0.5}}}}
+    scored = tmp_path / "lesion_kid_bins.json"
+    assert bench.kid_bins_of(summary, scored) == {"<1%": 0.5, "all": 0.05}  # no rescored file: the summary's bins
+    scored.write_text(json.dumps({"all": 0.05, "bins": {"<1%": {"kid": 0.1}, "<3%": {"kid": None}}}))
+    assert bench.kid_bins_of(summary, scored) == {"<1%": 0.1, "<3%": None, "all": 0.05}
+
+
+def test_lesion_kid_is_called_per_bin_and_shown_in_that_bins_table():
+    bench = load_bench()
+    table = {"uniform": {s: row(0.5, 0.0, 0.20, 0.30) for s in range(3)},
+             "uniform-rep": {s: row(0.5, 0.0, 0.20, 0.30 + (0.01 if s % 2 else -0.01)) for s in range(3)},
+             "law": {s: row(0.5, 0.0, 0.20, 0.25 - 0.01 * s) for s in range(3)}}
+    arms = ["uniform", "uniform-rep", "law"]
+    calls = bench.verdicts(table, arms)["law"]["lesion_kid"]
+    assert calls["<3%"]["per_seed"] == pytest.approx([-0.05, -0.06, -0.07])
+    assert calls["<3%"]["verdict"] == "beats uniform" and calls["all"]["verdict"] == "no call"
+    text = bench.markdown_tables(bench.arm_means(table), bench.verdicts(table, arms))
+    assert "**Lesions <3%**" in text and "240.00 (-60.00 [" in text
 
 
 def test_the_goals_small_lesion_bin_pools_the_pairs_under_3_percent():

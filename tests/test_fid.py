@@ -479,3 +479,45 @@ def test_lesion_crop_kid_on_pair_files(tmp_path, net):
     assert len(row["kid_subset_values"]) == 20 and row["kid_se"] > 0
     again = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=20, reuse_real=result)
     assert again.kid.kid == result.kid.kid
+
+
+def test_kid_per_bin_scores_each_side_on_the_pairs_of_its_bin_only():
+    from lawder_core.metrics.fid import MIN_BIN_CROPS, kid_per_bin, kid_with_se
+
+    rng = np.random.default_rng(3)
+    f_real, f_syn = rng.normal(size=(60, 8)), rng.normal(0.3, 1.0, size=(50, 8))
+    fracs_real = np.r_[np.full(30, 0.005), np.full(25, 0.02), np.full(5, 0.05)]
+    fracs_syn = np.r_[np.full(25, 0.008), np.full(22, 0.015), np.full(3, 0.2)]
+    bins = (("<1%", 0.0, 0.01), ("1-3%", 0.01, 0.03), ("3-10%", 0.03, 0.1), (">=10%", 0.1, 1.01),
+            ("never", 0.5, 0.6))
+    out = kid_per_bin(f_real, fracs_real, f_syn, fracs_syn, bins, num_subsets=10, seed=1)
+    expected = kid_with_se(f_real[:30], f_syn[:25], num_subsets=10, seed=1)
+    assert out["<1%"] == {"n_real": 30, "n_synthetic": 25, "kid": expected.kid, "kid_se": expected.se}
+    assert out["1-3%"]["kid"] == kid_with_se(f_real[30:55], f_syn[25:47], num_subsets=10, seed=1).kid
+    assert 5 < MIN_BIN_CROPS and out["3-10%"] == {"n_real": 5, "n_synthetic": 0, "kid": None, "kid_se": None}
+    assert out[">=10%"]["kid"] is None and "never" not in out
+
+
+def test_lesion_crop_kid_reports_the_bins_of_each_sides_own_lesion_share(tmp_path, net):
+    from lawder_core.data.h5 import load_arrays
+    from lawder_core.metrics.fid import kid_with_se, lesion_crop_kid
+    from lawder_core.sample import write_synthetic_h5
+    from tests.helpers import synthetic_h5
+
+    real = synthetic_h5(tmp_path / "real.h5", n=60, size=32)
+    images, masks, cases = load_arrays(real, "train")
+    synthetic = write_synthetic_h5(tmp_path / "syn.h5", images, masks, list(cases), {"lesion_labels": [1]})
+    fracs = (masks == 1).mean(axis=(1, 2))
+    median = float(np.median(fracs[fracs > 0]))
+    bins = (("small", 0.0, median), ("large", median, 1.01))
+    result = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=10, bins=bins)
+    counts = {label: int(((fracs > 0) & (fracs >= low) & (fracs < high)).sum()) for label, low, high in bins}
+    assert {k: v["n_real"] for k, v in result.bins.items()} == counts
+    assert {k: v["n_synthetic"] for k, v in result.bins.items()} == counts
+    # the same pairs on both sides: each bin's KID is that of the bin's real crops against themselves
+    for label, low, high in bins:
+        own = result.features_real[(result.fracs_real >= low) & (result.fracs_real < high)]
+        assert result.bins[label]["kid"] == kid_with_se(own, own, num_subsets=10).kid
+    assert result.to_dict()["bins"] == result.bins
+    again = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=10, bins=bins, reuse_real=result)
+    assert again.bins == result.bins

@@ -154,6 +154,9 @@ def test_cli_shows_judge_free_adherence_and_the_lesion_crop_kid(pair_files, tmp_
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["metadata"]["metrics"] == ["--kid", "--adherence", "--lesion-kid"]
     assert summary["fid"]["kid_se"] is not None and summary["lesion_kid"]["kid_se"] is not None
+    bins = summary["lesion_kid"]["bins"]  # 6 synthetic pairs: each bin is listed, none has enough crops for a KID
+    assert bins and all(entry["kid"] is None for entry in bins.values())
+    assert sum(entry["n_synthetic"] for entry in bins.values()) == 6 and "too few crops" in result.output
     refused = runner.invoke(app, ["evaluate", "--adherence", "--synthetic", str(synthetic), "-o",
                                        str(tmp_path / "no")])
     assert refused.exit_code == 2 and "--segmenter" in refused.output

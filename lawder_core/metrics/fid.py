@@ -619,6 +619,9 @@ def compute_fid_kid(
 
 CROP_FRAC = 0.25  # a lesion crop's side, as a share of the image side
 MIN_CROP = 16  # pixels (or the whole image when it is smaller)
+# A size bin gets its own KID only with this many crops on each side: below it the half-samples behind the
+# standard error hold a handful of images each, and the estimate says more about which ones than about the bin.
+MIN_BIN_CROPS = 20
 
 
 def crop_side(side: int, crop_frac: float = CROP_FRAC) -> int:
@@ -667,14 +670,41 @@ class LesionKidResult:
     synthetic: str
     feature_extractor: str
     lesion_labels: list[int] | None
+    bins: dict[str, dict[str, Any]] = field(default_factory=dict)
     features_real: np.ndarray | None = field(default=None, repr=False)
+    fracs_real: np.ndarray | None = field(default=None, repr=False)  # the lesion share of each real crop's pair
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.kid.to_dict(), "crop": self.crop, "image_size": self.image_size, "n_real": self.n_real,
                 "n_synthetic": self.n_synthetic, "real": self.real, "synthetic": self.synthetic,
                 "feature_extractor": self.feature_extractor, "lesion_labels": self.lesion_labels,
+                "bins": self.bins,
                 "definition": "KID between crop x crop windows centred on the largest lesion of each pair "
-                              "(real pairs resized to the synthetic size first); se from half-samples"}
+                              "(real pairs resized to the synthetic size first); se from half-samples; per "
+                              "lesion-size bin, each side's pairs whose lesion share falls in the bin, scored with "
+                              f"at least {MIN_BIN_CROPS} crops on each side"}
+
+
+def kid_per_bin(f_real: np.ndarray, fracs_real: np.ndarray, f_syn: np.ndarray, fracs_syn: np.ndarray,
+                bins: Sequence[tuple[str, float, float]], **kid_options: Any) -> dict[str, dict[str, Any]]:
+    """KID between the real and synthetic crops whose pair's lesion share lies in [low, high), per bin.
+
+    Every bin with a crop on either side is listed with its counts; `kid` and `kid_se` are None where a side
+    has fewer than MIN_BIN_CROPS crops.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for label, low, high in bins:
+        in_real = (fracs_real >= low) & (fracs_real < high)
+        in_syn = (fracs_syn >= low) & (fracs_syn < high)
+        n_real, n_syn = int(in_real.sum()), int(in_syn.sum())
+        if n_real + n_syn == 0:
+            continue
+        entry: dict[str, Any] = {"n_real": n_real, "n_synthetic": n_syn, "kid": None, "kid_se": None}
+        if min(n_real, n_syn) >= MIN_BIN_CROPS:
+            estimate = kid_with_se(f_real[in_real], f_syn[in_syn], **kid_options)
+            entry.update(kid=estimate.kid, kid_se=estimate.se)
+        out[label] = entry
+    return out
 
 
 def lesion_crop_kid(
@@ -693,15 +723,18 @@ def lesion_crop_kid(
     seed: int = 0,
     allow_download: bool | None = None,
     reuse_real: LesionKidResult | None = None,
+    bins: Sequence[tuple[str, float, float]] | None = None,
 ) -> LesionKidResult:
     """KID on lesion-centred crops of two HDF5 pair files: the lesion is the synthetic file's recorded
-    `lesion_labels` (none recorded: every label > 0) on both sides; pairs without lesion are left out.
+    `lesion_labels` (none recorded: every label > 0) on both sides; pairs without lesion are left out. Also per
+    lesion-size bin (`bins`: (label, low, high) shares of the frame; the judge-free SIZE_BINS by default), see
+    `kid_per_bin`.
 
     `reuse_real`, an earlier result on the same real pairs, crop and extractor, skips extracting them again.
     """
     from lawder_core.data.h5 import load_arrays
     from lawder_core.data.resize import resize_images, resize_masks
-    from lawder_core.metrics.judge_free import lesion_of, recorded_lesion_labels
+    from lawder_core.metrics.judge_free import SIZE_BINS, lesion_of, recorded_lesion_labels
 
     syn_images, syn_masks, _ = load_arrays(synthetic, synthetic_split)
     if len(syn_images) == 0:
@@ -716,18 +749,25 @@ def lesion_crop_kid(
     real_label = str(real) + (f":{real_split}" if real_split not in (None, "all") else "")
     if reuse_real is not None and reuse_real.features_real is not None and (
             reuse_real.real, reuse_real.crop, reuse_real.image_size, reuse_real.feature_extractor,
-            reuse_real.lesion_labels) == (real_label, crop, list(size), info.name, labels):
-        f_real = reuse_real.features_real
+            reuse_real.lesion_labels) == (real_label, crop, list(size), info.name, labels) and (
+            reuse_real.fracs_real is not None):
+        f_real, fracs_real = reuse_real.features_real, reuse_real.fracs_real
     else:
         images, masks, _ = load_arrays(real, real_split)
-        real_crops, _ = lesion_crops(resize_images(images, size), lesion_of(resize_masks(masks, size), labels), crop)
+        real_lesions = lesion_of(resize_masks(masks, size), labels)
+        real_crops, kept = lesion_crops(resize_images(images, size), real_lesions, crop)
         f_real = crop_features(real_crops, model, device, batch_size, "real")
-    syn_crops, _ = lesion_crops(syn_images, lesion_of(syn_masks, labels), crop)
+        fracs_real = real_lesions[kept].mean(axis=(1, 2))
+    syn_lesions = lesion_of(syn_masks, labels)
+    syn_crops, kept = lesion_crops(syn_images, syn_lesions, crop)
     f_syn = crop_features(syn_crops, model, device, batch_size, "synthetic")
+    options = {"num_subsets": num_subsets, "max_subset_size": max_subset_size, "seed": seed}
     return LesionKidResult(
-        kid=kid_with_se(f_real, f_syn, num_subsets=num_subsets, max_subset_size=max_subset_size, seed=seed),
-        crop=crop, image_size=list(size), n_real=len(f_real), n_synthetic=len(f_syn), real=real_label,
-        synthetic=str(synthetic), feature_extractor=info.name, lesion_labels=labels, features_real=f_real)
+        kid=kid_with_se(f_real, f_syn, **options), crop=crop, image_size=list(size), n_real=len(f_real),
+        n_synthetic=len(f_syn), real=real_label, synthetic=str(synthetic), feature_extractor=info.name,
+        lesion_labels=labels, features_real=f_real, fracs_real=fracs_real,
+        bins=kid_per_bin(f_real, fracs_real, f_syn, syn_lesions[kept].mean(axis=(1, 2)),
+                         SIZE_BINS if bins is None else bins, **options))
 
 
 def crop_features(crops: np.ndarray, model: FeatureExtractor, device: torch.device, batch_size: int,
