@@ -383,11 +383,12 @@ def metric_value(row: dict[str, Any], metric: str, bin_label: str) -> float | No
     return None if value is None else float(value)
 
 
-def paired(table: dict[str, dict[int, dict[str, Any]]], arm: str, metric: str, bin_label: str) -> list[float]:
-    """arm − uniform per seed (seeds where both were scored and have a value)."""
+def paired(table: dict[str, dict[int, dict[str, Any]]], arm: str, metric: str, bin_label: str,
+           reference: str = "uniform") -> list[float]:
+    """arm − reference per seed (seeds where both were scored and have a value)."""
     out = []
     for seed, row in sorted(table.get(arm, {}).items()):
-        base = table.get("uniform", {}).get(seed)
+        base = table.get(reference, {}).get(seed)
         a = metric_value(row, metric, bin_label)
         u = metric_value(base, metric, bin_label) if base else None
         if a is not None and u is not None:
@@ -405,14 +406,16 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float | None, 
     return mean - half, mean + half
 
 
-def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str]) -> dict[str, Any]:
-    """Per arm (vs uniform), metric and bin: per-seed differences, mean, t-interval, noise floor, verdict."""
+def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str], reference: str = "uniform"
+             ) -> dict[str, Any]:
+    """Per arm (vs `reference`), metric and bin: per-seed differences, mean, t-interval, noise floor (always the
+    replicate's spread against uniform: what a change of seed alone moves a run), verdict."""
     directions = {**PAIR_METRICS, "lesion_kid": -1}
     out: dict[str, Any] = {}
-    for arm in [a for a in arms if a != "uniform"]:
+    for arm in [a for a in arms if a != reference]:
         for metric, sign in directions.items():
             for bin_label in BINS:
-                diffs = paired(table, arm, metric, bin_label)
+                diffs = paired(table, arm, metric, bin_label, reference)
                 if not diffs:
                     continue
                 floor_diffs = paired(table, "uniform-rep", metric, bin_label)
@@ -427,7 +430,7 @@ def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str]) -> di
                 out.setdefault(arm, {}).setdefault(metric, {})[bin_label] = {
                     "per_seed": diffs, "mean": mean, "ci95": [low, high], "noise_floor": floor,
                     "better_direction": "higher" if sign > 0 else "lower",
-                    "verdict": "beats uniform" if wins else "worse than uniform" if loses else "no call"}
+                    "verdict": f"beats {reference}" if wins else f"worse than {reference}" if loses else "no call"}
     return out
 
 
@@ -477,7 +480,12 @@ def text_table(means: dict[str, Any], bin_label: str) -> str:
 MARKDOWN_COLUMNS = (("hit_rate", "hit rate", 1.0, 3), ("contrast_rel", "contrast ÷ real", 1.0, 3),
                     ("dice", "judge Dice", 1.0, 3), ("spurious_area", "spurious area", 1.0, 4),
                     ("lesion_kid", "lesion KID ×10³", 1e3, 2))
-VERDICT_MARK = {"beats uniform": " ✓", "worse than uniform": " ✗", "no call": ""}
+LAW_ARMS = ("law", "law-influence")
+PRIOR = "ratio"  # LAW's starting map: LAW − ratio is what learning the map adds to weighting by it
+
+
+def verdict_mark(verdict: str) -> str:
+    return " ✓" if verdict.startswith("beats") else " ✗" if verdict.startswith("worse") else ""
 
 
 def markdown_cell(means: dict[str, Any], verdicts_: dict[str, Any], arm: str, metric: str, bin_label: str,
@@ -489,9 +497,7 @@ def markdown_cell(means: dict[str, Any], verdicts_: dict[str, Any], arm: str, me
     cell = fmt(scale * mean, digits)
     call = (verdicts_.get(arm, {}).get(metric) or {}).get(bin_label)
     if call is not None:
-        low, high = call["ci95"]
-        interval = "" if low is None else f" [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
-        cell += f" ({scale * call['mean']:+.{digits}f}{interval}){VERDICT_MARK[call['verdict']]}"
+        cell += f" ({difference(call, scale, digits)}){verdict_mark(call['verdict'])}"
     return cell
 
 
@@ -516,6 +522,32 @@ def markdown_tables(means: dict[str, Any], verdicts_: dict[str, Any]) -> str:
             rows.append(f"| {arm} | {len(entry['seeds'])} | " + " | ".join(cells) + f" | {departure} |")
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"
+
+
+def difference(call: dict[str, Any], scale: float, digits: int) -> str:
+    """'Δ [95 % CI]' of one call (no interval with one seed)."""
+    low, high = call["ci95"]
+    interval = "" if low is None else f" [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+    return f"{scale * call['mean']:+.{digits}f}{interval}"
+
+
+def difference_cell(call: dict[str, Any] | None, scale: float, digits: int) -> str:
+    return "–" if call is None else difference(call, scale, digits) + verdict_mark(call["verdict"])
+
+
+def prior_table(against_prior: dict[str, Any]) -> str:
+    """LAW − ratio per bin and metric (mean [95 % CI], the decision rule's mark): whether the learnt map does
+    better than the map it starts from."""
+    rows = [f"**LAW against its prior map ({PRIOR})**, paired by seed, the same noise floor", "",
+            "| arm | lesions | " + " | ".join(c[1] for c in MARKDOWN_COLUMNS) + " |",
+            "|---" * (len(MARKDOWN_COLUMNS) + 2) + "|"]
+    for arm, calls in against_prior.items():
+        for bin_label in BINS:
+            cells = [difference_cell((calls.get(metric) or {}).get(bin_label), scale, digits)
+                     for metric, _, scale, digits in MARKDOWN_COLUMNS]
+            if any(cell != "–" for cell in cells):
+                rows.append(f"| {arm} | {bin_label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def write_compare_arms(work: Path, arms: list[str]) -> Path:
@@ -572,6 +604,8 @@ def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, 
         "judge": judge_report(judge, data) if judge is not None and judge_done(judge, b.judge_epochs) else None,
         "complete": all(len(table.get(arm, {})) == b.seeds for arm in arms),
         "means": means, "verdicts": verdicts(table, arms), "per_seed": table,
+        "against_prior": verdicts(table, [PRIOR, *[a for a in arms if a in LAW_ARMS]], reference=PRIOR)
+        if PRIOR in arms else {},
         "decision_rule": "an arm beats uniform on a metric when its mean paired difference to uniform (over seeds) "
                          "exceeds twice the replicate spread (RMS over seeds of uniform-rep - uniform) in the "
                          "metric's better direction, with the same sign on every seed",
@@ -585,7 +619,8 @@ def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, 
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp, out)
-    write_text(out.with_suffix(".md"), markdown_tables(means, result["verdicts"]))
+    write_text(out.with_suffix(".md"), markdown_tables(means, result["verdicts"]) + (
+        "\n" + prior_table(result["against_prior"]) if result["against_prior"] else ""))
     for bin_label in BINS:
         if any(bin_label in entry.get("bins", {}) for entry in means.values()):
             print(text_table(means, bin_label), "\n")

@@ -138,3 +138,19 @@ def test_one_seed_gets_no_call_however_large_the_difference():
     calls = bench.verdicts(table, ["uniform", "uniform-rep", "law"])["law"]
     assert calls["hit_rate"]["all"]["mean"] == pytest.approx(0.40)
     assert {calls[m]["all"]["verdict"] for m in ("hit_rate", "spurious_area", "lesion_kid")} == {"no call"}
+
+
+def test_law_is_also_called_against_its_prior_map_with_the_replicates_floor():
+    bench = load_bench()
+    table = {"uniform": {s: row(0.50, 0.0, 0.20) for s in range(3)},
+             "uniform-rep": {s: row(0.50 + (0.01 if s % 2 else -0.01), 0.0, 0.20) for s in range(3)},
+             "ratio": {s: row(0.60, 0.0, 0.10) for s in range(3)},
+             "law": {s: row(0.60 + 0.03 + 0.01 * s, 0.0, 0.11) for s in range(3)}}
+    calls = bench.verdicts(table, ["ratio", "law"], reference="ratio")
+    assert set(calls) == {"law"}
+    hit = calls["law"]["hit_rate"]["all"]
+    assert hit["per_seed"] == pytest.approx([0.03, 0.04, 0.05]) and hit["noise_floor"] == pytest.approx(0.01)
+    assert hit["verdict"] == "beats ratio"
+    assert calls["law"]["lesion_kid"]["all"]["verdict"] == "worse than ratio"  # 0.11 vs 0.10, floor 0
+    text = bench.prior_table(calls)
+    assert "| law | all | +0.040 [" in text and "] ✓" in text and "+10.00 [+10.00, +10.00] ✗" in text
