@@ -224,13 +224,15 @@ def test_different_empty_policies_are_refused(tmp_path):
 def test_regions_foreground_mean_sections_and_kid(tmp_path):
     a = {"k1": {"kidney": 0.9, "tumor": 0.5}, "k2": {"kidney": 0.8, "tumor": None}}
     b = {"k1": {"kidney": 0.92, "tumor": 0.6}, "k2": {"kidney": 0.86, "tumor": 0.4}}
-    adherence_a = {"per_case": [{"case": "p1", "contrast": 0.3, "label": "x"}, {"case": "p2", "contrast": 0.5}]}
+    adherence_a = {"per_case": [{"case": "p1", "contrast": 0.3, "label": "x", "lesion_frac": 0.01},
+                                {"case": "p2", "contrast": 0.5, "lesion_frac": 0.2}]}
     adherence_b = {"per_case": [{"case": "p1", "contrast": 0.4}, {"case": "p2", "contrast": 0.7}]}
     write(tmp_path / "a", summary_json(a, adherence=adherence_a, fid={"kid_subset_values": [0.01, 0.03]}))
     write(tmp_path / "b", summary_json(b, adherence=adherence_b, fid={"kid_subset_values": [0.02, 0.02, 0.05]}))
     run = read_run(tmp_path / "a" / "summary.json")
     assert run.regions == ("kidney", "tumor")
     assert "TP/kidney" not in run.metrics and "n_ref/tumor" not in run.metrics  # counts are not scores
+    assert "adherence.lesion_frac" not in run.metrics  # it describes the mask, the same in every arm
     # each case's mean over its defined regions
     assert run.metrics["Dice/foreground_mean"] == pytest.approx({"k1": 0.7, "k2": 0.8})
     result = compare(request(f"A={tmp_path}/a", f"B={tmp_path}/b"))

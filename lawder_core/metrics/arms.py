@@ -11,7 +11,8 @@ Per-case scores, each a metric name mapped to {case id: value} (non-finite value
     Dice_image_mean/IoU_image_mean stay out when every case is one image (they equal Dice/IoU there). With more
     than one region, Dice/foreground_mean and IoU/foreground_mean are each case's mean over its regions (NaN
     regions left out), the per-case form of the summary's `foreground_mean`.
-  * `summary[SECTION]["per_case"]`: rows with a `case` key; every numeric field becomes SECTION.FIELD.
+  * `summary[SECTION]["per_case"]`: rows with a `case` key; every numeric field becomes SECTION.FIELD, except
+    the fields that describe the case rather than score it (`lesion_frac`: the same in every arm).
 KID subset values (`fid.kid_subset_values`) are not paired by case and are kept per run as they are.
 """
 
@@ -31,6 +32,9 @@ from lawder_core.errors import DataError, UsageError
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG = "config.json"
 COUNT_KEYS = frozenset({"TP", "FP", "FN", "TN", "n_ref", "n_pred"})
+# Per-case fields of a section that describe the case (its mask), not a model's output on it: every arm has the
+# same value, and a "difference" of 0 with a verdict beside it would read as a finding.
+CASE_DESCRIPTORS = frozenset({"lesion_frac"})
 IMAGE_MEAN_KEYS = ("Dice_image_mean", "IoU_image_mean")
 FOREGROUND_MEAN = "foreground_mean"
 FOREGROUND_MEAN_KEYS = ("Dice", "IoU")
@@ -244,7 +248,8 @@ def _read_section(path: Path, section: str, rows: list[Any], metrics: dict[str, 
         if not isinstance(row, dict) or "case" not in row:
             raise DataError(f"{path}: {section}.per_case has a row without a `case` key.")
         fields.update((k, None) for k, v in row.items()
-                      if k != "case" and isinstance(v, (int, float)) and not isinstance(v, bool))
+                      if k != "case" and k not in CASE_DESCRIPTORS and isinstance(v, (int, float))
+                      and not isinstance(v, bool))
     for row in rows:
         for name in fields:
             value = row.get(name)
