@@ -108,7 +108,8 @@ def evaluate(
     kid: bool = typer.Option(False, "--kid", help="Kernel Inception Distance (same features as --fid), with a "
                                                   "standard error from half-samples of both sides."),
     lesion_kid: bool = typer.Option(False, "--lesion-kid",
-                                    help="KID on crops centred on the lesions (--real and --synthetic HDF5 files)."),
+                                    help="KID on crops centred on the lesions (--real and --synthetic HDF5 "
+                                         "files), over all pairs and per lesion-size bin."),
     dice: bool = typer.Option(False, "--dice", help="Dice/IoU per image and per case of --run on --data."),
     adherence: bool = typer.Option(False, "--adherence",
                                    help="Mask adherence of --synthetic: the Dice of --segmenter's prediction against "
