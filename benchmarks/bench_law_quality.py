@@ -75,6 +75,9 @@ BINS = ("<1%", "1-3%", "<3%", "3-10%", ">=10%", "all")
 SMALL = 0.03  # the goal's bin, "<3%": the union of the two smallest size bins, from the per-pair rows
 # per-pair metrics and the direction that is better; lesion KID is per run
 PAIR_METRICS = {"hit_rate": +1, "contrast_rel": +1, "spurious_area": -1, "dice": +1}
+# per-run metrics: KID on lesion-centred crops (per size bin), and on lesion-free crops (over all pairs: the control
+# that tells a change at the lesion from a change of the whole image)
+RUN_METRICS = {"lesion_kid": -1, "background_kid": -1}
 log = logging.getLogger("bench_law_quality")
 
 
@@ -290,18 +293,20 @@ def kid_bins() -> tuple[tuple[str, float, float], ...]:
 
 def score_kid_bins(synthetic: Path, data: Path, out: Path, args: argparse.Namespace, seed: int,
                    cache: dict) -> dict[str, Any]:
-    """The lesion-crop KID per size bin (`kid_bins`), scored as `score` scores the whole set (same real split,
-    weights and seed), so its "all" repeats the summary's KID."""
+    """The lesion-crop KID per size bin (`kid_bins`) and on lesion-free crops, scored as `score` scores the whole
+    set (same real split, weights and seed), so its "all" repeats the summary's KID. A record from before the
+    lesion-free control is scored again."""
     from lawder_core.metrics.fid import lesion_crop_kid
 
     path = out / "lesion_kid_bins.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if path.exists() and "background" in (record := json.loads(path.read_text())):
+        return record
     log.info("lesion-crop KID per size bin of %s", synthetic)
     result = lesion_crop_kid(data, synthetic, real_split="train", weights=args.fid_weights, device="cpu",
                              seed=seed, allow_download=False, reuse_real=cache.get("kid-bins"), bins=kid_bins())
     cache["kid-bins"] = result
-    record = {"all": result.kid.kid, "all_se": result.kid.se, "crop": result.crop, "bins": result.bins}
+    record = {"all": result.kid.kid, "all_se": result.kid.se, "crop": result.crop, "bins": result.bins,
+              "background": result.background}
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
@@ -341,15 +346,16 @@ def bins_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {**adherence["bins"], **({"<3%": bin_summary(small)["all"]} if small else {})}
 
 
-def kid_bins_of(summary: dict[str, Any], scored: Path) -> dict[str, float | None]:
-    """size bin → lesion-crop KID: `lesion_kid_bins.json` where scored, else the summary's own bins; "all" is the
-    summary's KID."""
+def kid_bins_of(summary: dict[str, Any], scored: Path) -> tuple[dict[str, float | None], float | None]:
+    """(size bin → lesion-crop KID, lesion-free KID): `lesion_kid_bins.json` where scored, else the summary's own;
+    "all" is the summary's KID."""
     lesion_kid = summary["lesion_kid"]
     extra = json.loads(scored.read_text()) if scored.exists() else {}
     if extra and not math.isclose(extra["all"], lesion_kid["kid"], rel_tol=1e-4, abs_tol=1e-7):
         log.warning("%s: KID %.6g over all crops, the summary has %.6g", scored, extra["all"], lesion_kid["kid"])
     bins = extra.get("bins") or lesion_kid.get("bins") or {}
-    return {**{label: entry["kid"] for label, entry in bins.items()}, "all": lesion_kid["kid"]}
+    background = extra.get("background") or lesion_kid.get("background") or {}
+    return {**{label: entry["kid"] for label, entry in bins.items()}, "all": lesion_kid["kid"]}, background.get("kid")
 
 
 def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[int, dict[str, Any]]]:
@@ -362,11 +368,12 @@ def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[in
             if not path.exists():
                 continue
             summary = json.loads(path.read_text())
+            lesion_kid, background_kid = kid_bins_of(summary, path.with_name("lesion_kid_bins.json"))
             job = work / "jobs" / f"{arm}-seed{seed}.json"
             record = json.loads(job.read_text()) if job.exists() else {}
             law = (record.get("train") or {}).get("law") or {}
             table.setdefault(arm, {})[seed] = {
-                "bins": bins_of(summary), "lesion_kid": kid_bins_of(summary, path.with_name("lesion_kid_bins.json")),
+                "bins": bins_of(summary), "lesion_kid": lesion_kid, "background_kid": background_kid,
                 "lesion_kid_se": summary["lesion_kid"]["kid_se"],
                 "law_departure": law.get("law_departure"), "w_lesion": law.get("w_lesion"),
                 "w_background": law.get("w_background"), "sec_per_step": (record.get("train") or {}).get(
@@ -379,6 +386,8 @@ def per_seed_table(work: Path, arms: list[str], seeds: int) -> dict[str, dict[in
 def metric_value(row: dict[str, Any], metric: str, bin_label: str) -> float | None:
     if metric == "lesion_kid":
         return row["lesion_kid"].get(bin_label)
+    if metric == "background_kid":
+        return row.get("background_kid") if bin_label == "all" else None
     value = row["bins"].get(bin_label, {}).get(metric)
     return None if value is None else float(value)
 
@@ -410,7 +419,7 @@ def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str], refer
              ) -> dict[str, Any]:
     """Per arm (vs `reference`), metric and bin: per-seed differences, mean, t-interval, noise floor (always the
     replicate's spread against uniform: what a change of seed alone moves a run), verdict."""
-    directions = {**PAIR_METRICS, "lesion_kid": -1}
+    directions = {**PAIR_METRICS, **RUN_METRICS}
     out: dict[str, Any] = {}
     for arm in [a for a in arms if a != reference]:
         for metric, sign in directions.items():
@@ -441,7 +450,7 @@ def arm_means(table: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         rows = list(seeds.values())
         entry: dict[str, Any] = {"seeds": sorted(seeds)}
         for bin_label in BINS:
-            for metric in (*PAIR_METRICS, "lesion_kid"):
+            for metric in (*PAIR_METRICS, *RUN_METRICS):
                 values = [v for r in rows if (v := metric_value(r, metric, bin_label)) is not None]
                 if values:
                     entry.setdefault("bins", {}).setdefault(bin_label, {})[metric] = {
@@ -479,7 +488,8 @@ def text_table(means: dict[str, Any], bin_label: str) -> str:
 
 MARKDOWN_COLUMNS = (("hit_rate", "hit rate", 1.0, 3), ("contrast_rel", "contrast ÷ real", 1.0, 3),
                     ("dice", "judge Dice", 1.0, 3), ("spurious_area", "spurious area", 1.0, 4),
-                    ("lesion_kid", "lesion KID ×10³", 1e3, 2))
+                    ("lesion_kid", "lesion KID ×10³", 1e3, 2),
+                    ("background_kid", "lesion-free KID ×10³ (control)", 1e3, 2))
 LAW_ARMS = ("law", "law-influence")
 PRIOR = "ratio"  # LAW's starting map: LAW − ratio is what learning the map adds to weighting by it
 
@@ -508,8 +518,8 @@ def markdown_tables(means: dict[str, Any], verdicts_: dict[str, Any]) -> str:
     for bin_label in BINS:
         if not any(bin_label in entry.get("bins", {}) for entry in means.values()):
             continue
-        columns = [c for c in MARKDOWN_COLUMNS if c[0] != "lesion_kid" or any(
-            "lesion_kid" in entry.get("bins", {}).get(bin_label, {}) for entry in means.values())]
+        columns = [c for c in MARKDOWN_COLUMNS if c[0] not in RUN_METRICS or any(
+            c[0] in entry.get("bins", {}).get(bin_label, {}) for entry in means.values())]
         pairs = next((e["bins"][bin_label].get("n_pairs") for e in means.values() if bin_label in e.get("bins", {})),
                      None)
         rows = [f"**Lesions {bin_label}** ({pairs} pairs per run)", "",

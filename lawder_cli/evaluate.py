@@ -84,11 +84,13 @@ def render(summary: dict[str, Any]) -> None:
         se = f" ± {lk['kid_se']:.2g} (se)" if lk.get("kid_se") is not None else ""
         table.add_row("lesion-crop KID", f"{lk['kid']:.4g}{se}",
                       f"{lk['crop']}×{lk['crop']} crops: {lk['n_real']} real vs {lk['n_synthetic']} synthetic")
-        for label, entry in lk.get("bins", {}).items():
+        rows = [(f"lesion-crop KID {label}", entry) for label, entry in lk.get("bins", {}).items()]
+        if lk.get("background"):
+            rows.append(("lesion-free crops KID (control)", lk["background"]))
+        for name, entry in rows:
             value = "too few crops" if entry["kid"] is None else f"{entry['kid']:.4g}" + (
                 f" ± {entry['kid_se']:.2g} (se)" if entry["kid_se"] is not None else "")
-            table.add_row(f"lesion-crop KID {label}", value,
-                          f"{entry['n_real']} real vs {entry['n_synthetic']} synthetic")
+            table.add_row(name, value, f"{entry['n_real']} real vs {entry['n_synthetic']} synthetic")
     if "adherence" in summary:
         _adherence_rows(table, summary["adherence"])
     if "profile" in summary:

@@ -20,9 +20,11 @@ def load_bench():
     return module
 
 
-def row(hit: float, spurious: float, kid: float, small_kid: float | None = None) -> dict:
+def row(hit: float, spurious: float, kid: float, small_kid: float | None = None,
+        background_kid: float | None = None) -> dict:
     kids = {"all": kid, **({"<3%": small_kid} if small_kid is not None else {})}
-    return {"bins": {"all": {"n": 10, "hit_rate": hit, "spurious_area": spurious}}, "lesion_kid": kids}
+    return {"bins": {"all": {"n": 10, "hit_rate": hit, "spurious_area": spurious}}, "lesion_kid": kids,
+            "background_kid": background_kid}
 
 
 def test_decision_rule_needs_twice_the_replicate_spread_and_one_sign_on_every_seed():
@@ -72,6 +74,7 @@ def test_smoke_run_writes_per_arm_summaries_and_a_result_and_resumes(tmp_path):
     kid_bins = json.loads((work / "eval" / "uniform" / "seed0" / "lesion_kid_bins.json").read_text())
     assert kid_bins["all"] == pytest.approx(summary_of(work, "uniform")["lesion_kid"]["kid"], rel=1e-6)
     assert "<3%" in {label for label, _, _ in bench.kid_bins()}
+    assert kid_bins["background"]["n_synthetic"] > 0  # the lesion-free control, scored with the bins
     stamp = (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime
     assert bench.main(args) == 0  # complete: nothing is trained, sampled or scored again
     assert (work / "eval" / "uniform" / "seed0" / "summary.json").stat().st_mtime == stamp
@@ -85,9 +88,11 @@ def test_lesion_kid_per_bin_comes_from_the_rescored_file_and_all_from_the_summar
     bench = load_bench()
     summary = {"lesion_kid": {"kid": 0.05, "bins": {"<1%": {"kid": 0.5}}}}
     scored = tmp_path / "lesion_kid_bins.json"
-    assert bench.kid_bins_of(summary, scored) == {"<1%": 0.5, "all": 0.05}  # no rescored file: the summary's bins
-    scored.write_text(json.dumps({"all": 0.05, "bins": {"<1%": {"kid": 0.1}, "<3%": {"kid": None}}}))
-    assert bench.kid_bins_of(summary, scored) == {"<1%": 0.1, "<3%": None, "all": 0.05}
+    # no rescored file: the summary's bins (and no lesion-free control in a summary from before it)
+    assert bench.kid_bins_of(summary, scored) == ({"<1%": 0.5, "all": 0.05}, None)
+    scored.write_text(json.dumps({"all": 0.05, "bins": {"<1%": {"kid": 0.1}, "<3%": {"kid": None}},
+                                  "background": {"kid": 0.02}}))
+    assert bench.kid_bins_of(summary, scored) == ({"<1%": 0.1, "<3%": None, "all": 0.05}, 0.02)
 
 
 def test_lesion_kid_is_called_per_bin_and_shown_in_that_bins_table():
@@ -101,6 +106,19 @@ def test_lesion_kid_is_called_per_bin_and_shown_in_that_bins_table():
     assert calls["<3%"]["verdict"] == "beats uniform" and calls["all"]["verdict"] == "no call"
     text = bench.markdown_tables(bench.arm_means(table), bench.verdicts(table, arms))
     assert "**Lesions <3%**" in text and "240.00 (-60.00 [" in text
+
+
+def test_the_lesion_free_control_is_called_over_all_pairs_only():
+    bench = load_bench()
+    table = {"uniform": {s: row(0.5, 0.0, 0.20, background_kid=0.10) for s in range(3)},
+             "uniform-rep": {s: row(0.5, 0.0, 0.20, background_kid=0.10 + 0.002 * (-1) ** s) for s in range(3)},
+             "law": {s: row(0.5, 0.0, 0.15, background_kid=0.13 + 0.01 * s) for s in range(3)}}
+    calls = bench.verdicts(table, ["uniform", "uniform-rep", "law"])["law"]["background_kid"]
+    assert set(calls) == {"all"} and calls["all"]["per_seed"] == pytest.approx([0.03, 0.04, 0.05])
+    assert calls["all"]["verdict"] == "worse than uniform"  # the whole image got worse while the lesion improved
+    text = bench.markdown_tables(bench.arm_means(table), bench.verdicts(table, ["uniform", "uniform-rep", "law"]))
+    header = next(line for line in text.splitlines() if line.startswith("| arm"))
+    assert "lesion-free KID ×10³ (control)" in header and "140.00 (+40.00 [" in text
 
 
 def test_the_goals_small_lesion_bin_pools_the_pairs_under_3_percent():

@@ -521,3 +521,43 @@ def test_lesion_crop_kid_reports_the_bins_of_each_sides_own_lesion_share(tmp_pat
     assert result.to_dict()["bins"] == result.bins
     again = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=10, bins=bins, reuse_real=result)
     assert again.bins == result.bins
+
+
+def test_the_background_window_mirrors_the_lesion_and_never_holds_lesion():
+    from lawder_core.metrics.fid import background_crops, background_window
+
+    lesion = np.zeros((32, 32), bool)
+    lesion[4:8, 4:8] = True  # centre (6, 6): its reflection is (25, 25), the window's top-left 25 - 4 = 21
+    assert background_window(lesion, 8) == (21, 21)
+    central = np.zeros((32, 32), bool)
+    central[12:20, 12:20] = True  # the reflected window is the lesion's own: the nearest lesion-free one instead
+    # centre (16, 16) (15.5 rounds to even), reflection (15, 15), target top-left (11, 11); the lesion-free windows
+    # nearest to it are (4, 11) and (11, 4), 7 away: the first in row order is taken
+    assert background_window(central, 8) == (4, 11) and not central[4:12, 11:19].any()
+    assert background_window(np.zeros((32, 32), bool), 8) is None
+    assert background_window(np.ones((32, 32), bool), 8) is None
+    images = np.arange(2 * 32 * 32, dtype=np.uint8).reshape(2, 32, 32, 1)
+    crops = background_crops(images, np.stack([lesion, np.zeros_like(lesion)]), 8)
+    assert crops.shape == (1, 8, 8, 1) and np.array_equal(crops[0], images[0, 21:29, 21:29])
+
+
+def test_lesion_crop_kid_scores_the_lesion_free_crops_as_its_control(tmp_path, net):
+    from lawder_core.data.h5 import load_arrays
+    from lawder_core.metrics.fid import background_crops, extract_features, kid_with_se, lesion_crop_kid, open_source
+    from lawder_core.sample import write_synthetic_h5
+    from tests.helpers import synthetic_h5
+
+    real = synthetic_h5(tmp_path / "real.h5", n=30, size=32)
+    images, masks, cases = load_arrays(real, "train")
+    synthetic = write_synthetic_h5(tmp_path / "syn.h5", images[:10], masks[:10], list(cases[:10]),
+                                   {"lesion_labels": [1]})
+    result = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=10)
+    real_bg = background_crops(images, masks == 1, result.crop)
+    syn_bg = background_crops(images[:10], masks[:10] == 1, result.crop)
+    features = [extract_features(open_source(c), net, device="cpu")[0] for c in (real_bg, syn_bg)]
+    expected = kid_with_se(*features, num_subsets=10)
+    assert result.background == {"n_real": len(real_bg), "n_synthetic": len(syn_bg), "kid": expected.kid,
+                                 "kid_se": expected.se}
+    assert result.to_dict()["background"] == result.background
+    again = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=10, reuse_real=result)
+    assert again.background == result.background

@@ -157,6 +157,13 @@ def test_cli_shows_judge_free_adherence_and_the_lesion_crop_kid(pair_files, tmp_
     bins = summary["lesion_kid"]["bins"]  # 6 synthetic pairs: each bin is listed, none has enough crops for a KID
     assert bins and all(entry["kid"] is None for entry in bins.values())
     assert sum(entry["n_synthetic"] for entry in bins.values()) == 6 and "too few crops" in result.output
+    from lawder_core.data.h5 import load_arrays
+    from lawder_core.metrics.fid import background_window
+
+    _, masks, _ = load_arrays(synthetic, None)  # a pair without a lesion-free 16 px window has no control crop
+    windows = [background_window(mask == 1, summary["lesion_kid"]["crop"]) for mask in masks]
+    assert summary["lesion_kid"]["background"]["n_synthetic"] == sum(w is not None for w in windows) > 0
+    assert "lesion-free crops KID" in result.output
     refused = runner.invoke(app, ["evaluate", "--adherence", "--synthetic", str(synthetic), "-o",
                                        str(tmp_path / "no")])
     assert refused.exit_code == 2 and "--segmenter" in refused.output

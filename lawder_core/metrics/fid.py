@@ -657,6 +657,37 @@ def lesion_crops(images: np.ndarray, lesions: np.ndarray, crop: int) -> tuple[np
     return (np.stack(out) if out else empty), np.asarray(kept, dtype=np.int64)
 
 
+def background_window(lesion: np.ndarray, crop: int) -> tuple[int, int] | None:
+    """(top, left) of a crop × crop window without lesion, away from it: the window at the point reflection of the
+    lesion's centre through the image centre (as far from the frame's centre as the lesion, so vignetting and
+    borders weigh alike on both crops), or, where that window holds lesion, the lesion-free window nearest to it.
+    None without lesion, or when every window holds some."""
+    centre = lesion_centre(lesion)
+    if centre is None:
+        return None
+    height, width = lesion.shape
+    integral = np.pad(lesion.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    inside = (integral[crop:, crop:] - integral[:-crop, crop:] - integral[crop:, :-crop]
+              + integral[:-crop, :-crop])  # lesion pixels of the window at each (top, left)
+    free = np.argwhere(inside == 0)
+    if len(free) == 0:
+        return None
+    target = np.array([height - 1 - centre[0] - crop // 2, width - 1 - centre[1] - crop // 2])
+    top, left = free[np.argmin(((free - target) ** 2).sum(axis=1))]
+    return int(top), int(left)
+
+
+def background_crops(images: np.ndarray, lesions: np.ndarray, crop: int) -> np.ndarray:
+    """One lesion-free crop × crop window per pair with a lesion (`background_window`); pairs without one are left
+    out."""
+    out = []
+    for image, lesion in zip(images, lesions, strict=True):
+        window = background_window(lesion, crop)
+        if window is not None:
+            out.append(image[window[0]:window[0] + crop, window[1]:window[1] + crop])
+    return np.stack(out) if out else np.zeros((0, crop, crop, *images.shape[3:]), images.dtype)
+
+
 @dataclass
 class LesionKidResult:
     """KID between lesion-centred crops of real and synthetic pairs (see `lesion_crop_kid`)."""
@@ -671,18 +702,22 @@ class LesionKidResult:
     feature_extractor: str
     lesion_labels: list[int] | None
     bins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    background: dict[str, Any] | None = None  # the same KID on lesion-free crops: the control for a global change
     features_real: np.ndarray | None = field(default=None, repr=False)
     fracs_real: np.ndarray | None = field(default=None, repr=False)  # the lesion share of each real crop's pair
+    features_real_background: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.kid.to_dict(), "crop": self.crop, "image_size": self.image_size, "n_real": self.n_real,
                 "n_synthetic": self.n_synthetic, "real": self.real, "synthetic": self.synthetic,
                 "feature_extractor": self.feature_extractor, "lesion_labels": self.lesion_labels,
-                "bins": self.bins,
+                "bins": self.bins, "background": self.background,
                 "definition": "KID between crop x crop windows centred on the largest lesion of each pair "
                               "(real pairs resized to the synthetic size first); se from half-samples; per "
                               "lesion-size bin, each side's pairs whose lesion share falls in the bin, scored with "
-                              f"at least {MIN_BIN_CROPS} crops on each side"}
+                              f"at least {MIN_BIN_CROPS} crops on each side; background: the same KID on one "
+                              "lesion-free window per pair, at the lesion's point reflection through the image "
+                              "centre (or the lesion-free window nearest to it)"}
 
 
 def kid_per_bin(f_real: np.ndarray, fracs_real: np.ndarray, f_syn: np.ndarray, fracs_syn: np.ndarray,
@@ -750,24 +785,50 @@ def lesion_crop_kid(
     if reuse_real is not None and reuse_real.features_real is not None and (
             reuse_real.real, reuse_real.crop, reuse_real.image_size, reuse_real.feature_extractor,
             reuse_real.lesion_labels) == (real_label, crop, list(size), info.name, labels) and (
-            reuse_real.fracs_real is not None):
+            reuse_real.fracs_real is not None and reuse_real.features_real_background is not None):
         f_real, fracs_real = reuse_real.features_real, reuse_real.fracs_real
+        f_real_background = reuse_real.features_real_background
     else:
         images, masks, _ = load_arrays(real, real_split)
         real_lesions = lesion_of(resize_masks(masks, size), labels)
-        real_crops, kept = lesion_crops(resize_images(images, size), real_lesions, crop)
+        images = resize_images(images, size)
+        real_crops, kept = lesion_crops(images, real_lesions, crop)
         f_real = crop_features(real_crops, model, device, batch_size, "real")
         fracs_real = real_lesions[kept].mean(axis=(1, 2))
+        f_real_background = background_features(background_crops(images, real_lesions, crop), model, device,
+                                                batch_size)
     syn_lesions = lesion_of(syn_masks, labels)
     syn_crops, kept = lesion_crops(syn_images, syn_lesions, crop)
     f_syn = crop_features(syn_crops, model, device, batch_size, "synthetic")
+    f_syn_background = background_features(background_crops(syn_images, syn_lesions, crop), model, device,
+                                           batch_size)
     options = {"num_subsets": num_subsets, "max_subset_size": max_subset_size, "seed": seed}
     return LesionKidResult(
         kid=kid_with_se(f_real, f_syn, **options), crop=crop, image_size=list(size), n_real=len(f_real),
         n_synthetic=len(f_syn), real=real_label, synthetic=str(synthetic), feature_extractor=info.name,
         lesion_labels=labels, features_real=f_real, fracs_real=fracs_real,
+        features_real_background=f_real_background,
         bins=kid_per_bin(f_real, fracs_real, f_syn, syn_lesions[kept].mean(axis=(1, 2)),
-                         SIZE_BINS if bins is None else bins, **options))
+                         SIZE_BINS if bins is None else bins, **options),
+        background=background_kid(f_real_background, f_syn_background, **options))
+
+
+def background_features(crops: np.ndarray, model: FeatureExtractor, device: torch.device,
+                        batch_size: int) -> np.ndarray:
+    """Features of the lesion-free crops (none extracted for fewer than 2: no KID is scored then)."""
+    if len(crops) < 2:
+        return np.zeros((len(crops), 0))
+    features, _ = extract_features(open_source(crops), model, device=device, batch_size=batch_size)
+    return features
+
+
+def background_kid(f_real: np.ndarray, f_syn: np.ndarray, **kid_options: Any) -> dict[str, Any]:
+    """KID of the lesion-free crops with its standard error; kid None with fewer than 2 crops on a side."""
+    entry: dict[str, Any] = {"n_real": len(f_real), "n_synthetic": len(f_syn), "kid": None, "kid_se": None}
+    if min(len(f_real), len(f_syn)) >= 2:
+        estimate = kid_with_se(f_real, f_syn, **kid_options)
+        entry.update(kid=estimate.kid, kid_se=estimate.se)
+    return entry
 
 
 def crop_features(crops: np.ndarray, model: FeatureExtractor, device: torch.device, batch_size: int,
