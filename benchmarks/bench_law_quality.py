@@ -28,8 +28,9 @@ Stages, each skipped when its output is complete (a killed training resumes from
             the decision rule, and the JSON result (--out).
 
 Decision rule: an arm beats uniform on a metric when its mean paired difference to uniform, in the metric's good
-direction, exceeds twice the replicate spread (the RMS over seeds of uniform-rep − uniform) with the same sign on
-every seed; the t-interval over seeds is reported beside it.
+direction, exceeds twice the replicate spread (the RMS over seeds of uniform-rep − uniform; for spurious area at
+least one pixel per image, its resolution) with the same sign on every seed; the t-interval over seeds is reported
+beside it. LAW is also judged against ratio, its starting map, by the same rule.
 
 Budget (the defaults): 600 images, base 3,000 steps, 5 arms × 4 seeds × 1,500 steps (law-influence costs ~1.5×
 a step: one extra forward), 240 samples × 25 DDIM steps per run, judge mkunet-base 40 epochs. At 0.7 s per step
@@ -415,10 +416,19 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float | None, 
     return mean - half, mean + half
 
 
-def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str], reference: str = "uniform"
-             ) -> dict[str, Any]:
+def resolutions(size: int) -> dict[str, float]:
+    """The smallest difference each metric can show that means anything: the noise floor is never below it.
+    Spurious area is a share of the frame: one pixel per image. Where every replicate scored the same (0 spurious
+    pixels), the measured floor is 0 and a difference of two pixels in 240 images would be called."""
+    return {"spurious_area": 1.0 / (size * size)}
+
+
+def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str], reference: str = "uniform",
+             resolution: dict[str, float] | None = None) -> dict[str, Any]:
     """Per arm (vs `reference`), metric and bin: per-seed differences, mean, t-interval, noise floor (always the
-    replicate's spread against uniform: what a change of seed alone moves a run), verdict."""
+    replicate's spread against uniform: what a change of seed alone moves a run; at least the metric's
+    `resolution`), verdict."""
+    resolution = resolution or {}
     directions = {**PAIR_METRICS, **RUN_METRICS}
     out: dict[str, Any] = {}
     for arm in [a for a in arms if a != reference]:
@@ -428,7 +438,8 @@ def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str], refer
                 if not diffs:
                     continue
                 floor_diffs = paired(table, "uniform-rep", metric, bin_label)
-                floor = math.sqrt(float(np.mean(np.square(floor_diffs)))) if floor_diffs else None
+                measured = math.sqrt(float(np.mean(np.square(floor_diffs)))) if floor_diffs else None
+                floor = None if measured is None else max(measured, resolution.get(metric, 0.0))
                 mean = float(np.mean(diffs))
                 low, high = t_interval(diffs)
                 same_sign = all(d * sign > 0 for d in diffs)
@@ -438,6 +449,7 @@ def verdicts(table: dict[str, dict[int, dict[str, Any]]], arms: list[str], refer
                 loses = callable_ and -mean * sign > 2 * floor and all(d * sign < 0 for d in diffs)
                 out.setdefault(arm, {}).setdefault(metric, {})[bin_label] = {
                     "per_seed": diffs, "mean": mean, "ci95": [low, high], "noise_floor": floor,
+                    "replicate_spread": measured,
                     "better_direction": "higher" if sign > 0 else "lower",
                     "verdict": f"beats {reference}" if wins else f"worse than {reference}" if loses else "no call"}
     return out
@@ -613,12 +625,13 @@ def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, 
         "base": {"run": str(work / "base"), "steps": b.base_steps, "cond_dropout": 1.0},
         "judge": judge_report(judge, data) if judge is not None and judge_done(judge, b.judge_epochs) else None,
         "complete": all(len(table.get(arm, {})) == b.seeds for arm in arms),
-        "means": means, "verdicts": verdicts(table, arms), "per_seed": table,
-        "against_prior": verdicts(table, [PRIOR, *[a for a in arms if a in LAW_ARMS]], reference=PRIOR)
-        if PRIOR in arms else {},
+        "means": means, "verdicts": verdicts(table, arms, resolution=resolutions(b.size)), "per_seed": table,
+        "against_prior": verdicts(table, [PRIOR, *[a for a in arms if a in LAW_ARMS]], reference=PRIOR,
+                                  resolution=resolutions(b.size)) if PRIOR in arms else {},
         "decision_rule": "an arm beats uniform on a metric when its mean paired difference to uniform (over seeds) "
-                         "exceeds twice the replicate spread (RMS over seeds of uniform-rep - uniform) in the "
-                         "metric's better direction, with the same sign on every seed",
+                         "exceeds twice the replicate spread (RMS over seeds of uniform-rep - uniform; for spurious "
+                         "area at least one pixel per image) in the metric's better direction, with the same sign "
+                         "on every seed",
         "compare": f"lawder compare --arms {write_compare_arms(work, arms)} --json",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpus": os.cpu_count(), "load": os.getloadavg()},

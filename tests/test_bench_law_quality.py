@@ -172,3 +172,18 @@ def test_law_is_also_called_against_its_prior_map_with_the_replicates_floor():
     assert calls["law"]["lesion_kid"]["all"]["verdict"] == "worse than ratio"  # 0.11 vs 0.10, floor 0
     text = bench.prior_table(calls)
     assert "| law | all | +0.040 [" in text and "] ✓" in text and "+10.00 [+10.00, +10.00] ✗" in text
+
+
+def test_a_spurious_area_call_needs_more_than_its_resolution_when_the_replicates_never_differ():
+    bench = load_bench()
+    pixel = bench.resolutions(64)["spurious_area"]
+    table = {"uniform": {s: row(0.5, 0.0, 0.2) for s in range(3)},
+             "uniform-rep": {s: row(0.5, 0.0, 0.2) for s in range(3)},  # no spurious pixel anywhere: spread 0
+             "law": {s: row(0.5, 0.25 * pixel, 0.2) for s in range(3)},  # a pixel in every fourth image
+             "ratio": {s: row(0.5, 3 * pixel, 0.2) for s in range(3)}}  # three pixels per image
+    calls = bench.verdicts(table, ["uniform", "uniform-rep", "law", "ratio"], resolution=bench.resolutions(64))
+    law, ratio = calls["law"]["spurious_area"]["all"], calls["ratio"]["spurious_area"]["all"]
+    assert law["replicate_spread"] == 0.0 and law["noise_floor"] == pixel and law["verdict"] == "no call"
+    assert ratio["verdict"] == "worse than uniform"
+    unguarded = bench.verdicts(table, ["uniform", "uniform-rep", "law"])["law"]["spurious_area"]["all"]
+    assert unguarded["verdict"] == "worse than uniform"  # what the rule alone would have said
