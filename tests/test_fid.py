@@ -462,16 +462,23 @@ def test_lesion_crops_are_centred_on_the_largest_lesion_and_stay_in_the_frame():
     assert np.array_equal(crops[1], images[1, 0:16, 16:32])
 
 
-def test_lesion_crop_kid_on_pair_files(tmp_path, net):
+def pair_files(folder: Path, n: int, k: int) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """A real pair file (n pairs of 32 px) and a 'synthetic' one holding its first k train pairs, as `lawder sample`
+    writes it; and the real train images and masks."""
     from lawder_core.data.h5 import load_arrays
-    from lawder_core.metrics.fid import lesion_crop_kid
     from lawder_core.sample import write_synthetic_h5
     from tests.helpers import synthetic_h5
 
-    real = synthetic_h5(tmp_path / "real.h5", n=24, size=32)
+    real = synthetic_h5(folder / "real.h5", n=n, size=32)
     images, masks, cases = load_arrays(real, "train")
-    synthetic = write_synthetic_h5(tmp_path / "syn.h5", images[:8], masks[:8], list(cases[:8]),
-                                   {"lesion_labels": [1]})
+    synthetic = write_synthetic_h5(folder / "syn.h5", images[:k], masks[:k], list(cases[:k]), {"lesion_labels": [1]})
+    return real, synthetic, images, masks
+
+
+def test_lesion_crop_kid_on_pair_files(tmp_path, net):
+    from lawder_core.metrics.fid import lesion_crop_kid
+
+    real, synthetic, images, _ = pair_files(tmp_path, 24, 8)
     result = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=20)
     assert (result.crop, result.n_real, result.n_synthetic) == (16, len(images), 8)
     assert np.isfinite(result.kid.kid) and result.kid.se is not None and np.isfinite(result.kid.se)
@@ -499,14 +506,9 @@ def test_kid_per_bin_scores_each_side_on_the_pairs_of_its_bin_only():
 
 
 def test_lesion_crop_kid_reports_the_bins_of_each_sides_own_lesion_share(tmp_path, net):
-    from lawder_core.data.h5 import load_arrays
     from lawder_core.metrics.fid import kid_with_se, lesion_crop_kid
-    from lawder_core.sample import write_synthetic_h5
-    from tests.helpers import synthetic_h5
 
-    real = synthetic_h5(tmp_path / "real.h5", n=60, size=32)
-    images, masks, cases = load_arrays(real, "train")
-    synthetic = write_synthetic_h5(tmp_path / "syn.h5", images, masks, list(cases), {"lesion_labels": [1]})
+    real, synthetic, _, masks = pair_files(tmp_path, 60, 60)
     fracs = (masks == 1).mean(axis=(1, 2))
     median = float(np.median(fracs[fracs > 0]))
     bins = (("small", 0.0, median), ("large", median, 1.01))
@@ -542,15 +544,9 @@ def test_the_background_window_mirrors_the_lesion_and_never_holds_lesion():
 
 
 def test_lesion_crop_kid_scores_the_lesion_free_crops_as_its_control(tmp_path, net):
-    from lawder_core.data.h5 import load_arrays
     from lawder_core.metrics.fid import background_crops, extract_features, kid_with_se, lesion_crop_kid, open_source
-    from lawder_core.sample import write_synthetic_h5
-    from tests.helpers import synthetic_h5
 
-    real = synthetic_h5(tmp_path / "real.h5", n=30, size=32)
-    images, masks, cases = load_arrays(real, "train")
-    synthetic = write_synthetic_h5(tmp_path / "syn.h5", images[:10], masks[:10], list(cases[:10]),
-                                   {"lesion_labels": [1]})
+    real, synthetic, images, masks = pair_files(tmp_path, 30, 10)
     result = lesion_crop_kid(real, synthetic, feature_extractor=net, num_subsets=10)
     real_bg = background_crops(images, masks == 1, result.crop)
     syn_bg = background_crops(images[:10], masks[:10] == 1, result.crop)
