@@ -22,8 +22,9 @@ Stages, each skipped when its output is complete (a killed training resumes from
             rate, spurious area, per lesion-size bin) against the real train pairs, KID on lesion-centred crops
             with its standard error. One summary.json per arm and seed: `lawder compare --arms WORK/compare.yaml`
             pairs them case by case.
-  6b. kid   the lesion-crop KID again per size bin, "<3%" included (`lesion_kid_bins.json` beside the summary;
-            the merge computes it for a scored job that lacks it).
+  6b. kid   the lesion-crop KID again per size bin, "<3%" included, and on lesion-free crops, the control for a
+            change of the whole image (`lesion_kid_bins.json` beside the summary; the merge computes it for a
+            scored job that lacks it).
   7. merge  when every (arm, seed) is scored: means per arm and size bin, paired differences to uniform per seed,
             the decision rule, and the JSON result (--out).
 
@@ -74,7 +75,7 @@ REPLICATE_SEED_OFFSET = 100
 MIN_SEEDS_FOR_A_CALL = 2
 BINS = ("<1%", "1-3%", "<3%", "3-10%", ">=10%", "all")
 SMALL = 0.03  # the goal's bin, "<3%": the union of the two smallest size bins, from the per-pair rows
-# per-pair metrics and the direction that is better; lesion KID is per run
+# per-pair metrics and the direction that is better
 PAIR_METRICS = {"hit_rate": +1, "contrast_rel": +1, "spurious_area": -1, "dice": +1}
 # per-run metrics: KID on lesion-centred crops (per size bin), and on lesion-free crops (over all pairs: the control
 # that tells a change at the lesion from a change of the whole image)
