@@ -298,6 +298,7 @@ def score_kid_bins(synthetic: Path, data: Path, out: Path, args: argparse.Namesp
     """The lesion-crop KID per size bin (`kid_bins`) and on lesion-free crops, scored as `score` scores the whole
     set (same real split, weights and seed), so its "all" repeats the summary's KID. A record from before the
     lesion-free control is scored again."""
+    from lawder_core.files import write_text
     from lawder_core.metrics.fid import lesion_crop_kid
 
     path = out / "lesion_kid_bins.json"
@@ -310,7 +311,7 @@ def score_kid_bins(synthetic: Path, data: Path, out: Path, args: argparse.Namesp
     record = {"all": result.kid.kid, "all_se": result.kid.se, "crop": result.crop, "bins": result.bins,
               "background": result.background}
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    write_text(path, json.dumps(record, indent=1))  # atomic: a merge killed mid-write leaves no half file
     return record
 
 
@@ -619,6 +620,7 @@ def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, 
     score_missing_kid_bins(work, data, arms, b.seeds, args)
     table = per_seed_table(work, arms, b.seeds)
     means = arm_means(table)
+    resolution = resolutions(b.size)
     result = {
         "benchmark": "bench_law_quality (LAW revision 3: small lesions, fine-tuning, judge-free adherence)",
         "budget": b.__dict__, "arms": arms, "guidance": args.guidance,
@@ -626,9 +628,9 @@ def merge(args: argparse.Namespace, work: Path, data: Path, judge: Path | None, 
         "base": {"run": str(work / "base"), "steps": b.base_steps, "cond_dropout": 1.0},
         "judge": judge_report(judge, data) if judge is not None and judge_done(judge, b.judge_epochs) else None,
         "complete": all(len(table.get(arm, {})) == b.seeds for arm in arms),
-        "means": means, "verdicts": verdicts(table, arms, resolution=resolutions(b.size)), "per_seed": table,
+        "means": means, "verdicts": verdicts(table, arms, resolution=resolution), "per_seed": table,
         "against_prior": verdicts(table, [PRIOR, *[a for a in arms if a in LAW_ARMS]], reference=PRIOR,
-                                  resolution=resolutions(b.size)) if PRIOR in arms else {},
+                                  resolution=resolution) if PRIOR in arms else {},
         "decision_rule": "an arm beats uniform on a metric when its mean paired difference to uniform (over seeds) "
                          "exceeds twice the replicate spread (RMS over seeds of uniform-rep - uniform; for spurious "
                          "area at least one pixel per image) in the metric's better direction, with the same sign "

@@ -81,16 +81,14 @@ def render(summary: dict[str, Any]) -> None:
         _fid_rows(table, summary["fid"])
     if "lesion_kid" in summary:
         lk = summary["lesion_kid"]
-        se = f" ± {lk['kid_se']:.2g} (se)" if lk.get("kid_se") is not None else ""
-        table.add_row("lesion-crop KID", f"{lk['kid']:.4g}{se}",
-                      f"{lk['crop']}×{lk['crop']} crops: {lk['n_real']} real vs {lk['n_synthetic']} synthetic")
-        rows = [(f"lesion-crop KID {label}", entry) for label, entry in lk.get("bins", {}).items()]
+        rows = [("lesion-crop KID", lk, f"{lk['crop']}×{lk['crop']} crops: ")]
+        rows += [(f"lesion-crop KID {label}", entry, "") for label, entry in lk.get("bins", {}).items()]
         if lk.get("background"):
-            rows.append(("lesion-free crops KID (control)", lk["background"]))
-        for name, entry in rows:
+            rows.append(("lesion-free crops KID (control)", lk["background"], ""))
+        for name, entry, crops in rows:
             value = "too few crops" if entry["kid"] is None else f"{entry['kid']:.4g}" + (
-                f" ± {entry['kid_se']:.2g} (se)" if entry["kid_se"] is not None else "")
-            table.add_row(name, value, f"{entry['n_real']} real vs {entry['n_synthetic']} synthetic")
+                f" ± {entry['kid_se']:.2g} (se)" if entry.get("kid_se") is not None else "")
+            table.add_row(name, value, f"{crops}{entry['n_real']} real vs {entry['n_synthetic']} synthetic")
     if "adherence" in summary:
         _adherence_rows(table, summary["adherence"])
     if "profile" in summary:

@@ -731,15 +731,19 @@ def kid_per_bin(f_real: np.ndarray, fracs_real: np.ndarray, f_syn: np.ndarray, f
     for label, low, high in bins:
         in_real = (fracs_real >= low) & (fracs_real < high)
         in_syn = (fracs_syn >= low) & (fracs_syn < high)
-        n_real, n_syn = int(in_real.sum()), int(in_syn.sum())
-        if n_real + n_syn == 0:
-            continue
-        entry: dict[str, Any] = {"n_real": n_real, "n_synthetic": n_syn, "kid": None, "kid_se": None}
-        if min(n_real, n_syn) >= MIN_BIN_CROPS:
-            estimate = kid_with_se(f_real[in_real], f_syn[in_syn], **kid_options)
-            entry.update(kid=estimate.kid, kid_se=estimate.se)
-        out[label] = entry
+        if in_real.any() or in_syn.any():
+            out[label] = kid_entry(f_real[in_real], f_syn[in_syn], MIN_BIN_CROPS, **kid_options)
     return out
+
+
+def kid_entry(f_real: np.ndarray, f_syn: np.ndarray, min_crops: int, **kid_options: Any) -> dict[str, Any]:
+    """{n_real, n_synthetic, kid, kid_se}: the KID with its standard error, None with fewer than `min_crops` crops
+    on a side."""
+    entry: dict[str, Any] = {"n_real": len(f_real), "n_synthetic": len(f_syn), "kid": None, "kid_se": None}
+    if min(len(f_real), len(f_syn)) >= min_crops:
+        estimate = kid_with_se(f_real, f_syn, **kid_options)
+        entry.update(kid=estimate.kid, kid_se=estimate.se)
+    return entry
 
 
 def lesion_crop_kid(
@@ -810,7 +814,7 @@ def lesion_crop_kid(
         features_real_background=f_real_background,
         bins=kid_per_bin(f_real, fracs_real, f_syn, syn_lesions[kept].mean(axis=(1, 2)),
                          SIZE_BINS if bins is None else bins, **options),
-        background=background_kid(f_real_background, f_syn_background, **options))
+        background=kid_entry(f_real_background, f_syn_background, 2, **options))
 
 
 def background_features(crops: np.ndarray, model: FeatureExtractor, device: torch.device,
@@ -821,14 +825,6 @@ def background_features(crops: np.ndarray, model: FeatureExtractor, device: torc
     features, _ = extract_features(open_source(crops), model, device=device, batch_size=batch_size)
     return features
 
-
-def background_kid(f_real: np.ndarray, f_syn: np.ndarray, **kid_options: Any) -> dict[str, Any]:
-    """KID of the lesion-free crops with its standard error; kid None with fewer than 2 crops on a side."""
-    entry: dict[str, Any] = {"n_real": len(f_real), "n_synthetic": len(f_syn), "kid": None, "kid_se": None}
-    if min(len(f_real), len(f_syn)) >= 2:
-        estimate = kid_with_se(f_real, f_syn, **kid_options)
-        entry.update(kid=estimate.kid, kid_se=estimate.se)
-    return entry
 
 
 def crop_features(crops: np.ndarray, model: FeatureExtractor, device: torch.device, batch_size: int,
