@@ -52,16 +52,22 @@ def test_decision_rule_needs_twice_the_replicate_spread_and_one_sign_on_every_se
     assert result["uniform-rep"]["hit_rate"]["all"]["verdict"] == "no call"
 
 
-@pytest.mark.slow  # every stage at toy scale: ~5 min on a shared 2-core machine
-def test_smoke_run_writes_per_arm_summaries_and_a_result_and_resumes(tmp_path):
+def smoke_run(root: Path) -> tuple[object, list[str], Path, Path, Path]:
+    """The benchmark at toy scale, one seed, three arms: (module, its arguments, work folder, result, KID weights)."""
     from tests.helpers import tiny_fid_weights
 
     bench = load_bench()
-    weights = tiny_fid_weights(tmp_path / "fid.pt")
-    work, out = tmp_path / "work", tmp_path / "result.json"
+    weights = tiny_fid_weights(root / "fid.pt")
+    work, out = root / "work", root / "result.json"
     args = ["--smoke", "--seeds", "1", "--arms", "uniform,uniform-rep,law-influence", "--work", str(work),
             "--out", str(out), "--fid-weights", str(weights)]
     assert bench.main(args) == 0
+    return bench, args, work, out, weights
+
+
+@pytest.mark.slow  # every stage at toy scale: ~5 min on a shared 2-core machine
+def test_smoke_run_writes_per_arm_summaries_and_a_result_and_resumes(tmp_path):
+    bench, args, work, out, _ = smoke_run(tmp_path)
     result = json.loads(out.read_text())
     assert result["complete"] and set(result["means"]) == {"uniform", "uniform-rep", "law-influence"}
     summary = json.loads((work / "eval" / "law-influence" / "seed0" / "summary.json").read_text())
@@ -82,6 +88,48 @@ def test_smoke_run_writes_per_arm_summaries_and_a_result_and_resumes(tmp_path):
 
 def summary_of(work: Path, arm: str) -> dict:
     return json.loads((work / "eval" / arm / "seed0" / "summary.json").read_text())
+
+
+def load_diagnostic():
+    spec = importlib.util.spec_from_file_location("law_background_diagnostic", SCRIPT.with_name(
+        "law_background_diagnostic.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pixels(path: Path):
+    from lawder_core.data.h5 import load_arrays
+
+    return load_arrays(path, None)[0].astype(int)
+
+
+@pytest.mark.slow  # the benchmark at toy scale, then five toy samplings and scorings
+def test_the_background_diagnostic_scores_the_base_and_uniform_moved_less_beside_every_arm(tmp_path):
+    _, _, work, _, weights = smoke_run(tmp_path)
+    diagnostic = load_diagnostic()
+    out = tmp_path / "diagnostic"
+    args = diagnostic.parse_args(["--work", str(work), "--alphas", "0,1", "--out", str(out), "--fid-weights",
+                                  str(weights)])
+    rows = diagnostic.diagnose(args)["rows"]
+    assert set(rows) == {"base", "uniform-raw", "uniform-a000", "uniform-a100", "uniform", "uniform-rep",
+                         "law-influence"}
+    # displacement x 0 is the base, x 1 the uniform arm that the benchmark sampled: same masks, noise and sampler
+    assert (pixels(out / "uniform-a000" / "synthetic.h5") == pixels(out / "base" / "synthetic.h5")).all()
+    moved_fully = pixels(out / "uniform-a100" / "synthetic.h5")
+    assert abs(moved_fully - pixels(work / "synthetic" / "uniform" / "seed0.h5")).max() <= 1  # float rounding
+    assert not (pixels(out / "base" / "synthetic.h5") == moved_fully).all()
+    assert rows["uniform"]["w_background"] == 1.0 and rows["law-influence"]["w_background"] < 1.0
+    assert rows["uniform-a000"]["background_kid"] == pytest.approx(rows["base"]["background_kid"])
+    channels = diagnostic.mask_channels(diagnostic.candidates(work, 0, [])["base"][2](), work / "small-lesions-32.h5",
+                                        0)
+    assert set(channels["relative_change_of_v_real_mask_vs_null"]) == {"t999", "t500", "t100"}
+    assert channels["conv_in_abs_weight_mean"]["mask"] > 0
+    saved = json.loads((out / "law_background_diagnostic.json").read_text())
+    assert saved["rows"] == rows and saved["base_mask_channels"] == channels
+    stamp = (out / "base" / "synthetic.h5").stat().st_mtime
+    diagnostic.diagnose(args)  # a rerun samples and scores nothing again
+    assert (out / "base" / "synthetic.h5").stat().st_mtime == stamp
 
 
 def test_lesion_kid_per_bin_comes_from_the_rescored_file_and_all_from_the_summary(tmp_path):
