@@ -70,7 +70,8 @@ def train_law(
                                             "1: an unconditional model, a base for --init-from)."),
     init_from: str = typer.Option(None, "--init-from",
                                    help="Start the denoiser from this train-law run's EMA weights (fine-tuning); "
-                                        "LAW and the optimisers start fresh. Same --size/--preset/--prediction."),
+                                        "LAW and the optimisers start fresh. Same --size/--preset/--prediction. "
+                                        "From a run with --cond-dropout 1 the mask inputs start at zero."),
     hflip: bool = typer.Option(None, "--hflip/--no-hflip",
                                help="Mirror training pairs left-right (polyps; never CT). Default: no augmentation."),
     preset: str = typer.Option(None, "--preset", help="UNet size: tiny | small (default) | base."),
@@ -143,6 +144,7 @@ def show_summary(result: dict) -> None:
                           f"max {law['w_max']:.3f}{moved}")
     if result.get("init_from"):
         start = result["init_from"]
-        err_console.print(f"started from {start['run']} (step {start['step']}, {start['weights']} weights)")
+        zeroed = ", mask inputs at zero: it never saw a mask" if start.get("mask_inputs_zeroed") else ""
+        err_console.print(f"started from {start['run']} (step {start['step']}, {start['weights']} weights{zeroed})")
     err_console.print(f"checkpoint {result['checkpoint']}" + (f"; preview {result['preview']}"
                                                               if result["preview"] else ""))

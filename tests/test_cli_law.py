@@ -150,6 +150,7 @@ def test_init_from_and_snr_gamma_none_through_the_cli(data: Path, tmp_path: Path
                               "--objective", "influence", "--json"))
     assert tuned["init_from"]["run"] == str((tmp_path / "base").resolve())
     assert tuned["init_from"]["step"] == base["step"] == 2
+    assert tuned["init_from"]["mask_inputs_zeroed"] is True  # the base never saw a mask
     saved = json.loads((tmp_path / "tuned" / "config.json").read_text())
     assert saved["snr_gamma"] is None and saved["law"]["objective"] == "influence"
     assert json.loads((tmp_path / "base" / "config.json").read_text())["cond_dropout"] == 1.0

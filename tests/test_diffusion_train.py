@@ -159,12 +159,20 @@ def test_init_from_starts_exactly_at_the_source_runs_ema_denoiser(data: Path, tm
     noisy, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([5, 800])
     masks = torch.zeros(2, 32, 32, dtype=torch.long)
     masks[:, 8:14, 10:20] = 1
-    cond = loaded.condition(masks)
+    cond, null = loaded.condition(masks), loaded.null_condition(masks)
     with torch.no_grad():
         out = trainer.denoiser(noisy, t, cond)
-        assert start == 0 and torch.equal(out, loaded(noisy, t, cond))  # the EMA weights, bit for bit
-        assert not torch.equal(out, raw(noisy, t, cond))  # not the last raw iterate
+        # the EMA weights, bit for bit, but for the mask inputs the source never trained (cond_dropout 1): they
+        # start at zero, so any mask gives the source's prediction
+        assert start == 0 and torch.equal(out, loaded(noisy, t, null))
+        assert not torch.equal(loaded(noisy, t, cond), loaded(noisy, t, null))  # random mask weights moved it
+        assert not torch.equal(out, raw(noisy, t, null))  # not the last raw iterate
         assert torch.equal(trainer.ema.shadow(torch.cat([noisy, cond], 1), t).sample, out)  # EMA starts there too
+    tuned_weights, source_weights = trainer.denoiser.state_dict(), loaded.state_dict()
+    differ = [k for k in source_weights if not torch.equal(tuned_weights[k], source_weights[k])]
+    assert differ == ["unet.conv_in.weight"] and not tuned_weights[differ[0]][:, 3:].any()
+    assert torch.equal(tuned_weights[differ[0]][:, :3], source_weights[differ[0]][:, :3])
+    assert trainer.init_record["mask_inputs_zeroed"] is True
     assert trainer.optimizer.state_dict()["state"] == {} and trainer.law is not None
     assert float(trainer.law.out.weight.abs().sum()) == 0.0  # a fresh, zero-initialised LAW
     assert trainer.init_record["step"] == 3 and trainer.init_record["weights"] == "denoiser_ema"
@@ -180,6 +188,18 @@ def test_init_from_starts_exactly_at_the_source_runs_ema_denoiser(data: Path, tm
     assert summarise_law_run(tmp_path / "tuned")["init_from"]["step"] == 3
     lines = read_metrics(tmp_path / "tuned")
     assert {"law_departure", "grad_norm", "clipped"} <= set(lines[-1]) and lines[-1]["law_departure"] is not None
+
+
+def test_init_from_a_source_that_saw_masks_keeps_its_mask_inputs(data: Path, tmp_path: Path) -> None:
+    from lawder_core.models.denoiser import load_denoiser
+    from lawder_core.train.diffusion import load_init_denoiser
+
+    source = tmp_path / "base"
+    train_diffusion(tiny_config(data, source, weighting="uniform", steps=1, cond_dropout=0.5))
+    loaded = load_denoiser(source / "last" / "denoiser_ema")
+    started, record = load_init_denoiser(source, loaded.spec, None)
+    assert record["mask_inputs_zeroed"] is False
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in started.state_dict().items())
 
 
 def test_init_from_refuses_another_model_or_no_run(data: Path, tmp_path: Path) -> None:

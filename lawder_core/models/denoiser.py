@@ -142,6 +142,13 @@ class Denoiser(nn.Module):
     def null_condition(self, masks: Tensor) -> Tensor:
         return self.condition(masks, torch.ones(masks.shape[0], dtype=torch.bool, device=masks.device))
 
+    def zero_mask_inputs(self) -> bool:
+        """Where the mask enters through the first convolution (the pixel UNet), zero its weights there; True if it
+        did. Every mask then gives the null condition's prediction until training moves them: what a fine-tune
+        from a model that never saw a mask should start from, as ControlNet starts its zero convolutions. A
+        ControlNet is left as it is (False)."""
+        return False
+
     def save_pretrained(self, folder: str | os.PathLike, module: nn.Module | None = None) -> Path:
         """Spec + scheduler + the trainable module (or `module`, e.g. the EMA copy) in diffusers layout."""
         folder = Path(folder)
@@ -206,6 +213,11 @@ class PixelDenoiser(Denoiser):
 
     def denoising_unet(self) -> nn.Module:
         return self.unet
+
+    def zero_mask_inputs(self) -> bool:
+        with torch.no_grad():  # the mask channels follow the image's in the first convolution's input
+            self.unet.conv_in.weight[:, self.spec.image_channels:] = 0
+        return True
 
 
 # ---------------------------------------------------------------- ControlNet on Stable Diffusion
