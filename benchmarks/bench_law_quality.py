@@ -10,7 +10,8 @@ Stages, each skipped when its output is complete (a killed training resumes from
   3. judge  a segmenter (--judge-model) trained on the real train split; its Dice on the real test split, per
             lesion-size bin, is the judge's own ceiling.
   4. arms   fine-tuned from the base's EMA weights (`--init-from`) for --steps each, the usual recipe (v target,
-            cosine, Min-SNR-5, cond dropout 0.1), seeds 0..--seeds−1:
+            cosine, Min-SNR-5, cond dropout 0.1), seeds 0..--seeds−1. `--init-from` starts the base's untrained
+            mask inputs at zero (the revision 3 runs of docs/benchmarks.md, at 35c2a64, predate that):
               uniform         uniform weighting
               uniform-rep     uniform weighting, training seed + 100: the replicate whose spread is the noise floor
               ratio           the fixed γ-prior (LAW's starting map)
