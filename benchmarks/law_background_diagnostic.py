@@ -69,9 +69,10 @@ def train_masks(data: Path, n: int) -> tuple[np.ndarray, list[str]]:
     return masks[:n], [str(c) for c in cases[:n]]
 
 
-def sample_model(denoiser: torch.nn.Module, run: Path, data: Path, b: bench.Budget, seed: int, guidance: float,
+def sample_model(load: Any, run: Path, data: Path, b: bench.Budget, seed: int, guidance: float,
                  out: Path) -> Path:
-    """Sample as the benchmark does (same masks, DDIM steps, guidance, batch and paired noise); kept if complete."""
+    """Sample `load()`'s model as the benchmark does (same masks, DDIM steps, guidance, batch and paired noise); a
+    complete file is kept and nothing is loaded."""
     from lawder_core.data.h5 import read_info
     from lawder_core.sample import LoadedSampler, run_info, sample_loaded, write_synthetic_h5
 
@@ -79,7 +80,7 @@ def sample_model(denoiser: torch.nn.Module, run: Path, data: Path, b: bench.Budg
         return out
     log.info("sample %d images into %s", b.n_sample, out)
     masks, cases = train_masks(data, b.n_sample)
-    images = sample_loaded(LoadedSampler(run_info(run), denoiser.eval(), torch.device("cpu")), masks,
+    images = sample_loaded(LoadedSampler(run_info(run), load().eval(), torch.device("cpu")), masks,
                            steps=b.sample_steps, scheduler="ddim", guidance=guidance, batch_size=32, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_synthetic_h5(out, images, masks.astype(np.uint8), cases, {"diagnostic": out.parent.name},
@@ -129,12 +130,12 @@ def mask_channels(base: torch.nn.Module, data: Path, seed: int) -> dict[str, Any
 def candidates(work: Path, seed: int, alphas: list[float]) -> dict[str, tuple[str, Path, Any]]:
     """name -> (what it is, the run whose recipe samples it, a loader of its weights)."""
     from lawder_core.models.denoiser import load_denoiser
-    from lawder_core.runs import DENOISER_EMA
+    from lawder_core.runs import DENOISER, DENOISER_EMA
 
     base, uniform = work / "base" / "last", work / "runs" / "uniform" / f"seed{seed}"
     found = {"base": ("the base every arm starts from (EMA)", base.parent, lambda: load_denoiser(base / DENOISER_EMA)),
              "uniform-raw": ("uniform, raw weights (not the EMA)", uniform,
-                             lambda: load_denoiser(uniform / "last" / "denoiser"))}
+                             lambda: load_denoiser(uniform / "last" / DENOISER))}
     for alpha in alphas:
         found[alpha_name(alpha)] = (f"uniform, displacement x {alpha:g}", uniform, lambda alpha=alpha: interpolated(
             load_denoiser(base / DENOISER_EMA), load_denoiser(uniform / "last" / DENOISER_EMA), alpha))
@@ -152,7 +153,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     cache: dict = {}
     for name, (what, run, load) in found.items():
-        synthetic = sample_model(load(), run, data, b, args.seed, args.guidance, out / name / "synthetic.h5")
+        synthetic = sample_model(load, run, data, b, args.seed, args.guidance, out / name / "synthetic.h5")
         rows[name] = {"kind": what, **kid_row(bench.score_kid_bins(synthetic, data, out / name, args, args.seed,
                                                                    cache))}
     rows.update(arm_rows(work, args.seed))
