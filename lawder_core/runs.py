@@ -26,6 +26,7 @@ from typing import Any
 
 from lawder_core.errors import DataError, EnvironmentProblem, LawderError, TrainingError, UsageError
 from lawder_core.files import append_jsonl, read_jsonl, write_json, write_jsonl
+from lawder_core.interrupts import signals_deferred
 from lawder_core.locks import hold_output_lock
 
 CONFIG = "config.json"
@@ -221,8 +222,10 @@ def save_state(checkpoint: Path, state: dict[str, Any]) -> None:
     import torch
 
     # through a Python file object: on a full disk torch's own error ("unexpected pos ...") then carries the
-    # OSError (ENOSPC) it met as its context, which `errors.known_cause` recognises
-    with open(checkpoint / STATE, "wb") as f:
+    # OSError (ENOSPC) it met as its context, which `errors.known_cause` recognises. A Ctrl-C raised inside that
+    # file's write would become the same RuntimeError (a "training failed", exit 5, instead of 130), so signals
+    # wait for the write's end: it takes milliseconds, and the interrupt then stops the run as usual.
+    with signals_deferred(), open(checkpoint / STATE, "wb") as f:
         torch.save(state, f)
 
 

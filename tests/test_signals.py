@@ -253,3 +253,31 @@ def test_prepare_interrupted_just_after_its_rename_leaves_the_fingerprint_too(tm
     stopped_once(result.output, result.exit_code, EXIT_INTERRUPTED, "SIGINT")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.fingerprint.json", "d.h5", "d.splits.json"]
     assert json.loads((tmp_path / "d.fingerprint.json").read_text())["samples"] == 8
+
+
+def test_a_signal_in_the_middle_of_a_training_state_write_stops_the_run_after_it(tmp_path, monkeypatch):
+    """torch.save calls the file's write from C++: an interrupt raised there came back as torch's RuntimeError
+    ("unexpected pos"), so a Ctrl-C at that moment ended a training with exit 5 instead of 130 (CI, stop 35)."""
+    save = torch.save
+
+    def save_through_a_write_that_is_interrupted(state, f):
+        class InterruptedAtItsSecondWrite:  # the first write's interrupt escapes as itself; later ones do not
+            writes = 0
+
+            def write(self, data):
+                self.writes += 1
+                if self.writes == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+
+        save(state, InterruptedAtItsSecondWrite())
+
+    monkeypatch.setattr(torch, "save", save_through_a_write_that_is_interrupted)
+    state = {"epoch": 3, "weights": torch.arange(1000.0)}
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_state(tmp_path, state)
+    written = torch.load(tmp_path / runs.STATE, weights_only=True)  # the write ran to its end first
+    assert written["epoch"] == 3 and torch.equal(written["weights"], state["weights"])
