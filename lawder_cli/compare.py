@@ -23,10 +23,16 @@ TABLE_WIDTH = 140
 
 
 def _fmt(value: float | None, digits: int = 4, signed: bool = False) -> str:
+    """Fixed point, except where that would hide the value: large ones, and non-zero ones it prints as 0.0000
+    (a spurious area of a few pixels in 240 images: a difference called beside a column of zeros)."""
     if value is None:
         return "n/a"
     sign = "+" if signed else ""
-    return f"{value:{sign}.{digits}g}" if abs(value) >= 1000 else f"{value:{sign}.{digits}f}"
+    if abs(value) >= 1000:
+        return f"{value:{sign}.{digits}g}"
+    if value != 0 and abs(value) < 0.5 * 10 ** -digits:
+        return f"{value:{sign}.2e}"
+    return f"{value:{sign}.{digits}f}"
 
 
 def _p(value: float | None) -> str:

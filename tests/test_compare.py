@@ -399,3 +399,10 @@ def test_spec_tuple_arms_need_no_cli(tmp_path):
                                     resamples=500))
     row = rows(result)["B - A"]
     assert row["difference"] == pytest.approx(0.15) and math.isfinite(row["ci_low"])
+
+
+def test_a_difference_too_small_for_four_decimals_is_printed_in_its_own_digits():
+    from lawder_cli.compare import _fmt
+
+    assert _fmt(1.6e-05, signed=True) == "+1.60e-05" and _fmt(-3e-07) == "-3.00e-07"
+    assert _fmt(0.0, signed=True) == "+0.0000" and _fmt(0.93284) == "0.9328" and _fmt(2500.0) == "2500"
