@@ -202,6 +202,29 @@ def test_init_from_a_source_that_saw_masks_keeps_its_mask_inputs(data: Path, tmp
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in started.state_dict().items())
 
 
+def test_a_mask_free_run_started_from_one_that_saw_masks_keeps_their_trained_mask_inputs(data: Path,
+                                                                                          tmp_path: Path) -> None:
+    from lawder_core.models.denoiser import load_denoiser
+    from lawder_core.train.diffusion import load_init_denoiser, never_saw_a_mask
+
+    saw = tmp_path / "saw"
+    train_diffusion(tiny_config(data, saw, weighting="uniform", steps=1, cond_dropout=0.5))
+    unconditional = tmp_path / "unconditional"  # cond_dropout 1, but its mask weights are saw's
+    train_diffusion(tiny_config(data, unconditional, weighting="uniform", steps=1, cond_dropout=1.0,
+                                init_from=str(saw)))
+    scratch = tmp_path / "scratch"
+    train_diffusion(tiny_config(data, scratch, weighting="uniform", steps=1, cond_dropout=1.0))
+    again = tmp_path / "again"  # a mask-free fine-tune of a mask-free run: still never saw one
+    train_diffusion(tiny_config(data, again, weighting="uniform", steps=1, cond_dropout=1.0, init_from=str(scratch)))
+    assert not never_saw_a_mask(saw) and not never_saw_a_mask(unconditional)
+    assert never_saw_a_mask(scratch) and never_saw_a_mask(again)
+
+    loaded = load_denoiser(unconditional / "last" / "denoiser_ema")
+    started, record = load_init_denoiser(unconditional, loaded.spec, None)
+    assert record["mask_inputs_zeroed"] is False
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in started.state_dict().items())
+
+
 def test_init_from_refuses_another_model_or_no_run(data: Path, tmp_path: Path) -> None:
     from lawder_core.errors import DataError
     from lawder_core.train.configs import check_law_config

@@ -250,13 +250,21 @@ def load_init_denoiser(run: str | Path, spec: DenoiserSpec, pretrained: str | No
     return denoiser, record
 
 
-def never_saw_a_mask(run: str | Path) -> bool:
-    """A run that dropped the condition on every row (cond_dropout 1): its mask input weights are still at their
-    random initialisation, and with masks in {−1, +1} they would move the prediction at every pixel (6–9 % of its
-    norm, measured on bench_law_quality's base). A fine-tune zeroes them, so it starts as the source for any mask."""
-    if runs.config_path(run) is None:  # a folder without its config: nothing says so
+def never_saw_a_mask(run: str | Path, _seen: frozenset[Path] = frozenset()) -> bool:
+    """A run that dropped the condition on every row (cond_dropout 1), and so did every run it was fine-tuned from:
+    its mask input weights are still at their random initialisation, and with masks in {−1, +1} they would move the
+    prediction at every pixel (6–9 % of its norm, measured on bench_law_quality's base). A fine-tune zeroes them, so
+    it starts as the source for any mask. A cond_dropout-1 run started from one that saw masks carries that run's
+    trained mask weights (the null condition gives them no gradient): they are kept. So are they whenever a link of
+    the chain cannot be read."""
+    here = Path(run).resolve()
+    if runs.config_path(run) is None or here in _seen:  # a folder without its config (or a loop): nothing says so
         return False
-    return float(runs.read_config(run).get("cond_dropout", 0.0)) >= 1.0
+    config = runs.read_config(run)
+    if float(config.get("cond_dropout", 0.0)) < 1.0:
+        return False
+    source = config.get("init_from")
+    return source is None or never_saw_a_mask(source, _seen | {here})
 
 
 # ---------------------------------------------------------------- one step
