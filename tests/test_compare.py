@@ -384,6 +384,19 @@ def test_missing_and_unreadable_summaries_exit_3(tmp_path):
     assert result.exit_code == EXIT_DATA and "holds no per-case scores" in flat(result.output)
 
 
+@pytest.mark.parametrize("per_case, message", [
+    (5, "metric_per_case must be a list of cases"),
+    ([{"case": "a", "metrics": {"Dice": float("nan")}}], "gives region 'Dice' a float, not its scores by metric"),
+    ([{"case": "a"}], "has no `case` and `metrics`"),
+])
+def test_a_summary_of_another_shape_exits_3_naming_what_is_wrong(tmp_path, per_case, message):
+    write(tmp_path / "a", summary_json({"x1": 0.5}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({"metric_per_case": per_case}))
+    result = invoke(f"A={tmp_path}/a", f"B={tmp_path}/b")
+    assert result.exit_code == EXIT_DATA and message in flat(result.output), result.output
+
+
 def test_pair_names_may_hold_dashes():
     names = ["mkunet-t", "mkunet-t-order", "T"]
     assert parse_pair("mkunet-t-order-mkunet-t", names) == ("mkunet-t-order", "mkunet-t")

@@ -214,16 +214,23 @@ def _put(path: Path, metrics: dict[str, dict[str, float]], name: str, case: str,
     cases[case] = _number(value)
 
 
+REWRITE = "Write it again with `lawder evaluate --dice`."
+
+
 def _read_metric_per_case(path: Path, entries: list[Any], metrics: dict[str, dict[str, float]]) -> tuple[str, ...]:
     regions: dict[str, None] = {}
     single_images = True
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: metric_per_case must be a list of cases.", REWRITE)
     for entry in entries:
         if not isinstance(entry, dict) or "case" not in entry or not isinstance(entry.get("metrics"), dict):
-            raise DataError(f"{path}: a metric_per_case entry has no `case` and `metrics`.",
-                            "Write it again with `lawder evaluate --dice`.")
+            raise DataError(f"{path}: a metric_per_case entry has no `case` and `metrics`.", REWRITE)
         case = str(entry["case"])
         single_images &= entry.get("n_images", 1) == 1
         for region, scores in entry["metrics"].items():
+            if scores is not None and not isinstance(scores, dict):
+                raise DataError(f"{path}: case {case!r} gives region {region!r} a {type(scores).__name__}, not its "
+                                "scores by metric name ({\"Dice\": ...}).", REWRITE)
             regions.setdefault(region, None)
             for key, value in (scores or {}).items():
                 if key not in COUNT_KEYS and _numeric(value):
