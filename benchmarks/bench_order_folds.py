@@ -24,7 +24,8 @@ folds. Everything is resumable: a finished run is skipped, an interrupted one re
 (bit-exact), a written summary is never recomputed. `--shard I/N` takes every N-th fold, so one single-thread
 process per core can share the work.
 
-Usage (the revision-3 comparison: one process, one thread, about 9 core-hours at 128 px):
+Usage (the revision-3 comparison at 128 px: about 2.4 core-hours per fold, 12 in all, measured with two such
+single-thread processes on a 2-core machine: T ~27 s per epoch, joint ORDER ~60 s):
     python benchmarks/bench_order_folds.py --size 128 --epochs 30 --extra 15 --work /work/bench/order_folds
 then `lawder compare --arms WORK/arms.yaml` (written by this script) for the paired table.
 """
