@@ -13,26 +13,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lawder_cli.common import err_console, handle_errors
+from lawder_cli.common import err_console, handle_errors, number
 from lawder_cli.options import JSON, SEED, in_range
 from lawder_core import numbers
 from lawder_core.errors import EXIT_GATE_FAILED, UsageError
 from lawder_core.metrics.arms import METRIC_NAMES  # arms.py imports only the standard library at module level
 
 TABLE_WIDTH = 140
-
-
-def _fmt(value: float | None, digits: int = 4, signed: bool = False) -> str:
-    """Fixed point, except where that would hide the value: large ones, and non-zero ones it prints as 0.0000
-    (a spurious area of a few pixels in 240 images: a difference called beside a column of zeros)."""
-    if value is None:
-        return "n/a"
-    sign = "+" if signed else ""
-    if abs(value) >= 1000:
-        return f"{value:{sign}.{digits}g}"
-    if value != 0 and abs(value) < 0.5 * 10 ** -digits:
-        return f"{value:{sign}.2e}"
-    return f"{value:{sign}.{digits}f}"
 
 
 def _p(value: float | None) -> str:
@@ -60,10 +47,10 @@ def render(result: dict[str, Any]) -> None:
     for row in result["comparisons"]:
         runs, diff = row["run_differences"], row["difference"]
         agree = sum(d != 0 and (d > 0) == (diff > 0) for d in runs) if diff else 0
-        ci = "" if row["ci_low"] is None else f" [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+        ci = "" if row["ci_low"] is None else f" [{number(row['ci_low'])}, {number(row['ci_high'])}]"
         left_out = f" (−{row['n_left_out']})" if row["n_left_out"] else ""
         table.add_row(escape(row["metric"]) if row["metric"] != previous else "", escape(f"{row['b']} − {row['a']}"),
-                      _fmt(row["mean_a"]), _fmt(row["mean_b"]), f"{_fmt(diff, signed=True)}{ci}",
+                      number(row["mean_a"]), number(row["mean_b"]), f"{number(diff, signed=True)}{ci}",
                       _p(row["p_wilcoxon"]), f"{agree}/{len(runs)}", f"{row['n_runs']} / {row['n_cases']}{left_out}",
                       _noise(row), escape(row["verdict"] or ""))
         previous = row["metric"]
@@ -80,8 +67,8 @@ def render(result: dict[str, Any]) -> None:
         err_console.print(f"note: {note}", markup=False, highlight=False)
     for gate in result["gates"]:
         status = "[green]held[/]" if gate["passed"] else "[bold red]missed[/]"
-        detail = gate["message"] or (f"the {level} CI of {gate['comparison']} [{_fmt(gate['ci'][0])}, "
-                                     f"{_fmt(gate['ci'][1])}] clears the margin {gate['margin']:g}")
+        detail = gate["message"] or (f"the {level} CI of {gate['comparison']} [{number(gate['ci'][0])}, "
+                                     f"{number(gate['ci'][1])}] clears the margin {gate['margin']:g}")
         err_console.print(f"gate '{escape(gate['expect'])}' on {gate['metric']}: {status} ({escape(detail)})",
                           highlight=False)
 

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from lawder_cli.common import err_console, handle_errors, print_json, quiet_stdout
+from lawder_cli.common import err_console, handle_errors, number, print_json, quiet_stdout
 from lawder_cli.options import JSON, SEED, in_range
 from lawder_core import numbers
 from lawder_core.errors import EXIT_GATE_FAILED
@@ -17,16 +17,12 @@ from lawder_core.errors import EXIT_GATE_FAILED
 WEIGHTS_ENV = "LAWDER_FID_WEIGHTS"
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def _dice_rows(table: Table, summary: dict[str, Any]) -> None:
     settings = summary["dice_settings"]
     for region, scores in summary["mean"].items():
-        table.add_row(f"Dice {region}", _fmt(scores["Dice"]),
-                      f"IoU {_fmt(scores['IoU'])}; image-mean Dice {_fmt(scores['Dice_image_mean'])}")
-    table.add_row("Dice foreground_mean", _fmt(summary["foreground_mean"]["Dice"]),
+        table.add_row(f"Dice {region}", number(scores["Dice"]),
+                      f"IoU {number(scores['IoU'])}; image-mean Dice {number(scores['Dice_image_mean'])}")
+    table.add_row("Dice foreground_mean", number(summary["foreground_mean"]["Dice"]),
                   f"{settings['n_cases']} cases, {settings['n_images']} images; empty masks: "
                   f"{settings['empty_policy_meaning']}")
 
@@ -48,18 +44,18 @@ def _fid_rows(table: Table, fid: dict[str, Any]) -> None:
 
 def _adherence_rows(table: Table, adh: dict[str, Any]) -> None:
     if adh.get("dice_mean") is not None:
-        table.add_row("mask adherence Dice", _fmt(adh["dice_mean"]),
-                      f"sd {_fmt(adh['dice_sd'])}, {adh['n_scored']}/{adh['n_images']} synthetic images scored")
+        table.add_row("mask adherence Dice", number(adh["dice_mean"]),
+                      f"sd {number(adh['dice_sd'])}, {adh['n_scored']}/{adh['n_images']} synthetic images scored")
     if "judge_free" not in adh:
         return
     for label, row in adh["bins"].items():
-        table.add_row(f"judge-free {label}", f"hit {_fmt(row.get('hit_rate'), 3)}",
-                      f"{row['n']} pairs; contrast ×real {_fmt(row.get('contrast_rel'), 3)}, spurious area "
-                      f"{_fmt(row.get('spurious_area'), 4)}" + (f", judge Dice {_fmt(row['dice'], 3)}"
+        table.add_row(f"judge-free {label}", f"hit {number(row.get('hit_rate'), 3)}",
+                      f"{row['n']} pairs; contrast ×real {number(row.get('contrast_rel'), 3)}, spurious area "
+                      f"{number(row.get('spurious_area'), 4)}" + (f", judge Dice {number(row['dice'], 3)}"
                                                                   if row.get("dice") is not None else ""))
     real = adh["judge_free"]["reference"]["bins"].get("all", {})
-    table.add_row("judge-free real pairs", f"hit {_fmt(real.get('hit_rate'), 3)}",
-                  f"the reference ({adh['judge_free']['real']}): spurious area {_fmt(real.get('spurious_area'), 4)}")
+    table.add_row("judge-free real pairs", f"hit {number(real.get('hit_rate'), 3)}",
+                  f"the reference ({adh['judge_free']['real']}): spurious area {number(real.get('spurious_area'), 4)}")
 
 
 def _profile_rows(table: Table, profile: dict[str, Any]) -> None:
@@ -98,7 +94,7 @@ def render(summary: dict[str, Any]) -> None:
         err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
     for row in summary["gates"]:
         status = "[green]held[/]" if row["passed"] else "[bold red]missed[/]"
-        detail = row["message"] or f"{row['metric']} {_fmt(row['value'])} vs {row['threshold']:g}"
+        detail = row["message"] or f"{row['metric']} {number(row['value'])} vs {row['threshold']:g}"
         err_console.print(f"gate {row['option']} {row['threshold']:g}: {status} ({detail})", highlight=False)
 
 

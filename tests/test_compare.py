@@ -415,7 +415,8 @@ def test_spec_tuple_arms_need_no_cli(tmp_path):
 
 
 def test_a_difference_too_small_for_four_decimals_is_printed_in_its_own_digits():
-    from lawder_cli.compare import _fmt
+    from lawder_cli.common import number
 
-    assert _fmt(1.6e-05, signed=True) == "+1.60e-05" and _fmt(-3e-07) == "-3.00e-07"
-    assert _fmt(0.0, signed=True) == "+0.0000" and _fmt(0.93284) == "0.9328" and _fmt(2500.0) == "2500"
+    assert number(1.6e-05, signed=True) == "+1.60e-05" and number(-3e-07) == "-3.00e-07"
+    assert number(0.0, signed=True) == "+0.0000" and number(0.93284) == "0.9328" and number(2500.0) == "2500"
+    assert number(None) == "n/a" and number(0.9663, 3) == "0.966" and number(4e-05, 3) == "4.00e-05"
