@@ -118,6 +118,24 @@ def test_a_set_of_empty_masks_warns(tmp_path, caplog):
     assert got.sum() == 0 and "every mask" in caplog.text
 
 
+def test_label_masks_mixed_into_a_sixteen_bit_set_are_named_in_a_warning(tmp_path, caplog):
+    truth = lesions(3)
+    images, masks = write_set(tmp_path, truth, FORMATS["16-bit 0/65535"])
+    grey(truth[1], 1, np.uint16).save(masks / "c01.png")  # one 0/1 label mask among 0/65535 masks
+    with caplog.at_level(logging.WARNING, logger="lawder_core.data.prepare_folder"):
+        got = prepared_masks(tmp_path, images, masks)
+    assert sorted(int(m.sum()) for m in got) == sorted([0, *(int(t.sum()) for i, t in enumerate(truth) if i != 1)])
+    assert "1 of 4 masks hold values but none reaches this set's lesion threshold 32768" in caplog.text
+    assert "c01.png (max 1)" in caplog.text
+
+
+def test_a_set_of_one_scale_gives_no_faint_mask_warning(tmp_path, caplog):
+    images, masks = write_set(tmp_path, lesions(4), FORMATS["8-bit 0/255"])
+    with caplog.at_level(logging.WARNING, logger="lawder_core.data.prepare_folder"):
+        prepared_masks(tmp_path, images, masks)
+    assert "threshold" not in caplog.text
+
+
 def test_noisy_jpeg_masks_keep_the_half_scale_threshold(tmp_path):
     truth = lesions(2)
     images, masks = tmp_path / "images", tmp_path / "masks"

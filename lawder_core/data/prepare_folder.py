@@ -97,12 +97,24 @@ def folder_cases(pairs: list[tuple[str, Path, Path]], size: int | None, mode: st
 
 
 def set_mask_scale(pairs: list[tuple[str, Path, Path]]) -> int:
-    """The full scale of this set's masks (images.mask_scale); warns when every mask is empty."""
+    """The full scale of this set's masks (images.mask_scale); warns when every mask is empty, and when masks that
+    hold values lie wholly below the set's threshold, so that they are read as empty."""
     maxima = [int(mask_values(mask_path).max()) for _, _, mask_path in pairs]
     if max(maxima, default=0) == 0:
         log.warning("every mask in %s is empty (all pixels 0): the data set has no lesion to learn from. "
                     "Check --masks.", pairs[0][2].parent if pairs else "the set")
-    return mask_scale(maxima)
+    scale = mask_scale(maxima)
+    threshold = (scale + 1) // 2
+    faint = [(mask_path.name, top) for (_, _, mask_path), top in zip(pairs, maxima, strict=True)
+             if 0 < top < threshold]
+    if faint:
+        shown = ", ".join(f"{name} (max {top})" for name, top in faint[:5]) + (
+            f" and {len(faint) - 5} more" if len(faint) > 5 else "")
+        log.warning("%d of %d masks hold values but none reaches this set's lesion threshold %d (of %d), so they are "
+                    "read as empty: %s. Noise in an empty JPEG mask looks like this; a 0/1 label mask among 0/%d "
+                    "masks does too: rescale such masks to the set's scale if they hold lesions.",
+                    len(faint), len(pairs), threshold, scale, shown, scale)
+    return scale
 
 
 def check_uniform_size(pairs: list[tuple[str, Path, Path]], size: int | None) -> None:
