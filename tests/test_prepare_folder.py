@@ -75,6 +75,15 @@ def test_wrong_layout_and_missing_folder(tmp_path):
         prepare_folder("kvasir", tmp_path / "x", tmp_path / "d.h5", PrepareOptions())
 
 
+def test_images_in_sub_folders_only_are_pointed_at(tmp_path):
+    write_pair_folder(tmp_path / "raw" / "images", 2)  # raw/images/images/*.png: one level too deep
+    with pytest.raises(DataError, match="no images") as caught:
+        prepare_folder("folder", None, tmp_path / "d.h5", PrepareOptions(), images=str(tmp_path / "raw" / "images"),
+                       masks=str(tmp_path / "raw" / "images" / "masks"))
+    assert str(tmp_path / "raw" / "images" / "images") in caught.value.hint
+    assert str(tmp_path / "raw" / "images" / "masks") in caught.value.hint and not list(tmp_path.glob("d*"))
+
+
 def test_split_file_reuse_gives_the_same_split(tmp_path):
     images, masks = write_pair_folder(tmp_path / "raw", 10)
     prepare_folder("folder", None, tmp_path / "a.h5", PrepareOptions(seed=1), images=str(images), masks=str(masks))

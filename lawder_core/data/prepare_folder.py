@@ -57,11 +57,25 @@ def layout_folders(source: str, in_dir: Path) -> tuple[Path, Path]:
     return images, masks
 
 
+def nested_hint(folder: Path) -> str | None:
+    """Where the images are when a folder holds none itself but its sub-folders do (files are not searched
+    recursively: a split or a class per sub-folder is the user's to choose)."""
+    def holds_images(sub: Path) -> bool:
+        return sub.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in sub.iterdir() if f.is_file())
+
+    holders = sorted(filter(holds_images, folder.iterdir())) if folder.is_dir() else []
+    if not holders:
+        return None
+    names = ", ".join(str(sub) for sub in holders[:3]) + (f" and {len(holders) - 3} more" if len(holders) > 3 else "")
+    return (f"Its sub-folders hold images ({names}); lawder reads the files of the folder itself: name the folder "
+            "that holds them.")
+
+
 def match_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]]:
     """(stem, image, mask) for every image; every image must have a mask (a mask may end in _mask)."""
     images, masks = list_images(images_dir), list_images(masks_dir)
     if not images:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}.")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}.", nested_hint(images_dir))
     by_stem = dict(masks)
     for stem, path in masks.items():
         for suffix in ("_mask", "_seg", "_segmentation"):
