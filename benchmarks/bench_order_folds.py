@@ -180,7 +180,7 @@ def write_result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     write_json(args.out, result)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/kvasir-seg-256"))
     parser.add_argument("--size", type=int, default=128)
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/order_folds"))
     parser.add_argument("--out", type=Path, default=None, help="Result JSON (default WORK/result.shardI.json).")
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th fold from the I-th.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     index, count = (int(v) for v in args.shard.split("/"))
     args.out = args.out or args.work / f"result.shard{index}.json"
     for arm in args.arms:

@@ -67,6 +67,11 @@ def test_bad_fold_and_budget_requests_are_refused_up_front(data, tmp_path, kw, m
         check_seg_config(quick(data, tmp_path / "run", **kw))
 
 
+def test_a_valid_request_passes_the_up_front_checks_with_their_defaults(data, tmp_path):
+    # processes defaults to world_size (one process here); the library call of a benchmark once crashed on None
+    check_seg_config(quick(data, tmp_path / "run", folds=2, fold=1))
+
+
 def test_a_step_budget_trains_exactly_that_many_steps_cutting_the_last_epoch(data, tmp_path):
     cfg = quick(data, tmp_path / "run", steps=5, max_steps_per_epoch=None, batch_size=8)
     per_epoch = planned_steps_per_epoch(cfg)

@@ -124,7 +124,8 @@ def check_seg_config(cfg: SegTrainConfig, world_size: int = 1, processes: int | 
     if cfg.synthetic:
         read_info(cfg.synthetic)
     limits.check_seg_training(cfg.model, cfg.size, cfg.batch_size, (info.height, info.width, info.channels),
-                              train + len(split_indices(cfg.data, "val")), processes=processes, on_gpu=on_gpu)
+                              train + len(split_indices(cfg.data, "val")),
+                              processes=world_size if processes is None else processes, on_gpu=on_gpu)
 
 
 def check_folds(cfg: SegTrainConfig) -> None:
