@@ -19,6 +19,7 @@ Adherence is judged on the lesion labels the trials train LAW with (`--lesion-la
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,23 @@ def load_sweep_space(kind: str, space_file: str | Path | None) -> dict[str, dict
     for key, dist in space.items():
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise UsageError(f"{space_file}: {key} must be one of {DISTRIBUTIONS} with its values, got {dist!r}.")
+        (name, values), = dist.items()
+        if name in RANGES and isinstance(values, list):
+            dist[name] = [as_number(v) for v in values]
     return space
+
+
+RANGES = ("uniform", "loguniform", "randint")
+
+
+def as_number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads 1e-3, without a dot, as text: a range's ends are numbers, so read such text as one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -87,16 +104,58 @@ def apply_params(config: Any, params: dict[str, Any]) -> Any:
     """A copy of the frozen `config` with dotted paths set (nested dataclasses are rebuilt and re-validated)."""
     data = to_dict(config)
     for path, value in flatten_params(params).items():
-        node = data
-        *parents, leaf = path.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise UsageError(f"search-space key {path!r} does not name a field of {type(config).__name__}.")
-            node = node[part]
-        if leaf not in node:
-            raise UsageError(f"search-space key {path!r} does not name a field of {type(config).__name__}.")
+        node, leaf = field_node(data, path, config)
         node[leaf] = value
     return from_dict(type(config), data)
+
+
+def field_node(data: dict[str, Any], path: str, config: Any) -> tuple[dict[str, Any], str]:
+    """The dict holding the field a dotted path names in `data` (a config as a dict), and the field's name."""
+    node = data
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise UsageError(f"search-space key {path!r} does not name a field of {type(config).__name__}.")
+        node = node[part]
+    if leaf not in node:
+        raise UsageError(f"search-space key {path!r} does not name a field of {type(config).__name__}.")
+    return node, leaf
+
+
+def is_range(name: str, values: list[Any]) -> bool:
+    numeric = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return name in RANGES and numeric and values[0] < values[1] and (name != "loguniform" or values[0] > 0)
+
+
+MAX_CHECKED_POINTS = 4096
+
+
+def check_space(base: Any, space: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before Ray starts, a space whose keys name no field of the sweep's config, a range that is not
+    (low, high), and, when every distribution is discrete and the grid is not huge, any point whose config is
+    invalid (e.g. LAW's clamp range with w_min above w_max). Else every trial would fail the same way, later."""
+    data = to_dict(base)
+    discrete: list[list[Any]] = []
+    for key, dist in space.items():
+        (name, values), = dist.items()
+        if not isinstance(values, list) or not values:
+            raise UsageError(f"search space: {key}: {name} needs a list of values, got {values!r}.")
+        for path in (flatten_params({key: values[0]}) if isinstance(values[0], dict) else {key: None}):
+            field_node(data, path, base)
+        if name in ("grid", "choice"):
+            discrete.append([{key: v} for v in values])
+        elif not is_range(name, values):
+            raise UsageError(f"search space: {key}: {name} needs [low, high] with low < high"
+                             f"{' and low > 0' if name == 'loguniform' else ''}, got {values!r}.")
+    if len(discrete) != len(space) or np.prod([len(d) for d in discrete]) > MAX_CHECKED_POINTS:
+        return
+    for point in itertools.product(*discrete):
+        params = {k: v for part in point for k, v in part.items()}
+        try:
+            apply_params(base, params)
+        except UsageError as err:
+            raise UsageError(f"search-space point {flatten_params(params)} is not a valid configuration: "
+                             f"{err.message}", err.hint) from err
 
 
 # ---------------------------------------------------------------- scoring a LAW trial

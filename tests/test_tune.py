@@ -46,6 +46,51 @@ def test_space_file_is_validated(tmp_path):
         load_sweep_space("order", bad)
 
 
+def test_yaml_text_numbers_in_a_range_are_read_as_numbers(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text("law.lr: {loguniform: [1e-5, 1e-3]}\n")  # PyYAML reads 1e-5 (no dot) as text
+    assert load_sweep_space("law-reg", space) == {"law.lr": {"loguniform": [1e-5, 1e-3]}}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"clamp": {"grid": [{"law.w_min": 0.5, "law.w_max": 2.0}, {"law.w_min": 5, "law.w_max": 2}]}},
+     r"point \{'law.w_min': 5, 'law.w_max': 2\} is not a valid configuration: --w-min: 5 is outside"),
+    ({"law.nope": {"grid": [1, 2]}}, "'law.nope' does not name a field of LawTuneConfig"),
+    ({"clamp": {"grid": [{"law.w_mn": 0.5}]}}, "'law.w_mn' does not name a field"),
+    ({"law.lr": {"uniform": [1e-3, 1e-4]}}, r"uniform needs \[low, high\] with low < high"),
+    ({"law.lambda_prior": {"loguniform": [0, 1]}}, "and low > 0"),
+    ({"law.gamma": {"grid": []}}, "needs a list of values"),
+])
+def test_a_space_that_would_fail_every_trial_is_refused_before_ray_starts(tmp_path, space, message):
+    from lawder_core.sweeps import LawTuneConfig, check_space
+
+    with pytest.raises(UsageError, match=message):
+        check_space(LawTuneConfig(data="d.h5"), space)
+
+
+def test_every_built_in_space_and_an_allowed_combination_pass(tmp_path):
+    from lawder_core.sweeps import LawTuneConfig, check_space
+
+    for kind, space in SWEEP_SPACES.items():
+        check_space(SegTrainConfig(data="d.h5", out="o") if kind == "order" else LawTuneConfig(data="d.h5"), space)
+    check_space(LawTuneConfig(data="d.h5"), {"law.w_min": {"grid": [0.5, 0.1]}, "law.w_max": {"grid": [2.0, 10.0]},
+                                             "law.lr": {"loguniform": [1e-5, 1e-3]}})
+
+
+def test_a_failed_trial_is_summed_up_by_its_cause_not_by_rays_actor_line():
+    from lawder_core.distributed.tune import trial_error
+    from lawder_core.errors import DataError
+
+    wrapped = RuntimeError("ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1, actor_id=ab, repr=law_trial)\n"
+                           "  File \"x.py\", line 3, in f\nValueError: the mask is empty")
+    assert trial_error(wrapped) == "ValueError: the mask is empty"
+    cause = DataError("d.h5 has no val split.", "Prepare it again.")
+    try:
+        raise RuntimeError("ray::ImplicitFunc.train() (pid=1)") from cause
+    except RuntimeError as err:
+        assert trial_error(err) == "d.h5 has no val split."
+
+
 @pytest.mark.slow
 def test_order_sweep_finishes_resumes_and_best_yaml_trains(ray_local, tmp_path):
     data = synthetic_h5(tmp_path / "s.h5", n=24, size=32)

@@ -45,7 +45,7 @@ from lawder_core.distributed.shared_storage import check_marker, remove_marker, 
 from lawder_core.environment import DEFAULT_WAIT_S
 from lawder_core.errors import EnvironmentProblem, TrainingError, UsageError
 from lawder_core.files import append_jsonl, atomic_save, read_jsonl, write_json
-from lawder_core.sweeps import apply_params, flatten_params
+from lawder_core.sweeps import apply_params, check_space, flatten_params
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "experiment"
@@ -273,6 +273,16 @@ def build_tuner(kind: str, base: Any, space: dict[str, dict[str, Any]], out: Pat
     )
 
 
+def trial_error(error: BaseException) -> str:
+    """What went wrong in a trial, in one line: lawder's own message where there is one, else the exception's last
+    line (Ray's first line only names the actor)."""
+    found = find_lawder_error(error)
+    if found is not None:
+        return found.message
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def results_table(grid: Any, sweep: Sweep) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(row, trial config) per trial, best first (ties broken by trial name, so reruns agree)."""
     rows = []
@@ -286,7 +296,7 @@ def results_table(grid: Any, sweep: Sweep) -> list[tuple[dict[str, Any], dict[st
             sweep.metric: values[-1] if values else None,
             f"best_{sweep.metric}": best,
             "iterations": len(values),
-            "error": str(result.error).splitlines()[0] if result.error else None,
+            "error": trial_error(result.error) if result.error else None,
         }
         if history is not None and "law_departure" in history:
             departures = history["law_departure"].dropna().tolist()
@@ -350,6 +360,7 @@ def run_tune(kind: str, base: Any, space: dict[str, dict[str, Any]], out: str | 
                          "Pass --resume to continue it, --force to start over, or choose another --out.")
     if resume and not force and not holds_sweep:
         raise UsageError(f"--resume: {out} holds no sweep to continue.", "Drop --resume to start one.")
+    check_space(base, space)
     check_local_gpus(opts.gpus_per_trial, opts.ray_address)
     check_sweep_memory(base, opts)
     runs.open_run(out, resume=resume, force=force)
