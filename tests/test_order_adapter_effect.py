@@ -31,8 +31,8 @@ def work(data, tmp_path_factory):
     trunk = root / "runs" / "t" / "fold0"
     train_segmenter(quick_seg_config(data, trunk, select="last"))
     train_segmenter(quick_seg_config(data, root / "runs" / "order-2stage" / "fold0", model="mkunet-t-order",
-                                     init_from=str(trunk), freeze_trunk=True, select="last", epochs=4, lr=0.3,
-                                     max_steps_per_epoch=4))
+                                     init_from=str(trunk), freeze_trunk=True, select="last", epochs=2, lr=0.3,
+                                     max_steps_per_epoch=2))
     return root
 
 
