@@ -140,7 +140,8 @@ def check_space(base: Any, space: dict[str, dict[str, Any]]) -> None:
         (name, values), = dist.items()
         if not isinstance(values, list) or not values:
             raise UsageError(f"search space: {key}: {name} needs a list of values, got {values!r}.")
-        for path in (flatten_params({key: values[0]}) if isinstance(values[0], dict) else {key: None}):
+        groups = [v for v in values if isinstance(v, dict)]  # grouped points ({law.w_min: .., law.w_max: ..})
+        for path in {p for group in groups for p in group} if groups else {key}:
             field_node(data, path, base)
         if name in ("grid", "choice"):
             discrete.append([{key: v} for v in values])

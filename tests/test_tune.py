@@ -57,6 +57,8 @@ def test_yaml_text_numbers_in_a_range_are_read_as_numbers(tmp_path):
      r"point \{'law.w_min': 5, 'law.w_max': 2\} is not a valid configuration: --w-min: 5 is outside"),
     ({"law.nope": {"grid": [1, 2]}}, "'law.nope' does not name a field of LawTuneConfig"),
     ({"clamp": {"grid": [{"law.w_mn": 0.5}]}}, "'law.w_mn' does not name a field"),
+    ({"clamp": {"grid": [{"law.w_min": 0.5}, {"law.w_mx": 4.0}]}, "law.lr": {"uniform": [1e-4, 1e-3]}},
+     "'law.w_mx' does not name a field"),  # the second point, in a space too continuous to enumerate
     ({"law.lr": {"uniform": [1e-3, 1e-4]}}, r"uniform needs \[low, high\] with low < high"),
     ({"law.lambda_prior": {"loguniform": [0, 1]}}, "and low > 0"),
     ({"law.gamma": {"grid": []}}, "needs a list of values"),
