@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_law_quality.py"
+from tests.helpers import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_law_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_law_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_law_quality")
 
 
 def row(hit: float, spurious: float, kid: float, small_kid: float | None = None,
@@ -91,11 +85,7 @@ def summary_of(work: Path, arm: str) -> dict:
 
 
 def load_diagnostic():
-    spec = importlib.util.spec_from_file_location("law_background_diagnostic", SCRIPT.with_name(
-        "law_background_diagnostic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("law_background_diagnostic")
 
 
 def pixels(path: Path):

@@ -1,25 +1,16 @@
 """benchmarks/bench_order_folds.py at toy scale: every default arm on 2 folds, resumable, and its arms file is what
 `lawder compare` reads."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from lawder_cli.main import app
-from tests.helpers import runner, write_pair_folder
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_order_folds.py"
+from tests.helpers import load_benchmark, runner, write_pair_folder
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_order_folds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_order_folds"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_order_folds")
 
 
 @pytest.mark.slow  # twelve toy trainings and 26 evaluations: about a minute

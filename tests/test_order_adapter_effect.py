@@ -1,27 +1,18 @@
 """benchmarks/order_adapter_effect.py: what a two-stage ORDER run changes against the trunk it started from."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lawder_core.models.factory import load_segmenter
 from lawder_core.train.seg import train_segmenter
-from tests.helpers import quick_seg_config
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "order_adapter_effect.py"
+from tests.helpers import load_benchmark, quick_seg_config
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("order_adapter_effect", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["order_adapter_effect"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("order_adapter_effect")
 
 
 @pytest.fixture(scope="module")

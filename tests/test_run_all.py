@@ -1,23 +1,18 @@
 """benchmarks/run_all.py (`make bench`): the quick measurements by default, the hour-long studies only when asked."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+from tests.helpers import BENCHMARKS, load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("run_all", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("run_all")
 
 
 def test_the_long_studies_run_only_when_asked():
     run_all = load()
-    scripts = sorted(SCRIPT.parent.glob("bench_*.py"))
+    scripts = sorted(BENCHMARKS.glob("bench_*.py"))
     assert set(run_all.LONG) <= {s.stem for s in scripts}  # a renamed study cannot slip into the default run
     default = {s.stem for s in run_all.chosen(scripts, None, False)}
     assert default and not default & set(run_all.LONG) and "bench_seg_speed" in default
