@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lawder_core import limits, numbers, runs
-from lawder_core.data.h5 import H5Writer, load_arrays, read_info, refuse_overwrite, split_indices
+from lawder_core.data.h5 import SAMPLED, H5Writer, load_arrays, read_info, refuse_overwrite, split_indices
 from lawder_core.data.labels import default_lesion_labels, lesion_labels, lesion_names
 from lawder_core.environment import DEFAULT_WAIT_S, package_version, pick_device
 from lawder_core.errors import DataError, UsageError
@@ -447,7 +447,7 @@ def write_synthetic_h5(
     if len(images) == 0:
         raise DataError("no synthetic samples to write.", "Check --n and the mask file's split.")
     n, h, w, c = images.shape
-    writer = H5Writer(out, height=h, width=w, channels=c, label_names=list(label_names), source="lawder sample",
+    writer = H5Writer(out, height=h, width=w, channels=c, label_names=list(label_names), source=SAMPLED,
                       preprocessing={"synthetic": True}, extra_attrs=dict(provenance), force=force)
     try:
         for start in range(0, n, 256):

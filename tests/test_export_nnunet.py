@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import multiprocessing
 from pathlib import Path
 
@@ -50,12 +51,14 @@ def kits_like(path: Path, n: int = 10) -> Path:
     return path
 
 
-def test_polyp_set_with_synthetic_pairs_passes_nnunet_and_reads_back(tmp_path):
+def test_polyp_set_with_synthetic_pairs_passes_nnunet_and_reads_back(tmp_path, caplog):
     data = synthetic_h5(tmp_path / "real.h5", n=20, size=32)
-    syn = synthetic_h5(tmp_path / "syn.h5", n=6, size=32, seed=3)
-    result = runner.invoke(app, ["export", "nnunet", str(data), "--synthetic", str(syn), "--dataset-id", "501",
-                                 "--name", "Polyps", "-o", str(tmp_path / "raw"), "--json"])
+    syn = synthetic_h5(tmp_path / "syn.h5", n=6, size=32, seed=3)  # a procedural set standing in for sampled pairs
+    with caplog.at_level(logging.WARNING, logger="lawder_core.export.nnunet"):
+        result = runner.invoke(app, ["export", "nnunet", str(data), "--synthetic", str(syn), "--dataset-id", "501",
+                                     "--name", "Polyps", "-o", str(tmp_path / "raw"), "--json"])
     assert result.exit_code == 0, result.output
+    assert f"--synthetic {syn} was not written by `lawder sample`" in caplog.text  # said, and exported all the same
     root = tmp_path / "raw" / "Dataset501_Polyps"
     assert json.loads(result.stdout)["verified_by"].startswith("nnunetv2 ")  # the export ran nnU-Net's check
     verify(root)

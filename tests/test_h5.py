@@ -2,7 +2,7 @@ import h5py
 import numpy as np
 import pytest
 
-from lawder_core.data.h5 import H5Writer, load_arrays, open_h5, read_info, split_indices
+from lawder_core.data.h5 import SAMPLED, H5Writer, load_arrays, not_sampled, open_h5, read_info, split_indices
 from lawder_core.errors import DataError, UsageError
 
 
@@ -29,6 +29,18 @@ def test_round_trip_schema_and_attributes(tmp_path):
     with h5py.File(path) as f:
         assert f["images"].chunks == (1, 8, 6, 3)
         assert f["images"].compression == "lzf"
+
+
+def test_a_file_given_as_synthetic_pairs_that_lawder_sample_did_not_write_is_named(tmp_path):
+    real = tmp_path / "real.h5"
+    write_small(real)
+    note = not_sampled(read_info(real), "--synthetic")
+    assert note.startswith(f"--synthetic {real} was not written by `lawder sample` (its source: 'test')")
+    sampled = tmp_path / "syn.h5"
+    with H5Writer(sampled, height=8, width=6, channels=3, label_names=["background", "lesion"], source=SAMPLED,
+                  preprocessing={"synthetic": True}) as w:
+        w.add(np.zeros((8, 6, 3), np.uint8), np.zeros((8, 6), np.uint8), "s0", "train")
+    assert not_sampled(read_info(sampled), "--synthetic") is None
 
 
 def test_refuses_overwrite_without_force_and_replaces_with_force(tmp_path):

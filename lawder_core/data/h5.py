@@ -35,6 +35,7 @@ from lawder_core.errors import DISK_FULL_HINT, DataError, EnvironmentProblem, Us
 from lawder_core.locks import hold_output_lock, release_output_lock
 
 SCHEMA_VERSION = 1
+SAMPLED = "lawder sample"  # the `source` of the synthetic pairs `lawder sample` writes
 SPLITS = ("train", "val", "test")
 # lzf: fast to write and read, about 2x smaller; None: largest files, fastest reads; gzip: smallest, slowest.
 COMPRESSIONS = ("lzf", None, "gzip")
@@ -54,6 +55,15 @@ class H5Info:
     source: str
     preprocessing: dict[str, Any]
     attrs: dict[str, Any]
+
+
+def not_sampled(info: H5Info, option: str) -> str | None:
+    """A warning when a file given as synthetic pairs was not written by `lawder sample` (None when it was): real
+    data passed there would be counted twice, or labelled synthetic."""
+    if info.source == SAMPLED:
+        return None
+    return (f"{option} {info.path} was not written by `lawder sample` (its source: {info.source!r}); its pairs are "
+            "used as synthetic ones. Pass the output of `lawder sample` there.")
 
 
 def refuse_overwrite(path: Path, force: bool) -> None:

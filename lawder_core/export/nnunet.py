@@ -54,6 +54,7 @@ from lawder_core.data.h5 import (
     SPLITS,
     H5Info,
     load_arrays,
+    not_sampled,
     open_h5,
     read_case_geometry,
     read_info,
@@ -117,6 +118,8 @@ def export_nnunet(data: str | os.PathLike, out: str | os.PathLike, dataset_id: i
     info = read_info(data)
     extra = [read_info(p) for p in synthetic or []]
     for other in extra:
+        if (note := not_sampled(other, "--synthetic")) is not None:
+            log.warning("%s", note)
         if (other.channels, tuple(other.label_names)) != (info.channels, tuple(info.label_names)):
             raise UsageError(f"{other.path} has {other.channels} channel(s) and labels {other.label_names}; "
                              f"{info.path} has {info.channels} and {info.label_names}.",

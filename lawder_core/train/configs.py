@@ -97,7 +97,7 @@ def check_seg_config(cfg: SegTrainConfig, world_size: int = 1, processes: int | 
     """Fail before starting workers (and before --force deletes anything) on what can be known up front,
     memory included: `processes` training processes on this machine (default: `world_size`; 0: all elsewhere),
     on GPUs or not."""
-    from lawder_core.data.h5 import read_info, split_indices
+    from lawder_core.data.h5 import not_sampled, read_info, split_indices
     from lawder_core.data.labels import label_map
 
     check_model_name(cfg.model)
@@ -121,8 +121,8 @@ def check_seg_config(cfg: SegTrainConfig, world_size: int = 1, processes: int | 
     train = len(training_indices(cfg))
     if not train and not cfg.synthetic:
         raise DataError(f"{cfg.data} has no training samples.", "Check the split with `lawder inspect`.")
-    if cfg.synthetic:
-        read_info(cfg.synthetic)
+    if cfg.synthetic and (note := not_sampled(read_info(cfg.synthetic), "--synthetic")) is not None:
+        log.warning("%s", note)
     limits.check_seg_training(cfg.model, cfg.size, cfg.batch_size, (info.height, info.width, info.channels),
                               train + len(split_indices(cfg.data, "val")),
                               processes=world_size if processes is None else processes, on_gpu=on_gpu)
