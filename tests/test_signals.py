@@ -277,7 +277,12 @@ def test_a_signal_in_the_middle_of_a_training_state_write_stops_the_run_after_it
 
     monkeypatch.setattr(torch, "save", save_through_a_write_that_is_interrupted)
     state = {"epoch": 3, "weights": torch.arange(1000.0)}
-    with pytest.raises(KeyboardInterrupt):
-        runs.save_state(tmp_path, state)
+    # Ctrl-C's own handler, as a command has it, whatever this test process inherited (a runner may ignore SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runs.save_state(tmp_path, state)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     written = torch.load(tmp_path / runs.STATE, weights_only=True)  # the write ran to its end first
     assert written["epoch"] == 3 and torch.equal(written["weights"], state["weights"])
