@@ -28,6 +28,7 @@ from lawder_core.data.dataset import SegDataset
 from lawder_core.files import write_json
 from lawder_core.metrics.dice import dice_iou
 from lawder_core.models.factory import load_segmenter
+from lawder_core.models.inference import logits_to_labels
 from lawder_core.models.order import is_adapter_parameter
 
 TRUNK_ARM, TWO_STAGE_ARM = "t", "order-2stage"
@@ -54,8 +55,8 @@ def logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> tor
 
 
 def foreground(scores: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) logits → (B, H, W) bool: a binary head's logit above 0, else any class but background."""
-    return scores[:, 0] > 0 if scores.shape[1] == 1 else scores.argmax(1) > 0
+    """(B, C, H, W) logits → (B, H, W) bool: any class but background, as `lawder predict` labels the pixels."""
+    return logits_to_labels(scores, tuple(scores.shape[-2:])) > 0
 
 
 def mean_dice(prediction: torch.Tensor, reference: torch.Tensor) -> float:

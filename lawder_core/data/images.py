@@ -25,13 +25,18 @@ from lawder_core.errors import DataError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
 
+def is_image_file(path: Path) -> bool:
+    """A file lawder reads as an image: a known suffix, not hidden."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
 def list_images(folder: Path) -> dict[str, Path]:
     """Image files by stem; hidden files and other suffixes are ignored."""
     if not folder.is_dir():
         raise DataError(f"folder {folder} does not exist or is not a folder.")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+        if is_image_file(path):
             if path.stem in files:
                 raise DataError(f"two images share the stem {path.stem!r} in {folder}: {files[path.stem].name}, "
                                 f"{path.name}.", "Keep one of them.")
@@ -128,6 +133,11 @@ def mask_scale(maxima: list[int]) -> int:
     return 1 if top <= 1 else 255 if top <= 255 else 65535
 
 
+def mask_threshold(scale: int) -> int:
+    """The lowest lesion value: half the full scale (1 of 1, 128 of 255, 32768 of 65535)."""
+    return (scale + 1) // 2
+
+
 def binary_mask(values: np.ndarray, scale: int) -> np.ndarray:
-    """Lesion where the value is at least half the full scale (≥ 1 of 1, ≥ 128 of 255, ≥ 32768 of 65535)."""
-    return (values >= (scale + 1) // 2).astype(np.uint8)
+    """Lesion where the value reaches the scale's threshold (`mask_threshold`)."""
+    return (values >= mask_threshold(scale)).astype(np.uint8)

@@ -13,8 +13,10 @@ from lawder_core.data.images import (
     IMAGE_SUFFIXES,
     binary_mask,
     image_size,
+    is_image_file,
     list_images,
     mask_scale,
+    mask_threshold,
     mask_values,
     read_image,
 )
@@ -61,7 +63,7 @@ def nested_hint(folder: Path) -> str | None:
     """Where the images are when a folder holds none itself but its sub-folders do (files are not searched
     recursively: a split or a class per sub-folder is the user's to choose)."""
     def holds_images(sub: Path) -> bool:
-        return sub.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in sub.iterdir() if f.is_file())
+        return sub.is_dir() and any(map(is_image_file, sub.iterdir()))
 
     holders = sorted(filter(holds_images, folder.iterdir())) if folder.is_dir() else []
     if not holders:
@@ -118,7 +120,7 @@ def set_mask_scale(pairs: list[tuple[str, Path, Path]]) -> int:
         log.warning("every mask in %s is empty (all pixels 0): the data set has no lesion to learn from. "
                     "Check --masks.", pairs[0][2].parent if pairs else "the set")
     scale = mask_scale(maxima)
-    threshold = (scale + 1) // 2
+    threshold = mask_threshold(scale)
     faint = [(mask_path.name, top) for (_, _, mask_path), top in zip(pairs, maxima, strict=True)
              if 0 < top < threshold]
     if faint:
@@ -162,7 +164,7 @@ def prepare_folder(source: str, in_dir: str | os.PathLike | None, out: str | os.
     check_uniform_size(pairs, options.size)
     scale = set_mask_scale(pairs)
     preprocessing = {"size": options.size, "resize_mode": options.resize_mode, "mask_scale": scale,
-                     "mask_threshold": (scale + 1) // 2, "mask_rule": MASK_RULE,
+                     "mask_threshold": mask_threshold(scale), "mask_rule": MASK_RULE,
                      "images": str(images_dir), "masks": str(masks_dir)}
     cases = folder_cases(pairs, options.size, options.resize_mode, scale)
     return write_dataset(out, [stem for stem, _, _ in pairs], cases,
