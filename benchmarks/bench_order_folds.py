@@ -28,6 +28,12 @@ Usage (the revision-3 comparison at 128 px: about 2.4 core-hours per fold, 12 in
 single-thread processes on a 2-core machine: T ~27 s per epoch, joint ORDER ~60 s):
     python benchmarks/bench_order_folds.py --size 128 --epochs 30 --extra 15 --work /work/bench/order_folds
 then `lawder compare --arms WORK/arms.yaml` (written by this script) for the paired table.
+
+Merging results of several shards or sessions (`--merge A.json B.json ... --out R.json`) keeps one row per arm and
+fold (the later file's when two hold it, and both scores under "reproduced", the check that a rerun on another
+machine gave the same run) and adds "fold_level": the paired differences of the issue's pairs from each fold's
+mean Dice, with a bootstrap CI over folds and a Student t CI. That is the view of folds whose per-case scores
+are gone; `lawder compare` on the per-case summaries is the protocol's (DESIGN §4) whenever they exist.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lawder_core import runs
@@ -47,6 +54,7 @@ from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_folder import prepare_folder
 from lawder_core.evaluate import EvaluateRequest, Inputs, Metrics, evaluate
 from lawder_core.files import write_json, write_text
+from lawder_core.metrics.paired import hierarchical_bootstrap, percentile_interval
 from lawder_core.models.configs import OrderConfig
 from lawder_core.train.configs import SegTrainConfig, check_seg_config
 from lawder_core.train.seg import summarise_run, train_segmenter
@@ -79,6 +87,11 @@ ARMS = {
 }
 DEFAULT_ARMS = ("t", "order-2stage", "t-rep", "t-ext", "order-joint", "wide")
 REPLICATES = {"t-rep": "t"}
+# B - A pairs of the fold-level table: the noise floor first, then the issue's goals and their controls
+FOLD_PAIRS = (("t-rep", "t"), ("order-2stage", "t"), ("order-2stage", "t-ext"), ("t-ext", "t"),
+              ("order-joint", "t"), ("order-joint", "t-ext"), ("order-joint", "order-2stage"),
+              ("order-joint", "wide"), ("wide", "t-ext"), ("order-2stage-fast", "order-2stage"))
+SCORES = ("fold_dice", "test_dice")
 
 
 def prepared(data: Path, size: int, work: Path) -> Path:
@@ -180,6 +193,57 @@ def write_result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     write_json(args.out, result)
 
 
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """One result from several: one row per (arm, fold), the later file's; reruns listed with both scores."""
+    merged: dict[str, Any] = {}
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    reproduced = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        arms = {**merged.get("arms", {}), **result["arms"]}
+        merged.update({k: v for k, v in result.items() if k != "runs"}, arms=arms)
+        for row in result["runs"]:
+            key = (row["arm"], row["fold"])
+            if key in rows:
+                reproduced.append({"arm": row["arm"], "fold": row["fold"],
+                                   **{score: [rows[key][score], row[score]] for score in SCORES}})
+            rows[key] = row
+    order = {arm: i for i, arm in enumerate(merged.get("arms", {}))}
+    merged["runs"] = sorted(rows.values(), key=lambda r: (r["fold"], order[r["arm"]]))
+    merged["reproduced"] = reproduced
+    merged["fold_level"] = fold_level(merged["runs"])
+    return merged
+
+
+def fold_difference(per_fold: dict[int, float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of per-fold differences with a bootstrap CI over folds and a Student t CI (n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    values = np.array(list(per_fold.values()))
+    mean = float(values.mean())
+    boot = percentile_interval(hierarchical_bootstrap([np.array([v]) for v in values]), level)
+    half = float(stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    sign = "b > a" if (values > 0).all() else "b < a" if (values < 0).all() else "mixed"
+    return {"per_fold": {str(k): v for k, v in per_fold.items()}, "mean": mean, "bootstrap_ci": list(boot),
+            "t_ci": [mean - half, mean + half], "every_fold": sign}
+
+
+def fold_level(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """B - A per fold of each score, for the pairs in FOLD_PAIRS that share at least two folds."""
+    by_arm: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], {})[row["fold"]] = row
+    table = []
+    for b, a in FOLD_PAIRS:
+        folds = sorted(set(by_arm.get(b, {})) & set(by_arm.get(a, {})))
+        if len(folds) < 2:
+            continue
+        for score in SCORES:
+            per_fold = {k: by_arm[b][k][score] - by_arm[a][k][score] for k in folds}
+            table.append({"b": b, "a": a, "score": score, **fold_difference(per_fold)})
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/kvasir-seg-256"))
@@ -194,7 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/order_folds"))
     parser.add_argument("--out", type=Path, default=None, help="Result JSON (default WORK/result.shardI.json).")
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th fold from the I-th.")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULT",
+                        help="Merge these result JSONs into --out (nothing is trained) and add the fold-level table.")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        write_json(args.out, merge_results(args.merge))
+        return
     index, count = (int(v) for v in args.shard.split("/"))
     args.out = args.out or args.work / f"result.shard{index}.json"
     for arm in args.arms:
