@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         if args.out is None:
             parser.error("--merge needs --out")
+        missing = [str(path) for path in args.merge if not path.is_file()]
+        if missing:
+            parser.error(f"no result file: {', '.join(missing)}")
         write_json(args.out, merge_results(args.merge))
         return
     index, count = (int(v) for v in args.shard.split("/"))

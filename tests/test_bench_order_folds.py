@@ -83,3 +83,6 @@ def test_merge_needs_an_out_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--merge", str(result_file(tmp_path / "a.json", []))])
     assert "--merge needs --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--merge", str(tmp_path / "gone.json"), "--out", str(tmp_path / "m.json")])
+    assert "no result file: " in capsys.readouterr().err and not (tmp_path / "m.json").exists()
