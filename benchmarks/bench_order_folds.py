@@ -30,10 +30,11 @@ single-thread processes on a 2-core machine: T ~27 s per epoch, joint ORDER ~60 
 then `lawder compare --arms WORK/arms.yaml` (written by this script) for the paired table.
 
 Merging results of several shards or sessions (`--merge A.json B.json ... --out R.json`) keeps one row per arm and
-fold (the later file's when two hold it, and both scores under "reproduced", the check that a rerun on another
-machine gave the same run) and adds "fold_level": the paired differences of the issue's pairs from each fold's
-mean Dice, with a bootstrap CI over folds and a Student t CI. That is the view of folds whose per-case scores
-are gone; `lawder compare` on the per-case summaries is the protocol's (DESIGN §4) whenever they exist.
+fold, the later file's when two hold it, each with its "source" file. Both scores of such a rerun go under
+"reproduced": runs are bit-exact on one machine, not across machines, so the runs of one fold pair only when one
+machine made them all. It adds "fold_level": the paired differences of the issue's pairs from each fold's mean
+Dice, with a bootstrap CI over folds and a Student t CI, the view of folds whose per-case scores are gone;
+`lawder compare` on the per-case summaries is the protocol's (DESIGN §4) whenever they exist.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
             if key in rows:
                 reproduced.append({"arm": row["arm"], "fold": row["fold"],
                                    **{score: [rows[key][score], row[score]] for score in SCORES}})
-            rows[key] = row
+            rows[key] = {**row, "source": Path(path).name}  # runs of one fold pair only if made on one machine
     order = {arm: i for i, arm in enumerate(merged.get("arms", {}))}
     merged["runs"] = sorted(rows.values(), key=lambda r: (r["fold"], order[r["arm"]]))
     merged["reproduced"] = reproduced
