@@ -205,6 +205,8 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
         merged.update({k: v for k, v in result.items() if k != "runs"}, arms=arms)
         for row in result["runs"]:
             key = (row["arm"], row["fold"])
+            if key in rows and all(rows[key][score] == row[score] for score in SCORES):
+                continue  # the same run reported again (a later shard lists the T runs its second stage used)
             if key in rows:
                 reproduced.append({"arm": row["arm"], "fold": row["fold"],
                                    **{score: [rows[key][score], row[score]] for score in SCORES}})

@@ -56,7 +56,7 @@ def test_merge_keeps_one_row_per_arm_and_fold_lists_reruns_and_adds_the_fold_lev
 
     bench = load_bench()
     old = result_file(tmp_path / "old.json", [("t", 0, 0.60, 0.50), ("t-rep", 0, 0.58, 0.52), ("t", 1, 0.70, 0.61)])
-    new = result_file(tmp_path / "new.json", [("t", 1, 0.71, 0.61), ("t-rep", 1, 0.66, 0.60),
+    new = result_file(tmp_path / "new.json", [("t", 0, 0.60, 0.50), ("t", 1, 0.71, 0.61), ("t-rep", 1, 0.66, 0.60),
                                               ("t", 2, 0.65, 0.55), ("t-rep", 2, 0.64, 0.56)])
     out = tmp_path / "merged.json"
     bench.main(["--merge", str(old), str(new), "--out", str(out)])
@@ -64,6 +64,7 @@ def test_merge_keeps_one_row_per_arm_and_fold_lists_reruns_and_adds_the_fold_lev
     assert [(r["arm"], r["fold"], r["fold_dice"]) for r in merged["runs"]] == [
         ("t", 0, 0.60), ("t-rep", 0, 0.58), ("t", 1, 0.71), ("t-rep", 1, 0.66), ("t", 2, 0.65), ("t-rep", 2, 0.64)]
     assert [r["source"] for r in merged["runs"]] == ["old.json", "old.json"] + ["new.json"] * 4
+    # fold 0's T, reported again unchanged, is no rerun and keeps its first source
     assert merged["reproduced"] == [{"arm": "t", "fold": 1, "fold_dice": [0.70, 0.71], "test_dice": [0.61, 0.61]}]
     [held_out, test] = [row for row in merged["fold_level"] if (row["b"], row["a"]) == ("t-rep", "t")]
     differences = [-0.02, -0.05, -0.01]
