@@ -24,8 +24,8 @@ folds. Everything is resumable: a finished run is skipped, an interrupted one re
 (bit-exact), a written summary is never recomputed. `--shard I/N` takes every N-th fold, so one single-thread
 process per core can share the work.
 
-Usage (the revision-3 comparison at 128 px: about 2.4 core-hours per fold, 12 in all, measured with two such
-single-thread processes on a 2-core machine: T ~27 s per epoch, joint ORDER ~60 s):
+Usage (the revision-3 comparison at 128 px, two such single-thread processes on a 2-core machine: about 55 min
+per fold on an AVX-512 EPYC, T ~10 s per epoch, joint ORDER ~22 s; 2.4 core-hours per fold on an older CPU):
     python benchmarks/bench_order_folds.py --size 128 --epochs 30 --extra 15 --work /work/bench/order_folds
 then `lawder compare --arms WORK/arms.yaml` (written by this script) for the paired table.
 
