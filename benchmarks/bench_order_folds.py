@@ -25,7 +25,7 @@ folds. Everything is resumable: a finished run is skipped, an interrupted one re
 process per core can share the work.
 
 Usage (the revision-3 comparison at 128 px, two such single-thread processes on a 2-core machine: about 55 min
-per fold on an AVX-512 EPYC, T ~10 s per epoch, joint ORDER ~22 s; 2.4 core-hours per fold on an older CPU):
+per fold on an AVX-512 EPYC, T ~15 s per epoch, joint ORDER ~23 s; 2.4 core-hours per fold on an older CPU):
     python benchmarks/bench_order_folds.py --size 128 --epochs 30 --extra 15 --work /work/bench/order_folds
 then `lawder compare --arms WORK/arms.yaml` (written by this script) for the paired table.
 
