@@ -70,6 +70,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lawder_core.metrics.paired import t_interval
+
 HERE = Path(__file__).parent
 ARMS = ("uniform", "uniform-rep", "ratio", "law", "law-influence")
 REPLICATE_SEED_OFFSET = 100
@@ -407,16 +409,6 @@ def paired(table: dict[str, dict[int, dict[str, Any]]], arm: str, metric: str, b
         if a is not None and u is not None:
             out.append(a - u)
     return out
-
-
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float | None, float | None]:
-    from scipy import stats
-
-    if len(values) < 2:
-        return None, None
-    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
-    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
-    return mean - half, mean + half
 
 
 def resolutions(size: int) -> dict[str, float]:

@@ -55,7 +55,7 @@ from lawder_core.data.prepare import PrepareOptions
 from lawder_core.data.prepare_folder import prepare_folder
 from lawder_core.evaluate import EvaluateRequest, Inputs, Metrics, evaluate
 from lawder_core.files import write_json, write_text
-from lawder_core.metrics.paired import hierarchical_bootstrap, percentile_interval
+from lawder_core.metrics.paired import hierarchical_bootstrap, percentile_interval, t_interval
 from lawder_core.models.configs import OrderConfig
 from lawder_core.train.configs import SegTrainConfig, check_seg_config
 from lawder_core.train.seg import summarise_run, train_segmenter
@@ -200,17 +200,18 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     reproduced = []
     for path in paths:
-        result = json.loads(Path(path).read_text())
+        result = json.loads(path.read_text())
         arms = {**merged.get("arms", {}), **result["arms"]}
         merged.update({k: v for k, v in result.items() if k != "runs"}, arms=arms)
         for row in result["runs"]:
             key = (row["arm"], row["fold"])
-            if key in rows and all(rows[key][score] == row[score] for score in SCORES):
-                continue  # the same run reported again (a later shard lists the T runs its second stage used)
-            if key in rows:
+            earlier = rows.get(key)
+            if earlier is not None:
+                if all(earlier[score] == row[score] for score in SCORES):
+                    continue  # the same run reported again (a later shard lists the T runs its second stage used)
                 reproduced.append({"arm": row["arm"], "fold": row["fold"],
-                                   **{score: [rows[key][score], row[score]] for score in SCORES}})
-            rows[key] = {**row, "source": Path(path).name}  # runs of one fold pair only if made on one machine
+                                   **{score: [earlier[score], row[score]] for score in SCORES}})
+            rows[key] = {**row, "source": path.name}  # runs of one fold pair only if made on one machine
     order = {arm: i for i, arm in enumerate(merged.get("arms", {}))}
     merged["runs"] = sorted(rows.values(), key=lambda r: (r["fold"], order[r["arm"]]))
     merged["reproduced"] = reproduced
@@ -220,15 +221,12 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
 
 def fold_difference(per_fold: dict[int, float], level: float = 0.95) -> dict[str, Any]:
     """Mean of per-fold differences with a bootstrap CI over folds and a Student t CI (n - 1 degrees of freedom)."""
-    from scipy import stats
-
     values = np.array(list(per_fold.values()))
     mean = float(values.mean())
     boot = percentile_interval(hierarchical_bootstrap([np.array([v]) for v in values]), level)
-    half = float(stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
     sign = "b > a" if (values > 0).all() else "b < a" if (values < 0).all() else "mixed"
     return {"per_fold": {str(k): v for k, v in per_fold.items()}, "mean": mean, "bootstrap_ci": list(boot),
-            "t_ci": [mean - half, mean + half], "every_fold": sign}
+            "t_ci": list(t_interval(values, level)), "every_fold": sign}
 
 
 def fold_level(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

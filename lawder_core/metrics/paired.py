@@ -93,6 +93,17 @@ def percentile_interval(stats: np.ndarray, level: float = DEFAULT_LEVEL) -> tupl
     return float(low), float(high)
 
 
+def t_interval(values: Sequence[float], level: float = DEFAULT_LEVEL) -> tuple[float | None, float | None]:
+    """Student t interval of the mean of a few paired differences (one per seed or fold); None below two values."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return None, None
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
+    return mean - half, mean + half
+
+
 def wilcoxon_p(case_differences: np.ndarray) -> float | None:
     """Two-sided Wilcoxon signed-rank p of per-case differences (zeros dropped, scipy's default).
 
